@@ -1,0 +1,38 @@
+"""Raw-tensor alignment: bring a torch tensor stored in one dim order into another.
+
+Used by op kernels at run time; all decisions are taken once, when the aligner
+is built during tracing, so the returned function does at most one permute and
+one indexing (which inserts size-1 axes for dims the source lacks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .dims import Dim
+
+__all__ = ["aligner", "identity"]
+
+
+def identity(x):
+    return x
+
+
+def aligner(src: Sequence[Dim], dst: Sequence[Dim]) -> Callable:
+    """A function mapping a raw tensor over `src` to one over `dst` (size 1 where `src` lacks a dim).
+
+    Every dim of `src` must be in `dst`. A source with no dims (a Python number or
+    a 0-d tensor) is returned unchanged: it broadcasts as it is.
+    """
+    src, dst = tuple(src), tuple(dst)
+    if not src or src == dst:
+        return identity
+    order = [d for d in dst if d in src]
+    perm = tuple(src.index(d) for d in order)
+    needs_perm = perm != tuple(range(len(src)))
+    if len(order) == len(dst):
+        return (lambda x: x.permute(perm)) if needs_perm else identity
+    index = tuple(slice(None) if d in src else None for d in dst)
+    if needs_perm:
+        return lambda x: x.permute(perm)[index]
+    return lambda x: x[index]

@@ -1,0 +1,115 @@
+"""``Module`` and ``Parameter``: PyTorch modules whose parameters have dims.
+
+A :class:`Module` is a ``torch.nn.Module``. Its parameters are created in
+``__init__`` with explicit dims (``Parameter((in_dim, out_dim))``), so the model
+has its full ``state_dict()`` before anything is traced, and saves, loads,
+moves between devices and plugs into optimizers exactly as any PyTorch module.
+
+While a program is traced, reading a parameter attribute (``self.weight``)
+gives a symbolic tensor over its dims; outside of tracing it gives the torch
+parameter. Parameter names are PyTorch's: the attribute chain from the root
+module (the one compiled or saved); a parameter reachable by two paths has the
+name of the first; calling a module twice uses the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Callable, Sequence
+
+import torch
+
+from . import graph as _graph
+from .dims import Dim
+from .errors import TraceError
+from .tensor import Tensor
+
+__all__ = ["Module", "Parameter"]
+
+Init = Callable[[torch.Tensor], None] | Real | str
+
+
+def Parameter(dims: Sequence[Dim], *, init: Init = "fan_in_uniform", dtype: torch.dtype | None = None,
+              requires_grad: bool = True) -> torch.nn.Parameter:
+    """A new torch parameter over `dims` (storage order as given), to assign to a :class:`Module` attribute.
+
+    Args:
+        dims: static dims; the parameter's shape is their sizes.
+        init: ``"fan_in_uniform"`` (uniform in +-1/sqrt(fan in), fan in being the
+            product of all dims but the last, as ``torch.nn.Linear``),
+            ``"normal"`` (standard normal), a number (constant), or a function
+            filling a torch tensor in place.
+        dtype: default ``torch.get_default_dtype()``.
+    """
+    dims = tuple(dims)
+    for d in dims:
+        if not isinstance(d, Dim) or not d.is_static:
+            raise TypeError(f"Parameter dims must be static Dims, got {d!r}")
+    data = torch.empty([d.size for d in dims], dtype=dtype or torch.get_default_dtype())
+    with torch.no_grad():
+        if isinstance(init, Real):
+            data.fill_(float(init))
+        elif init == "fan_in_uniform":
+            fan_in = math.prod(d.size for d in dims[:-1]) if len(dims) > 1 else dims[0].size
+            bound = 1.0 / math.sqrt(max(fan_in, 1))
+            data.uniform_(-bound, bound)
+        elif init == "normal":
+            data.normal_()
+        elif callable(init):
+            init(data)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+    param = torch.nn.Parameter(data, requires_grad=requires_grad)
+    param._looplift_dims = dims  # picked up (and removed) by Module.__setattr__
+    return param
+
+
+class Module(torch.nn.Module):
+    """Base class of looplift models: a ``torch.nn.Module`` with dim-annotated parameters.
+
+    Subclasses create parameters with :func:`Parameter` and define
+    ``__call__`` (or ``forward``) on symbolic tensors.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, torch.nn.Parameter):
+            dims = value.__dict__.pop("_looplift_dims", None)
+            if dims is not None:
+                if "_param_dims" not in self.__dict__:
+                    object.__setattr__(self, "_param_dims", {})
+                self._param_dims[name] = dims
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if isinstance(value, torch.nn.Parameter):
+            ctx = _graph.tracing()
+            if ctx is not None:
+                return param_tensor(ctx.graph, self, name)
+        return value
+
+    def param_dims(self, name: str) -> tuple[Dim, ...]:
+        """The dims of the parameter `name` of this module."""
+        return self.__dict__.get("_param_dims", {})[name]
+
+
+def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
+    """The symbolic tensor of ``module.<name>`` in `graph` (one node per parameter)."""
+    key = (id(module), name)
+    tensor = graph.params.get(key)
+    if tensor is not None:
+        return tensor
+    dims = module.__dict__.get("_param_dims", {}).get(name)
+    if dims is None:
+        raise TraceError(f"the parameter {type(module).__name__}.{name} has no dims; create it with "
+                         f"looplift.Parameter(dims) (at {_graph.user_source_line()})")
+    raw = module._parameters[name]
+    if tuple(raw.shape) != tuple(d.size for d in dims):
+        raise TraceError(f"the parameter {type(module).__name__}.{name} has shape {tuple(raw.shape)}, but its "
+                         f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)}")
+    params = module._parameters
+    node = graph.add("param", (), lambda env: params[name], [(dims, raw.dtype, None)],
+                     attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}")
+    tensor = graph.params[key] = node.outputs[0]
+    return tensor

@@ -1,0 +1,23 @@
+"""``Dropout``, active in train mode only."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..dims import Dim
+from ..module import Module
+from ..ops.nn import dropout
+from ..tensor import Tensor
+
+__all__ = ["Dropout"]
+
+
+class Dropout(Module):
+    """Inverted dropout with probability `p` in programs compiled with ``mode="train"``; identity otherwise."""
+
+    def __init__(self, p: float, *, broadcast_over: Sequence[Dim] = ()):
+        super().__init__()
+        self.p, self.broadcast_over = p, tuple(broadcast_over)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, broadcast_over=self.broadcast_over)

@@ -1,0 +1,212 @@
+"""Shared machinery of the op families: turning values into symbolic tensors,
+emitting nodes, broadcasting by dim identity, masking and dim checks."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .. import graph as _graph
+from .._align import aligner
+from ..dims import Dim
+from ..errors import DimError, DimMismatchError, DTypeError, TraceError
+from ..tensor import Tensor
+
+__all__ = ["as_tensor", "emit", "emit_many", "broadcast_dims", "dims_str", "dim_list", "check_has",
+           "dims_to_mask", "expand_for_masks", "masker", "result_dtype", "require_float",
+           "require_int", "constant"]
+
+
+def dims_str(dims: Iterable[Dim]) -> str:
+    return "{" + ", ".join(d.name for d in dims) + "}"
+
+
+def dim_list(axis: Dim | Sequence[Dim], what: str = "axis") -> tuple[Dim, ...]:
+    """Normalize an ``axis=``/``reduce=`` argument to a tuple of canonical dims."""
+    dims = (axis,) if isinstance(axis, Dim) else tuple(axis)
+    for d in dims:
+        if not isinstance(d, Dim):
+            raise DimError(f"{what} must be a Dim or a sequence of Dims, got {d!r} "
+                           f"(at {_graph.user_source_line()})")
+    canon = tuple(d.canonical() for d in dims)
+    if len(set(canon)) != len(canon):
+        raise DimError(f"{what} names a dim twice: {dims_str(canon)} (at {_graph.user_source_line()})")
+    return canon
+
+
+def check_has(x: Tensor, dims: Iterable[Dim], op: str, what: str = "axis") -> None:
+    for d in dims:
+        if d not in x.dims:
+            same_name = [e for e in x.dims if e.name == d.name]
+            hint = (f"; it has a different dim also named {d.name!r}: dims are matched by identity, "
+                    "use the same Dim object (or Dim.declare_same_as)") if same_name else ""
+            raise DimError(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint} "
+                           f"(at {_graph.user_source_line()})")
+
+
+def constant(value, dtype: torch.dtype | None = None) -> Tensor:
+    """A Python number as a symbolic 0-d tensor (its kernel returns the number itself)."""
+    if isinstance(value, bool):
+        dt = torch.bool
+    elif isinstance(value, numbers.Integral):
+        dt = torch.int64
+    elif isinstance(value, numbers.Real):
+        dt = torch.get_default_dtype()
+    else:
+        raise DTypeError(f"cannot use {value!r} as a looplift value (at {_graph.user_source_line()})")
+    dt = dtype or dt
+    value = bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value))
+    return emit("constant", (), lambda env: value, (), dt, attrs={"value": value})
+
+
+def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
+    """A symbolic tensor from a Tensor, a Python number or a 0-d torch tensor."""
+    if isinstance(value, Tensor):
+        ctx = _graph.current()
+        if value.node is not None and value.node.graph is not ctx.graph and not _is_outer(value, ctx):
+            raise TraceError(f"the {value.describe()} belongs to another traced program; "
+                             f"values cannot be shared between programs (at {_graph.user_source_line()})")
+        return value
+    if isinstance(value, (bool, numbers.Number)) and not isinstance(value, complex):
+        return constant(value, dtype)
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad:
+            return constant(value.item(), dtype or value.dtype)
+        raise TraceError(
+            f"a torch.Tensor of shape {tuple(value.shape)} has no dims: pass it to the program as "
+            f"looplift.Named(tensor, dims), or create parameters with looplift.Parameter(dims) "
+            f"(at {_graph.user_source_line()})")
+    if isinstance(value, Dim):
+        raise TraceError(f"got the dim {value!r} where a tensor was expected; "
+                         f"use looplift.length(dim) for its length (at {_graph.user_source_line()})")
+    raise TraceError(f"cannot use {type(value).__name__} {value!r} as a looplift tensor "
+                     f"(at {_graph.user_source_line()})")
+
+
+def _is_outer(value: Tensor, ctx) -> bool:
+    g = ctx.graph
+    while g is not None:
+        if value.node.graph is g:
+            return True
+        g = getattr(g, "parent", None)
+    return False
+
+
+def emit(op: str, inputs: tuple[Tensor, ...], kernel: Callable, dims: Sequence[Dim], dtype: torch.dtype,
+         *, sparse_dim: Dim | None = None, attrs: dict | None = None) -> Tensor:
+    """Add a node with one output to the current graph and return that output."""
+    node = _graph.current().graph.add(op, inputs, kernel, [(tuple(dims), dtype, sparse_dim)], attrs)
+    return node.outputs[0]
+
+
+def emit_many(op: str, inputs: tuple[Tensor, ...], kernel: Callable,
+              outputs: Sequence[tuple[Sequence[Dim], torch.dtype, Dim | None]],
+              *, attrs: dict | None = None) -> list[Tensor]:
+    """Add a node with several outputs (the kernel returns a tuple)."""
+    node = _graph.current().graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs)
+    return node.outputs
+
+
+def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...]:
+    """The union of the dims of `operands` (tensors or dim sequences), in first-seen order.
+
+    Two distinct dims with the same name are an error: they are almost always
+    one axis created twice by mistake.
+    """
+    dim_seqs = [t.dims if isinstance(t, Tensor) else tuple(t) for t in operands]
+    out: list[Dim] = []
+    for dims in dim_seqs:
+        for d in dims:
+            if d not in out:
+                out.append(d)
+    by_name: dict[str, Dim] = {}
+    for d in out:
+        other = by_name.setdefault(d.name, d)
+        if other is not d:
+            owners = [t.describe() if isinstance(t, Tensor) else dims_str(dims)
+                      for t, dims in zip(operands, dim_seqs) if d in dims or other in dims]
+            raise DimMismatchError(
+                f"{op}: two different dims are both named {d.name!r} ({other!r} and {d!r}); dims are "
+                f"matched by identity, so they would broadcast against each other. Use the same Dim "
+                f"object, Dim.declare_same_as, or different names. Operands: {'; '.join(owners)} "
+                f"(at {_graph.user_source_line()})")
+    return tuple(out)
+
+
+def _dtype_sample(t: Tensor):
+    if t.node is not None and t.node.op == "constant":
+        return t.node.attrs["value"]
+    return torch.empty((1,) if t.dims else (), dtype=t.dtype)
+
+
+def result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """The dtype torch gives a binary op of `a` and `b` at run time.
+
+    Python-number constants and tensors without dims promote like torch scalars.
+    """
+    sa, sb = _dtype_sample(a), _dtype_sample(b)
+    if not isinstance(sa, torch.Tensor) and not isinstance(sb, torch.Tensor):
+        sa = torch.tensor(sa)
+    return torch.result_type(sa, sb)
+
+
+def require_float(x: Tensor, op: str) -> None:
+    if not x.dtype.is_floating_point:
+        raise DTypeError(f"{op} needs a floating-point tensor, got the {x.describe()}; "
+                         f"use looplift.cast(x, 'float32') (at {_graph.user_source_line()})")
+
+
+def require_int(x: Tensor, op: str) -> None:
+    if x.dtype.is_floating_point or x.dtype == torch.bool or x.dtype.is_complex:
+        raise DTypeError(f"{op} needs an integer tensor of indices, got the {x.describe()} "
+                         f"(at {_graph.user_source_line()})")
+
+
+# -- masking over dynamic dims -------------------------------------------------------------
+
+def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
+    """Dynamic dims of `x` whose padding would leak into a reduction over `reduced`.
+
+    That is every dynamic dim being reduced, and every dynamic dim whose lengths
+    vary along a reduced dim (summing over the batch mixes entries of different length).
+    """
+    reduced = set(reduced)
+    return tuple(d for d in x.dims if d.is_dynamic and (d in reduced or reduced.intersection(d.length_dims)))
+
+
+def expand_for_masks(x: Tensor, masked: Iterable[Dim]) -> Tensor:
+    """Broadcast `x` to the dims its masks need (the lengths dims of the masked dims)."""
+    missing: list[Dim] = []
+    for d in masked:
+        for ld in d.length_dims:
+            if ld not in x.dims and ld not in missing:
+                missing.append(ld)
+    if not missing:
+        return x
+    from .shape import expand
+    return expand(x, missing)
+
+
+def masker(dims: tuple[Dim, ...], masked: tuple[Dim, ...], fill) -> Callable:
+    """A run-time function replacing the padding of the `masked` dims of a raw tensor over `dims` by `fill`."""
+    if not masked:
+        return lambda env, raw: raw
+
+    def apply(env, raw):
+        return raw.masked_fill(~env.mask(masked, dims), fill)
+
+    return apply
+
+
+def neutral(dtype: torch.dtype, kind: str):
+    """The neutral element of a reduction for a dtype (what padding is replaced by)."""
+    if kind == "sum":
+        return False if dtype == torch.bool else 0
+    big = float("inf") if dtype.is_floating_point else (True if dtype == torch.bool else torch.iinfo(dtype).max)
+    if kind == "min":
+        return big
+    if dtype == torch.bool:
+        return False
+    return -big if dtype.is_floating_point else torch.iinfo(dtype).min

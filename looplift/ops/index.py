@@ -1,0 +1,96 @@
+"""Indexing ops: ``gather`` (and ``embedding``, a gather from a table) and ``one_hot``.
+
+Indices are clamped into range before use: padding positions of an index
+tensor hold arbitrary values, and must not crash the valid positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import graph as _graph
+from .._align import aligner
+from ..dims import Dim
+from ..errors import DTypeError
+from ..tensor import Tensor
+from ._core import as_tensor, broadcast_dims, check_has, emit, require_int
+
+__all__ = ["gather", "embedding", "one_hot"]
+
+
+def gather(x, *, index, axis: Dim) -> Tensor:
+    """``x[..., index, ...]`` along `axis`: the dim `axis` is replaced by the dims of `index`.
+
+    Dims that `x` and `index` share are batch dims (each entry picks from its
+    own row). `index` must be an integer tensor; it is clamped into
+    ``[0, size(axis) - 1]``.
+    """
+    x, index = as_tensor(x), as_tensor(index)
+    check_has(x, (axis,), "gather")
+    require_int(index, "gather")
+    axis = axis.canonical()
+    if axis in index.dims:
+        raise DTypeError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
+                         f"(at {_graph.user_source_line()})")
+    rest = tuple(d for d in x.dims if d is not axis)
+    out_dims = broadcast_dims("gather", rest, index.dims)
+    # Raw layout for torch.gather: all out dims, then the gathered axis last for x.
+    x_al = aligner(rest + (axis,), out_dims + (axis,))
+    x_perm = tuple(x.dims.index(d) for d in rest + (axis,))
+    i_al = aligner(index.dims, out_dims)
+    sparse = x.sparse_dim
+
+    def kernel(env, v, i):
+        v = x_al(v.permute(x_perm))
+        if not isinstance(i, torch.Tensor):
+            i = torch.as_tensor(i, device=v.device)
+        i = i_al(i).clamp(0, v.shape[-1] - 1).long()
+        shape = torch.broadcast_shapes(v.shape[:-1], i.shape)
+        return torch.gather(v.expand(*shape, v.shape[-1]), -1, i.expand(shape).unsqueeze(-1)).squeeze(-1)
+
+    return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name})
+
+
+def embedding(table, index) -> Tensor:
+    """Rows of `table` picked by the label tensor `index` (its ``sparse_dim`` is the table's vocab dim)."""
+    table, index = as_tensor(table), as_tensor(index)
+    require_int(index, "embedding")
+    if index.sparse_dim is None:
+        raise DTypeError(f"embedding needs label indices with a sparse_dim (the vocabulary), got the "
+                         f"{index.describe()} (at {_graph.user_source_line()})")
+    check_has(table, (index.sparse_dim,), "embedding", "vocabulary dim")
+    vocab = index.sparse_dim
+    feat = tuple(d for d in table.dims if d is not vocab)
+    if table.dims == (vocab,) + feat and len(feat) == 1 and not any(d in index.dims for d in feat):
+        out_dims = index.dims + feat
+
+        def kernel(env, w, i):
+            if not isinstance(i, torch.Tensor):
+                i = torch.as_tensor(i, device=w.device)
+            return F.embedding(i.clamp(0, w.shape[0] - 1), w)
+
+        return emit("embedding", (table, index), kernel, out_dims, table.dtype, attrs={"vocab": vocab.name})
+    return gather(table, index=index, axis=vocab)
+
+
+def one_hot(index, *, dtype: str | torch.dtype | None = None) -> Tensor:
+    """A one-hot tensor over the label tensor's ``sparse_dim`` (float by default)."""
+    from .math import to_dtype
+    index = as_tensor(index)
+    require_int(index, "one_hot")
+    if index.sparse_dim is None:
+        raise DTypeError(f"one_hot needs label indices with a sparse_dim, got the {index.describe()} "
+                         f"(at {_graph.user_source_line()})")
+    vocab = index.sparse_dim
+    dt = to_dtype(dtype) if dtype is not None else _graph.current().float_dtype
+    n = vocab.size
+    if n is None:
+        raise DTypeError(f"one_hot needs a static sparse_dim, got {vocab!r} (at {_graph.user_source_line()})")
+
+    def kernel(env, i):
+        if not isinstance(i, torch.Tensor):
+            i = torch.as_tensor(i, device=env.device)
+        return F.one_hot(i.long().clamp(0, n - 1), n).to(dt)
+
+    return emit("one_hot", (index,), kernel, index.dims + (vocab,), dt, attrs={"vocab": vocab.name})

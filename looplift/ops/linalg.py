@@ -1,0 +1,99 @@
+"""``dot``: multiply two tensors and sum over named dims (a matmul by dim identity)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import graph as _graph
+from ..dims import Dim
+from ..errors import DimError, DTypeError
+from ..tensor import Tensor
+from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, \
+    result_dtype
+from .math import cast
+
+__all__ = ["dot", "matmul", "linear"]
+
+
+def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
+    """``sum(a * b)`` over the dims `reduce`, which both tensors must have.
+
+    Dims in both tensors that are not reduced are batch dims; the result has
+    them, then the dims only in `a`, then those only in `b`. Dynamic reduced
+    dims are masked in both operands, so padding never takes part.
+    It runs as one (batched) matmul.
+    """
+    a, b = as_tensor(a), as_tensor(b)
+    red = dim_list(reduce, "reduce")
+    check_has(a, red, "dot", "reduce dim")
+    check_has(b, red, "dot", "reduce dim")
+    broadcast_dims("dot", a, b)
+    dtype = result_dtype(a, b)
+    if not dtype.is_floating_point:
+        dtype = _graph.current().float_dtype
+    a, b = cast(a, dtype), cast(b, dtype)
+    mask_a, mask_b = dims_to_mask(a, red), dims_to_mask(b, red)
+    a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
+    batch = tuple(d for d in a.dims if d in b.dims and d not in red)
+    a_only = tuple(d for d in a.dims if d not in b.dims)
+    b_only = tuple(d for d in b.dims if d not in a.dims)
+    fill_a, fill_b = masker(a.dims, mask_a, 0), masker(b.dims, mask_b, 0)
+    perm_a = tuple(a.dims.index(d) for d in batch + a_only + red)
+    perm_b = tuple(b.dims.index(d) for d in batch + red + b_only)
+    nb, na, nr = len(batch), len(a_only), len(red)
+    out_dims = batch + a_only + b_only
+
+    def kernel(env, x, y):
+        x, y = fill_a(env, x).permute(perm_a), fill_b(env, y).permute(perm_b)
+        bshape = x.shape[:nb]
+        ashape, rshape = x.shape[nb:nb + na], x.shape[nb + na:]
+        oshape = y.shape[nb + nr:]
+        x = x.reshape(*bshape, math.prod(ashape), math.prod(rshape))
+        y = y.reshape(*bshape, math.prod(rshape), math.prod(oshape))
+        return torch.matmul(x, y).reshape(*bshape, *ashape, *oshape)
+
+    return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
+
+def matmul(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
+    """Alias of :func:`dot`."""
+    return dot(a, b, reduce=reduce)
+
+
+def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
+    """``x @ weight.T + bias`` mapping `in_dim` to `out_dim`, as ``torch.nn.functional.linear``.
+
+    `weight` is stored ``(out_dim, in_dim)`` and `bias` ``(out_dim,)``, as in
+    ``torch.nn.Linear``. Every other dim of `x` is a batch dim.
+    """
+    x, weight = as_tensor(x), as_tensor(weight)
+    in_dim, out_dim = in_dim.canonical(), out_dim.canonical()
+    check_has(x, (in_dim,), "linear", "in dim")
+    if weight.dims != (out_dim, in_dim):
+        raise DimError(f"linear: the weight must be stored as ({out_dim.name}, {in_dim.name}), got the "
+                       f"{weight.describe()} (at {_graph.user_source_line()})")
+    if out_dim in x.dims:
+        raise DimError(f"linear: the input {x.describe()} already has the out dim {out_dim.name!r} "
+                       f"(at {_graph.user_source_line()})")
+    if not x.dtype.is_floating_point:
+        raise DTypeError(f"linear needs a floating-point input, got the {x.describe()} "
+                         f"(at {_graph.user_source_line()})")
+    if in_dim.is_dynamic:
+        raise DimError(f"linear: the in dim {in_dim!r} must be static (at {_graph.user_source_line()})")
+    rest = tuple(d for d in x.dims if d is not in_dim)
+    perm = tuple(x.dims.index(d) for d in rest + (in_dim,))
+    identity_perm = perm == tuple(range(len(perm)))
+    inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
+    if bias is not None and inputs[2].dims != (out_dim,):
+        raise DimError(f"linear: the bias must have the dims ({out_dim.name},), got the {inputs[2].describe()} "
+                       f"(at {_graph.user_source_line()})")
+
+    def kernel(env, v, w, b=None):
+        return F.linear(v if identity_perm else v.permute(perm), w, b)
+
+    return emit("linear", inputs, kernel, rest + (out_dim,), x.dtype,
+                attrs={"in_dim": in_dim.name, "out_dim": out_dim.name})

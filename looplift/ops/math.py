@@ -1,0 +1,268 @@
+"""Elementwise ops: arithmetic, comparisons, logic, ``where``, activations, ``cast``.
+
+Elementwise ops broadcast by dim identity: the result has the union of the
+operands' dims. They never need masking: padding stays padding.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import graph as _graph
+from .._align import aligner
+from ..errors import DTypeError
+from ..tensor import Tensor
+from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype
+
+__all__ = [
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "abs", "minimum", "maximum",
+    "clip", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+    "logical_not", "where", "cast", "exp", "log", "sqrt", "rsqrt", "square", "sin", "cos",
+    "relu", "gelu", "silu", "swish", "sigmoid", "log_sigmoid", "tanh", "softplus", "elu",
+    "leaky_relu", "identity",
+]
+
+
+def _sparse_of(*tensors: Tensor):
+    sparse = {t.sparse_dim for t in tensors if t.sparse_dim is not None}
+    return sparse.pop() if len(sparse) == 1 else None
+
+
+def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = None,
+            keep_sparse: bool = False) -> Tensor:
+    a, b = as_tensor(a), as_tensor(b)
+    dims = broadcast_dims(name, a, b)
+    dtype = out_dtype or result_dtype(a, b)
+    al, bl = aligner(a.dims, dims), aligner(b.dims, dims)
+    sparse = _sparse_of(a, b) if keep_sparse else None
+    return emit(name, (a, b), lambda env, x, y: fn(al(x), bl(y)), dims, dtype, sparse_dim=sparse)
+
+
+def add(a, b) -> Tensor:
+    """``a + b``, broadcasting by dim identity."""
+    return _binary("add", operator.add, a, b, keep_sparse=True)
+
+
+def sub(a, b) -> Tensor:
+    """``a - b``."""
+    return _binary("sub", operator.sub, a, b, keep_sparse=True)
+
+
+def mul(a, b) -> Tensor:
+    """``a * b``."""
+    return _binary("mul", operator.mul, a, b)
+
+
+def truediv(a, b) -> Tensor:
+    """``a / b`` (always floating point, as in torch)."""
+    a, b = as_tensor(a), as_tensor(b)
+    dtype = result_dtype(a, b)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    return _binary("truediv", torch.true_divide, a, b, out_dtype=dtype)
+
+
+def floordiv(a, b) -> Tensor:
+    """``a // b`` (rounding toward minus infinity, as Python)."""
+    return _binary("floordiv", lambda x, y: torch.div(x, y, rounding_mode="floor")
+                   if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) else x // y, a, b)
+
+
+def mod(a, b) -> Tensor:
+    """``a % b`` (sign of the divisor, as Python)."""
+    return _binary("mod", operator.mod, a, b)
+
+
+def pow(a, b) -> Tensor:  # noqa: A001 - the user-facing name
+    """``a ** b``."""
+    return _binary("pow", operator.pow, a, b)
+
+
+def minimum(a, b) -> Tensor:
+    """Elementwise minimum."""
+    return _binary("minimum", _scalar_safe(torch.minimum), a, b)
+
+
+def maximum(a, b) -> Tensor:
+    """Elementwise maximum."""
+    return _binary("maximum", _scalar_safe(torch.maximum), a, b)
+
+
+def _scalar_safe(fn: Callable) -> Callable:
+    def apply(x, y):
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x, dtype=y.dtype, device=y.device)
+        elif not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y, dtype=x.dtype, device=x.device)
+        return fn(x, y)
+    return apply
+
+
+def clip(x, min=None, max=None) -> Tensor:  # noqa: A002
+    """Clamp `x` into ``[min, max]`` (either bound may be None)."""
+    x = as_tensor(x)
+    if min is not None:
+        x = maximum(x, min)
+    if max is not None:
+        x = minimum(x, max)
+    return x
+
+
+def _compare(name: str, fn: Callable) -> Callable:
+    def compare(a, b) -> Tensor:
+        return _binary(name, fn, a, b, out_dtype=torch.bool)
+    compare.__name__ = name
+    compare.__doc__ = f"Elementwise comparison ``{name}``; the result is bool."
+    return compare
+
+
+eq = _compare("eq", operator.eq)
+ne = _compare("ne", operator.ne)
+lt = _compare("lt", operator.lt)
+le = _compare("le", operator.le)
+gt = _compare("gt", operator.gt)
+ge = _compare("ge", operator.ge)
+
+
+def _logical(name: str, fn: Callable) -> Callable:
+    def logical(a, b) -> Tensor:
+        a, b = as_tensor(a), as_tensor(b)
+        for t in (a, b):
+            if t.dtype != torch.bool:
+                raise DTypeError(f"{name} needs bool tensors, got the {t.describe()}; compare first, "
+                                 f"e.g. x != 0 (at {_graph.user_source_line()})")
+        return _binary(name, _scalar_safe(fn), a, b, out_dtype=torch.bool)
+    logical.__name__ = name
+    logical.__doc__ = f"Elementwise ``{name}`` of two bool tensors."
+    return logical
+
+
+logical_and = _logical("logical_and", torch.logical_and)
+logical_or = _logical("logical_or", torch.logical_or)
+logical_xor = _logical("logical_xor", torch.logical_xor)
+
+
+def logical_not(x) -> Tensor:
+    """Elementwise not of a bool tensor."""
+    x = as_tensor(x)
+    if x.dtype != torch.bool:
+        raise DTypeError(f"logical_not needs a bool tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+    return emit("logical_not", (x,), lambda env, v: torch.logical_not(v) if isinstance(v, torch.Tensor) else not v,
+                x.dims, torch.bool)
+
+
+def where(cond, a, b) -> Tensor:
+    """``a`` where `cond` is True, else ``b``; all three broadcast by dim identity."""
+    cond, a, b = as_tensor(cond), as_tensor(a), as_tensor(b)
+    if cond.dtype != torch.bool:
+        raise DTypeError(f"where needs a bool condition, got the {cond.describe()} (at {_graph.user_source_line()})")
+    dims = broadcast_dims("where", cond, a, b)
+    dtype = result_dtype(a, b)
+    cl, al, bl = aligner(cond.dims, dims), aligner(a.dims, dims), aligner(b.dims, dims)
+
+    def kernel(env, c, x, y):
+        c = cl(c)
+        if not isinstance(c, torch.Tensor):
+            return al(x) if c else bl(y)
+        x, y = al(x), bl(y)
+        if isinstance(x, torch.Tensor) and x.dtype != dtype:
+            x = x.to(dtype)
+        if isinstance(y, torch.Tensor) and y.dtype != dtype:
+            y = y.to(dtype)
+        return torch.where(c, x, y)
+
+    return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b))
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+           "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16}
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise DTypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} (at {_graph.user_source_line()})")
+    return _DTYPES[dtype]
+
+
+def cast(x, dtype: str | torch.dtype) -> Tensor:
+    """`x` converted to `dtype` (a torch dtype or its name, e.g. ``"int32"``)."""
+    x = as_tensor(x)
+    dt = to_dtype(dtype)
+    if dt == x.dtype:
+        return x
+    sparse = x.sparse_dim if not dt.is_floating_point and dt != torch.bool else None
+    return emit("cast", (x,), lambda env, v: v.to(dt) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dt),
+                x.dims, dt, sparse_dim=sparse, attrs={"dtype": str(dt)})
+
+
+def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: bool = False) -> Callable:
+    def unary(x) -> Tensor:
+        x = as_tensor(x)
+        if float_only:
+            require_float(x, name)
+        return emit(name, (x,), lambda env, v: fn(torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v),
+                    x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None)
+    unary.__name__ = name
+    unary.__doc__ = f"Elementwise ``{name}``."
+    return unary
+
+
+neg = _unary("neg", torch.neg, float_only=False)
+abs = _unary("abs", torch.abs, float_only=False)  # noqa: A001
+square = _unary("square", torch.square, float_only=False)
+exp = _unary("exp", torch.exp)
+log = _unary("log", torch.log)
+sqrt = _unary("sqrt", torch.sqrt)
+rsqrt = _unary("rsqrt", torch.rsqrt)
+sin = _unary("sin", torch.sin)
+cos = _unary("cos", torch.cos)
+relu = _unary("relu", torch.relu)
+gelu = _unary("gelu", F.gelu)
+silu = _unary("silu", F.silu)
+swish = silu
+sigmoid = _unary("sigmoid", torch.sigmoid)
+log_sigmoid = _unary("log_sigmoid", F.logsigmoid)
+tanh = _unary("tanh", torch.tanh)
+softplus = _unary("softplus", F.softplus)
+elu = _unary("elu", F.elu)
+
+
+def leaky_relu(x, negative_slope: float = 0.01) -> Tensor:
+    """Elementwise leaky ReLU."""
+    x = as_tensor(x)
+    require_float(x, "leaky_relu")
+    return emit("leaky_relu", (x,), lambda env, v: F.leaky_relu(v, negative_slope), x.dims, x.dtype,
+                attrs={"negative_slope": negative_slope})
+
+
+def identity(x) -> Tensor:
+    """`x` itself (a no-op; no node is added)."""
+    return as_tensor(x)
+
+
+def _install_operators() -> None:
+    def rev(fn):
+        return lambda self, other: fn(other, self)
+
+    ops = {
+        "__add__": add, "__radd__": rev(add), "__sub__": sub, "__rsub__": rev(sub),
+        "__mul__": mul, "__rmul__": rev(mul), "__truediv__": truediv, "__rtruediv__": rev(truediv),
+        "__floordiv__": floordiv, "__rfloordiv__": rev(floordiv), "__mod__": mod, "__rmod__": rev(mod),
+        "__pow__": pow, "__rpow__": rev(pow), "__neg__": neg, "__abs__": abs,
+        "__eq__": eq, "__ne__": ne, "__lt__": lt, "__le__": le, "__gt__": gt, "__ge__": ge,
+        "__and__": logical_and, "__rand__": rev(logical_and), "__or__": logical_or,
+        "__ror__": rev(logical_or), "__xor__": logical_xor, "__rxor__": rev(logical_xor),
+        "__invert__": logical_not,
+    }
+    for name, fn in ops.items():
+        setattr(Tensor, name, fn)
+
+
+_install_operators()

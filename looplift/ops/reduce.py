@@ -1,0 +1,110 @@
+"""Reductions and normalizations over named dims: sum, mean, max, min,
+logsumexp, argmax, softmax, log_softmax.
+
+Each masks the padding of the dynamic dims it reduces over (and of dynamic dims
+whose lengths vary along a reduced dim) with the reduction's neutral element,
+so results never depend on padding values.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .. import graph as _graph
+from ..dims import Dim
+from ..errors import DimError, DTypeError
+from ..tensor import Tensor
+from ._core import (as_tensor, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, neutral,
+                    require_float)
+
+__all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax"]
+
+
+def _prepare(x, axis, op: str):
+    x = as_tensor(x)
+    dims = dim_list(axis)
+    check_has(x, dims, op)
+    masked = dims_to_mask(x, dims)
+    x = expand_for_masks(x, masked)
+    axes = tuple(x.dims.index(d) for d in dims)
+    out_dims = tuple(d for d in x.dims if d not in dims)
+    return x, dims, masked, axes, out_dims
+
+
+def _reduction(name: str, kind: str, torch_fn: Callable, *, float_only: bool = False) -> Callable:
+    def reduce(x, axis: Dim | Sequence[Dim]) -> Tensor:
+        x, dims, masked, axes, out_dims = _prepare(x, axis, name)
+        if float_only:
+            require_float(x, name)
+        fill = masker(x.dims, masked, neutral(x.dtype, kind))
+        dtype = x.dtype if not (name == "sum" and x.dtype == torch.bool) else torch.int64
+        return emit(name, (x,), lambda env, v: torch_fn(fill(env, v), axes), out_dims, dtype,
+                    attrs={"axis": [d.name for d in dims]})
+    reduce.__name__ = name
+    reduce.__doc__ = (f"``{name}`` over the dims `axis` (a Dim or a sequence of Dims); the padding of "
+                      "dynamic dims never takes part.")
+    return reduce
+
+
+sum = _reduction("sum", "sum", lambda v, axes: v.sum(dim=axes))  # noqa: A001
+max = _reduction("max", "max", lambda v, axes: v.amax(dim=axes))  # noqa: A001
+min = _reduction("min", "min", lambda v, axes: v.amin(dim=axes))  # noqa: A001
+logsumexp = _reduction("logsumexp", "max", lambda v, axes: torch.logsumexp(v, dim=axes), float_only=True)
+
+
+def mean(x, axis: Dim | Sequence[Dim]) -> Tensor:
+    """Mean over the dims `axis`, counting only valid (non-padding) positions."""
+    x, dims, masked, axes, out_dims = _prepare(x, axis, "mean")
+    require_float(x, "mean")
+    if not masked:
+        return emit("mean", (x,), lambda env, v: v.mean(dim=axes), out_dims, x.dtype,
+                    attrs={"axis": [d.name for d in dims]})
+    x_dims = x.dims
+
+    def kernel(env, v):
+        m = env.mask(masked, x_dims)
+        total = v.masked_fill(~m, 0).sum(dim=axes)
+        count = m.expand(v.shape).sum(dim=axes).to(v.dtype)
+        return total / count
+
+    return emit("mean", (x,), kernel, out_dims, x.dtype, attrs={"axis": [d.name for d in dims]})
+
+
+def argmax(x, axis: Dim) -> Tensor:
+    """The index of the maximum along `axis`; the result's ``sparse_dim`` is `axis`."""
+    if not isinstance(axis, Dim):
+        raise DimError(f"argmax takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+    x, dims, masked, axes, out_dims = _prepare(x, axis, "argmax")
+    if x.dtype == torch.bool:
+        raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+    fill = masker(x.dims, masked, neutral(x.dtype, "max"))
+    return emit("argmax", (x,), lambda env, v: fill(env, v).argmax(dim=axes[0]), out_dims, torch.int64,
+                sparse_dim=dims[0], attrs={"axis": axis.name})
+
+
+def _normalize(name: str, torch_fn: Callable) -> Callable:
+    def normalize(x, axis: Dim) -> Tensor:
+        if not isinstance(axis, Dim):
+            raise DimError(f"{name} takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+        x, dims, masked, axes, _ = _prepare(x, axis, name)
+        require_float(x, name)
+        ax = axes[0]
+        if not masked:
+            return emit(name, (x,), lambda env, v: torch_fn(v, ax), x.dims, x.dtype, attrs={"axis": axis.name})
+        x_dims = x.dims
+
+        def kernel(env, v):
+            m = env.mask(masked, x_dims)
+            return torch_fn(v.masked_fill(~m, float("-inf")), ax).masked_fill(~m, 0.0)
+
+        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name})
+    normalize.__name__ = name
+    normalize.__doc__ = (f"``{name}`` over `axis`; padding positions get probability 0 and do not "
+                         "take part in the normalization.")
+    return normalize
+
+
+softmax = _normalize("softmax", lambda v, ax: torch.softmax(v, dim=ax))
+log_softmax = _normalize("log_softmax", lambda v, ax: torch.log_softmax(v, dim=ax))

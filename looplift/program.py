@@ -1,0 +1,289 @@
+"""``compile`` and ``Program``: trace a model once, run it on torch tensors.
+
+``looplift.compile(model, mode=...)`` returns a :class:`Program`. Calling the
+program with :class:`~looplift.Named` tensors traces the model with symbolic
+inputs of the same dims (once per distinct signature: dims, dtypes, the other
+arguments), then runs the traced graph on the real tensors. Arguments that are
+not ``Named`` (dims, numbers, strings, None) are passed to the model as they
+are and are part of the signature. Outputs come back as ``Named`` tensors
+(with the lengths of their dynamic dims) in the structure the model returned;
+autograd flows through them into the model's parameters.
+
+Why trace lazily, on the first call: the dims of the inputs are known only
+from the data, and a model is typically called with a few signatures (train
+batches, a different search setup). ``Program.trace`` traces ahead of time,
+from ``Named`` or :class:`Spec` arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import graph as _graph
+from ._tree import flatten, unflatten
+from .dims import Dim
+from .errors import InputError, LoopliftError, TraceError
+from .runtime.env import Env
+from .runtime.executor import Executor
+from .runtime.named import Named
+from .runtime.reference import run_reference
+from .tensor import Tensor
+
+__all__ = ["compile", "Program", "Spec", "Trace"]
+
+MODES = ("train", "eval", "search")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The dims, dtype and sparse dim of a program input, to trace without data."""
+
+    dims: tuple[Dim, ...]
+    dtype: torch.dtype = torch.float32
+    sparse_dim: Dim | None = None
+
+    def __init__(self, dims: Sequence[Dim], dtype: torch.dtype = torch.float32, sparse_dim: Dim | None = None):
+        object.__setattr__(self, "dims", tuple(dims))
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "sparse_dim", sparse_dim)
+
+
+def _is_input(x) -> bool:
+    return isinstance(x, (Named, Spec))
+
+
+def _spec_of(x: Named | Spec) -> Spec:
+    if isinstance(x, Spec):
+        return x
+    return Spec(x.dims, x.tensor.dtype, x.sparse_dim)
+
+
+class Trace:
+    """One traced signature of a program: the graph and its prepared executor."""
+
+    def __init__(self, graph: _graph.Graph, inputs: list[Tensor], out_spec, out_leaves: list, seconds: float):
+        self.graph = graph
+        self.inputs = inputs
+        self.out_spec = out_spec
+        self.out_leaves = out_leaves
+        self.out_tensors = [x for x in out_leaves if isinstance(x, Tensor)]
+        self.executor = Executor(graph, inputs, self.out_tensors)
+        #: Wall time of tracing and preparing, in seconds.
+        self.seconds = seconds
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes executed per call."""
+        return self.executor.num_nodes
+
+
+class Program:
+    """A traced model: call it with :class:`~looplift.Named` tensors. See :func:`compile`."""
+
+    def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None):
+        self.fn = fn
+        self.mode = mode
+        self.root = root
+        self._traces: dict[Any, Trace] = {}
+        self._first_param: torch.nn.Parameter | None = None
+        if root is not None:
+            self._first_param = next((p for p in root.parameters() if p.is_floating_point()), None)
+
+    # -- tracing -------------------------------------------------------------------------
+
+    def _float_dtype(self) -> torch.dtype:
+        return self._first_param.dtype if self._first_param is not None else torch.get_default_dtype()
+
+    def _key(self, leaves: list, spec) -> Any:
+        parts = []
+        for x in leaves:
+            if _is_input(x):
+                s = _spec_of(x)
+                parts.append(("input", s.dims, s.dtype, s.sparse_dim))
+            else:
+                try:
+                    hash(x)
+                except TypeError:
+                    raise InputError(f"argument {x!r} is neither a looplift.Named tensor nor hashable; "
+                                     f"program arguments other than tensors must be constants "
+                                     f"(dims, numbers, strings)") from None
+                parts.append(("const", type(x), x))
+        return (spec, tuple(parts), self._float_dtype())
+
+    def trace(self, *args, **kwargs) -> Trace:
+        """Trace (or fetch the cached trace) for these arguments, without running it."""
+        leaves, spec = flatten((args, kwargs), _is_input)
+        return self._trace(leaves, spec)
+
+    def _trace(self, leaves: list, spec) -> Trace:
+        key = self._key(leaves, spec)
+        trace = self._traces.get(key)
+        if trace is not None:
+            return trace
+        start = time.perf_counter()
+        graph = _graph.Graph()
+        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype())
+        token = _graph.enter(ctx)
+        try:
+            symbolic, inputs = [], []
+            for i, x in enumerate(leaves):
+                if _is_input(x):
+                    s = _spec_of(x)
+                    _check_dims(s.dims, f"input {i}")
+                    node = graph.add("input", (), _no_kernel, [(s.dims, s.dtype, s.sparse_dim)],
+                                     attrs={"index": i}, source=f"<program input {i}>")
+                    inputs.append(node.outputs[0])
+                    symbolic.append(node.outputs[0])
+                else:
+                    symbolic.append(x)
+            args, kwargs = unflatten(spec, symbolic)
+            result = self.fn(*args, **kwargs)
+        finally:
+            _graph.leave(token)
+        out_leaves, out_spec = flatten(result, lambda v: isinstance(v, Tensor))
+        for v in out_leaves:
+            if isinstance(v, Tensor) and v.node.graph is not graph:
+                raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
+        trace = Trace(graph, inputs, out_spec, out_leaves, time.perf_counter() - start)
+        self._traces[key] = trace
+        return trace
+
+    @property
+    def traces(self) -> list[Trace]:
+        """The traces made so far, one per signature."""
+        return list(self._traces.values())
+
+    # -- running -------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        """Run the program (traced on first use for these argument dims) and return its outputs."""
+        return self._run(args, kwargs, reference=False)
+
+    def reference(self, *args, **kwargs):
+        """Run the program with the reference interpreter (literally, node by node)."""
+        return self._run(args, kwargs, reference=True)
+
+    def _run(self, args, kwargs, *, reference: bool):
+        leaves, spec = flatten((args, kwargs), _is_input)
+        for x in leaves:
+            if isinstance(x, Spec):
+                raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
+        trace = self._trace(leaves, spec)
+        named = [x for x in leaves if isinstance(x, Named)]
+        env = _make_env(named, self._first_param, _graph.user_source_line())
+        raws = [x.tensor for x in named]
+        if reference:
+            outs = run_reference(trace.graph, env, dict(zip(trace.inputs, raws)), trace.out_tensors)
+        else:
+            outs = trace.executor(env, raws)
+        it = iter(outs)
+        results = [_to_named(v, next(it), env) if isinstance(v, Tensor) else v for v in trace.out_leaves]
+        return unflatten(trace.out_spec, results)
+
+
+def _no_kernel(env):
+    raise AssertionError("input nodes are fed by the caller")
+
+
+def _check_dims(dims: tuple, what: str) -> None:
+    for d in dims:
+        if not isinstance(d, Dim):
+            raise InputError(f"{what}: dims must be looplift.Dim objects, got {d!r}")
+    canon = [d.canonical() for d in dims]
+    if len(set(canon)) != len(canon):
+        raise InputError(f"{what}: a dim is given twice in {[str(d) for d in dims]}")
+
+
+def _make_env(named: list[Named], first_param, where: str) -> Env:
+    """Check the call's tensors against their dims and collect sizes and lengths."""
+    sizes: dict[Dim, int] = {}
+    seen_at: dict[Dim, str] = {}
+    lengths: dict[Dim, torch.Tensor] = {}
+    device = None
+    for i, x in enumerate(named):
+        what = f"input {i} ({{{', '.join(str(d) for d in x.dims)}}})"
+        if not isinstance(x.tensor, torch.Tensor):
+            raise InputError(f"{what}: expected a torch.Tensor, got {type(x.tensor).__name__} (call at {where})")
+        if x.tensor.dim() != len(x.dims):
+            raise InputError(f"{what}: the tensor has {x.tensor.dim()} axes of shape {tuple(x.tensor.shape)}, "
+                             f"but {len(x.dims)} dims were given (call at {where})")
+        device = device or x.tensor.device
+        for d, size in zip(x.dims, x.tensor.shape):
+            d = d.canonical()
+            if d.is_static and d.size != size:
+                raise InputError(f"{what}: dim {d.name!r} is static with size {d.size}, but the tensor has "
+                                 f"size {size} there (call at {where})")
+            if d in sizes and sizes[d] != size:
+                raise InputError(f"{what}: dim {d.name!r} has size {size}, but {seen_at[d]} has it with size "
+                                 f"{sizes[d]} (call at {where})")
+            sizes[d] = size
+            seen_at.setdefault(d, what)
+        for d, n in x.lengths.items():
+            d = d.canonical()
+            if d not in lengths:
+                lengths[d] = n
+            elif n is not lengths[d] and not torch.equal(n, lengths[d]):
+                raise InputError(f"{what}: the lengths of dim {d.name!r} differ from those given with "
+                                 f"another input (call at {where})")
+    for d, n in list(lengths.items()):
+        if not d.is_dynamic:
+            raise InputError(f"lengths were given for {d!r}, which is not a dynamic dim (call at {where})")
+        if not isinstance(n, torch.Tensor) or n.dtype.is_floating_point or n.dtype == torch.bool:
+            raise InputError(f"the lengths of dim {d.name!r} must be an integer torch.Tensor (call at {where})")
+        ldims = d.length_dims
+        for ld in ldims:
+            if ld not in sizes:
+                raise InputError(f"the lengths of dim {d.name!r} run over {ld.name!r}, which no input has "
+                                 f"(call at {where})")
+        expect = tuple(sizes[ld] for ld in ldims)
+        if tuple(n.shape) != expect:
+            raise InputError(f"the lengths of dim {d.name!r} have shape {tuple(n.shape)}, expected {expect} "
+                             f"over {[str(ld) for ld in ldims]} (call at {where})")
+        if d in sizes and n.numel() and (int(n.max()) > sizes[d] or int(n.min()) < 0):
+            raise InputError(f"the lengths of dim {d.name!r} must lie in [0, {sizes[d]}] (its padded size), "
+                             f"got values from {int(n.min())} to {int(n.max())} (call at {where})")
+        lengths[d] = n.to(device=device, dtype=torch.int64)
+    for d in sizes:
+        if d.is_dynamic and d not in lengths:
+            raise InputError(f"dim {d.name!r} is dynamic but no lengths were given for it; pass "
+                             f"looplift.Named(tensor, dims, lengths={{{d.name}: lengths}}) (call at {where})")
+    if device is None:
+        device = first_param.device if first_param is not None else torch.device("cpu")
+    return Env(device, sizes, lengths)
+
+
+def _to_named(t: Tensor, raw, env: Env) -> Named:
+    if not isinstance(raw, torch.Tensor):
+        raw = torch.tensor(raw, dtype=t.dtype, device=env.device)
+    lengths = {}
+    for d in t.dims:
+        if d.is_dynamic:
+            n = env.lengths(d)
+            lengths[d] = n.expand(*[env.size(ld) for ld in d.length_dims])
+    return Named(raw, t.dims, lengths, sparse_dim=t.sparse_dim)
+
+
+def compile(model: Callable, *, mode: str = "train") -> Program:  # noqa: A001
+    """Trace `model` (a :class:`looplift.Module`, any callable, or a bound method) into a :class:`Program`.
+
+    Args:
+        model: called with symbolic tensors in place of the ``Named`` inputs.
+        mode: ``"train"`` (dropout on), ``"eval"`` or ``"search"``; the model
+            can branch on it with :func:`looplift.is_training` and
+            :func:`looplift.is_search`.
+
+    Programs compiled from one model share its parameters and do not
+    interfere with each other.
+    """
+    if mode not in MODES:
+        raise LoopliftError(f"mode must be one of {MODES}, got {mode!r}")
+    if not callable(model):
+        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
+    root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    if not isinstance(root, torch.nn.Module):
+        root = None
+    return Program(model, mode, root=root)

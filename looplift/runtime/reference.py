@@ -1,0 +1,49 @@
+"""The reference interpreter: runs a traced graph literally, node by node.
+
+It is the semantic oracle for every optimization: whatever an optimized
+executor does, its results must equal this interpreter's. It is kept as plain
+as possible on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..errors import ExecutionError, LoopliftError
+from ..graph import Graph
+from ..tensor import Tensor
+from .env import Env
+
+__all__ = ["run_reference", "run_node", "node_error"]
+
+
+def node_error(node, e: Exception) -> ExecutionError:
+    """A failure of a node's torch kernel as an error naming the node's source line and dims."""
+    dims = "; ".join("{" + ", ".join(d.name for d in t.dims) + "}" for t in node.inputs)
+    return ExecutionError(f"{node.op} failed on inputs with dims {dims} (created at {node.source}): "
+                          f"{type(e).__name__}: {e}")
+
+
+def run_node(node, env: Env, args):
+    """Run one node's kernel, turning a torch failure into an error naming the node's source line."""
+    try:
+        return node.kernel(env, *args)
+    except LoopliftError:
+        raise
+    except Exception as e:  # a failure of the torch kernel: point at the user's line
+        raise node_error(node, e) from e
+
+
+def run_reference(graph: Graph, env: Env, inputs: dict[Tensor, object], outputs: Sequence[Tensor]) -> list:
+    """Run every node of `graph` in order and return the raw values of `outputs`."""
+    values: dict[int, object] = {id(t): v for t, v in inputs.items()}
+    for node in graph.nodes:
+        if node.op == "input":
+            continue
+        result = run_node(node, env, [values[id(t)] for t in node.inputs])
+        if len(node.outputs) == 1:
+            values[id(node.outputs[0])] = result
+        else:
+            for t, v in zip(node.outputs, result):
+                values[id(t)] = v
+    return [values[id(t)] for t in outputs]

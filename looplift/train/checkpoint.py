@@ -1,0 +1,88 @@
+"""Checkpoints: a model's parameters by name, in safetensors files, written atomically.
+
+Names are the model's ``named_parameters()`` / ``named_buffers()`` names: the
+attribute chain from the root module, a shared parameter once under its first
+name. A save writes a temporary file beside the target, flushes it to disk and
+renames it over the target, so an interrupted save leaves the previous file
+intact. A load checks everything first and changes nothing unless the file
+matches the model exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save as _save_bytes
+
+from ..errors import CheckpointError
+
+__all__ = ["save", "load", "state_of", "atomic_write"]
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors saved for `model`: its parameters and persistent buffers, each under one name."""
+    state = dict(model.named_parameters())
+    non_persistent = {f"{prefix}{'.' if prefix else ''}{name}" for prefix, m in model.named_modules()
+                      for name in getattr(m, "_non_persistent_buffers_set", ())}
+    state.update({k: v for k, v in model.named_buffers() if k not in non_persistent})
+    return state
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Save the parameters and buffers of `model` to the safetensors file `path`, atomically."""
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(model).items()}
+    atomic_write(path, _save_bytes(tensors, metadata=dict(metadata) if metadata else None))
+
+
+def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load the safetensors file `path` into `model` (in place, keeping each tensor's device and dtype).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable, or its entries do
+            not match the model: every missing, unexpected and mis-shaped
+            entry is listed. Nothing is changed then.
+    """
+    try:
+        loaded = load_file(os.fspath(path))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read the checkpoint {os.fspath(path)!r}: {e}") from e
+    except Exception as e:  # safetensors raises plain errors for some corrupt headers
+        raise CheckpointError(f"cannot read the checkpoint {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
+    expected = state_of(model)
+    problems = []
+    for name in sorted(expected.keys() - loaded.keys()):
+        problems.append(f"missing: {name} (shape {tuple(expected[name].shape)})")
+    for name in sorted(loaded.keys() - expected.keys()):
+        problems.append(f"unexpected: {name} (shape {tuple(loaded[name].shape)})")
+    for name in sorted(expected.keys() & loaded.keys()):
+        if tuple(expected[name].shape) != tuple(loaded[name].shape):
+            problems.append(f"mis-shaped: {name}: the checkpoint has {tuple(loaded[name].shape)}, "
+                            f"the model {tuple(expected[name].shape)}")
+    if problems:
+        raise CheckpointError(f"the checkpoint {os.fspath(path)!r} does not match the model "
+                              f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for name, t in expected.items():
+            t.copy_(loaded[name])
