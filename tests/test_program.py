@@ -1,0 +1,148 @@
+"""Programs: tracing, modes, signatures, outputs, dtypes, and the reference interpreter."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import looplift as ll
+from looplift import Dim, Named, batch_dim as B
+
+T, F = Dim("time"), Dim("feat", 3)
+
+
+def _x(lengths=(4, 2), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), F.size, generator=g, dtype=dtype)
+    return Named(x, (B, T, F), {T: torch.tensor(lengths)})
+
+
+@pytest.mark.parametrize("mode,training,search", [("train", True, False), ("eval", False, False),
+                                                    ("search", False, True)])
+def test_mode_is_known_while_tracing(mode, training, search):
+    seen = {}
+
+    def fn(x):
+        seen.update(mode=ll.mode(), training=ll.is_training(), search=ll.is_search())
+        return x
+
+    ll.compile(fn, mode=mode)(_x())
+    assert seen == {"mode": mode, "training": training, "search": search}
+
+
+def test_trace_happens_once_per_signature():
+    calls = []
+
+    def fn(x, *, axis):
+        calls.append(axis)
+        return ll.sum(x, axis=axis)
+
+    prog = ll.compile(fn, mode="eval")
+    prog(_x(), axis=T)
+    prog(_x(lengths=(3, 3, 1)), axis=T)  # other sizes, same dims: no retrace
+    assert len(calls) == 1
+    prog(_x(), axis=F)                   # another constant argument: a new trace
+    prog(_x(dtype=torch.float32), axis=T)  # another dtype: a new trace
+    assert len(calls) == 3 and len(prog.traces) == 3
+
+
+def test_outputs_keep_the_returned_structure():
+    @dataclasses.dataclass
+    class Out:
+        total: object
+        parts: dict
+
+    def fn(x):
+        return Out(ll.sum(x, axis=[T, F]), {"max": ll.max(x, axis=T), "n": 7})
+
+    out = ll.compile(fn, mode="eval")(_x())
+    assert isinstance(out, Out) and out.parts["n"] == 7
+    x = _x().tensor
+    torch.testing.assert_close(out.total.tensor, torch.stack([x[0, :4].sum(), x[1, :2].sum()]))
+    torch.testing.assert_close(out.parts["max"].tensor, torch.stack([x[0, :4].amax(0), x[1, :2].amax(0)]))
+
+
+def test_outputs_carry_lengths_of_derived_dims():
+    out = ll.compile(lambda x: ll.pad(x, axis=T, left=1, right=1), mode="eval")(_x(lengths=(4, 2)))
+    (new,) = [d for d in out.dims if d.is_dynamic]
+    assert new is T + 2
+    assert out.lengths[new].tolist() == [6, 4]
+
+
+def test_reference_interpreter_agrees_with_the_executor():
+    lin = ll.nn.Linear(F, Dim("out", 5)).double()
+
+    def fn(x):
+        h = ll.tanh(lin(x))
+        return ll.sum(ll.softmax(h, axis=T) * h, axis=T)
+
+    prog = ll.compile(fn, mode="eval")
+    torch.testing.assert_close(prog(_x()).tensor, prog.reference(_x()).tensor, rtol=0, atol=0)
+
+
+def test_nodes_the_outputs_do_not_need_are_not_run():
+    prog = ll.compile(lambda x: (ll.exp(x), ll.log(x))[0], mode="eval")
+    trace = prog.trace(_x())
+    assert [n.op for n in trace.graph.nodes if n.op != "input"] == ["exp", "log"]
+    assert trace.num_nodes == 1
+
+
+def test_trace_ahead_from_specs():
+    prog = ll.compile(lambda x: ll.mean(x, axis=T), mode="eval")
+    trace = prog.trace(ll.Spec((B, T, F), torch.float64))
+    assert trace.seconds > 0 and trace.num_nodes == 1
+    prog(_x())
+    assert len(prog.traces) == 1  # the call found the trace made ahead
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_models_run_in_each_float_dtype(dtype):
+    model = ll.nn.FeedForward(F, Dim("hidden", 6)).to(dtype)
+    prog = ll.compile(lambda x: ll.mean(model(x), axis=T), mode="eval")
+    out = prog(_x(dtype=dtype))
+    assert out.tensor.dtype == dtype
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).to(dtype)
+    plain[0].weight.data, plain[0].bias.data = model.up.weight.data, model.up.bias.data
+    plain[2].weight.data, plain[2].bias.data = model.down.weight.data, model.down.bias.data
+    x = _x(dtype=dtype).tensor
+    expected = torch.stack([plain(x[0, :4]).mean(0), plain(x[1, :2]).mean(0)])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(out.tensor, expected, rtol=tol, atol=tol)
+
+
+def test_gradients_flow_into_inputs():
+    x = _x()
+    x.tensor.requires_grad_()
+    out = ll.compile(lambda v: ll.sum(v * v, axis=[B, T, F]), mode="train")(x)
+    out.tensor.backward()
+    expected = 2 * x.tensor.detach() * x.mask()
+    torch.testing.assert_close(x.tensor.grad, expected)
+
+
+def test_programs_do_not_share_tracing_state():
+    inner = ll.compile(lambda x: ll.exp(x), mode="eval")
+
+    def outer(x):
+        return ll.sum(x, axis=T)
+
+    prog = ll.compile(outer, mode="train")
+    a = inner(_x())
+    b = prog(_x())
+    assert a.tensor.shape == (2, 4, 3) and b.tensor.shape == (2, 3)
+    assert inner.traces[0].graph is not prog.traces[0].graph
+
+
+def test_constant_python_arguments_reach_the_model():
+    prog = ll.compile(lambda x, scale: x * scale, mode="eval")
+    torch.testing.assert_close(prog(_x(), 3.0).tensor, _x().tensor * 3.0)
+
+
+def test_demo_main_job_trains(capsys):
+    from looplift.recipes import demo
+
+    demo.main(["--steps", "30", "--batch", "8"])
+    text = capsys.readouterr().out
+    before, after = [float(v) for v in text.split("dev CTC loss per utterance: ")[1].split(" before")[0:1]
+                     + [text.split("before training, ")[1].split(" after")[0]]]
+    assert after < before
+    assert "checkpoint round trip" in text
