@@ -31,14 +31,23 @@ __all__ = ["Node", "Graph", "TraceContext", "current", "is_training", "is_search
            "user_source_line"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_RECIPES_DIR = os.path.join(_PACKAGE_DIR, "recipes") + os.sep
+# Frames of torch itself (``nn.Module.__call__`` between a user's call and a module) are skipped too.
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _is_internal(filename: str) -> bool:
+    if filename.startswith(_RECIPES_DIR):
+        return False
+    return filename.startswith(_PACKAGE_DIR) or filename.startswith(_TORCH_DIR)
 
 
 def user_source_line() -> str:
-    """``file:line`` of the innermost stack frame outside the looplift package."""
+    """``file:line`` of the innermost stack frame of user code (outside looplift and torch)."""
     frame = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not os.path.abspath(filename).startswith(_PACKAGE_DIR) or "/looplift/recipes/" in filename:
+        if not _is_internal(os.path.abspath(filename) if not filename.startswith("/") else filename):
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<looplift internal>"
