@@ -235,7 +235,8 @@ def _affine(base: Dim, op: str, k: int) -> Dim:
     else:
         dim = Dim(name, batch=base.canonical().batch)
     dim.origin = (op, (base, k))
-    dim._size_rule = fn
+    # The padded size never goes below 0 (as the lengths): `T - 2` of a batch padded to 1 frame is empty.
+    dim._size_rule = (lambda s: max(s + k, 0)) if op == "+" else fn
     if op == "+":
         dim._lengths_rule = lambda n: (n + k).clamp(min=0)
     elif op == "*":

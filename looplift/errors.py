@@ -34,7 +34,7 @@ class DTypeError(TraceError, TypeError):
 
 
 class ModeError(TraceError):
-    """A mode query or mode-dependent operation was used outside of tracing."""
+    """An unknown mode was asked for, or a mode query was used outside of tracing."""
 
 
 class InputError(LoopliftError, ValueError):

@@ -110,12 +110,13 @@ class TraceContext:
 _current: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar("looplift_trace", default=None)
 
 
-def current() -> TraceContext:
-    """The active trace; a clear error when called outside of tracing."""
+def current(what: str = "") -> TraceContext:
+    """The active trace; outside of tracing, an error naming `what` was attempted (e.g. the op and its dims)."""
     ctx = _current.get()
     if ctx is None:
+        what = f": {what}" if what else ""
         raise TraceError(
-            f"looplift ops run only while a program is traced ({user_source_line()}); "
+            f"looplift ops run only while a program is traced{what} (at {user_source_line()}); "
             "wrap the code in a function or Module and call looplift.compile(...)")
     return ctx
 

@@ -107,7 +107,8 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
     raw = module._parameters[name]
     if tuple(raw.shape) != tuple(d.size for d in dims):
         raise TraceError(f"the parameter {type(module).__name__}.{name} has shape {tuple(raw.shape)}, but its "
-                         f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)}")
+                         f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)} "
+                         f"(at {_graph.user_source_line()})")
     params = module._parameters
     node = graph.add("param", (), lambda env: params[name], [(dims, raw.dtype, None)],
                      attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}")

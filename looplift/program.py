@@ -26,7 +26,7 @@ import torch
 from . import graph as _graph
 from ._tree import flatten, unflatten
 from .dims import Dim
-from .errors import InputError, LoopliftError, TraceError
+from .errors import InputError, LoopliftError, ModeError, TraceError
 from .runtime.env import Env
 from .runtime.executor import Executor
 from .runtime.named import Named
@@ -110,7 +110,7 @@ class Program:
                 except TypeError:
                     raise InputError(f"argument {x!r} is neither a looplift.Named tensor nor hashable; "
                                      f"program arguments other than tensors must be constants "
-                                     f"(dims, numbers, strings)") from None
+                                     f"(dims, numbers, strings) (call at {_graph.user_source_line()})") from None
                 parts.append(("const", type(x), x))
         return (spec, tuple(parts), self._float_dtype())
 
@@ -172,9 +172,9 @@ class Program:
         for x in leaves:
             if isinstance(x, Spec):
                 raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
-        trace = self._trace(leaves, spec)
         named = [x for x in leaves if isinstance(x, Named)]
         env = _make_env(named, self._first_param, _graph.user_source_line())
+        trace = self._trace(leaves, spec)
         raws = [x.tensor for x in named]
         if reference:
             outs = run_reference(trace.graph, env, dict(zip(trace.inputs, raws)), trace.out_tensors)
@@ -192,10 +192,12 @@ def _no_kernel(env):
 def _check_dims(dims: tuple, what: str) -> None:
     for d in dims:
         if not isinstance(d, Dim):
-            raise InputError(f"{what}: dims must be looplift.Dim objects, got {d!r}")
+            raise InputError(f"{what}: dims must be looplift.Dim objects, got {d!r} "
+                             f"(call at {_graph.user_source_line()})")
     canon = [d.canonical() for d in dims]
     if len(set(canon)) != len(canon):
-        raise InputError(f"{what}: a dim is given twice in {[str(d) for d in dims]}")
+        raise InputError(f"{what}: a dim is given twice in {[str(d) for d in dims]} "
+                         f"(call at {_graph.user_source_line()})")
 
 
 def _make_env(named: list[Named], first_param, where: str) -> Env:
@@ -206,6 +208,7 @@ def _make_env(named: list[Named], first_param, where: str) -> Env:
     device = None
     for i, x in enumerate(named):
         what = f"input {i} ({{{', '.join(str(d) for d in x.dims)}}})"
+        _check_dims(x.dims, what)
         if not isinstance(x.tensor, torch.Tensor):
             raise InputError(f"{what}: expected a torch.Tensor, got {type(x.tensor).__name__} (call at {where})")
         if x.tensor.dim() != len(x.dims):
@@ -280,9 +283,10 @@ def compile(model: Callable, *, mode: str = "train") -> Program:  # noqa: A001
     interfere with each other.
     """
     if mode not in MODES:
-        raise LoopliftError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ModeError(f"mode must be one of {MODES}, got {mode!r} (at {_graph.user_source_line()})")
     if not callable(model):
-        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
+        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r} "
+                            f"(at {_graph.user_source_line()})")
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None

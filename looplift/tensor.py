@@ -63,12 +63,18 @@ class Tensor:
     def __bool__(self):
         raise TraceError(
             f"the truth value of a symbolic {self.describe()} is not known while tracing; "
-            "use looplift.where(...) for values, or looplift.Cond for control flow")
+            f"use looplift.where(...) for values, or looplift.Cond for control flow (at {_here()})")
 
     def __iter__(self):
         raise TraceError(f"a symbolic {self.describe()} cannot be iterated; "
-                         "ops name the dim they work on instead")
+                         f"ops name the dim they work on instead (at {_here()})")
 
     def __len__(self):
         raise TraceError(f"len() of a symbolic {self.describe()} is not defined; "
-                         "use looplift.length(dim) for the length of a dim")
+                         f"use looplift.length(dim) for the length of a dim (at {_here()})")
+
+
+def _here() -> str:
+    """The user's source line (imported late: the graph module imports this one)."""
+    from .graph import user_source_line
+    return user_source_line()

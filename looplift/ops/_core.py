@@ -42,8 +42,9 @@ def check_has(x: Tensor, dims: Iterable[Dim], op: str, what: str = "axis") -> No
             same_name = [e for e in x.dims if e.name == d.name]
             hint = (f"; it has a different dim also named {d.name!r}: dims are matched by identity, "
                     "use the same Dim object (or Dim.declare_same_as)") if same_name else ""
-            raise DimError(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint} "
-                           f"(at {_graph.user_source_line()})")
+            error = DimMismatchError if same_name else DimError
+            raise error(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint} "
+                        f"(at {_graph.user_source_line()})")
 
 
 def constant(value, dtype: torch.dtype | None = None) -> Tensor:
@@ -64,7 +65,7 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
 def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
     """A symbolic tensor from a Tensor, a Python number or a 0-d torch tensor."""
     if isinstance(value, Tensor):
-        ctx = _graph.current()
+        ctx = _graph.current(f"the {value.describe()}")
         if value.node is not None and value.node.graph is not ctx.graph and not _is_outer(value, ctx):
             raise TraceError(f"the {value.describe()} belongs to another traced program; "
                              f"values cannot be shared between programs (at {_graph.user_source_line()})")
@@ -97,7 +98,8 @@ def _is_outer(value: Tensor, ctx) -> bool:
 def emit(op: str, inputs: tuple[Tensor, ...], kernel: Callable, dims: Sequence[Dim], dtype: torch.dtype,
          *, sparse_dim: Dim | None = None, attrs: dict | None = None) -> Tensor:
     """Add a node with one output to the current graph and return that output."""
-    node = _graph.current().graph.add(op, inputs, kernel, [(tuple(dims), dtype, sparse_dim)], attrs)
+    node = _graph.current(f"{op} over {dims_str(dims)}").graph.add(op, inputs, kernel,
+                                                                   [(tuple(dims), dtype, sparse_dim)], attrs)
     return node.outputs[0]
 
 
@@ -105,7 +107,8 @@ def emit_many(op: str, inputs: tuple[Tensor, ...], kernel: Callable,
               outputs: Sequence[tuple[Sequence[Dim], torch.dtype, Dim | None]],
               *, attrs: dict | None = None) -> list[Tensor]:
     """Add a node with several outputs (the kernel returns a tuple)."""
-    node = _graph.current().graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs)
+    ctx = _graph.current(f"{op} into {', '.join(dims_str(d) for d, _, _ in outputs)}")
+    node = ctx.graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs)
     return node.outputs
 
 

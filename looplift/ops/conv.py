@@ -17,7 +17,7 @@ from .. import graph as _graph
 from ..dims import Dim
 from ..errors import DimError
 from ..tensor import Tensor
-from ._core import as_tensor, check_has, emit, masker, require_float
+from ._core import as_tensor, check_has, emit, expand_for_masks, masker, require_float
 
 __all__ = ["conv1d"]
 
@@ -35,6 +35,7 @@ def conv1d(x, filter, bias=None, *, axis: Dim, in_dim: Dim, out_dim: Dim, filter
     check_has(x, (axis, in_dim), "conv1d")
     check_has(filter, (out_dim, filter_dim), "conv1d", "filter dim")
     axis, in_dim, out_dim, filter_dim = (d.canonical() for d in (axis, in_dim, out_dim, filter_dim))
+    x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the padding to zero differs per batch entry
     if padding not in ("same", "valid"):
         raise DimError(f"conv1d: padding must be 'same' or 'valid', got {padding!r} (at {_graph.user_source_line()})")
     if filter_dim.size is None or in_dim.size is None:
@@ -66,7 +67,10 @@ def conv1d(x, filter, bias=None, *, axis: Dim, in_dim: Dim, out_dim: Dim, filter
         v = v.reshape(math.prod(bshape), v.shape[n], v.shape[n + 1])
         if left or right:
             v = F.pad(v, (left, right))
+        if v.shape[-1] < span + 1:  # shorter than the filter (a short sequence alone): no output frame
+            v = F.pad(v, (0, span + 1 - v.shape[-1]))
         y = F.conv1d(v, w.permute(f_perm), b, stride=stride, dilation=dilation, groups=groups)
+        y = y[..., :env.size(new)]
         return y.reshape(*bshape, *y.shape[1:])
 
     return emit("conv1d", inputs, kernel, batch + (out_dim, new), x.dtype,

@@ -81,7 +81,10 @@ def ctc_loss(logits, targets, *, input_axis: Dim, targets_axis: Dim, axis: Dim, 
         lp = zero_pad(env, lp).permute(lp_perm)
         bshape = lp.shape[1:1 + n]
         lp = lp.reshape(lp.shape[0], math.prod(bshape), lp.shape[-1])
-        tg = tg.permute(tg_perm).reshape(math.prod(bshape), -1)
+        if lp.shape[0] == 0:  # torch refuses empty log_probs (a length-0 sequence alone); the frame is unused
+            lp = F.pad(lp, (0, 0, 0, 0, 0, 1))
+        tg = tg.permute(tg_perm)
+        tg = tg.reshape(math.prod(bshape), tg.shape[-1])
         in_len = lengths(env, input_axis, bshape)
         tg_len = lengths(env, targets_axis, bshape)
         tg = tg.clamp(0, lp.shape[-1] - 1).long()

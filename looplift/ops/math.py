@@ -93,11 +93,14 @@ def maximum(a, b) -> Tensor:
 
 
 def _scalar_safe(fn: Callable) -> Callable:
+    # A Python number becomes a 0-d tensor of the dtype torch promotes the pair to (int tensor vs 2.5
+    # gives float), never truncated to the other operand's dtype.
     def apply(x, y):
         if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(x, dtype=y.dtype, device=y.device)
-        elif not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y, dtype=x.dtype, device=x.device)
+            x = torch.as_tensor(x, dtype=torch.result_type(y, x) if isinstance(y, torch.Tensor) else None,
+                                device=y.device if isinstance(y, torch.Tensor) else None)
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(y, dtype=torch.result_type(x, y), device=x.device)
         return fn(x, y)
     return apply
 

@@ -39,7 +39,8 @@ def _reduction(name: str, kind: str, torch_fn: Callable, *, float_only: bool = F
         if float_only:
             require_float(x, name)
         fill = masker(x.dims, masked, neutral(x.dtype, kind))
-        dtype = x.dtype if not (name == "sum" and x.dtype == torch.bool) else torch.int64
+        # torch.sum of bool or integers gives int64
+        dtype = torch.int64 if name == "sum" and not x.dtype.is_floating_point else x.dtype
         return emit(name, (x,), lambda env, v: torch_fn(fill(env, v), axes), out_dims, dtype,
                     attrs={"axis": [d.name for d in dims]})
     reduce.__name__ = name
@@ -49,8 +50,22 @@ def _reduction(name: str, kind: str, torch_fn: Callable, *, float_only: bool = F
 
 
 sum = _reduction("sum", "sum", lambda v, axes: v.sum(dim=axes))  # noqa: A001
-max = _reduction("max", "max", lambda v, axes: v.amax(dim=axes))  # noqa: A001
-min = _reduction("min", "min", lambda v, axes: v.amin(dim=axes))  # noqa: A001
+
+
+def _empty_safe(kind: str, fn: Callable) -> Callable:
+    """`fn`, but the neutral element where the reduced dims are empty (as for an all-padding sequence);
+    torch's amax/amin/argmax refuse empty dims (e.g. a length-0 sequence alone)."""
+    def apply(v, axes):
+        if any(v.shape[a] == 0 for a in axes):
+            shape = [s for i, s in enumerate(v.shape) if i not in axes]
+            value = 0 if kind == "argmax" else neutral(v.dtype, kind)
+            return torch.full(shape, value, dtype=torch.int64 if kind == "argmax" else v.dtype, device=v.device)
+        return fn(v, axes)
+    return apply
+
+
+max = _reduction("max", "max", _empty_safe("max", lambda v, axes: v.amax(dim=axes)))  # noqa: A001
+min = _reduction("min", "min", _empty_safe("min", lambda v, axes: v.amin(dim=axes)))  # noqa: A001
 logsumexp = _reduction("logsumexp", "max", lambda v, axes: torch.logsumexp(v, dim=axes), float_only=True)
 
 
@@ -80,8 +95,11 @@ def argmax(x, axis: Dim) -> Tensor:
     if x.dtype == torch.bool:
         raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()} (at {_graph.user_source_line()})")
     fill = masker(x.dims, masked, neutral(x.dtype, "max"))
-    return emit("argmax", (x,), lambda env, v: fill(env, v).argmax(dim=axes[0]), out_dims, torch.int64,
+    return emit("argmax", (x,), lambda env, v: _argmax(fill(env, v), axes), out_dims, torch.int64,
                 sparse_dim=dims[0], attrs={"axis": axis.name})
+
+
+_argmax = _empty_safe("argmax", lambda v, axes: v.argmax(dim=axes[0]))
 
 
 def _normalize(name: str, torch_fn: Callable) -> Callable:

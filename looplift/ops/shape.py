@@ -19,7 +19,8 @@ from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, masker
+from ._core import (as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, expand_for_masks,
+                    masker)
 
 __all__ = ["expand", "concat", "split", "slice", "pad", "split_dims", "merge_dims", "full", "zeros", "ones",
            "range_over_dim", "length", "replace_dim"]
@@ -153,7 +154,10 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
             index = index.expand(*cat.shape[:-1], out_len)
             return torch.gather(cat, pos, index)
 
-    return emit("concat", xs, kernel, out_dims, dtype, attrs={"axis": [d.name for d in axes], "out_dim": result.name})
+    # Labels stay labels (e.g. a BOS label prepended to a label sequence).
+    sparse = xs[0].sparse_dim if all(x.sparse_dim is xs[0].sparse_dim for x in xs) else None
+    return emit("concat", xs, kernel, out_dims, dtype, sparse_dim=sparse,
+                attrs={"axis": [d.name for d in axes], "out_dim": result.name})
 
 
 def _lengths_over(env, d: Dim, dims: Sequence[Dim]):
@@ -176,7 +180,7 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
         if axis.origin is None or axis.origin[0] != "concat":
             raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] (at {_here()})")
         parts = axis.origin[1]
-    parts = dim_list(parts, "parts")
+    parts = tuple(d.canonical() for d in parts)
     if not axis.is_static or not all(p.is_static for p in parts):
         raise DimError(f"split works along static dims only; {dims_str((axis, *parts))} (at {_here()})")
     if sum(p.size for p in parts) != axis.size:
@@ -184,7 +188,7 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
                        f"but {axis!r} has size {axis.size} (at {_here()})")
     pos = x.dims.index(axis)
     sizes = [p.size for p in parts]
-    outputs = [(tuple(p if d is axis else d for d in x.dims), x.dtype, None) for p in parts]
+    outputs = [(tuple(p if d is axis else d for d in x.dims), x.dtype, x.sparse_dim) for p in parts]
     return tuple(emit_many("split", (x,), lambda env, v: tuple(torch.split(v, sizes, dim=pos)), outputs,
                            attrs={"axis": axis.name, "parts": [p.name for p in parts]}))
 
@@ -286,6 +290,7 @@ def split_dims(x, axis: Dim, dims: Sequence[Dim | None]) -> Tensor:
     x = as_tensor(x)
     check_has(x, (axis,), "split_dims")
     axis = axis.canonical()
+    x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the zeros completing the last frame
     inner = [d.canonical() for d in dims[1:]]
     if not all(isinstance(d, Dim) and d.is_static for d in inner):
         raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} (at {_here()})")
@@ -324,9 +329,13 @@ def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
     x = as_tensor(x)
     dims = dim_list(dims, "dims")
     check_has(x, dims, "merge_dims")
+    x = expand_for_masks(x, dims[:1] if dims[0].is_dynamic else ())  # the padding to zero differs per batch entry
     if any(d.is_dynamic for d in dims[1:]):
         raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} (at {_here()})")
     result = out_dim.canonical() if out_dim is not None else math.prod(dims[1:], start=dims[0])
+    if all(d.is_static for d in dims) and result.size != math.prod(d.size for d in dims):
+        raise DimError(f"merge_dims: out_dim {result!r} does not have size {math.prod(d.size for d in dims)} "
+                       f"(at {_here()})")
     rest = tuple(d for d in x.dims if d not in dims)
     out_dims = rest + (result,)
     perm = tuple(x.dims.index(d) for d in rest + dims)
@@ -356,7 +365,7 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
         elif isinstance(value, int):
             dt = torch.int64
         else:
-            dt = _graph.current().float_dtype
+            dt = _graph.current(f"full over {dims_str(dims)}").float_dtype
     else:
         dt = to_dtype(dtype)
     if sparse_dim is not None and (dt.is_floating_point or dt == torch.bool):

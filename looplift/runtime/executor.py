@@ -14,7 +14,7 @@ from ..errors import LoopliftError
 from ..graph import Graph, Node
 from ..tensor import Tensor
 from .env import Env
-from .reference import node_error
+from .reference import is_placed, node_error
 
 __all__ = ["Executor"]
 
@@ -62,8 +62,10 @@ class Executor:
         for node, kernel, ins, out in self._steps:
             try:
                 result = kernel(env, *[values[i] for i in ins])
-            except LoopliftError:
-                raise
+            except LoopliftError as e:
+                if is_placed(e):
+                    raise
+                raise node_error(node, e) from e
             except Exception as e:
                 raise node_error(node, e) from e
             if isinstance(out, int):

@@ -54,6 +54,13 @@ class Named:
             if d in self.lengths:
                 n = self.lengths[d]
                 ldims = d.length_dims
+                # Lengths dims the tensor lacks (e.g. it was summed over the batch): a position
+                # is valid where it is valid for some entry along them.
+                absent = [j for j, ld in enumerate(ldims) if ld not in self.dims]
+                if absent:
+                    kept = [s for j, s in enumerate(n.shape) if j not in absent]
+                    n = n.amax(dim=absent) if n.numel() else n.new_zeros(kept)
+                    ldims = tuple(ld for ld in ldims if ld in self.dims)
                 shape = [1] * len(self.dims)
                 for ld, size in zip(ldims, n.shape):
                     shape[self.dims.index(ld)] = size

@@ -14,22 +14,32 @@ from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
 
-__all__ = ["run_reference", "run_node", "node_error"]
+__all__ = ["run_reference", "run_node", "node_error", "is_placed"]
 
 
 def node_error(node, e: Exception) -> ExecutionError:
     """A failure of a node's torch kernel as an error naming the node's source line and dims."""
     dims = "; ".join("{" + ", ".join(d.name for d in t.dims) + "}" for t in node.inputs)
-    return ExecutionError(f"{node.op} failed on inputs with dims {dims} (created at {node.source}): "
-                          f"{type(e).__name__}: {e}")
+    err = ExecutionError(f"{node.op} failed on inputs with dims {dims} (created at {node.source}): "
+                         f"{type(e).__name__}: {e}")
+    err.node = node
+    return err
+
+
+def is_placed(e: LoopliftError) -> bool:
+    """Whether `e` names its source line; only run-time errors of the env (a size or lengths not known
+    in this call) do not, and get the line of the node whose kernel asked."""
+    return not isinstance(e, ExecutionError) or getattr(e, "node", None) is not None
 
 
 def run_node(node, env: Env, args):
     """Run one node's kernel, turning a torch failure into an error naming the node's source line."""
     try:
         return node.kernel(env, *args)
-    except LoopliftError:
-        raise
+    except LoopliftError as e:
+        if is_placed(e):
+            raise
+        raise node_error(node, e) from e
     except Exception as e:  # a failure of the torch kernel: point at the user's line
         raise node_error(node, e) from e
 
