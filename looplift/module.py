@@ -22,7 +22,7 @@ import torch
 
 from . import graph as _graph
 from .dims import Dim
-from .errors import TraceError
+from .errors import DimError, TraceError
 from .tensor import Tensor
 
 __all__ = ["Module", "Parameter"]
@@ -45,7 +45,8 @@ def Parameter(dims: Sequence[Dim], *, init: Init = "fan_in_uniform", dtype: torc
     dims = tuple(dims)
     for d in dims:
         if not isinstance(d, Dim) or not d.is_static:
-            raise TypeError(f"Parameter dims must be static Dims, got {d!r}")
+            raise DimError(f"Parameter dims must be static Dims, got {d!r} among "
+                           f"{[str(x) for x in dims]} (at {_graph.user_source_line()})")
     data = torch.empty([d.size for d in dims], dtype=dtype or torch.get_default_dtype())
     with torch.no_grad():
         if isinstance(init, Real):

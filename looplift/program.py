@@ -89,14 +89,17 @@ class Program:
         self.mode = mode
         self.root = root
         self._traces: dict[Any, Trace] = {}
-        self._first_param: torch.nn.Parameter | None = None
-        if root is not None:
-            self._first_param = next((p for p in root.parameters() if p.is_floating_point()), None)
 
     # -- tracing -------------------------------------------------------------------------
 
     def _float_dtype(self) -> torch.dtype:
-        return self._first_param.dtype if self._first_param is not None else torch.get_default_dtype()
+        param = self._first_float_param()
+        return param.dtype if param is not None else torch.get_default_dtype()
+
+    def _first_float_param(self) -> torch.nn.Parameter | None:
+        if self.root is None:
+            return None
+        return next((p for p in self.root.parameters() if p.is_floating_point()), None)
 
     def _key(self, leaves: list, spec) -> Any:
         parts = []
@@ -173,7 +176,7 @@ class Program:
             if isinstance(x, Spec):
                 raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
         named = [x for x in leaves if isinstance(x, Named)]
-        env = _make_env(named, self._first_param, _graph.user_source_line())
+        env = _make_env(named, self._first_float_param(), _CALL_SITE)
         trace = self._trace(leaves, spec)
         raws = [x.tensor for x in named]
         if reference:
@@ -200,7 +203,19 @@ def _check_dims(dims: tuple, what: str) -> None:
                          f"(call at {_graph.user_source_line()})")
 
 
-def _make_env(named: list[Named], first_param, where: str) -> Env:
+class _CallSite:
+    """The caller's source line, looked up only when an error message is formatted."""
+
+    def __format__(self, spec: str) -> str:
+        return _graph.user_source_line()
+
+    __str__ = lambda self: format(self)  # noqa: E731
+
+
+_CALL_SITE = _CallSite()
+
+
+def _make_env(named: list[Named], first_param, where: _CallSite) -> Env:
     """Check the call's tensors against their dims and collect sizes and lengths."""
     sizes: dict[Dim, int] = {}
     seen_at: dict[Dim, str] = {}
@@ -246,7 +261,8 @@ def _make_env(named: list[Named], first_param, where: str) -> Env:
         if tuple(n.shape) != expect:
             raise InputError(f"the lengths of dim {d.name!r} have shape {tuple(n.shape)}, expected {expect} "
                              f"over {[str(ld) for ld in ldims]} (call at {where})")
-        if d in sizes and n.numel() and (int(n.max()) > sizes[d] or int(n.min()) < 0):
+        # The range check reads the values: done for lengths on the CPU, where it costs no device sync.
+        if d in sizes and n.numel() and n.device.type == "cpu" and (int(n.max()) > sizes[d] or int(n.min()) < 0):
             raise InputError(f"the lengths of dim {d.name!r} must lie in [0, {sizes[d]}] (its padded size), "
                              f"got values from {int(n.min())} to {int(n.max())} (call at {where})")
         lengths[d] = n.to(device=device, dtype=torch.int64)

@@ -496,3 +496,32 @@ def test_dim_no_input_has_fails_at_run_time_naming_the_line():
     with pytest.raises(ExecutionError) as info:
         run(model, feats())
     assert_error(info, ExecutionError, "unknown-size", "unseen")
+
+
+# -- more argument checks ----------------------------------------------------------------------
+
+def test_gather_with_an_index_over_the_gathered_dim():
+    def model(x):
+        index = ll.argmax(x, axis=F)              # over {batch, time}
+        return ll.gather(x, index=index, axis=T)  # <gather-index-has-axis>
+
+    with pytest.raises(DimError) as info:
+        run(model, feats())
+    assert_error(info, DimError, "gather-index-has-axis", "time")
+
+
+def test_parameter_over_a_dynamic_dim():
+    with pytest.raises(DimError) as info:
+        ll.Parameter((F, T))  # <param-dynamic>
+    assert_error(info, DimError, "param-dynamic", "time", "feat")
+
+
+def test_linear_with_input_and_weight_of_different_dtypes():
+    lin = ll.nn.Linear(F, H)  # float32 weights
+
+    def model(x):
+        return lin(x)  # <linear-dtype>
+
+    with pytest.raises(DTypeError) as info:
+        run(model, ll.Named(torch.randn(2, 5, 4, dtype=torch.float64), (B, T, F), {T: torch.tensor([5, 3])}))
+    assert_error(info, DTypeError, "linear-dtype", "feat", "hidden")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .. import graph as _graph
 from .._align import aligner
 from ..dims import Dim
-from ..errors import DTypeError
+from ..errors import DimError, DTypeError
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit, require_int
 
@@ -31,7 +31,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     require_int(index, "gather")
     axis = axis.canonical()
     if axis in index.dims:
-        raise DTypeError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
+        raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
                          f"(at {_graph.user_source_line()})")
     rest = tuple(d for d in x.dims if d is not axis)
     out_dims = broadcast_dims("gather", rest, index.dims)

@@ -82,6 +82,9 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
     if not x.dtype.is_floating_point:
         raise DTypeError(f"linear needs a floating-point input, got the {x.describe()} "
                          f"(at {_graph.user_source_line()})")
+    if weight.dtype != x.dtype:
+        raise DTypeError(f"linear: the input {x.describe()} and the weight {weight.describe()} differ in dtype; "
+                         f"cast one (model.to(dtype) or looplift.cast) (at {_graph.user_source_line()})")
     if in_dim.is_dynamic:
         raise DimError(f"linear: the in dim {in_dim!r} must be static (at {_graph.user_source_line()})")
     rest = tuple(d for d in x.dims if d is not in_dim)

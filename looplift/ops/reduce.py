@@ -119,8 +119,8 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
 
         return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name})
     normalize.__name__ = name
-    normalize.__doc__ = (f"``{name}`` over `axis`; padding positions get probability 0 and do not "
-                         "take part in the normalization.")
+    normalize.__doc__ = (f"``{name}`` over `axis`; padding positions do not take part in the "
+                         "normalization, and the result there is 0.")
     return normalize
 
 
