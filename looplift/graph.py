@@ -62,12 +62,14 @@ class Node:
 
     ``kernel(env, *raw_inputs)`` returns the raw torch output (or a tuple of
     them when the node has several outputs), with each output's storage order
-    equal to its symbolic tensor's ``dims``.
+    equal to its symbolic tensor's ``dims``. A node without a kernel is a
+    placeholder whose value is fed by whoever runs the graph (a program input,
+    a loop state).
     """
 
     op: str
     inputs: tuple[Tensor, ...]
-    kernel: Kernel
+    kernel: Kernel | None
     attrs: dict[str, Any] = field(default_factory=dict)
     outputs: list[Tensor] = field(default_factory=list)
     source: str = "<unknown>"
@@ -79,13 +81,43 @@ class Node:
 
 
 class Graph:
-    """An ordered list of nodes, with the program's inputs and parameters."""
+    """An ordered list of nodes, with the program's inputs and parameters.
 
-    def __init__(self) -> None:
+    A control-flow region (a loop body, a branch of a Cond) is a graph whose
+    ``parent`` is the graph around it; its nodes may use tensors of any
+    ancestor graph.
+    """
+
+    def __init__(self, parent: Graph | None = None) -> None:
+        self.parent = parent
         self.nodes: list[Node] = []
         self.inputs: list[Tensor] = []
         #: (module, attribute name) -> the parameter's symbolic tensor.
-        self.params: dict[tuple[int, str], Tensor] = {}
+        self.params: dict[tuple[int, str], Tensor] = parent.params if parent is not None else {}
+        #: What the runtime prepared for this graph (executors), kept across calls.
+        self.prepared: dict = {}
+
+    def encloses(self, other: Graph) -> bool:
+        """Whether `other` is this graph or one of its ancestors (so its tensors are visible here)."""
+        g = self
+        while g is not None:
+            if g is other:
+                return True
+            g = g.parent
+        return False
+
+    def captured(self) -> list[Tensor]:
+        """Tensors of enclosing graphs that the nodes of this graph (and of regions inside it) use."""
+        seen: dict[int, Tensor] = {}
+        for node in self.nodes:
+            for t in node.inputs:
+                if t.node is not None and not t.node.graph.is_inside(self):
+                    seen.setdefault(id(t), t)
+        return list(seen.values())
+
+    def is_inside(self, region: Graph) -> bool:
+        """Whether this graph is `region` or nested in it."""
+        return self is region or (self.parent is not None and self.parent.is_inside(region))
 
     def add(self, op: str, inputs: tuple[Tensor, ...], kernel: Kernel,
             outputs: list[tuple[tuple, torch.dtype, Any]], attrs: dict[str, Any] | None = None,
@@ -97,14 +129,53 @@ class Graph:
         return node
 
 
+class Retrace(BaseException):
+    """Raised by a loop that found its states need more dims than their initial values have.
+
+    The program catches it and traces again; the loop then gives its state
+    placeholders those dims from the start. (A BaseException, so that user
+    code catching ``Exception`` does not swallow it.)
+    """
+
+
 class TraceContext:
     """Everything that exists while one program is traced."""
 
-    def __init__(self, mode: str, graph: Graph, float_dtype: torch.dtype | None = None):
+    def __init__(self, mode: str, graph: Graph, float_dtype: torch.dtype | None = None,
+                 loop_hints: dict | None = None):
         self.mode = mode
         self.graph = graph
         #: The dtype of new floating-point values (that of the model's parameters).
         self.float_dtype = float_dtype or torch.get_default_dtype()
+        #: The loops whose bodies are being traced, outermost first.
+        self.loops: list = []
+        #: Per loop (by creation order in the trace): dims its states need beyond their initial values',
+        #: learnt by an earlier attempt of the same trace.
+        self.loop_hints: dict = loop_hints if loop_hints is not None else {}
+        self._loop_count = 0
+
+    def next_loop_ordinal(self) -> int:
+        self._loop_count += 1
+        return self._loop_count - 1
+
+    @property
+    def stepped_dims(self) -> tuple:
+        """The dims the active loops step over: inside a body, these are not dims of any value."""
+        return tuple(loop.axis for loop in self.loops)
+
+
+def length_dims(dim) -> tuple:
+    """The dims the lengths of `dim` run over, as seen in the region being traced.
+
+    Inside a loop over `T`, a dim whose lengths vary along `T` has, per step,
+    lengths over the remaining dims only.
+    """
+    ctx = _current.get()
+    dims = dim.length_dims
+    if ctx is None or not ctx.loops:
+        return dims
+    stepped = ctx.stepped_dims
+    return tuple(d for d in dims if d not in stepped)
 
 
 _current: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar("looplift_trace", default=None)

@@ -36,6 +36,7 @@ from .tensor import Tensor
 __all__ = ["compile", "Program", "Spec", "Trace"]
 
 MODES = ("train", "eval", "search")
+_MAX_TRACE_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,26 @@ class Program:
         if trace is not None:
             return trace
         start = time.perf_counter()
+        hints: dict = {}
+        for _ in range(_MAX_TRACE_ATTEMPTS):
+            try:
+                graph, inputs, result = self._trace_once(leaves, spec, hints)
+                break
+            except _graph.Retrace:
+                continue  # a loop learnt which dims its states need: trace again with that knowledge
+        else:
+            raise TraceError(f"the dims of the loop states did not settle after {_MAX_TRACE_ATTEMPTS} traces")
+        out_leaves, out_spec = flatten(result, lambda v: isinstance(v, Tensor))
+        for v in out_leaves:
+            if isinstance(v, Tensor) and v.node.graph is not graph:
+                raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
+        trace = Trace(graph, inputs, out_spec, out_leaves, time.perf_counter() - start)
+        self._traces[key] = trace
+        return trace
+
+    def _trace_once(self, leaves: list, spec, hints: dict):
         graph = _graph.Graph()
-        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype())
+        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype(), loop_hints=hints)
         token = _graph.enter(ctx)
         try:
             symbolic, inputs = [], []
@@ -137,7 +156,7 @@ class Program:
                 if _is_input(x):
                     s = _spec_of(x)
                     _check_dims(s.dims, f"input {i}")
-                    node = graph.add("input", (), _no_kernel, [(s.dims, s.dtype, s.sparse_dim)],
+                    node = graph.add("input", (), None, [(s.dims, s.dtype, s.sparse_dim)],
                                      attrs={"index": i}, source=f"<program input {i}>")
                     inputs.append(node.outputs[0])
                     symbolic.append(node.outputs[0])
@@ -147,13 +166,7 @@ class Program:
             result = self.fn(*args, **kwargs)
         finally:
             _graph.leave(token)
-        out_leaves, out_spec = flatten(result, lambda v: isinstance(v, Tensor))
-        for v in out_leaves:
-            if isinstance(v, Tensor) and v.node.graph is not graph:
-                raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
-        trace = Trace(graph, inputs, out_spec, out_leaves, time.perf_counter() - start)
-        self._traces[key] = trace
-        return trace
+        return graph, inputs, result
 
     @property
     def traces(self) -> list[Trace]:
@@ -177,6 +190,7 @@ class Program:
                 raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
         named = [x for x in leaves if isinstance(x, Named)]
         env = _make_env(named, self._first_float_param(), _CALL_SITE)
+        env.reference = reference
         trace = self._trace(leaves, spec)
         raws = [x.tensor for x in named]
         if reference:
@@ -186,10 +200,6 @@ class Program:
         it = iter(outs)
         results = [_to_named(v, next(it), env) if isinstance(v, Tensor) else v for v in trace.out_leaves]
         return unflatten(trace.out_spec, results)
-
-
-def _no_kernel(env):
-    raise AssertionError("input nodes are fed by the caller")
 
 
 def _check_dims(dims: tuple, what: str) -> None:

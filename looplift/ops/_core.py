@@ -65,10 +65,10 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
 def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
     """A symbolic tensor from a Tensor, a Python number or a 0-d torch tensor."""
     if isinstance(value, Tensor):
-        ctx = _graph.current(f"the {value.describe()}")
-        if value.node is not None and value.node.graph is not ctx.graph and not _is_outer(value, ctx):
-            raise TraceError(f"the {value.describe()} belongs to another traced program; "
-                             f"values cannot be shared between programs (at {_graph.user_source_line()})")
+        ctx = _graph.current(value.describe())
+        graph = value.node.graph if value.node is not None else None
+        if graph is None or not ctx.graph.encloses(graph):
+            raise TraceError(_foreign_value_message(value, graph, ctx.graph))
         return value
     if isinstance(value, (bool, numbers.Number)) and not isinstance(value, complex):
         return constant(value, dtype)
@@ -86,13 +86,21 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
                      f"(at {_graph.user_source_line()})")
 
 
-def _is_outer(value: Tensor, ctx) -> bool:
-    g = ctx.graph
-    while g is not None:
-        if value.node.graph is g:
-            return True
-        g = getattr(g, "parent", None)
-    return False
+def _foreign_value_message(value: Tensor, graph, here) -> str:
+    at = _graph.user_source_line()
+    if graph is None:
+        return (f"the {value.describe()} is the result of loop.stack(...), which exists only after the loop; "
+                f"inside the loop use the value itself (at {at})")
+    if graph.is_inside(_root(here)) and not here.encloses(graph):
+        return (f"the {value.describe()} was computed inside a loop or Cond and is used outside of it; "
+                f"get it out with loop.stack(...), loop.last(...), a loop state or the Cond result (at {at})")
+    return f"the {value.describe()} belongs to another traced program; values cannot be shared between programs (at {at})"
+
+
+def _root(graph):
+    while graph.parent is not None:
+        graph = graph.parent
+    return graph
 
 
 def emit(op: str, inputs: tuple[Tensor, ...], kernel: Callable, dims: Sequence[Dim], dtype: torch.dtype,
@@ -176,14 +184,14 @@ def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
     vary along a reduced dim (summing over the batch mixes entries of different length).
     """
     reduced = set(reduced)
-    return tuple(d for d in x.dims if d.is_dynamic and (d in reduced or reduced.intersection(d.length_dims)))
+    return tuple(d for d in x.dims if d.is_dynamic and (d in reduced or reduced.intersection(_graph.length_dims(d))))
 
 
 def expand_for_masks(x: Tensor, masked: Iterable[Dim]) -> Tensor:
     """Broadcast `x` to the dims its masks need (the lengths dims of the masked dims)."""
     missing: list[Dim] = []
     for d in masked:
-        for ld in d.length_dims:
+        for ld in _graph.length_dims(d):
             if ld not in x.dims and ld not in missing:
                 missing.append(ld)
     if not missing:

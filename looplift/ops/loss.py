@@ -75,7 +75,7 @@ def ctc_loss(logits, targets, *, input_axis: Dim, targets_axis: Dim, axis: Dim, 
     def lengths(env, d: Dim, shape):
         if d.is_static:
             return torch.full(shape, d.size, dtype=torch.long, device=env.device).reshape(-1)
-        return aligner(d.length_dims, batch)(env.lengths(d)).expand(shape).reshape(-1)
+        return aligner(env.length_dims(d), batch)(env.lengths(d)).expand(shape).reshape(-1)
 
     def kernel(env, lp, tg):
         lp = zero_pad(env, lp).permute(lp_perm)

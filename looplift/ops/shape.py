@@ -128,7 +128,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     else:
         length_dims: list[Dim] = []
         for d in dynamic:
-            length_dims += [e for e in d.length_dims if e not in length_dims]
+            length_dims += [e for e in _graph.length_dims(d) if e not in length_dims]
         missing = [e for e in length_dims if e not in common]
         if missing:
             raise DimError(f"concat along dynamic dims needs the dims their lengths run over "
@@ -163,7 +163,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
 def _lengths_over(env, d: Dim, dims: Sequence[Dim]):
     """Lengths of `d` (or its size, for a static dim) as a raw tensor over `dims`."""
     if d.is_dynamic:
-        return aligner(d.length_dims, dims)(env.lengths(d))
+        return aligner(env.length_dims(d), dims)(env.lengths(d))
     return torch.full([1] * len(dims), env.size(d), dtype=torch.int64, device=env.device)
 
 
@@ -265,9 +265,9 @@ def pad(x, axis: Dim, left: int = 0, right: int = 0, value: float = 0.0) -> Tens
     if not axis.is_dynamic or right == 0:
         return emit("pad", (x,), lambda env, v: padded(v), dims, x.dtype, sparse_dim=x.sparse_dim,
                     attrs={"axis": axis.name, "left": left, "right": right})
-    for ld in axis.length_dims:
+    for ld in _graph.length_dims(axis):
         check_has(x, (ld,), "pad", "lengths dim")
-    len_al = aligner(axis.length_dims, tuple(d for d in dims if d is not new))
+    len_al = aligner(_graph.length_dims(axis), tuple(d for d in dims if d is not new))
 
     def kernel(env, v):
         out = padded(v)
@@ -405,7 +405,7 @@ def length(axis: Dim) -> Tensor:
     if not axis.is_dynamic:
         return emit("length", (), lambda env: torch.tensor(env.size(axis), device=env.device), (), torch.int64,
                     attrs={"axis": axis.name})
-    ldims = axis.length_dims
+    ldims = _graph.length_dims(axis)
 
     def kernel(env):
         n = env.lengths(axis)

@@ -4,6 +4,10 @@ Kernels ask it for the padded size of a dim, the lengths of a dynamic dim and
 sequence masks. Sizes and lengths of input dims come from the call's tensors;
 those of derived dims are computed from their operands on first use and kept
 for the rest of the call.
+
+Inside a loop body the environment is a child of the one around the loop that
+knows the current step of each loop: a dim whose lengths vary along the loop's
+dim has, in the body, the lengths of the current step.
 """
 
 from __future__ import annotations
@@ -20,15 +24,36 @@ __all__ = ["Env"]
 
 
 class Env:
-    """Sizes, lengths and masks for one program call."""
+    """Sizes, lengths and masks for one program call (or one step of a loop in it)."""
 
-    __slots__ = ("device", "sizes", "lengths_of", "_masks")
+    __slots__ = ("device", "sizes", "lengths_of", "_masks", "parent", "steps", "reference")
 
-    def __init__(self, device: torch.device, sizes: dict[Dim, int], lengths: dict[Dim, torch.Tensor]):
+    def __init__(self, device: torch.device, sizes: dict[Dim, int], lengths: dict[Dim, torch.Tensor], *,
+                 reference: bool = False, parent: Env | None = None, steps: dict[Dim, int] | None = None):
         self.device = device
         self.sizes = sizes
         self.lengths_of = lengths
         self._masks: dict = {}
+        self.parent = parent
+        #: Current step of each enclosing loop, by the loop's dim.
+        self.steps: dict[Dim, int] = steps or {}
+        #: Run regions with the reference interpreter (else with prepared executors).
+        self.reference = reference
+
+    def child(self, steps: dict[Dim, int]) -> Env:
+        """The environment of one loop step inside this one."""
+        return Env(self.device, {}, {}, reference=self.reference, parent=self, steps={**self.steps, **steps})
+
+    def step(self, dim: Dim) -> int:
+        """The current step of the loop over `dim`."""
+        return self.steps[dim]
+
+    def length_dims(self, dim: Dim) -> tuple[Dim, ...]:
+        """The dims the lengths of `dim` run over here (those stepped by enclosing loops removed)."""
+        dims = dim.length_dims
+        if not self.steps:
+            return dims
+        return tuple(d for d in dims if d not in self.steps)
 
     def size(self, dim: Dim) -> int:
         """The padded size of `dim` in this call."""
@@ -36,26 +61,45 @@ class Env:
             return dim._size
         size = self.sizes.get(dim)
         if size is None:
-            if dim.origin is None:
+            if self.parent is not None and self.parent.knows(dim):
+                size = self.parent.size(dim)
+            elif dim.origin is None:
                 raise ExecutionError(f"the size of {dim!r} is not known in this call: no input has it")
-            size = dim.derive_size([self.size(d) for d in dim.operands])
+            else:
+                size = dim.derive_size([self.size(d) for d in dim.operands])
             self.sizes[dim] = size
         return size
 
+    def knows(self, dim: Dim) -> bool:
+        """Whether the size of `dim` was given to this environment or an enclosing one."""
+        return dim in self.sizes or (self.parent is not None and self.parent.knows(dim))
+
     def lengths(self, dim: Dim) -> torch.Tensor:
-        """The lengths of the dynamic `dim`, a raw int64 tensor over ``dim.length_dims``."""
+        """The lengths of the dynamic `dim`, a raw int64 tensor over ``self.length_dims(dim)``."""
         n = self.lengths_of.get(dim)
         if n is None:
-            if dim.origin is None:
+            if self.parent is not None and self.parent.knows_lengths(dim):
+                n = self.parent.lengths(dim)
+                outer = self.parent.length_dims(dim)
+                kept = list(outer)
+                for d, t in self.steps.items():
+                    if d in kept and d not in self.parent.steps:
+                        n = n.select(kept.index(d), t)
+                        kept.remove(d)
+            elif dim.origin is None:
                 raise ExecutionError(f"the lengths of {dim!r} are not known in this call")
-            ldims = dim.length_dims
-            parts = [aligner(d.length_dims, ldims)(self.lengths(d)) if d.is_dynamic else self.size(d)
-                     for d in dim.operands]
-            n = dim.derive_lengths(parts)
-            if not isinstance(n, torch.Tensor):
-                n = torch.tensor(n, device=self.device)
+            else:
+                ldims = self.length_dims(dim)
+                parts = [aligner(self.length_dims(d), ldims)(self.lengths(d)) if d.is_dynamic else self.size(d)
+                         for d in dim.operands]
+                n = dim.derive_lengths(parts)
+                if not isinstance(n, torch.Tensor):
+                    n = torch.tensor(n, device=self.device)
             self.lengths_of[dim] = n
         return n
+
+    def knows_lengths(self, dim: Dim) -> bool:
+        return dim in self.lengths_of or (self.parent is not None and self.parent.knows_lengths(dim))
 
     def mask(self, dims: Sequence[Dim], layout: Sequence[Dim]) -> torch.Tensor:
         """True at the valid positions of all dynamic `dims`, as a bool tensor
@@ -63,13 +107,24 @@ class Env:
         key = (tuple(dims), tuple(layout))
         m = self._masks.get(key)
         if m is None:
-            m = None
             for d in dims:
                 pos = layout.index(d)
                 shape = [1] * len(layout)
                 shape[pos] = self.size(d)
                 steps = torch.arange(shape[pos], device=self.device).view(shape)
-                one = steps < aligner(d.length_dims, layout)(self.lengths(d))
+                one = steps < aligner(self.length_dims(d), layout)(self.lengths(d))
                 m = one if m is None else m & one
             self._masks[key] = m
         return m
+
+    def run(self, graph, inputs: Sequence, raws: Sequence, outputs: Sequence) -> list:
+        """Run a region (a loop body, a branch): `inputs` are its fed tensors with values `raws`."""
+        if self.reference:
+            from .reference import run_reference
+            return run_reference(graph, self, dict(zip(inputs, raws)), outputs)
+        key = ("executor", tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
+        runner = graph.prepared.get(key)
+        if runner is None:
+            from .executor import Executor
+            runner = graph.prepared[key] = Executor(graph, inputs, outputs)
+        return runner(self, raws)

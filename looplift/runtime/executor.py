@@ -41,7 +41,7 @@ class Executor:
             slot[id(t)] = len(slot)
         self._steps = []
         for node in live_nodes(graph, outputs):
-            if node.op == "input":
+            if node.kernel is None:
                 continue
             ins = tuple(slot[id(t)] for t in node.inputs)
             outs = []

@@ -48,7 +48,7 @@ def run_reference(graph: Graph, env: Env, inputs: dict[Tensor, object], outputs:
     """Run every node of `graph` in order and return the raw values of `outputs`."""
     values: dict[int, object] = {id(t): v for t, v in inputs.items()}
     for node in graph.nodes:
-        if node.op == "input":
+        if node.kernel is None:
             continue
         result = run_node(node, env, [values[id(t)] for t in node.inputs])
         if len(node.outputs) == 1:
