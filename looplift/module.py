@@ -111,7 +111,12 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
                          f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)} "
                          f"(at {_graph.user_source_line()})")
     params = module._parameters
-    node = graph.add("param", (), lambda env: params[name], [(dims, raw.dtype, None)],
-                     attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}")
+    # Parameters live in the program's top graph (first, as they need nothing), even when first used in a loop.
+    root = graph
+    while root.parent is not None:
+        root = root.parent
+    node = root.add("param", (), lambda env: params[name], [(dims, raw.dtype, None)],
+                    attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}")
+    root.nodes.insert(0, root.nodes.pop())
     tensor = graph.params[key] = node.outputs[0]
     return tensor

@@ -93,9 +93,15 @@ class Program:
 
     # -- tracing -------------------------------------------------------------------------
 
-    def _float_dtype(self) -> torch.dtype:
+    def _float_dtype(self, leaves: list) -> torch.dtype:
+        """The dtype of new float values: the model's parameters', else the first float input's."""
         param = self._first_float_param()
-        return param.dtype if param is not None else torch.get_default_dtype()
+        if param is not None:
+            return param.dtype
+        for x in leaves:
+            if _is_input(x) and _spec_of(x).dtype.is_floating_point:
+                return _spec_of(x).dtype
+        return torch.get_default_dtype()
 
     def _first_float_param(self) -> torch.nn.Parameter | None:
         if self.root is None:
@@ -116,7 +122,7 @@ class Program:
                                      f"program arguments other than tensors must be constants "
                                      f"(dims, numbers, strings) (call at {_graph.user_source_line()})") from None
                 parts.append(("const", type(x), x))
-        return (spec, tuple(parts), self._float_dtype())
+        return (spec, tuple(parts), self._float_dtype(leaves))
 
     def trace(self, *args, **kwargs) -> Trace:
         """Trace (or fetch the cached trace) for these arguments, without running it."""
@@ -148,7 +154,7 @@ class Program:
 
     def _trace_once(self, leaves: list, spec, hints: dict):
         graph = _graph.Graph()
-        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype(), loop_hints=hints)
+        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype(leaves), loop_hints=hints)
         token = _graph.enter(ctx)
         try:
             symbolic, inputs = [], []

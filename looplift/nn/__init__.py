@@ -6,5 +6,6 @@ from .embedding import Embedding
 from .feed_forward import FeedForward
 from .linear import Linear
 from .norm import LayerNorm
+from .rnn import GRU, LSTM, LstmState
 
-__all__ = ["Conv1d", "Dropout", "Embedding", "FeedForward", "Linear", "LayerNorm"]
+__all__ = ["Conv1d", "Dropout", "Embedding", "FeedForward", "Linear", "LayerNorm", "LSTM", "GRU", "LstmState"]

@@ -54,7 +54,7 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
     elif isinstance(value, numbers.Integral):
         dt = torch.int64
     elif isinstance(value, numbers.Real):
-        dt = torch.get_default_dtype()
+        dt = _graph.current().float_dtype
     else:
         raise DTypeError(f"cannot use {value!r} as a looplift value (at {_graph.user_source_line()})")
     dt = dtype or dt

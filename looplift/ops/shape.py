@@ -43,15 +43,31 @@ def expand(x, dims: Sequence[Dim]) -> Tensor:
     out_dims = x.dims + new
     al = aligner(x.dims, out_dims)
     n = len(x.dims)
+    dtype = x.dtype
 
     def kernel(env, v):
         if not isinstance(v, torch.Tensor):
-            v = torch.as_tensor(v, device=env.device)
+            v = torch.as_tensor(v, dtype=dtype, device=env.device)
         v = al(v)
         return v.expand(*v.shape[:n], *_sizes(env, new))
 
     return emit("expand", (x,), kernel, out_dims, x.dtype, sparse_dim=x.sparse_dim,
                 attrs={"dims": [d.name for d in new]})
+
+
+def to_layout(x, dims: Sequence[Dim]) -> Tensor:
+    """`x` broadcast to `dims` (a superset of its dims) and stored in exactly that order.
+
+    For values whose storage order matters: loop states, whose raw value must
+    have the same layout at every step.
+    """
+    x = expand(x, [d for d in dims if d not in x.dims])
+    dims = tuple(d.canonical() for d in dims)
+    if x.dims == dims:
+        return x
+    perm = tuple(x.dims.index(d) for d in dims)
+    return emit("transpose", (x,), lambda env, v: v.permute(perm), dims, x.dtype, sparse_dim=x.sparse_dim,
+                attrs={"dims": [d.name for d in dims]})
 
 
 def replace_dim(x, axis: Dim, new: Dim) -> Tensor:

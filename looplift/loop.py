@@ -1,0 +1,559 @@
+"""``Loop``: a loop over a dim with explicit state, written as Python code.
+
+::
+
+    loop = looplift.Loop(axis=time)
+    loop.state.h = looplift.zeros([hidden])
+    with loop:
+        x_t = loop.unstack(x)                          # frame t of x
+        loop.state.h = looplift.tanh(lin(looplift.concat(x_t, loop.state.h)))
+        y = loop.stack(loop.state.h)                   # y gets the dim `time`
+    h_last = loop.state.h                              # each entry's final state
+
+Semantics: those of a Python ``while`` loop running the body once per step,
+for each batch entry independently. A state reads like a Python variable:
+inside the body, a read gives the value from the previous step (or the initial
+one) until the body assigns it; the last assignment of a step is the value for
+the next. An entry whose sequence has ended keeps its state frozen while
+others go on.
+
+Why state is explicit (``loop.state.NAME``) rather than hidden in modules:
+the loop optimizer and the search must see every value that flows from one
+step to the next; a hidden state would make "what depends on the previous
+step" unknowable. Why a ``with`` block rather than a step function: the body
+reads as the literal per-step code, with access to everything around it.
+
+The body is traced once. The dims of a state are those of its initial value
+plus the dims along which entries end at different steps (the batch); a state
+whose new value gains further dims (say the batch, from an encoder output)
+makes the program trace again with the state given those dims from the start,
+so ``looplift.zeros([feature])`` is a fine initial value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import graph as _graph
+from ._align import aligner
+from ._tree import flatten, unflatten
+from .dims import Dim
+from .errors import DimError, DTypeError, ExecutionError, TraceError
+from .ops._core import as_tensor, dims_str
+from .ops.math import cast, logical_and
+from .ops.shape import expand, to_layout
+from .tensor import Tensor
+
+__all__ = ["Loop", "LoopState"]
+
+
+def _is_tensor(v) -> bool:
+    return isinstance(v, Tensor)
+
+
+class LoopState:
+    """``loop.state``: attribute access to the loop's state variables."""
+
+    def __init__(self, loop: Loop):
+        object.__setattr__(self, "_loop", loop)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._loop._read_state(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self._loop._write_state(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise TraceError(f"a loop state cannot be deleted ({name!r}, at {_graph.user_source_line()})")
+
+
+class _Slot:
+    """One state variable: its initial value, placeholders, current value inside the body, final value."""
+
+    def __init__(self, name: str, value, source: str):
+        self.name = name
+        self.source = source
+        leaves, self.spec = flatten(value, _is_tensor)
+        self.initial = [as_tensor(v) if isinstance(v, (Tensor, int, float, bool)) else v for v in leaves]
+        self.tensor_leaves = [i for i, v in enumerate(self.initial) if isinstance(v, Tensor)]
+        self.placeholders: list[Tensor] = []
+        self.current = None
+        self.final = None
+
+    def tree(self, leaves: list):
+        return unflatten(self.spec, leaves)
+
+
+class Loop:
+    """A loop over the dim `axis` (its length per batch entry), or until :meth:`end`.
+
+    Args:
+        axis: the dim to loop over: :meth:`unstack` takes its frames, and
+            :meth:`stack` gives values this dim. Any dim works (time, a static
+            dim, words of a sentence).
+        max_seq_len: for loops that end by :meth:`end`: an upper bound on the
+            steps (an int, or a tensor over batch dims: per entry). Running past
+            it raises an error naming the loop's line; it never hangs.
+        name: the name of the dim a loop without `axis` creates (``loop.axis``).
+    """
+
+    def __init__(self, axis: Dim | None = None, *, max_seq_len: int | Tensor | None = None, name: str = "loop"):
+        ctx = _graph.current("Loop")
+        self._ctx = ctx
+        self.source = _graph.user_source_line()
+        if axis is None and max_seq_len is None:
+            raise TraceError(f"a Loop needs an axis to loop over or a max_seq_len (with loop.end(...)) "
+                             f"(at {self.source})")
+        if axis is not None and not isinstance(axis, Dim):
+            raise DimError(f"Loop(axis=...) takes a Dim, got {axis!r} (at {self.source})")
+        self._ordinal = ctx.next_loop_ordinal()
+        self._hints: dict = ctx.loop_hints.setdefault(self._ordinal, {})
+        self._own_dim = axis is None
+        #: The dim the loop steps over: `axis`, or a new dynamic dim whose lengths are set by :meth:`end`.
+        self.axis: Dim = axis.canonical() if axis is not None else Dim(name)
+        if isinstance(max_seq_len, (Tensor, int)) and not isinstance(max_seq_len, bool):
+            self._max_len = max_seq_len if isinstance(max_seq_len, int) else as_tensor(max_seq_len)
+        elif max_seq_len is None:
+            self._max_len = None
+        else:
+            raise TraceError(f"max_seq_len must be an int or a looplift tensor, got {max_seq_len!r} "
+                             f"(at {self.source})")
+        if isinstance(self._max_len, Tensor) and self._max_len.dtype.is_floating_point:
+            raise DTypeError(f"max_seq_len must be an integer, got the {self._max_len.describe()} (at {self.source})")
+        self._parent = ctx.graph
+        self.body = _graph.Graph(parent=ctx.graph)
+        self._slots: dict[str, _Slot] = {}
+        self._phase = "before"
+        self._stacks: list[tuple[Tensor, Tensor]] = []
+        self._lasts: list[tuple[Tensor, Tensor]] = []
+        self._end: tuple[Tensor, bool] | None = None
+        self._index: Tensor | None = None
+        self._node = None
+        self.state = LoopState(self)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _read_state(self, name: str):
+        slot = self._slots.get(name)
+        if slot is None:
+            raise TraceError(f"loop state {name!r} was never initialised; set loop.state.{name} = ... before "
+                             f"the loop (loop at {self.source}, read at {_graph.user_source_line()})")
+        if self._phase == "before":
+            return slot.tree(slot.initial)
+        if self._phase == "inside":
+            return slot.tree(slot.current)
+        return slot.final
+
+    def _write_state(self, name: str, value) -> None:
+        here = _graph.user_source_line()
+        if self._phase == "before":
+            self._slots[name] = _Slot(name, value, here)
+            return
+        if self._phase == "after":
+            raise TraceError(f"loop state {name!r} assigned after the loop ended (loop at {self.source}, "
+                             f"at {here})")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise TraceError(f"loop state {name!r} has no initial value; set loop.state.{name} = ... before "
+                             f"the loop (loop at {self.source}, assigned at {here})")
+        leaves, spec = flatten(value, _is_tensor)
+        if spec != slot.spec:
+            raise TraceError(f"loop state {name!r} is assigned a value of another structure than its initial "
+                             f"value (initial at {slot.source}, assigned at {here})")
+        current = list(slot.current)
+        for i in slot.tensor_leaves:
+            current[i] = as_tensor(leaves[i])
+        slot.current = current
+
+    # -- entering --------------------------------------------------------------------------------
+
+    def _batch_dims(self) -> list[Dim]:
+        """Dims every state gets: those along which entries may end at different steps."""
+        dims: list[Dim] = []
+        if self.axis.is_dynamic and not self._own_dim:
+            dims += _graph.length_dims(self.axis)
+        if isinstance(self._max_len, Tensor):
+            dims += self._max_len.dims
+        dims += self._hints.get("batch", [])
+        out: list[Dim] = []
+        for d in dims:
+            if d not in out:
+                out.append(d)
+        return out
+
+    def __enter__(self) -> Loop:
+        if self._phase != "before":
+            raise TraceError(f"a Loop is entered once (loop at {self.source})")
+        batch = self._batch_dims()
+        for slot in self._slots.values():
+            for i in slot.tensor_leaves:
+                init = slot.initial[i]
+                extra = [d for d in batch + self._hints.get(("state", slot.name, i), []) if d not in init.dims]
+                if extra:
+                    init = slot.initial[i] = expand(init, extra)
+        self._ctx.loops.append(self)
+        self._ctx.graph = self.body
+        for slot in self._slots.values():
+            slot.placeholders = [None] * len(slot.initial)
+            for i in slot.tensor_leaves:
+                init = slot.initial[i]
+                node = self.body.add("state", (), None, [(init.dims, init.dtype, init.sparse_dim)],
+                                     attrs={"state": slot.name, "leaf": i}, source=slot.source)
+                slot.placeholders[i] = node.outputs[0]
+            slot.current = [p if p is not None else v for p, v in zip(slot.placeholders, slot.initial)]
+        self._phase = "inside"
+        return self
+
+    # -- inside ------------------------------------------------------------------------------------
+
+    def _require_inside(self, what: str) -> None:
+        if self._phase != "inside" or self._ctx.graph is not self.body:
+            raise TraceError(f"loop.{what} is used inside the loop's `with` block, directly "
+                             f"(loop at {self.source}, used at {_graph.user_source_line()})")
+
+    def unstack(self, x) -> Tensor:
+        """Frame t of `x` at step t (x must have the loop's axis)."""
+        self._require_inside("unstack")
+        x = as_tensor(x)
+        if self._own_dim:
+            raise TraceError(f"loop.unstack needs a loop over an axis (Loop(axis=...)); this loop ends by "
+                             f"loop.end (loop at {self.source}, at {_graph.user_source_line()})")
+        if self.axis not in x.dims:
+            raise DimError(f"loop.unstack: the {x.describe()} does not have the loop's axis {self.axis.name!r} "
+                           f"(loop at {self.source}, at {_graph.user_source_line()})")
+        pos = x.dims.index(self.axis)
+        axis = self.axis
+        return self.body.add("unstack", (x,), lambda env, v: v.select(pos, env.step(axis)),
+                             [(tuple(d for d in x.dims if d is not axis), x.dtype, x.sparse_dim)],
+                             attrs={"axis": axis.name}).outputs[0]
+
+    @property
+    def index(self) -> Tensor:
+        """The step counter: 0, 1, 2, ... (int64, ``sparse_dim`` the loop's axis)."""
+        self._require_inside("index")
+        if self._index is None:
+            axis = self.axis
+            self._index = self.body.add(
+                "loop_index", (), lambda env: torch.tensor(env.step(axis), device=env.device),
+                [((), torch.int64, axis)], attrs={"axis": axis.name}).outputs[0]
+        return self._index
+
+    def stack(self, value) -> Tensor:
+        """`value` of every step, stacked along the loop's axis (usable after the loop)."""
+        self._require_inside("stack")
+        value = as_tensor(value)
+        if self.axis in value.dims:
+            raise DimError(f"loop.stack: the {value.describe()} already has the loop's axis {self.axis.name!r} "
+                           f"(at {_graph.user_source_line()})")
+        out = Tensor((self.axis,) + value.dims, value.dtype, sparse_dim=value.sparse_dim)
+        self._stacks.append((value, out))
+        return out
+
+    def end(self, cond, *, include_eos: bool) -> None:
+        """End the loop for each batch entry at the first step where `cond` is True.
+
+        With ``include_eos=True`` that step is the entry's last (its frame is
+        stacked, its state assignments kept); with ``include_eos=False`` the
+        entry ends before it (the step is discarded).
+        """
+        self._require_inside("end")
+        cond = as_tensor(cond)
+        if cond.dtype != torch.bool:
+            raise DTypeError(f"loop.end needs a bool condition, got the {cond.describe()} "
+                             f"(at {_graph.user_source_line()})")
+        if self._end is not None:
+            raise TraceError(f"loop.end is called once per loop (loop at {self.source}, again at "
+                             f"{_graph.user_source_line()})")
+        self._end = (cond, bool(include_eos))
+
+    # -- leaving ----------------------------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._leave_body()
+            return
+        if self._own_dim and self._end is None:
+            self._leave_body()
+            raise TraceError(f"a Loop without an axis must call loop.end(...) in its body (loop at {self.source})")
+        new_values = self._new_state_values()
+        if self._retrace_needed(new_values):
+            self._leave_body()
+            raise _graph.Retrace()
+        length_dims = self._length_dims()
+        if self._own_dim:
+            self.axis.set_length_dims([*self._ctx.stepped_dims[:-1], *length_dims])
+        outs = [to_layout(v, p.dims) for v, p in new_values]
+        end_cond = None
+        if self._end is not None:
+            end_cond = self._end[0]
+        self._leave_body()
+        self._build_node(outs, end_cond, length_dims)
+        self._phase = "after"
+
+    def _leave_body(self) -> None:
+        if self._ctx.loops and self._ctx.loops[-1] is self:
+            self._ctx.loops.pop()
+        self._ctx.graph = self._parent
+
+    def _new_state_values(self) -> list[tuple[Tensor, Tensor]]:
+        """(new value, placeholder) per state leaf, checked; constants cast to the state's dtype."""
+        pairs = []
+        for slot in self._slots.values():
+            for i in slot.tensor_leaves:
+                new, ph = slot.current[i], slot.placeholders[i]
+                old_static = {d for d in ph.dims if d.is_static}
+                new_static = {d for d in new.dims if d.is_static}
+                if old_static != new_static:
+                    raise DimError(
+                        f"loop state {slot.name!r} changes its dims between steps: its initial value has "
+                        f"{dims_str(ph.dims)}, the new value {dims_str(new.dims)} (created at {new.source}); "
+                        f"a state keeps its feature dims (loop at {self.source})")
+                if new.dtype != ph.dtype:
+                    if new.node is not None and new.node.op == "constant":
+                        new = cast(new, ph.dtype)
+                    else:
+                        raise DTypeError(
+                            f"loop state {slot.name!r} changes its dtype from {ph.dtype} to {new.dtype} "
+                            f"(new value created at {new.source}; loop at {self.source})")
+                pairs.append((new, ph))
+        return pairs
+
+    def _retrace_needed(self, new_values) -> bool:
+        """Record dims the states lack (as hints for the next trace); True if there are any."""
+        needed = False
+        k = 0
+        for slot in self._slots.values():
+            for i in slot.tensor_leaves:
+                new, ph = new_values[k]
+                k += 1
+                extra = [d for d in new.dims if d not in ph.dims]
+                if extra:
+                    hint = self._hints.setdefault(("state", slot.name, i), [])
+                    hint += [d for d in extra if d not in hint]
+                    needed = True
+        if self._end is not None:
+            cond = self._end[0]
+            missing = [d for d in cond.dims if any(d not in ph.dims for _, ph in new_values)]
+            if missing:
+                hint = self._hints.setdefault("batch", [])
+                hint += [d for d in missing if d not in hint]
+                needed = True
+        return needed
+
+    def _length_dims(self) -> tuple[Dim, ...]:
+        """The dims along which the number of steps differs per entry."""
+        dims = list(self._batch_dims())
+        if self._end is not None:
+            dims += [d for d in self._end[0].dims if d not in dims]
+        if not self._own_dim and not self.axis.is_dynamic and self._end is None:
+            return ()
+        return tuple(dims)
+
+    def _build_node(self, new_states: list[Tensor], end_cond: Tensor | None, length_dims: tuple[Dim, ...]) -> None:
+        captured = self.body.captured()
+        initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
+        placeholders = [slot.placeholders[i] for slot in self._slots.values() for i in slot.tensor_leaves]
+        max_len = [self._max_len] if isinstance(self._max_len, Tensor) else []
+        run = _LoopRun(self, captured, placeholders, new_states, end_cond, length_dims)
+        inputs = tuple(captured) + tuple(initial) + tuple(max_len)
+        out_specs = [(p.dims, p.dtype, p.sparse_dim) for p in placeholders]
+        out_specs += [(out.dims, out.dtype, out.sparse_dim) for _, out in self._stacks]
+        node = self._parent.add("loop", inputs, run, out_specs, attrs={"loop": self, "axis": self.axis.name},
+                                source=self.source)
+        n_states = len(placeholders)
+        for k, (_, out) in enumerate(self._stacks):
+            out.node, out.index = node, n_states + k
+            node.outputs[n_states + k] = out
+        self._node = node
+        finals = iter(node.outputs[:n_states])
+        for slot in self._slots.values():
+            leaves = list(slot.initial)
+            for i in slot.tensor_leaves:
+                leaves[i] = next(finals)
+            slot.final = slot.tree(leaves)
+
+    def last(self, value) -> Tensor:
+        """After the loop: each batch entry's `value` at its last step."""
+        if self._phase != "after":
+            raise TraceError(f"loop.last is used after the loop (loop at {self.source}, at "
+                             f"{_graph.user_source_line()})")
+        value = as_tensor(value) if isinstance(value, Tensor) else value
+        if not isinstance(value, Tensor) or value.node is None or value.node.graph is not self.body:
+            what = value.describe() if isinstance(value, Tensor) else repr(value)
+            raise TraceError(f"loop.last takes a value computed in the loop's body, got the {what} "
+                             f"(loop at {self.source}, at {_graph.user_source_line()})")
+        for v, out in self._lasts:
+            if v is value:
+                return out
+        run: _LoopRun = self._node.kernel
+        dims = tuple(value.dims) + tuple(d for d in run.length_dims if d not in value.dims)
+        saved = self._ctx.graph
+        self._ctx.graph = self.body
+        try:
+            tracked = to_layout(value, dims)
+        finally:
+            self._ctx.graph = saved
+        out = Tensor(dims, value.dtype, sparse_dim=value.sparse_dim, node=self._node, index=len(self._node.outputs))
+        self._node.outputs.append(out)
+        self._lasts.append((tracked, out))
+        return out
+
+
+class _LoopRun:
+    """The loop node's kernel: runs the body step by step (the literal semantics)."""
+
+    def __init__(self, loop: Loop, captured, placeholders, new_states, end_cond, length_dims):
+        self.loop = loop
+        self.captured = captured
+        self.placeholders = placeholders
+        self.new_states = new_states
+        self.end_cond = end_cond
+        self.length_dims = length_dims
+        axis = loop.axis
+        self.axis_lengths = None
+        if axis.is_dynamic and not loop._own_dim:
+            self.axis_lengths = aligner(_graph.length_dims(axis), length_dims)
+        self.end_align = aligner(end_cond.dims, length_dims) if end_cond is not None else None
+        max_len = loop._max_len
+        self.max_align = aligner(max_len.dims, length_dims) if isinstance(max_len, Tensor) else None
+        self.state_align = [aligner(length_dims, p.dims) for p in placeholders]
+
+    def __call__(self, env, *raws):
+        loop = self.loop
+        axis = loop.axis
+        nc, ns = len(self.captured), len(self.placeholders)
+        captured, state = list(raws[:nc]), list(raws[nc:nc + ns])
+        max_len = raws[nc + ns] if self.max_align is not None else loop._max_len
+        stacks = [v for v, _ in loop._stacks]
+        lasts = [v for v, _ in loop._lasts]
+        outputs = self.new_states + stacks + lasts + ([self.end_cond] if self.end_cond is not None else [])
+        feed = self.captured + self.placeholders
+
+        if loop._own_dim:
+            n_steps = None
+        else:
+            n_steps = env.size(axis)
+        axis_len = None
+        if self.axis_lengths is not None:
+            axis_len = self.axis_lengths(env.lengths(axis))
+            n_steps = min(n_steps, int(axis_len.max())) if axis_len.numel() else 0
+        alive = None        # entries that have not ended (by loop.end), over length_dims
+        counted = None      # steps counted per entry
+        frames: list[list] = [[] for _ in stacks]
+        last_vals: list = [None] * len(lasts)
+        inner: dict[Dim, list] = {}
+        t = 0
+        while True:
+            if n_steps is not None and t >= n_steps:
+                break
+            if alive is not None and not bool(alive.any()):
+                break
+            if max_len is not None and loop._own_dim:
+                over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
+                if isinstance(over, torch.Tensor):
+                    over = bool((over & (alive if alive is not None else True)).any())
+                if over:
+                    err = ExecutionError(
+                        f"the loop at {loop.source} ran past max_seq_len ({_describe_max(max_len)}) "
+                        f"with entries not yet ended; raise max_seq_len or check the loop.end condition")
+                    err.node = loop._node  # the error names its line already
+                    raise err
+            step_env = env.child({axis: t})
+            results = step_env.run(loop.body, feed, captured + state, outputs)
+            new_state = results[:ns]
+            active = None if axis_len is None else (t < axis_len)
+            if self.end_cond is not None:
+                cond = self.end_align(results[-1])
+                if alive is None:
+                    alive = torch.ones([env.size(d) for d in self.length_dims], dtype=torch.bool, device=env.device)
+                if active is not None:
+                    alive = alive & active
+                step_counts = alive if loop._end[1] else alive & ~cond
+                alive = alive & ~cond
+                active = step_counts
+            if active is None:
+                state = new_state
+            else:
+                state = [torch.where(al(active), new, old) for al, new, old in
+                         zip(self.state_align, new_state, state)]
+                counted = active.long() if counted is None else counted + active.long()
+            for k, v in enumerate(results[ns:ns + len(stacks)]):
+                frames[k].append(v)
+            for k, v in enumerate(results[ns + len(stacks):ns + len(stacks) + len(lasts)]):
+                if active is None or last_vals[k] is None:
+                    last_vals[k] = v if active is None else torch.where(self._last_align(k)(active), v,
+                                                                         torch.zeros_like(v))
+                else:
+                    last_vals[k] = torch.where(self._last_align(k)(active), v, last_vals[k])
+            _collect_inner_dims(step_env, axis, inner)
+            t += 1
+        if loop._own_dim:
+            env.sizes[axis] = t
+            if counted is None:
+                counted = torch.full([env.size(d) for d in self.length_dims], t, dtype=torch.int64,
+                                     device=env.device)
+            env.lengths_of[axis] = counted
+        for d, per_step in inner.items():
+            sizes = [s for s, _ in per_step]
+            env.sizes[d] = max(sizes) if sizes else 0
+            env.lengths_of[d] = _stack_frames([n for _, n in per_step], 0, env.device, torch.int64)
+        size = env.size(axis)
+        stacked = []
+        for (value, out), fr in zip(loop._stacks, frames):
+            stacked.append(_stack_frames(fr, size, env.device, out.dtype, [_size_or_zero(env, d) for d in value.dims]))
+        finals = []
+        for (value, out), v in zip(loop._lasts, last_vals):
+            finals.append(v if v is not None else torch.zeros([_size_or_zero(env, d) for d in out.dims],
+                                                              dtype=out.dtype, device=env.device))
+        result = tuple(state + stacked + finals)
+        return result[0] if len(result) == 1 else result
+
+    def _last_align(self, k: int):
+        value, _ = self.loop._lasts[k]
+        return aligner(self.length_dims, value.dims)
+
+
+def _size_or_zero(env, d: Dim) -> int:
+    try:
+        return env.size(d)
+    except ExecutionError:
+        return 0
+
+
+def _describe_max(max_len) -> str:
+    if isinstance(max_len, torch.Tensor):
+        return f"per entry, up to {int(max_len.max()) if max_len.numel() else 0}"
+    return str(max_len)
+
+
+def _collect_inner_dims(step_env, axis: Dim, inner: dict) -> None:
+    """Sizes and lengths of dims created in this step (by inner loops) whose lengths vary along `axis`."""
+    for d, n in step_env.lengths_of.items():
+        if d.origin is None and axis in d.length_dims and d in step_env.sizes:
+            inner.setdefault(d, []).append((step_env.sizes[d], n))
+
+
+def _stack_frames(frames: list, size: int, device, dtype, frame_shape: list[int] | None = None):
+    """Stack per-step raw values along a new first axis of `size` (padding with zeros), padding
+    frames of different shapes (dims created per step) to the largest."""
+    if not frames:
+        return torch.zeros([size] + list(frame_shape or []), dtype=dtype, device=device)
+    frames = [f if isinstance(f, torch.Tensor) else torch.tensor(f, dtype=dtype, device=device) for f in frames]
+    shape = [max(s) for s in zip(*(f.shape for f in frames))] if frames[0].dim() else []
+    padded = []
+    for f in frames:
+        if list(f.shape) != shape:
+            pad = []
+            for have, want in reversed(list(zip(f.shape, shape))):
+                pad += [0, want - have]
+            f = F.pad(f, pad)
+        padded.append(f)
+    out = torch.stack(padded, 0)
+    if size > out.shape[0]:
+        out = torch.cat([out, out.new_zeros((size - out.shape[0],) + out.shape[1:])], 0)
+    return out

@@ -1,0 +1,146 @@
+"""Recurrent cells: one step (``lstm_cell``, ``gru_cell``) and a whole sequence (``rnn_sequence``).
+
+Parameters are in ``torch.nn.LSTM`` / ``torch.nn.GRU`` layout, gates stacked
+along a ``hidden * 4`` (or ``* 3``) dim. The sequence form runs PyTorch's fused
+kernel on a packed sequence, so each entry's final state is the state at its
+own last frame and the backward direction of a bidirectional RNN starts at
+each entry's own end; padding frames never take part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .. import graph as _graph
+from .._align import aligner
+from ..dims import Dim
+from ..errors import DimError, DTypeError
+from ..tensor import Tensor
+from ._core import as_tensor, broadcast_dims, check_has, emit_many, expand_for_masks
+
+__all__ = ["lstm_cell", "gru_cell", "rnn_sequence"]
+
+
+def _check_float(op: str, x: Tensor, weight: Tensor) -> None:
+    if not x.dtype.is_floating_point or x.dtype != weight.dtype:
+        raise DTypeError(f"{op}: the input {x.describe()} must be floating point with the weights' dtype "
+                         f"{weight.dtype} (at {_graph.user_source_line()})")
+
+
+def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden: Dim) -> list[Tensor]:
+    x = as_tensor(x)
+    state = [as_tensor(s) for s in state]
+    weights = [as_tensor(w) for w in weights]
+    check_has(x, (in_dim,), kind, "in dim")
+    for s in state:
+        check_has(s, (hidden,), kind, "hidden dim")
+    _check_float(kind, x, weights[0])
+    batch = broadcast_dims(kind, tuple(d for d in x.dims if d is not in_dim),
+                           *(tuple(d for d in s.dims if d is not hidden) for s in state))
+    x_al = aligner(x.dims, batch + (in_dim,))
+    s_al = [aligner(s.dims, batch + (hidden,)) for s in state]
+    n = len(batch)
+    cell = torch.lstm_cell if kind == "lstm_cell" else torch.gru_cell
+
+    def kernel(env, v, *rest):
+        states, ws = rest[:len(s_al)], rest[len(s_al):]
+        v = x_al(v)
+        states = [al(s) for al, s in zip(s_al, states)]
+        shape = torch.broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
+        flat = math.prod(shape)
+        v = v.expand(*shape, v.shape[-1]).reshape(flat, v.shape[-1])
+        states = [s.expand(*shape, s.shape[-1]).reshape(flat, s.shape[-1]) for s in states]
+        out = cell(v, tuple(states) if len(states) > 1 else states[0], *ws)
+        outs = out if isinstance(out, tuple) else (out,)
+        result = tuple(o.reshape(*shape, o.shape[-1]) for o in outs)
+        return result if len(result) > 1 else result[0]
+
+    outputs = [(batch + (hidden,), x.dtype, None)] * len(state)
+    return emit_many(kind, (x, *state, *weights), kernel, outputs,
+                     attrs={"in_dim": in_dim.name, "hidden": hidden.name})
+
+
+def lstm_cell(x, state: tuple, weights: Sequence, *, in_dim: Dim, hidden: Dim) -> tuple[Tensor, Tensor]:
+    """One LSTM step: ``(h, c)`` from input `x` and ``state = (h, c)``.
+
+    `weights` are ``(weight_ih, weight_hh, bias_ih, bias_hh)`` over
+    ``(hidden*4, in_dim)``, ``(hidden*4, hidden)``, ``(hidden*4,)``, ``(hidden*4,)``.
+    """
+    h, c = _cell("lstm_cell", x, state, weights, in_dim, hidden)
+    return h, c
+
+
+def gru_cell(x, h, weights: Sequence, *, in_dim: Dim, hidden: Dim) -> Tensor:
+    """One GRU step: the new `h` from input `x` and the previous `h` (weights as for :func:`lstm_cell`, * 3)."""
+    (out,) = _cell("gru_cell", x, (h,), weights, in_dim, hidden)
+    return out
+
+
+def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Dim, in_dim: Dim, hidden: Dim,
+                 bidirectional: bool = False) -> list[Tensor]:
+    """An LSTM (`kind` "lstm") or GRU ("gru") over the dim `axis` of `x`, with PyTorch's fused kernel.
+
+    `initial` are the initial ``(h, c)`` (LSTM) or ``(h,)`` (GRU) over
+    ``batch dims + (hidden,)``, one per direction. `weights` are the flat list
+    of a ``torch.nn.LSTM``/``GRU`` with one layer (forward, then reverse).
+    Returns the output over ``batch dims + (axis, directions * hidden)`` (as
+    `hidden` or, bidirectional, a new dim of twice its size: see the module),
+    then the final states per direction in the order of `initial`.
+    """
+    x = as_tensor(x)
+    initial = [as_tensor(s) for s in initial]
+    weights = [as_tensor(w) for w in weights]
+    check_has(x, (axis, in_dim), kind)
+    if axis.is_static is False and not axis.is_dynamic:
+        raise DimError(f"{kind}: cannot run over the batch-like dim {axis!r} (at {_graph.user_source_line()})")
+    _check_float(kind, x, weights[0])
+    x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())
+    batch = broadcast_dims(kind, tuple(d for d in x.dims if d not in (axis, in_dim)),
+                           *(tuple(d for d in s.dims if d is not hidden) for s in initial))
+    x_al = aligner(x.dims, (axis,) + batch + (in_dim,))
+    s_al = [aligner(s.dims, batch + (hidden,)) for s in initial]
+    n_dirs = 2 if bidirectional else 1
+    per_dir = len(initial) // n_dirs
+    len_al = aligner(_graph.length_dims(axis), batch) if axis.is_dynamic else None
+    out_dim = hidden if not bidirectional else hidden * 2
+    n = len(batch)
+    fn = torch._VF.lstm if kind == "lstm" else torch._VF.gru
+
+    def kernel(env, v, *rest):
+        states, ws = rest[:len(s_al)], list(rest[len(s_al):])
+        v = x_al(v)
+        states = [al(s) for al, s in zip(s_al, states)]
+        steps = v.shape[0]
+        shape = torch.broadcast_shapes(v.shape[1:1 + n], *(s.shape[:n] for s in states))
+        flat = math.prod(shape)
+        v = v.expand(steps, *shape, v.shape[-1]).reshape(steps, flat, v.shape[-1])
+        states = [s.expand(*shape, s.shape[-1]).reshape(flat, s.shape[-1]) for s in states]
+        if len_al is not None:
+            lengths = len_al(env.lengths(axis)).expand(shape).reshape(flat)
+        else:
+            lengths = torch.full((flat,), steps, dtype=torch.int64)
+        packed = pack_padded_sequence(v, lengths.clamp(min=1).cpu(), enforce_sorted=False)
+        order, unorder = packed.sorted_indices, packed.unsorted_indices
+        hx = [torch.stack(states[k::per_dir], 0).index_select(1, order) for k in range(per_dir)]
+        out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, 1, 0.0,
+                          False, bidirectional)
+        out, _ = pad_packed_sequence(type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps)
+        empty = (lengths == 0).view(1, flat, 1) if len_al is not None else None
+        results = [out.reshape(steps, *shape, out.shape[-1])]
+        for d in range(n_dirs):
+            for k in range(per_dir):
+                final = finals[k].index_select(1, unorder)[d]
+                if empty is not None:
+                    final = torch.where(empty[0], states[d * per_dir + k], final)
+                results.append(final.reshape(*shape, final.shape[-1]))
+        return tuple(results)
+
+    outputs = [((axis,) + batch + (out_dim,), x.dtype, None)]
+    outputs += [(batch + (hidden,), x.dtype, None)] * len(initial)
+    return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
+                     attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
+                            "bidirectional": bidirectional})
