@@ -457,13 +457,14 @@ def test_replace_dim_with_a_dim_of_another_size_is_an_error():
 
 # -- creating tensors ------------------------------------------------------------------------------
 
+# Without a model, new float values take the program's float dtype from its first float input (float64 here).
 @pytest.mark.parametrize("make,value,dtype", [
-    (lambda: ll.full(1.5, [B, F]), 1.5, torch.float32),
+    (lambda: ll.full(1.5, [B, F]), 1.5, torch.float64),
     (lambda: ll.full(3, [B, F]), 3, torch.int64),
     (lambda: ll.full(True, [B, F]), True, torch.bool),
     (lambda: ll.full(2, [B, F], dtype="float64"), 2.0, torch.float64),
-    (lambda: ll.zeros([B, F]), 0.0, torch.float32),
-    (lambda: ll.ones([B, F]), 1.0, torch.float32),
+    (lambda: ll.zeros([B, F]), 0.0, torch.float64),
+    (lambda: ll.ones([B, F]), 1.0, torch.float64),
     (lambda: ll.zeros([B, F], dtype="int32"), 0, torch.int32),
     (lambda: ll.ones([B, F], dtype=torch.float64), 1.0, torch.float64),
 ], ids=["full_float", "full_int", "full_bool", "full_dtype", "zeros", "ones", "zeros_int32", "ones_float64"])

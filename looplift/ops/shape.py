@@ -370,8 +370,9 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
          sparse_dim: Dim | None = None) -> Tensor:
     """A tensor over `dims` filled with `value`.
 
-    The dtype defaults to bool, int64 or the program's float dtype, by the
-    type of `value`; ``sparse_dim`` marks label indices (e.g. a BOS label).
+    The dtype defaults to bool, int64 or the program's float dtype (that of
+    its model's parameters, else of its first float input), by the type of
+    `value`; ``sparse_dim`` marks label indices (e.g. a BOS label).
     """
     from .math import to_dtype
     dims = dim_list(dims, "dims")
