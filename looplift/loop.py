@@ -382,7 +382,6 @@ class Loop:
         if self._phase != "after":
             raise TraceError(f"loop.last is used after the loop (loop at {self.source}, at "
                              f"{_graph.user_source_line()})")
-        value = as_tensor(value) if isinstance(value, Tensor) else value
         if not isinstance(value, Tensor) or value.node is None or value.node.graph is not self.body:
             what = value.describe() if isinstance(value, Tensor) else repr(value)
             raise TraceError(f"loop.last takes a value computed in the loop's body, got the {what} "

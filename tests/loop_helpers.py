@@ -1,0 +1,50 @@
+"""Helpers for ``test_loop.py``: run a program with the executor and the reference interpreter, compare.
+
+Every comparison is on valid positions only (padding values are undefined).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.testing import assert_close
+
+import looplift as ll
+from looplift._tree import flatten
+
+B = ll.batch_dim
+DTYPE = torch.float64
+
+
+def named_leaves(value) -> list[ll.Named]:
+    leaves, _ = flatten(value, lambda v: isinstance(v, ll.Named))
+    return [v for v in leaves if isinstance(v, ll.Named)]
+
+
+def masked(x: ll.Named) -> torch.Tensor:
+    """`x` with its padding positions zeroed (so two runs compare by their valid values only)."""
+    m = x.mask()
+    return torch.where(m, x.tensor, torch.zeros((), dtype=x.tensor.dtype))
+
+
+def assert_same_named(a: ll.Named, b: ll.Named) -> None:
+    """Same dims, same lengths, same values at valid positions."""
+    assert a.dims == b.dims, (a.dims, b.dims)
+    assert set(a.lengths) == set(b.lengths)
+    for d in a.lengths:
+        assert torch.equal(a.lengths[d], b.lengths[d]), (d, a.lengths[d], b.lengths[d])
+    assert_close(masked(a), masked(b), rtol=1e-12, atol=1e-12)
+
+
+def run_both(prog: ll.Program, *args, **kwargs):
+    """Run `prog` with the executor and the reference interpreter; check they agree; return the executor's."""
+    out = prog(*args, **kwargs)
+    ref = prog.reference(*args, **kwargs)
+    la, lb = named_leaves(out), named_leaves(ref)
+    assert len(la) == len(lb)
+    for a, b in zip(la, lb):
+        assert_same_named(a, b)
+    return out
+
+
+def lengths_of(x: ll.Named, dim: ll.Dim) -> torch.Tensor:
+    return x.lengths[dim]
