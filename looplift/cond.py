@@ -118,8 +118,8 @@ class Cond:
             finally:
                 self._ctx.graph = self._parent
         captured = []
-        for g in self._branches.values():
-            for t in g.captured():
+        for branch, g in self._branches.items():
+            for t in g.captured(outs[branch]):
                 if not any(t is c for c in captured):
                     captured.append(t)
         branches, n = self._branches, len(tensor_idx)

@@ -20,7 +20,7 @@ import contextvars
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -106,13 +106,13 @@ class Graph:
             g = g.parent
         return False
 
-    def captured(self) -> list[Tensor]:
-        """Tensors of enclosing graphs that the nodes of this graph (and of regions inside it) use."""
+    def captured(self, returned: Sequence[Tensor] = ()) -> list[Tensor]:
+        """Tensors of enclosing graphs that the nodes of this graph (and of regions inside it) use, and
+        those of `returned` (the region's results) that it passes on unchanged."""
         seen: dict[int, Tensor] = {}
-        for node in self.nodes:
-            for t in node.inputs:
-                if t.node is not None and not t.node.graph.is_inside(self):
-                    seen.setdefault(id(t), t)
+        for t in [*(t for node in self.nodes for t in node.inputs), *returned]:
+            if t.node is not None and not t.node.graph.is_inside(self):
+                seen.setdefault(id(t), t)
         return list(seen.values())
 
     def is_inside(self, region: Graph) -> bool:

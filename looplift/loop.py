@@ -32,7 +32,6 @@ so ``looplift.zeros([feature])`` is a fine initial value.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from ._tree import flatten, unflatten
 from .dims import Dim
 from .errors import DimError, DTypeError, ExecutionError, TraceError
 from .ops._core import as_tensor, dims_str
-from .ops.math import cast, logical_and
+from .ops.math import cast
 from .ops.shape import expand, to_layout
 from .tensor import Tensor
 
@@ -213,8 +212,8 @@ class Loop:
 
     def _require_inside(self, what: str) -> None:
         if self._phase != "inside" or self._ctx.graph is not self.body:
-            raise TraceError(f"loop.{what} is used inside the loop's `with` block, directly "
-                             f"(loop at {self.source}, used at {_graph.user_source_line()})")
+            raise TraceError(f"loop.{what} is used inside the `with` block of its loop (over {self.axis.name!r}), "
+                             f"directly (loop at {self.source}, used at {_graph.user_source_line()})")
 
     def unstack(self, x) -> Tensor:
         """Frame t of `x` at step t (x must have the loop's axis)."""
@@ -235,7 +234,9 @@ class Loop:
     @property
     def index(self) -> Tensor:
         """The step counter: 0, 1, 2, ... (int64, ``sparse_dim`` the loop's axis)."""
-        self._require_inside("index")
+        # A value like any other: readable in regions nested in the body too (an inner loop, a Cond branch).
+        if self._phase != "inside" or not self._ctx.graph.is_inside(self.body):
+            self._require_inside("index")
         if self._index is None:
             axis = self.axis
             self._index = self.body.add(
@@ -260,6 +261,12 @@ class Loop:
         With ``include_eos=True`` that step is the entry's last (its frame is
         stacked, its state assignments kept); with ``include_eos=False`` the
         entry ends before it (the step is discarded).
+
+        In a loop without an axis this gives the loop's dim its lengths. In a
+        loop over an axis (say the reference labels of training, with the
+        same code ending on EOS in search), the axis still gives the frames
+        and lengths of stacked values; an entry that ends earlier keeps its
+        state frozen from then on.
         """
         self._require_inside("end")
         cond = as_tensor(cond)
@@ -355,7 +362,8 @@ class Loop:
         return tuple(dims)
 
     def _build_node(self, new_states: list[Tensor], end_cond: Tensor | None, length_dims: tuple[Dim, ...]) -> None:
-        captured = self.body.captured()
+        returned = [*new_states, *(v for v, _ in self._stacks), *([end_cond] if end_cond is not None else [])]
+        captured = self.body.captured(returned)
         initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
         placeholders = [slot.placeholders[i] for slot in self._slots.values() for i in slot.tensor_leaves]
         max_len = [self._max_len] if isinstance(self._max_len, Tensor) else []
@@ -467,7 +475,7 @@ class _LoopRun:
             new_state = results[:ns]
             active = None if axis_len is None else (t < axis_len)
             if self.end_cond is not None:
-                cond = self.end_align(results[-1])
+                cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
                     alive = torch.ones([env.size(d) for d in self.length_dims], dtype=torch.bool, device=env.device)
                 if active is not None:
@@ -500,7 +508,16 @@ class _LoopRun:
         for d, per_step in inner.items():
             sizes = [s for s, _ in per_step]
             env.sizes[d] = max(sizes) if sizes else 0
-            env.lengths_of[d] = _stack_frames([n for _, n in per_step], 0, env.device, torch.int64)
+            # padded to the loop's size (the steps not run, beyond every entry's length, have length 0)
+            env.lengths_of[d] = _stack_frames([n for _, n in per_step], env.size(axis), env.device, torch.int64)
+        if t == 0:
+            # no step ran: the dims the body creates (inner loops' own dims, varying along `axis`) are empty
+            for value, _ in loop._stacks + loop._lasts:
+                for d in value.dims:
+                    if d.is_dynamic and d.origin is None and axis in d.length_dims and not env.knows_lengths(d):
+                        env.sizes[d] = 0
+                        env.lengths_of[d] = torch.zeros([env.size(e) for e in env.length_dims(d)],
+                                                        dtype=torch.int64, device=env.device)
         size = env.size(axis)
         stacked = []
         for (value, out), fr in zip(loop._stacks, frames):
@@ -533,6 +550,10 @@ def _describe_max(max_len) -> str:
 def _collect_inner_dims(step_env, axis: Dim, inner: dict) -> None:
     """Sizes and lengths of dims created in this step (by inner loops) whose lengths vary along `axis`."""
     for d, n in step_env.lengths_of.items():
+        # Dims whose lengths come from outside the loop (inputs, e.g. words over (batch, sent)) only were
+        # cached here, selected at this step: their lengths are known already, over all steps.
+        if step_env.parent is not None and step_env.parent.knows_lengths(d):
+            continue
         if d.origin is None and axis in d.length_dims and d in step_env.sizes:
             inner.setdefault(d, []).append((step_env.sizes[d], n))
 

@@ -147,6 +147,10 @@ class Program:
         out_leaves, out_spec = flatten(result, lambda v: isinstance(v, Tensor))
         for v in out_leaves:
             if isinstance(v, Tensor) and v.node.graph is not graph:
+                if v.node.graph.is_inside(graph):
+                    raise TraceError(f"the model returned the {v.describe()}, which was computed inside a loop or "
+                                     f"Cond; get it out with loop.stack(...), loop.last(...), a loop state or the "
+                                     f"Cond result")
                 raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
         trace = Trace(graph, inputs, out_spec, out_leaves, time.perf_counter() - start)
         self._traces[key] = trace
@@ -298,7 +302,7 @@ def _to_named(t: Tensor, raw, env: Env) -> Named:
     for d in t.dims:
         if d.is_dynamic:
             n = env.lengths(d)
-            lengths[d] = n.expand(*[env.size(ld) for ld in d.length_dims])
+            lengths[d] = n.expand([env.size(ld) for ld in d.length_dims])
     return Named(raw, t.dims, lengths, sparse_dim=t.sparse_dim)
 
 

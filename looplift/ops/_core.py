@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .. import graph as _graph
-from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DimMismatchError, DTypeError, TraceError
 from ..tensor import Tensor

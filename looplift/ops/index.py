@@ -45,8 +45,11 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         v = x_al(v.permute(x_perm))
         if not isinstance(i, torch.Tensor):
             i = torch.as_tensor(i, device=v.device)
-        i = i_al(i).clamp(0, v.shape[-1] - 1).long()
+        i = i_al(i)
         shape = torch.broadcast_shapes(v.shape[:-1], i.shape)
+        if v.shape[-1] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
+            return v.new_zeros(shape)
+        i = i.clamp(0, v.shape[-1] - 1).long()
         return torch.gather(v.expand(*shape, v.shape[-1]), -1, i.expand(shape).unsqueeze(-1)).squeeze(-1)
 
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name})

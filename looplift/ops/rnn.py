@@ -123,13 +123,19 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
             lengths = len_al(env.lengths(axis)).expand(shape).reshape(flat)
         else:
             lengths = torch.full((flat,), steps, dtype=torch.int64)
+        if steps == 0 or flat == 0:  # no frames or no entries (nothing to pack): the initial states are final
+            return (v.new_zeros(steps, *shape, n_dirs * hidden.size), *(s.reshape(*shape, s.shape[-1]) for s in states))
+        empty = (lengths == 0).view(1, flat, 1) if len_al is not None else None
+        if empty is not None:
+            # An empty sequence runs one frame (packing needs one), whose result is discarded below; zeros
+            # there, so that its padding (NaN, say) never reaches the gradients as 0 * NaN.
+            v = v.masked_fill(empty, 0)
         packed = pack_padded_sequence(v, lengths.clamp(min=1).cpu(), enforce_sorted=False)
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = [torch.stack(states[k::per_dir], 0).index_select(1, order) for k in range(per_dir)]
         out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, 1, 0.0,
                           False, bidirectional)
         out, _ = pad_packed_sequence(type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps)
-        empty = (lengths == 0).view(1, flat, 1) if len_al is not None else None
         results = [out.reshape(steps, *shape, out.shape[-1])]
         for d in range(n_dirs):
             for k in range(per_dir):
