@@ -362,3 +362,16 @@ def test_a_looplift_state_dict_loads_into_torch(kind, bidirectional):
     ref = (torch.nn.LSTM if kind == "lstm" else torch.nn.GRU)(F.size, H.size, bidirectional=bidirectional).double()
     ref.load_state_dict(module.state_dict())
     assert_matches_torch_alone(module, ref, padded(LENGTHS, torch.float64), LENGTHS)
+
+
+def test_lstm_step_takes_a_plain_h_c_tuple_as_state():
+    B, F, H = ll.batch_dim, ll.Dim("f", 3), ll.Dim("h", 4)
+    lstm = ll.nn.LSTM(F, H).double()
+    cell = torch.nn.LSTMCell(3, 4).double()
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
+    x, h0, c0 = (torch.randn(2, n, dtype=torch.float64) for n in (3, 4, 4))
+    prog = ll.compile(lambda x, h, c: lstm(x, state=(h, c))[1], mode="eval")
+    state = prog(ll.Named(x, (B, F)), ll.Named(h0, (B, H)), ll.Named(c0, (B, H)))
+    h, c = cell(x, (h0, c0))
+    torch.testing.assert_close(state.h.align(B, H), h)
+    torch.testing.assert_close(state.c.align(B, H), c)

@@ -73,7 +73,8 @@ class _RNN(Module):
 class LSTM(_RNN):
     """An LSTM from `in_dim` to `out_dim`: one step, or a whole sequence over a dim.
 
-    Step: ``out, new_state = lstm(x, state=state)`` (``out`` is ``new_state.h``).
+    Step: ``out, new_state = lstm(x, state=state)`` (``out`` is ``new_state.h``; `state` is an
+    :class:`LstmState` or a tuple ``(h, c)``).
     Sequence: ``out, final_state = lstm(x, axis=time)``; for a bidirectional
     LSTM ``out`` concatenates both directions (``out_dim``) and ``final_state``
     is ``(forward_state, backward_state)``.
@@ -87,6 +88,8 @@ class LSTM(_RNN):
         return LstmState(zeros([*batch_dims, self.hidden]), zeros([*batch_dims, self.hidden]))
 
     def forward(self, x: Tensor, *, state: LstmState | tuple | None = None, axis: Dim | None = None):
+        if isinstance(state, tuple) and not self.bidirectional:
+            state = LstmState(*state)  # (h, c)
         if axis is None:
             self._check_step()
             state = state if state is not None else self.default_initial_state()
