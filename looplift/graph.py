@@ -17,6 +17,7 @@ Tracing state lives in a :class:`TraceContext` that exists only while
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from .errors import ModeError, TraceError
 from .tensor import Tensor
 
-__all__ = ["Node", "Graph", "TraceContext", "current", "is_training", "is_search", "mode",
+__all__ = ["Node", "Graph", "Call", "replayable", "resolve_call", "TraceContext", "current", "is_training", "is_search", "mode",
            "user_source_line"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -74,6 +75,8 @@ class Node:
     outputs: list[Tensor] = field(default_factory=list)
     source: str = "<unknown>"
     graph: Graph | None = None
+    #: The user-level op call that emitted this node (for replaying it on other inputs), or None.
+    call: Call | None = None
 
     def __repr__(self) -> str:
         ins = ", ".join("{" + ",".join(d.name for d in t.dims) + "}" for t in self.inputs)
@@ -126,7 +129,58 @@ class Graph:
         node.outputs = [Tensor(dims, dtype, sparse_dim=sparse, node=node, index=i)
                         for i, (dims, dtype, sparse) in enumerate(outputs)]
         self.nodes.append(node)
+        ctx = _current.get()
+        if ctx is not None and ctx.call is not None:
+            node.call = ctx.call
+            ctx.call.nodes.append(node)
         return node
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a public op from user (or module) code: enough to replay it on other inputs.
+
+    Passes replay calls to move computations: a call traced inside a loop
+    body on frame t of a sequence is replayed outside the loop on the whole
+    sequence, where the op's own dim rule treats the loop's dim as one more
+    batch dim.
+    """
+
+    fn: Callable
+    args: tuple
+    kwargs: dict
+    outputs: Any = None
+    nodes: list[Node] = field(default_factory=list)
+
+    def resolve(self, **kwargs) -> None:
+        """Record arguments the op inferred from its inputs (e.g. concat's axes), so a replay on inputs
+        with more dims does not infer them anew."""
+        self.kwargs.update(kwargs)
+
+
+def replayable(fn: Callable) -> Callable:
+    """Mark a public op: its outermost calls are recorded as :class:`Call`\\ s on the nodes they emit."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        ctx = _current.get()
+        if ctx is None or ctx.call is not None:
+            return fn(*args, **kwargs)
+        call = ctx.call = Call(op, args, dict(kwargs))
+        try:
+            call.outputs = fn(*args, **kwargs)
+        finally:
+            ctx.call = None
+        return call.outputs
+    op.replayable = True
+    return op
+
+
+def resolve_call(op_name: str, **kwargs) -> None:
+    """Inside the op `op_name`: record inferred arguments on its call, if it is the call being traced
+    (not another op calling it); see :meth:`Call.resolve`."""
+    ctx = _current.get()
+    if ctx is not None and ctx.call is not None and ctx.call.fn.__name__ == op_name:
+        ctx.call.resolve(**kwargs)
 
 
 class Retrace(BaseException):
@@ -153,6 +207,8 @@ class TraceContext:
         #: learnt by an earlier attempt of the same trace.
         self.loop_hints: dict = loop_hints if loop_hints is not None else {}
         self._loop_count = 0
+        #: The outermost op call being traced, if any.
+        self.call: Call | None = None
 
     def next_loop_ordinal(self) -> int:
         self._loop_count += 1

@@ -74,3 +74,7 @@ def conv1d(x, filter, bias=None, *, axis: Dim, in_dim: Dim, out_dim: Dim, filter
 
     return emit("conv1d", inputs, kernel, batch + (out_dim, new), x.dtype,
                 attrs={"axis": axis.name, "stride": stride, "dilation": dilation, "padding": padding})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

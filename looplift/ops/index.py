@@ -97,3 +97,7 @@ def one_hot(index, *, dtype: str | torch.dtype | None = None) -> Tensor:
         return F.one_hot(i.long().clamp(0, n - 1), n).to(dt)
 
     return emit("one_hot", (index,), kernel, index.dims + (vocab,), dt, attrs={"vocab": vocab.name})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

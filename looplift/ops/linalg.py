@@ -100,3 +100,7 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
 
     return emit("linear", inputs, kernel, rest + (out_dim,), x.dtype,
                 attrs={"in_dim": in_dim.name, "out_dim": out_dim.name})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

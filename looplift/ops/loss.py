@@ -93,3 +93,7 @@ def ctc_loss(logits, targets, *, input_axis: Dim, targets_axis: Dim, axis: Dim, 
 
     return emit("ctc_loss", (log_probs, targets), kernel, batch, log_probs.dtype,
                 attrs={"input_axis": input_axis.name, "targets_axis": targets_axis.name, "blank": blank})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

@@ -268,4 +268,8 @@ def _install_operators() -> None:
         setattr(Tensor, name, fn)
 
 
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])
+
+
 _install_operators()

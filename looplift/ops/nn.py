@@ -78,3 +78,7 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
 
     return emit("layer_norm", (x, *(p for p, _ in params)), kernel, out_dims, x.dtype,
                 attrs={"axis": [d.name for d in dims], "eps": eps})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

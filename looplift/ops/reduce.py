@@ -126,3 +126,7 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
 
 softmax = _normalize("softmax", lambda v, ax: torch.softmax(v, dim=ax))
 log_softmax = _normalize("log_softmax", lambda v, ax: torch.log_softmax(v, dim=ax))
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

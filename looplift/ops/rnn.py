@@ -150,3 +150,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
                             "bidirectional": bidirectional})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])

@@ -119,6 +119,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     for x, d in zip(xs, axes):
         check_has(x, (d,), "concat")
     result = out_dim.canonical() if out_dim is not None else sum(axes[1:], axes[0]) if len(axes) > 1 else axes[0]
+    _graph.resolve_call("concat", axis=list(axes), out_dim=result)
     if len(xs) == 1:
         return replace_dim(xs[0], axes[0], result) if result is not axes[0] else xs[0]
     if all(d.is_static for d in axes) and result.is_static and result.size != sum(d.size for d in axes):
@@ -429,3 +430,8 @@ def length(axis: Dim) -> Tensor:
         return n.expand(*_sizes(env, ldims))
 
     return emit("length", (), kernel, ldims, torch.int64, attrs={"axis": axis.name})
+
+
+for _name in __all__:  # every public op records its calls, so passes can replay them
+    globals()[_name] = _graph.replayable(globals()[_name])
+to_layout = _graph.replayable(to_layout)
