@@ -32,6 +32,7 @@ so ``looplift.zeros([feature])`` is a fine initial value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from .ops.math import cast
 from .ops.shape import expand, to_layout
 from .tensor import Tensor
 
-__all__ = ["Loop", "LoopState"]
+__all__ = ["Loop", "LoopState", "LoopSpec"]
 
 
 def _is_tensor(v) -> bool:
@@ -363,22 +364,19 @@ class Loop:
 
     def _build_node(self, new_states: list[Tensor], end_cond: Tensor | None, length_dims: tuple[Dim, ...]) -> None:
         returned = [*new_states, *(v for v, _ in self._stacks), *([end_cond] if end_cond is not None else [])]
-        captured = self.body.captured(returned)
-        initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
         placeholders = [slot.placeholders[i] for slot in self._slots.values() for i in slot.tensor_leaves]
-        max_len = [self._max_len] if isinstance(self._max_len, Tensor) else []
-        run = _LoopRun(self, captured, placeholders, new_states, end_cond, length_dims)
-        inputs = tuple(captured) + tuple(initial) + tuple(max_len)
-        out_specs = [(p.dims, p.dtype, p.sparse_dim) for p in placeholders]
-        out_specs += [(out.dims, out.dtype, out.sparse_dim) for _, out in self._stacks]
-        node = self._parent.add("loop", inputs, run, out_specs, attrs={"loop": self, "axis": self.axis.name},
-                                source=self.source)
-        n_states = len(placeholders)
-        for k, (_, out) in enumerate(self._stacks):
-            out.node, out.index = node, n_states + k
-            node.outputs[n_states + k] = out
-        self._node = node
-        finals = iter(node.outputs[:n_states])
+        spec = LoopSpec(
+            axis=self.axis, own_dim=self._own_dim, source=self.source, body=self.body,
+            captured=self.body.captured(returned), placeholders=placeholders, new_states=new_states,
+            stacks=[v for v, _ in self._stacks], end=end_cond,
+            include_eos=self._end[1] if self._end is not None else True, max_len=self._max_len,
+            length_dims=length_dims,
+            state_names=[f"{slot.name}" + (f"[{i}]" if len(slot.tensor_leaves) > 1 else "")
+                         for slot in self._slots.values() for i in slot.tensor_leaves])
+        initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
+        node = spec.add_node(self._parent, initial, [out for _, out in self._stacks])
+        self.spec = spec
+        finals = iter(node.outputs[:len(placeholders)])
         for slot in self._slots.values():
             leaves = list(slot.initial)
             for i in slot.tensor_leaves:
@@ -397,51 +395,95 @@ class Loop:
         for v, out in self._lasts:
             if v is value:
                 return out
-        run: _LoopRun = self._node.kernel
-        dims = tuple(value.dims) + tuple(d for d in run.length_dims if d not in value.dims)
+        dims = tuple(value.dims) + tuple(d for d in self.spec.length_dims if d not in value.dims)
         saved = self._ctx.graph
         self._ctx.graph = self.body
         try:
             tracked = to_layout(value, dims)
         finally:
             self._ctx.graph = saved
-        out = Tensor(dims, value.dtype, sparse_dim=value.sparse_dim, node=self._node, index=len(self._node.outputs))
-        self._node.outputs.append(out)
-        self._lasts.append((tracked, out))
+        out = self.spec.add_last(tracked)
+        self._lasts.append((value, out))
+        return out
+
+
+@dataclass(eq=False)
+class LoopSpec:
+    """A traced loop, as its node's kernel runs it and as passes rewrite it.
+
+    The node's inputs are ``captured + initial states + [max_len]`` (the last
+    if it is a tensor); its outputs are the final states (over the
+    placeholders' dims), the stacked values (the loop's axis first) and the
+    values at each entry's last step (over ``length_dims`` too).
+    """
+
+    axis: Dim
+    own_dim: bool                      # the loop created `axis` (it ends by `end`)
+    source: str
+    body: _graph.Graph
+    captured: list[Tensor]             # tensors of enclosing graphs the body uses
+    placeholders: list[Tensor]         # in the body: each state leaf's value from the previous step
+    new_states: list[Tensor]           # in the body: each state leaf's next value (placeholder layout)
+    stacks: list[Tensor]               # in the body: values stacked along `axis`
+    end: Tensor | None                 # in the body: the end condition
+    include_eos: bool
+    max_len: int | Tensor | None
+    length_dims: tuple[Dim, ...]       # dims along which the number of steps differs per entry
+    state_names: list[str]
+    lasts: list[Tensor] = field(default_factory=list)   # in the body: values tracked for loop.last
+    node: _graph.Node | None = None
+
+    def add_node(self, graph: _graph.Graph, initial: list[Tensor], stacked: list[Tensor] | None = None,
+                 source: str | None = None) -> _graph.Node:
+        """Add the loop node to `graph`; `stacked` are pre-made output tensors for the stacks (or None)."""
+        max_len = [self.max_len] if isinstance(self.max_len, Tensor) else []
+        specs = [(p.dims, p.dtype, p.sparse_dim) for p in self.placeholders]
+        specs += [((self.axis,) + v.dims, v.dtype, v.sparse_dim) for v in self.stacks]
+        specs += [(v.dims, v.dtype, v.sparse_dim) for v in self.lasts]
+        node = graph.add("loop", (*self.captured, *initial, *max_len), _LoopRun(self), specs,
+                         attrs={"loop": self, "axis": self.axis.name}, source=source or self.source)
+        n = len(self.placeholders)
+        for k, out in enumerate(stacked or []):
+            out.node, out.index = node, n + k
+            node.outputs[n + k] = out
+        self.node = node
+        return node
+
+    def add_last(self, tracked: Tensor) -> Tensor:
+        """Track the body value `tracked` (which has the length dims) for its value at each entry's last step."""
+        self.lasts.append(tracked)
+        out = Tensor(tracked.dims, tracked.dtype, sparse_dim=tracked.sparse_dim, node=self.node,
+                     index=len(self.node.outputs))
+        self.node.outputs.append(out)
         return out
 
 
 class _LoopRun:
     """The loop node's kernel: runs the body step by step (the literal semantics)."""
 
-    def __init__(self, loop: Loop, captured, placeholders, new_states, end_cond, length_dims):
-        self.loop = loop
-        self.captured = captured
-        self.placeholders = placeholders
-        self.new_states = new_states
-        self.end_cond = end_cond
-        self.length_dims = length_dims
-        axis = loop.axis
+    def __init__(self, spec: LoopSpec):
+        self.spec = spec
+        length_dims = spec.length_dims
+        axis = spec.axis
         self.axis_lengths = None
-        if axis.is_dynamic and not loop._own_dim:
+        if axis.is_dynamic and not spec.own_dim:
             self.axis_lengths = aligner(_graph.length_dims(axis), length_dims)
-        self.end_align = aligner(end_cond.dims, length_dims) if end_cond is not None else None
-        max_len = loop._max_len
-        self.max_align = aligner(max_len.dims, length_dims) if isinstance(max_len, Tensor) else None
-        self.state_align = [aligner(length_dims, p.dims) for p in placeholders]
+        self.end_align = aligner(spec.end.dims, length_dims) if spec.end is not None else None
+        self.max_align = aligner(spec.max_len.dims, length_dims) if isinstance(spec.max_len, Tensor) else None
+        self.state_align = [aligner(length_dims, p.dims) for p in spec.placeholders]
 
     def __call__(self, env, *raws):
-        loop = self.loop
-        axis = loop.axis
-        nc, ns = len(self.captured), len(self.placeholders)
+        spec = self.spec
+        axis = spec.axis
+        nc, ns = len(spec.captured), len(spec.placeholders)
         captured, state = list(raws[:nc]), list(raws[nc:nc + ns])
-        max_len = raws[nc + ns] if self.max_align is not None else loop._max_len
-        stacks = [v for v, _ in loop._stacks]
-        lasts = [v for v, _ in loop._lasts]
-        outputs = self.new_states + stacks + lasts + ([self.end_cond] if self.end_cond is not None else [])
-        feed = self.captured + self.placeholders
+        max_len = raws[nc + ns] if self.max_align is not None else spec.max_len
+        stacks, lasts = spec.stacks, spec.lasts
+        outputs = spec.new_states + stacks + lasts + ([spec.end] if spec.end is not None else [])
+        feed = spec.captured + spec.placeholders
+        last_align = [aligner(spec.length_dims, v.dims) for v in lasts]
 
-        if loop._own_dim:
+        if spec.own_dim:
             n_steps = None
         else:
             n_steps = env.size(axis)
@@ -460,27 +502,27 @@ class _LoopRun:
                 break
             if alive is not None and not bool(alive.any()):
                 break
-            if max_len is not None and loop._own_dim:
+            if max_len is not None and spec.own_dim:
                 over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
                 if isinstance(over, torch.Tensor):
                     over = bool((over & (alive if alive is not None else True)).any())
                 if over:
                     err = ExecutionError(
-                        f"the loop at {loop.source} ran past max_seq_len ({_describe_max(max_len)}) "
+                        f"the loop at {spec.source} ran past max_seq_len ({_describe_max(max_len)}) "
                         f"with entries not yet ended; raise max_seq_len or check the loop.end condition")
-                    err.node = loop._node  # the error names its line already
+                    err.node = spec.node  # the error names its line already
                     raise err
             step_env = env.child({axis: t})
-            results = step_env.run(loop.body, feed, captured + state, outputs)
+            results = step_env.run(spec.body, feed, captured + state, outputs)
             new_state = results[:ns]
             active = None if axis_len is None else (t < axis_len)
-            if self.end_cond is not None:
+            if spec.end is not None:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
-                    alive = torch.ones([env.size(d) for d in self.length_dims], dtype=torch.bool, device=env.device)
+                    alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool, device=env.device)
                 if active is not None:
                     alive = alive & active
-                step_counts = alive if loop._end[1] else alive & ~cond
+                step_counts = alive if spec.include_eos else alive & ~cond
                 alive = alive & ~cond
                 active = step_counts
             if active is None:
@@ -493,16 +535,16 @@ class _LoopRun:
                 frames[k].append(v)
             for k, v in enumerate(results[ns + len(stacks):ns + len(stacks) + len(lasts)]):
                 if active is None or last_vals[k] is None:
-                    last_vals[k] = v if active is None else torch.where(self._last_align(k)(active), v,
+                    last_vals[k] = v if active is None else torch.where(last_align[k](active), v,
                                                                          torch.zeros_like(v))
                 else:
-                    last_vals[k] = torch.where(self._last_align(k)(active), v, last_vals[k])
+                    last_vals[k] = torch.where(last_align[k](active), v, last_vals[k])
             _collect_inner_dims(step_env, axis, inner)
             t += 1
-        if loop._own_dim:
+        if spec.own_dim:
             env.sizes[axis] = t
             if counted is None:
-                counted = torch.full([env.size(d) for d in self.length_dims], t, dtype=torch.int64,
+                counted = torch.full([env.size(d) for d in spec.length_dims], t, dtype=torch.int64,
                                      device=env.device)
             env.lengths_of[axis] = counted
         for d, per_step in inner.items():
@@ -512,7 +554,7 @@ class _LoopRun:
             env.lengths_of[d] = _stack_frames([n for _, n in per_step], env.size(axis), env.device, torch.int64)
         if t == 0:
             # no step ran: the dims the body creates (inner loops' own dims, varying along `axis`) are empty
-            for value, _ in loop._stacks + loop._lasts:
+            for value in stacks + lasts:
                 for d in value.dims:
                     if d.is_dynamic and d.origin is None and axis in d.length_dims and not env.knows_lengths(d):
                         env.sizes[d] = 0
@@ -520,18 +562,15 @@ class _LoopRun:
                                                         dtype=torch.int64, device=env.device)
         size = env.size(axis)
         stacked = []
-        for (value, out), fr in zip(loop._stacks, frames):
-            stacked.append(_stack_frames(fr, size, env.device, out.dtype, [_size_or_zero(env, d) for d in value.dims]))
+        for value, fr in zip(stacks, frames):
+            stacked.append(_stack_frames(fr, size, env.device, value.dtype,
+                                         [_size_or_zero(env, d) for d in value.dims]))
         finals = []
-        for (value, out), v in zip(loop._lasts, last_vals):
-            finals.append(v if v is not None else torch.zeros([_size_or_zero(env, d) for d in out.dims],
-                                                              dtype=out.dtype, device=env.device))
+        for value, v in zip(lasts, last_vals):
+            finals.append(v if v is not None else torch.zeros([_size_or_zero(env, d) for d in value.dims],
+                                                              dtype=value.dtype, device=env.device))
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
-
-    def _last_align(self, k: int):
-        value, _ = self.loop._lasts[k]
-        return aligner(self.length_dims, value.dims)
 
 
 def _size_or_zero(env, d: Dim) -> int:
