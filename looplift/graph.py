@@ -170,6 +170,7 @@ def replayable(fn: Callable) -> Callable:
             call.outputs = fn(*args, **kwargs)
         finally:
             ctx.call = None
+        ctx.last_call = call
         return call.outputs
     op.replayable = True
     return op
@@ -207,8 +208,9 @@ class TraceContext:
         #: learnt by an earlier attempt of the same trace.
         self.loop_hints: dict = loop_hints if loop_hints is not None else {}
         self._loop_count = 0
-        #: The outermost op call being traced, if any.
+        #: The outermost op call being traced, if any, and the last one finished.
         self.call: Call | None = None
+        self.last_call: Call | None = None
 
     def next_loop_ordinal(self) -> int:
         self._loop_count += 1

@@ -47,7 +47,7 @@ from .ops.math import cast
 from .ops.shape import expand, to_layout
 from .tensor import Tensor
 
-__all__ = ["Loop", "LoopState", "LoopSpec"]
+__all__ = ["Loop", "LoopState", "LoopSpec", "emit_unstack"]
 
 
 def _is_tensor(v) -> bool:
@@ -226,11 +226,7 @@ class Loop:
         if self.axis not in x.dims:
             raise DimError(f"loop.unstack: the {x.describe()} does not have the loop's axis {self.axis.name!r} "
                            f"(loop at {self.source}, at {_graph.user_source_line()})")
-        pos = x.dims.index(self.axis)
-        axis = self.axis
-        return self.body.add("unstack", (x,), lambda env, v: v.select(pos, env.step(axis)),
-                             [(tuple(d for d in x.dims if d is not axis), x.dtype, x.sparse_dim)],
-                             attrs={"axis": axis.name}).outputs[0]
+        return emit_unstack(self.body, x, self.axis)
 
     @property
     def index(self) -> Tensor:
@@ -456,6 +452,14 @@ class LoopSpec:
                      index=len(self.node.outputs))
         self.node.outputs.append(out)
         return out
+
+
+def emit_unstack(body: _graph.Graph, x: Tensor, axis: Dim, source: str | None = None) -> Tensor:
+    """In the loop body `body`: frame t of `x` along the loop's `axis` at step t."""
+    pos = x.dims.index(axis)
+    return body.add("unstack", (x,), lambda env, v: v.select(pos, env.step(axis)),
+                    [(tuple(d for d in x.dims if d is not axis), x.dtype, x.sparse_dim)],
+                    attrs={"axis": axis.name}, source=source).outputs[0]
 
 
 class _LoopRun:

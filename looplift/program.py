@@ -27,6 +27,7 @@ from . import graph as _graph
 from ._tree import flatten, unflatten
 from .dims import Dim
 from .errors import InputError, LoopliftError, ModeError, TraceError
+from .passes.move_out import Optimized, optimize as optimize_loops
 from .runtime.env import Env
 from .runtime.executor import Executor
 from .runtime.named import Named
@@ -66,15 +67,22 @@ def _spec_of(x: Named | Spec) -> Spec:
 class Trace:
     """One traced signature of a program: the graph and its prepared executor."""
 
-    def __init__(self, graph: _graph.Graph, inputs: list[Tensor], out_spec, out_leaves: list, seconds: float):
+    def __init__(self, graph: _graph.Graph, inputs: list[Tensor], out_spec, out_leaves: list, start: float, *,
+                 optimized: Optimized | None = None):
+        #: The graph as traced (what the reference interpreter runs).
         self.graph = graph
         self.inputs = inputs
         self.out_spec = out_spec
         self.out_leaves = out_leaves
         self.out_tensors = [x for x in out_leaves if isinstance(x, Tensor)]
-        self.executor = Executor(graph, inputs, self.out_tensors)
-        #: Wall time of tracing and preparing, in seconds.
-        self.seconds = seconds
+        #: The graph after the loop optimizer (None when compiled with ``optimize=False``).
+        self.optimized = optimized
+        if optimized is not None:
+            self.executor = Executor(optimized.graph, optimized.inputs, optimized.outputs)
+        else:
+            self.executor = Executor(graph, inputs, self.out_tensors)
+        #: Wall time of tracing, optimizing and preparing, in seconds.
+        self.seconds = time.perf_counter() - start
 
     @property
     def num_nodes(self) -> int:
@@ -85,10 +93,11 @@ class Trace:
 class Program:
     """A traced model: call it with :class:`~looplift.Named` tensors. See :func:`compile`."""
 
-    def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None):
+    def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None, optimize: bool = True):
         self.fn = fn
         self.mode = mode
         self.root = root
+        self.optimize = optimize
         self._traces: dict[Any, Trace] = {}
 
     # -- tracing -------------------------------------------------------------------------
@@ -152,7 +161,11 @@ class Program:
                                      f"Cond; get it out with loop.stack(...), loop.last(...), a loop state or the "
                                      f"Cond result")
                 raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
-        trace = Trace(graph, inputs, out_spec, out_leaves, time.perf_counter() - start)
+        optimized = None
+        if self.optimize:
+            optimized = optimize_loops(graph, inputs, [x for x in out_leaves if isinstance(x, Tensor)],
+                                       mode=self.mode, float_dtype=self._float_dtype(leaves))
+        trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized)
         self._traces[key] = trace
         return trace
 
@@ -306,7 +319,7 @@ def _to_named(t: Tensor, raw, env: Env) -> Named:
     return Named(raw, t.dims, lengths, sparse_dim=t.sparse_dim)
 
 
-def compile(model: Callable, *, mode: str = "train") -> Program:  # noqa: A001
+def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> Program:  # noqa: A001
     """Trace `model` (a :class:`looplift.Module`, any callable, or a bound method) into a :class:`Program`.
 
     Args:
@@ -314,6 +327,9 @@ def compile(model: Callable, *, mode: str = "train") -> Program:  # noqa: A001
         mode: ``"train"`` (dropout on), ``"eval"`` or ``"search"``; the model
             can branch on it with :func:`looplift.is_training` and
             :func:`looplift.is_search`.
+        optimize: move out of loops what does not depend on the previous
+            step (see :meth:`Program.explain`). Off, every loop runs as
+            written, step by step, as in :meth:`Program.reference`.
 
     Programs compiled from one model share its parameters and do not
     interfere with each other.
@@ -326,4 +342,4 @@ def compile(model: Callable, *, mode: str = "train") -> Program:  # noqa: A001
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None
-    return Program(model, mode, root=root)
+    return Program(model, mode, root=root, optimize=optimize)

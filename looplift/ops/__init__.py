@@ -10,9 +10,9 @@ from .math import (abs, add, cast, clip, cos, elu, eq, exp, floordiv, ge, gelu, 
                    ne, neg, pow, relu, rsqrt, sigmoid, silu, sin, softplus, sqrt, square, sub, swish, tanh,
                    truediv, where)
 from .nn import dropout, layer_norm
-from .reduce import argmax, log_softmax, logsumexp, max, mean, min, softmax, sum
-from .shape import (concat, expand, full, length, merge_dims, ones, pad, range_over_dim, replace_dim, slice, split,
-                    split_dims, zeros)
+from .reduce import argmax, cumsum, log_softmax, logsumexp, max, mean, min, softmax, sum
+from .shape import (concat, expand, full, length, merge_dims, ones, pad, range_over_dim, replace_dim, shift_right,
+                    slice, split, split_dims, zeros)
 
 __all__ = [
     "conv1d", "embedding", "gather", "one_hot", "dot", "linear", "matmul", "cross_entropy", "ctc_loss",
@@ -20,7 +20,7 @@ __all__ = [
     "leaky_relu", "log", "log_sigmoid", "logical_and", "logical_not", "logical_or", "logical_xor", "lt",
     "maximum", "minimum", "mod", "mul", "ne", "neg", "pow", "relu", "rsqrt", "sigmoid", "silu", "sin",
     "softplus", "sqrt", "square", "sub", "swish", "tanh", "truediv", "where", "dropout", "layer_norm",
-    "argmax", "log_softmax", "logsumexp", "max", "mean", "min", "softmax", "sum", "concat", "expand", "full",
-    "length", "merge_dims", "ones", "pad", "range_over_dim", "replace_dim", "slice", "split", "split_dims",
+    "argmax", "cumsum", "log_softmax", "logsumexp", "max", "mean", "min", "softmax", "sum", "concat", "expand", "full",
+    "length", "merge_dims", "ones", "pad", "range_over_dim", "replace_dim", "shift_right", "slice", "split", "split_dims",
     "zeros",
 ]

@@ -105,6 +105,7 @@ def _root(graph):
 def emit(op: str, inputs: tuple[Tensor, ...], kernel: Callable, dims: Sequence[Dim], dtype: torch.dtype,
          *, sparse_dim: Dim | None = None, attrs: dict | None = None) -> Tensor:
     """Add a node with one output to the current graph and return that output."""
+    _check_distinct(op, dims)
     node = _graph.current(f"{op} over {dims_str(dims)}").graph.add(op, inputs, kernel,
                                                                    [(tuple(dims), dtype, sparse_dim)], attrs)
     return node.outputs[0]
@@ -114,9 +115,16 @@ def emit_many(op: str, inputs: tuple[Tensor, ...], kernel: Callable,
               outputs: Sequence[tuple[Sequence[Dim], torch.dtype, Dim | None]],
               *, attrs: dict | None = None) -> list[Tensor]:
     """Add a node with several outputs (the kernel returns a tuple)."""
+    for d, _, _ in outputs:
+        _check_distinct(op, d)
     ctx = _graph.current(f"{op} into {', '.join(dims_str(d) for d, _, _ in outputs)}")
     node = ctx.graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs)
     return node.outputs
+
+
+def _check_distinct(op: str, dims) -> None:
+    if len(set(dims)) != len(dims):
+        raise DimError(f"{op}: the result would have a dim twice: {dims_str(dims)} (at {_graph.user_source_line()})")
 
 
 def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...]:

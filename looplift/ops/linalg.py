@@ -68,7 +68,8 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
     """``x @ weight.T + bias`` mapping `in_dim` to `out_dim`, as ``torch.nn.functional.linear``.
 
     `weight` is stored ``(out_dim, in_dim)`` and `bias` ``(out_dim,)``, as in
-    ``torch.nn.Linear``. Every other dim of `x` is a batch dim.
+    ``torch.nn.Linear``. Every other dim of `x` is a batch dim. `in_dim` and
+    `out_dim` may be the same dim (a map of a feature space to itself).
     """
     x, weight = as_tensor(x), as_tensor(weight)
     in_dim, out_dim = in_dim.canonical(), out_dim.canonical()
@@ -76,7 +77,7 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
     if weight.dims != (out_dim, in_dim):
         raise DimError(f"linear: the weight must be stored as ({out_dim.name}, {in_dim.name}), got the "
                        f"{weight.describe()} (at {_graph.user_source_line()})")
-    if out_dim in x.dims:
+    if out_dim in x.dims and out_dim is not in_dim:
         raise DimError(f"linear: the input {x.describe()} already has the out dim {out_dim.name!r} "
                        f"(at {_graph.user_source_line()})")
     if not x.dtype.is_floating_point:

@@ -19,7 +19,7 @@ from ..tensor import Tensor
 from ._core import (as_tensor, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, neutral,
                     require_float)
 
-__all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax"]
+__all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax", "cumsum"]
 
 
 def _prepare(x, axis, op: str):
@@ -100,6 +100,24 @@ def argmax(x, axis: Dim) -> Tensor:
 
 
 _argmax = _empty_safe("argmax", lambda v, axes: v.argmax(dim=axes[0]))
+
+
+def cumsum(x, axis: Dim) -> Tensor:
+    """The running sum along `axis`: frame t is the sum of frames 0..t.
+
+    Frames within each sequence's length depend only on valid frames; padding
+    frames (beyond the length) are undefined.
+    """
+    x = as_tensor(x)
+    if not isinstance(axis, Dim):
+        raise DimError(f"cumsum takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+    check_has(x, (axis,), "cumsum")
+    if x.dtype == torch.bool:
+        raise DTypeError(f"cumsum needs a numeric tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+    pos = x.dims.index(axis.canonical())
+    dtype = x.dtype if x.dtype.is_floating_point else torch.int64
+    return emit("cumsum", (x,), lambda env, v: torch.cumsum(v, dim=pos), x.dims, dtype,
+                attrs={"axis": axis.name})
 
 
 def _normalize(name: str, torch_fn: Callable) -> Callable:

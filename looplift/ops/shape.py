@@ -23,7 +23,7 @@ from ._core import (as_tensor, broadcast_dims, check_has, dim_list, dims_str, em
                     masker)
 
 __all__ = ["expand", "concat", "split", "slice", "pad", "split_dims", "merge_dims", "full", "zeros", "ones",
-           "range_over_dim", "length", "replace_dim"]
+           "range_over_dim", "length", "replace_dim", "shift_right"]
 
 
 def _here() -> str:
@@ -400,6 +400,34 @@ def zeros(dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = None) -
 def ones(dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = None) -> Tensor:
     """A tensor of ones over `dims` (float by default)."""
     return full(1.0 if dtype is None else 1, dims, dtype=dtype)
+
+
+def shift_right(x, *, axis: Dim, initial) -> Tensor:
+    """`x` delayed by one frame along `axis`: frame 0 is `initial`, frame t is frame t - 1 of `x`.
+
+    The dim stays `axis`. This is what "the value of the previous step" is over
+    a whole sequence; `initial` has the dims of a frame (or fewer: broadcast).
+    """
+    x, initial = as_tensor(x), as_tensor(initial)
+    check_has(x, (axis,), "shift_right")
+    axis = axis.canonical()
+    if axis in initial.dims:
+        raise DimError(f"shift_right: the initial value {initial.describe()} must not have {axis.name!r} "
+                       f"(at {_here()})")
+    dims = broadcast_dims("shift_right", x.dims, initial.dims)
+    x = expand(x, [d for d in dims if d not in x.dims])
+    pos = x.dims.index(axis)
+    init_al = aligner(initial.dims, tuple(d for d in x.dims if d is not axis))
+    dtype = x.dtype
+
+    def kernel(env, v, i):
+        shape = list(v.shape)
+        shape[pos] = 1
+        first = init_al(torch.as_tensor(i, dtype=dtype, device=v.device)).unsqueeze(pos).expand(shape)
+        return torch.cat([first, v.narrow(pos, 0, max(v.shape[pos] - 1, 0))], pos).narrow(pos, 0, v.shape[pos])
+
+    return emit("shift_right", (x, initial), kernel, x.dims, x.dtype, sparse_dim=x.sparse_dim,
+                attrs={"axis": axis.name})
 
 
 def range_over_dim(axis: Dim, *, dtype: str | torch.dtype = torch.int64) -> Tensor:

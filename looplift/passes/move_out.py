@@ -1,0 +1,535 @@
+"""The move-out pass: compute outside a loop everything that does not depend on the previous step.
+
+For each loop, the body's op calls are classified by what they depend on:
+
+* invariant: only values from outside the loop. Computed once, before it.
+* sequence: also frames of unstacked inputs, the step index, or states that
+  are themselves moved out, but on no state carried by the loop. Replayed
+  before the loop on whole sequences: the op's own dim rule treats the loop's
+  dim as one more batch dim. Inside, what is left reads frame t of the result.
+* core: depends on a state carried from step to step. Stays in the loop,
+  unless its results are only stacked (or feed only such calls): then it is
+  replayed after the loop on the stacked sequences of its inputs.
+
+A state whose next value is a sequence value is moved out as well: its value
+at step t is that sequence shifted by one step, the initial value in front
+(``shift_right``). The classification starts with every state carried and
+moves states out until nothing changes, so a state that feeds itself, however
+indirectly, always stays.
+
+The pass reasons only about dependencies and regions, never about particular
+ops: replaying a recorded call (:class:`looplift.graph.Call`) on other inputs
+is all it asks of an op. Calls it cannot replay, nested loops and Conds stay
+where they are (nested loops are optimized in turn). If a replay fails, the
+loop is left as it was, which is always correct, and ``explain`` says why.
+
+The pass never changes what a program computes: the reference interpreter
+runs the graph as traced, and the tests compare both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import graph as _graph
+from .._tree import flatten
+from ..dims import Dim
+from ..errors import LoopliftError
+from ..loop import LoopSpec, emit_unstack
+from ..ops import math as _math
+from ..ops import reduce as _reduce
+from ..ops import shape as _shape
+from ..ops.index import gather
+from ..tensor import Tensor
+
+__all__ = ["optimize", "Optimized", "LoopReport"]
+
+INVARIANT, SEQUENCE, CORE = 0, 1, 2
+
+
+@dataclass
+class LoopReport:
+    """What the pass did with one loop (see :meth:`looplift.Program.explain`)."""
+
+    source: str
+    axis: str
+    hoisted: list[str] = field(default_factory=list)         # computed once, before the loop
+    moved_in: list[str] = field(default_factory=list)        # over the whole sequence, before the loop
+    moved_out: list[str] = field(default_factory=list)       # over the stacked sequences, after the loop
+    moved_states: list[str] = field(default_factory=list)    # states whose values are shifted sequences
+    stayed: list[tuple[str, list[str]]] = field(default_factory=list)  # (call, the chain that keeps it)
+    loop_removed: bool = False
+    not_optimized: str | None = None
+    #: per body node: "invariant", "sequence", "core" or "after" (for pictures)
+    node_class: dict[int, str] = field(default_factory=dict)
+    spec: LoopSpec | None = None
+
+
+@dataclass
+class Optimized:
+    graph: _graph.Graph
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    reports: list[LoopReport]
+
+
+def optimize(graph: _graph.Graph, inputs: list[Tensor], outputs: list[Tensor], *, mode: str,
+             float_dtype: torch.dtype) -> Optimized:
+    """A new graph computing the same `outputs` with loops optimized; `graph` is left unchanged."""
+    new = _graph.Graph()
+    ctx = _graph.TraceContext(mode, new, float_dtype)
+    token = _graph.enter(ctx)
+    try:
+        rewriter = _Rewriter(ctx)
+        rewriter.copy_graph(graph, new)
+        new_inputs = [rewriter.map[id(t)] for t in inputs]
+        new_outputs = [rewriter.value(t) for t in outputs]
+    finally:
+        _graph.leave(token)
+    return Optimized(new, new_inputs, new_outputs, rewriter.reports)
+
+
+class _CannotMove(LoopliftError):
+    pass
+
+
+class _Rewriter:
+    def __init__(self, ctx: _graph.TraceContext):
+        self.ctx = ctx
+        #: id(old tensor) -> its value in the new graph (for body tensors: in the new body)
+        self.map: dict[int, Tensor] = {}
+        self.reports: list[LoopReport] = []
+
+    def value(self, t: Tensor) -> Tensor:
+        return self.map[id(t)]
+
+    def copy_graph(self, old: _graph.Graph, new: _graph.Graph) -> None:
+        for node in old.nodes:
+            if node.op == "loop" and node.kernel is not None:
+                self.transform_loop(node, new)
+            else:
+                self.copy_node(node, new)
+
+    def copy_node(self, node: _graph.Node, graph: _graph.Graph, value=None) -> _graph.Node:
+        """`node` added to `graph` unchanged but for its inputs (mapped by `value`, default: the map)."""
+        value = value or self.value
+        new = graph.add(node.op, tuple(value(t) for t in node.inputs), node.kernel,
+                        [(t.dims, t.dtype, t.sparse_dim) for t in node.outputs], dict(node.attrs), node.source)
+        new.call = node.call
+        for old_t, new_t in zip(node.outputs, new.outputs):
+            self.map[id(old_t)] = new_t
+        return new
+
+    def transform_loop(self, node: _graph.Node, parent: _graph.Graph) -> None:
+        spec: LoopSpec = node.attrs["loop"]
+        report = LoopReport(spec.source, spec.axis.name, spec=spec)
+        start = len(parent.nodes)
+        saved_graph, saved_loops = self.ctx.graph, list(self.ctx.loops)
+        try:
+            _LoopMove(self, spec, node, parent, report).run()
+        except Exception as e:  # noqa: BLE001 - any failure leaves the loop as traced, which is correct
+            self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
+            del parent.nodes[start:]
+            report = LoopReport(spec.source, spec.axis.name, spec=spec,
+                                not_optimized=f"{type(e).__name__}: {e}")
+            self.copy_node(node, parent)
+        finally:
+            self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
+        self.reports.append(report)
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One op call of the body (or one node that is not a call)."""
+
+    nodes: list
+    call: _graph.Call | None
+    kind: str                     # "call", "verbatim", "state", "unstack", "index", "region"
+    inputs: list[Tensor] = field(default_factory=list)
+    cls: int = CORE
+    after: bool = False           # replayed after the loop
+
+    def describe(self) -> str:
+        node = self.nodes[0]
+        name = self.call.fn.__name__ if self.call is not None else node.op
+        if self.kind == "state":
+            name = f"state {node.attrs.get('state')!r}"
+        outs = self.outputs()
+        dims = "{" + ", ".join(d.name for d in outs[0].dims) + "}" if outs else ""
+        return f"{name} {dims} at {node.source}"
+
+    def outputs(self) -> list[Tensor]:
+        if self.call is not None:
+            leaves, _ = flatten(self.call.outputs, lambda v: isinstance(v, Tensor))
+            return [t for t in leaves if isinstance(t, Tensor)]
+        return [t for n in self.nodes for t in n.outputs]
+
+
+class _LoopMove:
+    """The rewrite of one loop."""
+
+    def __init__(self, rw: _Rewriter, spec: LoopSpec, node: _graph.Node, parent: _graph.Graph,
+                 report: LoopReport):
+        self.rw, self.spec, self.node, self.parent, self.report = rw, spec, node, parent, report
+        self.ctx = rw.ctx
+        self.axis: Dim = spec.axis
+        self._seq: dict[int, Tensor] = {}
+        self._inv: dict[int, Tensor] = {}
+        self._index_seq: Tensor | None = None
+        self._lengths: Tensor | None = None
+        self.body: _graph.Graph | None = None
+        self._base_loops = list(rw.ctx.loops)
+
+    # -- analysis -------------------------------------------------------------------------------------
+
+    def _units(self) -> None:
+        spec = self.spec
+        self.units: list[_Unit] = []
+        by_call: dict[int, _Unit] = {}
+        for n in spec.body.nodes:
+            if n.call is not None:
+                unit = by_call.get(id(n.call))
+                if unit is None:
+                    unit = by_call[id(n.call)] = _Unit([], n.call, "call")
+                    self.units.append(unit)
+                unit.nodes.append(n)
+                continue
+            kind = {"state": "state", "unstack": "unstack", "loop_index": "index"}.get(n.op)
+            if kind is None:
+                kind = "region" if n.op in ("loop", "cond") else "verbatim"
+            self.units.append(_Unit([n], None, kind))
+        self.producer: dict[int, _Unit] = {}
+        for unit in self.units:
+            for n in unit.nodes:
+                for t in n.outputs:
+                    self.producer[id(t)] = unit
+        for unit in self.units:
+            own = {id(t) for n in unit.nodes for t in n.outputs}
+            seen: set[int] = set()
+            for n in unit.nodes:
+                for t in n.inputs:
+                    if id(t) not in own and id(t) not in seen:
+                        seen.add(id(t))
+                        unit.inputs.append(t)
+        self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
+
+    def cls(self, t: Tensor) -> int:
+        unit = self.producer.get(id(t))
+        return INVARIANT if unit is None else unit.cls
+
+    def _classify(self) -> None:
+        spec = self.spec
+        constant = {k for k, (p, v) in enumerate(zip(spec.placeholders, spec.new_states)) if p is v}
+        moved: set[int] = set()
+        while True:
+            for unit in self.units:
+                unit.cls = self._unit_class(unit, moved, constant)
+            now = set() if spec.own_dim else {
+                k for k, v in enumerate(spec.new_states) if k not in constant and self.cls(v) <= SEQUENCE}
+            if now == moved:
+                break
+            moved = now
+        self.moved, self.constant = moved, constant
+
+    def _unit_class(self, unit: _Unit, moved: set[int], constant: set[int]) -> int:
+        if unit.kind == "state":
+            k = self.state_index[id(unit.nodes[0].outputs[0])]
+            return INVARIANT if k in constant else SEQUENCE if k in moved else CORE
+        if unit.kind in ("unstack", "index"):
+            return CORE if self.spec.own_dim else SEQUENCE
+        worst = max((self.cls(t) for t in unit.inputs), default=INVARIANT)
+        if unit.kind in ("region", "verbatim") or self.spec.own_dim:
+            return INVARIANT if worst == INVARIANT else CORE
+        return worst
+
+    def _mark_after(self) -> None:
+        """Core calls whose results are only stacked, or feed only such calls: replayed after the loop."""
+        spec = self.spec
+        pinned = {id(t) for t in spec.new_states} | {id(t) for t in spec.lasts}
+        if spec.end is not None:
+            pinned.add(id(spec.end))
+        consumers: dict[int, list[_Unit]] = {}
+        for unit in self.units:
+            for t in unit.inputs:
+                consumers.setdefault(id(t), []).append(unit)
+        for unit in reversed(self.units):
+            if unit.cls != CORE or unit.kind != "call":
+                continue
+            outs = [t for n in unit.nodes for t in n.outputs]
+            if any(id(t) in pinned for t in outs):
+                continue
+            users = [u for t in outs for u in consumers.get(id(t), [])]
+            unit.after = all(u.after for u in users)
+
+    # -- values outside the loop --------------------------------------------------------------------
+
+    def _in(self, graph: _graph.Graph):
+        """Trace into `graph`: the new body (inside this loop) or the parent (around it)."""
+        move = self
+        loops = move._base_loops + ([move.spec] if graph is move.body else [])
+
+        class _Scope:
+            def __enter__(self):
+                self.saved = move.ctx.graph, list(move.ctx.loops)
+                move.ctx.graph = graph
+                move.ctx.loops[:] = loops
+
+            def __exit__(self, *exc):
+                move.ctx.graph, move.ctx.loops[:] = self.saved[0], self.saved[1]
+
+        return _Scope()
+
+    def inv(self, t: Tensor) -> Tensor:
+        """The value of the invariant `t`, in the parent graph."""
+        unit = self.producer.get(id(t))
+        if unit is None:
+            return self.rw.value(t)
+        if id(t) not in self._inv:
+            if unit.kind == "state":
+                k = self.state_index[id(t)]
+                self._inv[id(t)] = self.initial[k]
+            elif unit.kind == "call":
+                self._replay(unit, self.inv, self._inv)
+            else:
+                with self._in(self.parent):
+                    new = self.rw.copy_node(unit.nodes[0], self.parent, self.inv)
+                for old_t, new_t in zip(unit.nodes[0].outputs, new.outputs):
+                    self._inv[id(old_t)] = new_t
+            self.report.hoisted.append(unit.describe())
+        return self._inv[id(t)]
+
+    def seq(self, t: Tensor) -> Tensor:
+        """The value of `t` over the whole sequence (with the loop's axis unless invariant), in the parent."""
+        c = self.cls(t)
+        if c == INVARIANT:
+            return self.inv(t)
+        assert c == SEQUENCE, t
+        if id(t) in self._seq:
+            return self._seq[id(t)]
+        unit = self.producer[id(t)]
+        with self._in(self.parent):
+            if unit.kind == "unstack":
+                value = self.rw.value(unit.nodes[0].inputs[0])
+            elif unit.kind == "index":
+                if self._index_seq is None:
+                    self._index_seq = _shape.range_over_dim(self.axis)
+                value = self._index_seq
+            elif unit.kind == "state":
+                k = self.state_index[id(t)]
+                value = _shape.shift_right(self.with_axis(self.seq(self.spec.new_states[k])), axis=self.axis,
+                                           initial=self.initial[k])
+                self.report.moved_states.append(self.spec.state_names[k])
+            else:
+                self._replay(unit, self.seq, self._seq)
+                self.report.moved_in.append(unit.describe())
+                value = self._seq[id(t)]
+                if self.axis not in value.dims:
+                    raise _CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")
+        self._seq[id(t)] = value
+        return value
+
+    def with_axis(self, value: Tensor) -> Tensor:
+        with self._in(self.parent):
+            return _shape.expand(value, [self.axis]) if self.axis not in value.dims else value
+
+    def _replay(self, unit: _Unit, value_of, memo: dict) -> None:
+        """Run the unit's call again on the inputs given by `value_of`, in the parent graph."""
+        call = unit.call
+
+        def sub(x):
+            return value_of(x) if isinstance(x, Tensor) else x
+
+        args = [_map_tree(a, sub) for a in call.args]
+        kwargs = {k: _map_tree(v, sub) for k, v in call.kwargs.items()}
+        with self._in(self.parent):
+            try:
+                result = call.fn(*args, **kwargs)
+            except LoopliftError as e:
+                raise _CannotMove(f"{unit.describe()} cannot run over the whole sequence: {e}") from e
+        source = unit.nodes[0].source
+        for n in self.ctx.last_call.nodes:
+            n.source = source
+        old, _ = flatten(call.outputs, lambda v: isinstance(v, Tensor))
+        new, _ = flatten(result, lambda v: isinstance(v, Tensor))
+        for o, v in zip(old, new):
+            if isinstance(o, Tensor):
+                memo[id(o)] = v
+
+    # -- the rewrite ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        spec, node = self.spec, self.node
+        self._units()
+        self._classify()
+        self._mark_after()
+        nc, ns = len(spec.captured), len(spec.placeholders)
+        self.initial = [self.rw.value(t) for t in node.inputs[nc:nc + ns]]
+        max_len = self.rw.value(node.inputs[nc + ns]) if isinstance(spec.max_len, Tensor) else spec.max_len
+        core = [u for u in self.units if u.cls == CORE and not u.after and u.kind != "state"]
+        carried = [k for k in range(ns) if k not in self.moved and k not in self.constant]
+        self.loop_stays = bool(core or carried or spec.own_dim)
+        after_inputs = [t for u in self.units if u.after for t in u.inputs
+                        if self.cls(t) == CORE and not self.producer[id(t)].after]
+        for unit in self.units:
+            self.report.node_class.update(
+                {id(n): ("after" if unit.after else ["invariant", "sequence", "core"][unit.cls]) for n in unit.nodes})
+        stacked_core: dict[int, Tensor] = {}
+        new_node = None
+        if self.loop_stays:
+            new_node, stacked_core = self._build_loop(core, after_inputs, max_len)
+        else:
+            self.report.loop_removed = True
+        self._map_outputs(new_node, stacked_core)
+        for unit in core:
+            self.report.stayed.append((unit.describe(), self._chain(unit)))
+
+    def _build_loop(self, core: list[_Unit], after_inputs: list[Tensor], max_len):
+        spec, rw = self.spec, self.rw
+        body = _graph.Graph(parent=self.parent)
+        self.body = body
+        placeholders = []
+        with self._in(body):
+            for k, p in enumerate(spec.placeholders):
+                new = body.add("state", (), None, [(p.dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
+                               p.node.source).outputs[0]
+                rw.map[id(p)] = new
+                placeholders.append(new)
+            for unit in core:
+                if unit.kind == "region" and unit.nodes[0].op == "loop":
+                    for t in unit.inputs:
+                        self.in_body(t)
+                    rw.transform_loop(unit.nodes[0], body)
+                elif unit.kind in ("unstack", "index"):
+                    for n in unit.nodes:
+                        rw.copy_node(n, body, self.in_body)
+                else:
+                    for n in unit.nodes:
+                        rw.copy_node(n, body, self.in_body)
+            new_states = [self.in_body(v) for v in spec.new_states]
+            end = self.in_body(spec.end) if spec.end is not None else None
+            core_stacks = [v for v in spec.stacks if self.cls(v) == CORE and not self.producer[id(v)].after]
+            extra = [t for t in after_inputs if not any(t is v for v in core_stacks)]
+            stack_values = [self.in_body(v) for v in core_stacks + extra]
+            lasts = [self.in_body(v) for v in spec.lasts]
+        returned = [*new_states, *stack_values, *lasts, *([end] if end is not None else [])]
+        new_spec = LoopSpec(
+            axis=spec.axis, own_dim=spec.own_dim, source=spec.source, body=body,
+            captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
+            stacks=stack_values, end=end, include_eos=spec.include_eos, max_len=max_len,
+            length_dims=spec.length_dims, state_names=spec.state_names)
+        new_node = new_spec.add_node(self.parent, self.initial)
+        for v in lasts:
+            new_spec.add_last(v)
+        n = len(placeholders)
+        stacked_core = {id(v): new_node.outputs[n + i] for i, v in enumerate(core_stacks + extra)}
+        return new_node, stacked_core
+
+    def in_body(self, t: Tensor) -> Tensor:
+        """The value of the old body tensor `t` in the new body, in its old layout."""
+        if id(t) in self.rw.map:
+            return self.rw.map[id(t)]
+        c = self.cls(t)
+        if c == INVARIANT:
+            value = self.rw.map[id(t)] = self.inv(t)
+            return value
+        if c == CORE and self.producer[id(t)].after:
+            raise _CannotMove("internal: a value computed after the loop is needed inside it")
+        assert c == SEQUENCE, t
+        sequence = self.seq(t)
+        with self._in(self.body):
+            frame = emit_unstack(self.body, sequence, self.axis, self.producer[id(t)].nodes[0].source)
+            value = self.rw.map[id(t)] = _shape.to_layout(frame, t.dims)
+        return value
+
+    def _map_outputs(self, new_node, stacked_core: dict[int, Tensor]) -> None:
+        spec, node, rw = self.spec, self.node, self.rw
+        ns = len(spec.placeholders)
+        outs = node.outputs
+        with self._in(self.parent):
+            for k in range(ns):
+                if new_node is not None:
+                    value = new_node.outputs[k]
+                elif k in self.constant:
+                    value = self.initial[k]
+                else:
+                    value = self._last_frame(self.seq(spec.new_states[k]), initial=self.initial[k])
+                rw.map[id(outs[k])] = _shape.to_layout(value, outs[k].dims)
+            after: dict[int, Tensor] = {}
+            for j, v in enumerate(spec.stacks):
+                out = outs[ns + j]
+                c = self.cls(v)
+                if c == CORE and self.producer[id(v)].after:
+                    value = self._after(v, stacked_core, after)
+                elif c == CORE:
+                    value = stacked_core[id(v)]
+                else:
+                    value = self.with_axis(self.seq(v))
+                rw.map[id(out)] = _shape.to_layout(value, out.dims)
+            for j, v in enumerate(spec.lasts):
+                out = outs[ns + len(spec.stacks) + j]
+                if new_node is not None:
+                    value = new_node.outputs[len(new_node.outputs) - len(spec.lasts) + j]
+                else:
+                    value = self._last_frame(self.with_axis(self.seq(v)))
+                rw.map[id(out)] = _shape.to_layout(value, out.dims)
+
+    def _after(self, t: Tensor, stacked_core: dict[int, Tensor], memo: dict) -> Tensor:
+        """The sequence of the core value `t`, by replaying after the loop what computes it."""
+        unit = self.producer[id(t)]
+        if not unit.after:
+            return stacked_core[id(t)]
+        if id(t) not in memo:
+            def value_of(x):
+                c = self.cls(x)
+                if c == CORE:
+                    return self._after(x, stacked_core, memo)
+                return self.seq(x)
+            self._replay(unit, value_of, memo)
+            self.report.moved_out.append(unit.describe())
+        return memo[id(t)]
+
+    def lengths(self) -> Tensor:
+        """Each entry's number of steps, computed outside the loop (for a loop that is gone)."""
+        if self._lengths is None:
+            spec, axis = self.spec, self.axis
+            if spec.end is None:
+                n = _shape.length(axis)
+            else:
+                ended = self.with_axis(self.seq(spec.end))
+                count = _math.cast(ended, torch.int64)
+                before = _math.gt(_math.sub(_reduce.cumsum(count, axis=axis), count), 0)
+                counted = _math.logical_not(before)
+                if not spec.include_eos:
+                    counted = _math.logical_and(counted, _math.logical_not(ended))
+                n = _reduce.sum(_math.cast(counted, torch.int64), axis=axis)
+            self._lengths = n
+        return self._lengths
+
+    def _last_frame(self, sequence: Tensor, initial: Tensor | None = None) -> Tensor:
+        """Frame ``length - 1`` of `sequence` per entry (`initial` where the length is 0)."""
+        n = self.lengths()
+        last = gather(sequence, index=_math.maximum(_math.sub(n, 1), 0), axis=self.axis)
+        if initial is None:
+            return last
+        return _math.where(_math.gt(n, 0), last, initial)
+
+    def _chain(self, unit: _Unit) -> list[str]:
+        """The calls that keep `unit` in the loop: a path back to a carried state."""
+        chain, seen = [unit.describe()], {id(unit)}
+        while unit.kind != "state":
+            nxt = next((self.producer[id(t)] for t in unit.inputs
+                        if self.cls(t) == CORE and id(t) in self.producer), None)
+            if nxt is None or id(nxt) in seen:
+                break
+            seen.add(id(nxt))
+            unit = nxt
+            chain.append(unit.describe())
+        return chain
+
+
+def _map_tree(value, fn):
+    leaves, spec = flatten(value, lambda v: isinstance(v, Tensor))
+    from .._tree import unflatten
+    return unflatten(spec, [fn(x) for x in leaves])
