@@ -27,6 +27,7 @@ from . import graph as _graph
 from ._tree import flatten, unflatten
 from .dims import Dim
 from .errors import InputError, LoopliftError, ModeError, TraceError
+from .passes.explain import explain as explain_reports, to_dot as loops_to_dot
 from .passes.move_out import Optimized, optimize as optimize_loops
 from .runtime.env import Env
 from .runtime.executor import Executor
@@ -190,6 +191,26 @@ class Program:
         finally:
             _graph.leave(token)
         return graph, inputs, result
+
+    def _last_trace(self) -> Trace:
+        if not self._traces:
+            raise LoopliftError("the program has not been traced yet: call it (or Program.trace) first")
+        return next(reversed(self._traces.values()))
+
+    def explain(self) -> str:
+        """What the loop optimizer did with the most recent trace: for each loop, what was moved in
+        (computed over the whole sequence before it), moved out (after it), replaced by a sequence
+        form, and what stayed in the loop with the dependency chain that kept it there."""
+        trace = self._last_trace()
+        if trace.optimized is None:
+            return "compiled with optimize=False: every loop runs step by step as written"
+        return explain_reports(trace.optimized.reports)
+
+    def to_dot(self) -> str:
+        """The loop bodies of the most recent trace as Graphviz DOT text, coloured by the optimizer's
+        outcome (render with ``dot -Tpng``)."""
+        trace = self._last_trace()
+        return loops_to_dot(trace.optimized.reports if trace.optimized is not None else [])
 
     @property
     def traces(self) -> list[Trace]:

@@ -59,6 +59,7 @@ class LoopReport:
     moved_in: list[str] = field(default_factory=list)        # over the whole sequence, before the loop
     moved_out: list[str] = field(default_factory=list)       # over the stacked sequences, after the loop
     moved_states: list[str] = field(default_factory=list)    # states whose values are shifted sequences
+    forms: list[str] = field(default_factory=list)           # replaced by an op's sequence-level form
     stayed: list[tuple[str, list[str]]] = field(default_factory=list)  # (call, the chain that keeps it)
     loop_removed: bool = False
     not_optimized: str | None = None

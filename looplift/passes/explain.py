@@ -1,0 +1,83 @@
+"""What the loop optimizer did, as text (``Program.explain``) and as a Graphviz picture (``Program.to_dot``)."""
+
+from __future__ import annotations
+
+from .move_out import LoopReport
+
+__all__ = ["explain", "to_dot"]
+
+_INTERNAL = ("to_layout",)  # bookkeeping of loop states, not user calls
+
+
+def _user(items):
+    return [x for x in items if not x.startswith(_INTERNAL)]
+
+
+def explain(reports: list[LoopReport]) -> str:
+    """A readable account of each loop: what moved, where, and what stayed with the chain that kept it."""
+    if not reports:
+        return "no loops"
+    lines = []
+    for r in reports:
+        lines.append(f"loop over {r.axis!r} at {r.source}")
+        if r.not_optimized:
+            lines.append(f"  not optimized (runs step by step as written): {r.not_optimized}")
+            continue
+        sections = [
+            ("computed once before the loop (loop-invariant)", _user(r.hoisted)),
+            ("moved in: computed over the whole sequence before the loop", _user(r.moved_in)),
+            ("replaced by sequence forms", r.forms),
+            ("states moved out (the previous step's value is the sequence shifted by one)", r.moved_states),
+            ("moved out: computed after the loop on the stacked sequence", _user(r.moved_out)),
+        ]
+        for title, items in sections:
+            if items:
+                lines.append(f"  {title}:")
+                lines += [f"    {x}" for x in items]
+        stayed = [(u, chain) for u, chain in r.stayed if not u.startswith(_INTERNAL)]
+        if r.loop_removed:
+            lines.append("  nothing left in the loop: it is gone")
+        elif stayed:
+            lines.append("  stayed in the loop (each kept by its dependency on a carried state):")
+            for unit, chain in stayed:
+                lines.append(f"    {unit}")
+                lines.append(f"      kept by: {' <- '.join(_user(chain[1:]) or chain[1:])}")
+        else:
+            lines.append("  stayed in the loop: only the carried states")
+    return "\n".join(lines)
+
+
+_COLORS = {"invariant": "lightgrey", "sequence": "lightblue", "after": "palegreen", "core": "salmon"}
+
+
+def to_dot(reports: list[LoopReport]) -> str:
+    """Graphviz DOT text of each loop body, nodes coloured by where the optimizer put them."""
+    out = ["digraph looplift {", "  rankdir=TB;", "  node [shape=box, style=filled, fontname=Helvetica];"]
+    legend = ", ".join(f"{k}: {v}" for k, v in _COLORS.items())
+    out.append(f'  label="{_escape(legend)}"; labelloc=b;')
+    for i, r in enumerate(reports):
+        spec = r.spec
+        out.append(f"  subgraph cluster_{i} {{")
+        title = f"loop over {r.axis} at {r.source}" + (" (not optimized)" if r.not_optimized else "")
+        out.append(f'    label="{_escape(title)}";')
+        ids = {}
+        for k, node in enumerate(spec.body.nodes):
+            ids[id(node)] = f"n{i}_{k}"
+            cls = r.node_class.get(id(node), "core")
+            name = node.call.fn.__name__ if node.call is not None else node.op
+            if node.op == "state":
+                name = f"state {node.attrs.get('state')}"
+            dims = ",".join(d.name for d in node.outputs[0].dims) if node.outputs else ""
+            out.append(f'    {ids[id(node)]} [label="{_escape(name)}\\n{{{_escape(dims)}}}", '
+                       f'fillcolor={_COLORS.get(cls, "white")}];')
+        for node in spec.body.nodes:
+            for t in node.inputs:
+                if t.node is not None and id(t.node) in ids:
+                    out.append(f"    {ids[id(t.node)]} -> {ids[id(node)]};")
+        out.append("  }")
+    out.append("}")
+    return "\n".join(out)
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
