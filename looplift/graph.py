@@ -28,7 +28,7 @@ import torch
 from .errors import ModeError, TraceError
 from .tensor import Tensor
 
-__all__ = ["Node", "Graph", "Call", "replayable", "resolve_call", "TraceContext", "current", "is_training", "is_search", "mode",
+__all__ = ["Node", "Graph", "Call", "replayable", "resolve_call", "SequenceForm", "sequence_form", "TraceContext", "current", "is_training", "is_search", "mode",
            "user_source_line"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -174,6 +174,39 @@ def replayable(fn: Callable) -> Callable:
         return call.outputs
     op.replayable = True
     return op
+
+
+@dataclass(frozen=True)
+class SequenceForm:
+    """How an op that carries its own result from step to step runs over a whole sequence at once.
+
+    Declared beside the op (``sequence_form(op, SequenceForm(...))``), so the
+    loop optimizer needs no knowledge of particular ops. In a loop, a call of
+    the op matches when one of its `carried` arguments is exactly a set of loop
+    states whose next values are exactly the call's outputs (in order), its
+    `invariant` arguments do not vary per step, and the rest does not depend on
+    any carried state.
+
+    ``run(args, carried, axis)`` gets the call's bound arguments with the
+    carried one replaced by the states' initial values and every other one by
+    its value over the whole sequence, and returns ``(sequences, finals)``:
+    per output of the call, its value at every step (over `axis`) or None,
+    and its final value or None. `sequences` says, per output, whether a
+    sequence is returned; `finals_ignore_end` that the finals are only right
+    for a loop without ``loop.end``.
+    """
+
+    carried: tuple[str, ...]
+    run: Callable
+    sequences: tuple[bool, ...]
+    invariant: tuple[str, ...] = ()
+    finals_ignore_end: bool = False
+    name: str = ""
+
+
+def sequence_form(op: Callable, form: SequenceForm) -> None:
+    """Declare the sequence-level form of the public op `op` (see :class:`SequenceForm`)."""
+    op.sequence_form = form
 
 
 def resolve_call(op_name: str, **kwargs) -> None:

@@ -272,4 +272,20 @@ for _name in __all__:  # every public op records its calls, so passes can replay
     globals()[_name] = _graph.replayable(globals()[_name])
 
 
+def _running_sum(args: dict, carried: str, axis):
+    """``s = s_prev + x`` over a sequence: the initial value plus the cumulative sum of x."""
+    from .reduce import cumsum
+    from .shape import expand
+    other = args["b" if carried == "a" else "a"]
+    if axis not in other.dims:
+        other = expand(other, [axis])
+    return [add(args[carried], cumsum(other, axis=axis))], [None]
+
+
+# In a loop, a state that is its own previous value plus something that does not depend on any carried
+# state is a running sum: over the sequence, a cumulative sum.
+_graph.sequence_form(add, _graph.SequenceForm(carried=("a", "b"), sequences=(True,), run=_running_sum,
+                                              name="running sum as a cumulative sum"))
+
+
 _install_operators()

@@ -154,3 +154,27 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
     globals()[_name] = _graph.replayable(globals()[_name])
+
+
+def _lstm_over_sequence(args: dict, carried: str, axis: Dim):
+    h0, c0 = args["state"]
+    out, h_final, c_final = rnn_sequence("lstm", args["x"], (h0, c0), args["weights"], axis=axis,
+                                         in_dim=args["in_dim"], hidden=args["hidden"])
+    return [out, None], [h_final, c_final]
+
+
+def _gru_over_sequence(args: dict, carried: str, axis: Dim):
+    out, h_final = rnn_sequence("gru", args["x"], (args["h"],), args["weights"], axis=axis,
+                                in_dim=args["in_dim"], hidden=args["hidden"])
+    return [out], [None]
+
+
+# In a loop, an LSTM/GRU step whose state is its own previous output runs as PyTorch's fused kernel over
+# the whole sequence. The LSTM's cell state exists only as a final value there (the fused kernel does not
+# return it per step), so that form applies when nothing else reads the cell state and the loop has no end.
+_graph.sequence_form(lstm_cell, _graph.SequenceForm(
+    carried=("state",), invariant=("weights",), sequences=(True, False), run=_lstm_over_sequence,
+    finals_ignore_end=True, name="fused LSTM over the sequence"))
+_graph.sequence_form(gru_cell, _graph.SequenceForm(
+    carried=("h",), invariant=("weights",), sequences=(True,), run=_gru_over_sequence,
+    name="fused GRU over the sequence"))

@@ -56,18 +56,20 @@ def expand(x, dims: Sequence[Dim]) -> Tensor:
 
 
 def to_layout(x, dims: Sequence[Dim]) -> Tensor:
-    """`x` broadcast to `dims` (a superset of its dims) and stored in exactly that order.
+    """`x` broadcast to `dims` and stored in that order (after any dims of `x` not in `dims`, kept in front).
 
     For values whose storage order matters: loop states, whose raw value must
-    have the same layout at every step.
+    have the same layout at every step. (Run over a whole sequence, the
+    sequence's dim is such an extra dim in front.)
     """
     x = expand(x, [d for d in dims if d not in x.dims])
     dims = tuple(d.canonical() for d in dims)
-    if x.dims == dims:
+    layout = tuple(d for d in x.dims if d not in dims) + dims
+    if x.dims == layout:
         return x
-    perm = tuple(x.dims.index(d) for d in dims)
-    return emit("transpose", (x,), lambda env, v: v.permute(perm), dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"dims": [d.name for d in dims]})
+    perm = tuple(x.dims.index(d) for d in layout)
+    return emit("transpose", (x,), lambda env, v: v.permute(perm), layout, x.dtype, sparse_dim=x.sparse_dim,
+                attrs={"dims": [d.name for d in layout]})
 
 
 def replace_dim(x, axis: Dim, new: Dim) -> Tensor:

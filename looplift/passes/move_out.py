@@ -29,6 +29,7 @@ runs the graph as traced, and the tests compare both.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +152,7 @@ class _Unit:
     inputs: list[Tensor] = field(default_factory=list)
     cls: int = CORE
     after: bool = False           # replayed after the loop
+    form: tuple | None = None     # (carried argument, state indices) when run by the op's sequence form
 
     def describe(self) -> str:
         node = self.nodes[0]
@@ -180,6 +182,7 @@ class _LoopMove:
         self._inv: dict[int, Tensor] = {}
         self._index_seq: Tensor | None = None
         self._lengths: Tensor | None = None
+        self._form_final: dict[int, Tensor] = {}
         self.body: _graph.Graph | None = None
         self._base_loops = list(rw.ctx.loops)
 
@@ -215,6 +218,10 @@ class _LoopMove:
                         seen.add(id(t))
                         unit.inputs.append(t)
         self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
+        self.consumers: dict[int, list[_Unit]] = {}
+        for unit in self.units:
+            for t in unit.inputs:
+                self.consumers.setdefault(id(t), []).append(unit)
 
     def cls(self, t: Tensor) -> int:
         unit = self.producer.get(id(t))
@@ -224,17 +231,33 @@ class _LoopMove:
         spec = self.spec
         constant = {k for k, (p, v) in enumerate(zip(spec.placeholders, spec.new_states)) if p is v}
         moved: set[int] = set()
+        forms: dict[int, tuple] = {}
         while True:
             for unit in self.units:
+                unit.form = forms.get(id(unit))
                 unit.cls = self._unit_class(unit, moved, constant)
+            found = False
+            for unit in self.units:
+                if unit.cls == CORE and unit.kind == "call" and id(unit) not in forms:
+                    match = self._match_form(unit, moved, constant)
+                    if match is not None:
+                        forms[id(unit)] = match
+                        found = True
+            if found:
+                continue
             now = set() if spec.own_dim else {
                 k for k, v in enumerate(spec.new_states) if k not in constant and self.cls(v) <= SEQUENCE}
             if now == moved:
                 break
             moved = now
         self.moved, self.constant = moved, constant
+        #: states whose values exist only as a final value of a sequence form (no value per step)
+        self.seqless = {k for unit in self.units if unit.form is not None
+                        for i, k in enumerate(unit.form[1]) if not unit.call.fn.sequence_form.sequences[i]}
 
     def _unit_class(self, unit: _Unit, moved: set[int], constant: set[int]) -> int:
+        if unit.form is not None:
+            return SEQUENCE
         if unit.kind == "state":
             k = self.state_index[id(unit.nodes[0].outputs[0])]
             return INVARIANT if k in constant else SEQUENCE if k in moved else CORE
@@ -244,6 +267,56 @@ class _LoopMove:
         if unit.kind in ("region", "verbatim") or self.spec.own_dim:
             return INVARIANT if worst == INVARIANT else CORE
         return worst
+
+    def _next_value(self, k: int) -> Tensor:
+        """The value assigned to state k, before the loop's own re-layout of it."""
+        t = self.spec.new_states[k]
+        unit = self.producer.get(id(t))
+        if unit is not None and unit.kind == "call" and unit.call.fn.__name__ == "to_layout":
+            return unit.call.args[0]
+        return t
+
+    def _match_form(self, unit: _Unit, moved: set[int], constant: set[int]):
+        """(carried argument, states) if the call and the states it carries can run as the op's sequence form."""
+        form = getattr(unit.call.fn, "sequence_form", None)
+        spec = self.spec
+        if form is None or spec.own_dim:
+            return None
+        try:
+            bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
+        except TypeError:
+            return None
+        outs = unit.outputs()
+        for name in form.carried:
+            if name not in bound:
+                continue
+            leaves = _tensors(bound[name])
+            ks = [self.state_index.get(id(t)) for t in leaves]
+            if (not ks or None in ks or len(set(ks)) != len(ks) or len(ks) != len(outs)
+                    or any(k in moved or k in constant for k in ks)
+                    or any(self._next_value(k) is not outs[i] for i, k in enumerate(ks))):
+                continue
+            others_ok = all(self.cls(t) <= SEQUENCE and (arg not in form.invariant or self.cls(t) == INVARIANT)
+                            for arg, value in bound.items() if arg != name for t in _tensors(value))
+            if not others_ok:
+                continue
+            if not all(self._only_feeds_state(unit, outs[i], k)
+                       for i, k in enumerate(ks) if not form.sequences[i]):
+                continue
+            if form.finals_ignore_end and spec.end is not None:
+                continue
+            return name, ks
+        return None
+
+    def _only_feeds_state(self, unit: _Unit, out: Tensor, k: int) -> bool:
+        """Whether `out` is used only as state k's next value, and state k is read only by `unit`."""
+        spec = self.spec
+        if any(out is t for t in [*spec.stacks, *spec.lasts, *([spec.end] if spec.end is not None else [])]):
+            return False
+        users = [u for u in self.consumers.get(id(out), [])
+                 if not (u.kind == "call" and u.call.fn.__name__ == "to_layout" and u.outputs()[0] is spec.new_states[k])]
+        readers = [u for u in self.consumers.get(id(spec.placeholders[k]), []) if u is not unit]
+        return not users and not readers
 
     def _mark_after(self) -> None:
         """Core calls whose results are only stacked, or feed only such calls: replayed after the loop."""
@@ -317,6 +390,9 @@ class _LoopMove:
                 if self._index_seq is None:
                     self._index_seq = _shape.range_over_dim(self.axis)
                 value = self._index_seq
+            elif unit.form is not None:
+                self._run_form(unit)
+                value = self._seq[id(t)]
             elif unit.kind == "state":
                 k = self.state_index[id(t)]
                 value = _shape.shift_right(self.with_axis(self.seq(self.spec.new_states[k])), axis=self.axis,
@@ -330,6 +406,26 @@ class _LoopMove:
                     raise _CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")
         self._seq[id(t)] = value
         return value
+
+    def _run_form(self, unit: _Unit) -> None:
+        """Compute the outputs of a call run by its op's sequence form (over the whole sequence)."""
+        form = unit.call.fn.sequence_form
+        name, ks = unit.form
+        bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
+        initial = {id(self.spec.placeholders[k]): self.initial[k] for k in ks}
+        args = {arg: _map_tree(value, (lambda x: initial[id(x)]) if arg == name else self.seq)
+                for arg, value in bound.items()}
+        with self._in(self.parent):
+            sequences, finals = form.run(args, name, self.axis)
+        source = unit.nodes[0].source
+        for out, sequence in zip(unit.outputs(), sequences):
+            if sequence is not None:
+                self._seq[id(out)] = sequence
+        for k, final in zip(ks, finals):
+            if final is not None:
+                self._form_final[k] = final
+        self.report.forms.append(f"{form.name or unit.call.fn.__name__} carrying "
+                                 f"{', '.join(repr(self.spec.state_names[k]) for k in ks)} at {source}")
 
     def with_axis(self, value: Tensor) -> Tensor:
         with self._in(self.parent):
@@ -391,8 +487,10 @@ class _LoopMove:
         body = _graph.Graph(parent=self.parent)
         self.body = body
         placeholders = []
+        self.kept = [k for k in range(len(spec.placeholders)) if k not in self.seqless]
         with self._in(body):
-            for k, p in enumerate(spec.placeholders):
+            for k in self.kept:
+                p = spec.placeholders[k]
                 new = body.add("state", (), None, [(p.dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
                                p.node.source).outputs[0]
                 rw.map[id(p)] = new
@@ -408,7 +506,7 @@ class _LoopMove:
                 else:
                     for n in unit.nodes:
                         rw.copy_node(n, body, self.in_body)
-            new_states = [self.in_body(v) for v in spec.new_states]
+            new_states = [self.in_body(spec.new_states[k]) for k in self.kept]
             end = self.in_body(spec.end) if spec.end is not None else None
             core_stacks = [v for v in spec.stacks if self.cls(v) == CORE and not self.producer[id(v)].after]
             extra = [t for t in after_inputs if not any(t is v for v in core_stacks)]
@@ -419,8 +517,8 @@ class _LoopMove:
             axis=spec.axis, own_dim=spec.own_dim, source=spec.source, body=body,
             captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
             stacks=stack_values, end=end, include_eos=spec.include_eos, max_len=max_len,
-            length_dims=spec.length_dims, state_names=spec.state_names)
-        new_node = new_spec.add_node(self.parent, self.initial)
+            length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept])
+        new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
         n = len(placeholders)
@@ -450,8 +548,10 @@ class _LoopMove:
         outs = node.outputs
         with self._in(self.parent):
             for k in range(ns):
-                if new_node is not None:
-                    value = new_node.outputs[k]
+                if k in self.seqless:
+                    value = self._final_of_form(k)
+                elif new_node is not None:
+                    value = new_node.outputs[self.kept.index(k)]
                 elif k in self.constant:
                     value = self.initial[k]
                 else:
@@ -475,6 +575,13 @@ class _LoopMove:
                 else:
                     value = self._last_frame(self.with_axis(self.seq(v)))
                 rw.map[id(out)] = _shape.to_layout(value, out.dims)
+
+    def _final_of_form(self, k: int) -> Tensor:
+        """The final value of state k, which only its sequence form computes."""
+        if k not in self._form_final:
+            unit = next(u for u in self.units if u.form is not None and k in u.form[1])
+            self._run_form(unit)
+        return self._form_final[k]
 
     def _after(self, t: Tensor, stacked_core: dict[int, Tensor], memo: dict) -> Tensor:
         """The sequence of the core value `t`, by replaying after the loop what computes it."""
@@ -530,7 +637,12 @@ class _LoopMove:
         return chain
 
 
+def _tensors(value) -> list[Tensor]:
+    leaves, _ = flatten(value, lambda v: isinstance(v, Tensor))
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
 def _map_tree(value, fn):
     leaves, spec = flatten(value, lambda v: isinstance(v, Tensor))
     from .._tree import unflatten
-    return unflatten(spec, [fn(x) for x in leaves])
+    return unflatten(spec, [fn(x) if isinstance(x, Tensor) else x for x in leaves])
