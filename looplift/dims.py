@@ -172,6 +172,20 @@ class Dim:
             raise ValueError(f"{self!r}.ceildiv({k}): the divisor must be >= 1")
         return self._derive(("//", k), lambda: _affine(self, "//", k))
 
+    def history(self) -> Dim:
+        """The history dim of ``cum_concat`` over this dim: at step t of a loop over it, length t + 1.
+
+        Outside the loop its lengths run over this dim (frame t has a history
+        of t + 1 frames): a causal mask, as self-attention over the past needs.
+        """
+        def make() -> Dim:
+            dim = Dim(f"{self.name}_history", batch=False, length_dims=(self.canonical(),))
+            dim.origin = ("history", (self.canonical(),))
+            dim._size_rule = lambda size: size
+            dim._lengths_rule = None  # computed by the runtime from the step (see Env)
+            return dim
+        return self._derive(("history",), make)
+
     def __floordiv__(self, k: int) -> Dim:
         """``T // k`` is ``T.ceildiv(k)``: rounded up, so no frame is dropped."""
         return self.ceildiv(k)

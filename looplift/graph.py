@@ -180,6 +180,10 @@ def replayable(fn: Callable) -> Callable:
 class SequenceForm:
     """How an op that carries its own result from step to step runs over a whole sequence at once.
 
+    (An op whose sequence rule needs no carried state, like ``cum_concat``,
+    simply behaves differently when its loop's dim is not stepped, and names
+    that rule in its ``sequence_rule`` attribute for ``explain``.)
+
     Declared beside the op (``sequence_form(op, SequenceForm(...))``), so the
     loop optimizer needs no knowledge of particular ops. In a loop, a call of
     the op matches when one of its `carried` arguments is exactly a set of loop

@@ -500,6 +500,7 @@ class _LoopRun:
         frames: list[list] = [[] for _ in stacks]
         last_vals: list = [None] * len(lasts)
         inner: dict[Dim, list] = {}
+        scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
         t = 0
         while True:
             if n_steps is not None and t >= n_steps:
@@ -516,7 +517,7 @@ class _LoopRun:
                         f"with entries not yet ended; raise max_seq_len or check the loop.end condition")
                     err.node = spec.node  # the error names its line already
                     raise err
-            step_env = env.child({axis: t})
+            step_env = env.child({axis: t}, scratch)
             results = step_env.run(spec.body, feed, captured + state, outputs)
             new_state = results[:ns]
             active = None if axis_len is None else (t < axis_len)

@@ -389,6 +389,7 @@ class _LoopMove:
             elif unit.kind == "index":
                 if self._index_seq is None:
                     self._index_seq = _shape.range_over_dim(self.axis)
+                    self.report.forms.append(f"step index as range_over_dim({self.axis.name}) at {unit.nodes[0].source}")
                 value = self._index_seq
             elif unit.form is not None:
                 self._run_form(unit)
@@ -400,7 +401,11 @@ class _LoopMove:
                 self.report.moved_states.append(self.spec.state_names[k])
             else:
                 self._replay(unit, self.seq, self._seq)
-                self.report.moved_in.append(unit.describe())
+                rule = getattr(unit.call.fn, "sequence_rule", None)
+                if rule is not None:
+                    self.report.forms.append(f"{rule}: {unit.describe()}")
+                else:
+                    self.report.moved_in.append(unit.describe())
                 value = self._seq[id(t)]
                 if self.axis not in value.dims:
                     raise _CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")

@@ -26,7 +26,7 @@ __all__ = ["Env"]
 class Env:
     """Sizes, lengths and masks for one program call (or one step of a loop in it)."""
 
-    __slots__ = ("device", "sizes", "lengths_of", "_masks", "parent", "steps", "reference")
+    __slots__ = ("device", "sizes", "lengths_of", "_masks", "parent", "steps", "reference", "scratch")
 
     def __init__(self, device: torch.device, sizes: dict[Dim, int], lengths: dict[Dim, torch.Tensor], *,
                  reference: bool = False, parent: Env | None = None, steps: dict[Dim, int] | None = None):
@@ -39,10 +39,15 @@ class Env:
         self.steps: dict[Dim, int] = steps or {}
         #: Run regions with the reference interpreter (else with prepared executors).
         self.reference = reference
+        #: Memory of ops that accumulate over the steps of the enclosing loop run (cum_concat).
+        self.scratch: dict = parent.scratch if parent is not None else {}
 
-    def child(self, steps: dict[Dim, int]) -> Env:
-        """The environment of one loop step inside this one."""
-        return Env(self.device, {}, {}, reference=self.reference, parent=self, steps={**self.steps, **steps})
+    def child(self, steps: dict[Dim, int], scratch: dict | None = None) -> Env:
+        """The environment of one loop step inside this one (`scratch`: the loop run's memory)."""
+        env = Env(self.device, {}, {}, reference=self.reference, parent=self, steps={**self.steps, **steps})
+        if scratch is not None:
+            env.scratch = scratch
+        return env
 
     def step(self, dim: Dim) -> int:
         """The current step of the loop over `dim`."""
@@ -60,6 +65,10 @@ class Env:
         if dim._size is not None:
             return dim._size
         size = self.sizes.get(dim)
+        if size is None and dim.origin is not None and dim.origin[0] == "history":
+            axis = dim.origin[1][0]
+            size = self.steps[axis] + 1 if axis in self.steps else self.size(axis)
+            self.sizes[dim] = size
         if size is None:
             if self.parent is not None and self.parent.knows(dim):
                 size = self.parent.size(dim)
@@ -77,6 +86,13 @@ class Env:
     def lengths(self, dim: Dim) -> torch.Tensor:
         """The lengths of the dynamic `dim`, a raw int64 tensor over ``self.length_dims(dim)``."""
         n = self.lengths_of.get(dim)
+        if n is None and dim.origin is not None and dim.origin[0] == "history":
+            axis = dim.origin[1][0]
+            if axis in self.steps:  # inside the loop over `axis`: the history so far, the same for every entry
+                n = torch.tensor(self.steps[axis] + 1, device=self.device)
+            else:  # over the whole sequence: frame t has t + 1 frames of history
+                n = torch.arange(1, self.size(axis) + 1, device=self.device)
+            self.lengths_of[dim] = n
         if n is None:
             if self.parent is not None and self.parent.knows_lengths(dim):
                 n = self.parent.lengths(dim)

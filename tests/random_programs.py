@@ -1,0 +1,633 @@
+"""Random loop programs, for testing the loop optimizer against the reference interpreter.
+
+A program is drawn as plain data (:class:`Program`): the loop's kind, its
+states (with their initial values, nested in tuples and dicts), a list of ops
+in the body (each naming its operands by their index in a pool of values), the
+new value of each state, the stacked values, the values taken by
+``loop.last`` and the end condition. :func:`build` turns it into a Python
+function written with looplift, as a user would write it; :func:`check` runs
+it optimized and with the reference interpreter and compares outputs and
+gradients.
+
+Being data, a failing program shrinks (hypothesis) to a small one, and its
+``repr`` reads as the recipe of the loop body.
+
+The pool of values a body op may use:
+
+* loops over ``time`` (``Loop(axis=T)``): the frames of ``x`` (over ``f``) and
+  of ``x2`` (a scalar per frame), the step index (cast to float), the captured
+  input ``u`` (over ``h``, from outside the loop);
+* loops ended by ``loop.end`` (``Loop(max_seq_len=...)``): the step index, a
+  counter state (cast to float), ``u``;
+* then each state leaf as read at the start of the step, then each op's result.
+
+A value's type is its feature dim (``F``, ``H``, ``K``) or ``s`` (no feature
+dim: a scalar per batch entry, or none at all); batch dims come and go with
+broadcasting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import looplift as ll
+from looplift._tree import flatten
+
+B = ll.batch_dim
+T = ll.Dim("time")
+S = ll.Dim("enc_time")
+FDIMS = {"F": ll.Dim("f", 3), "H": ll.Dim("h", 4), "K": ll.Dim("k", 2)}
+VEC_TYPES = tuple(FDIMS)
+SCALAR = "s"
+DTYPE = torch.float64
+X_TYPE, ENC_TYPE, U_TYPE = "F", "H", "H"   # the feature dims of x, of the encoder and of u
+MAX_LEN = 8                                 # Loop(max_seq_len=...) as an int; limits are below it
+
+UNARY = ("tanh", "sigmoid", "relu", "exp_small")
+BINARY = ("add", "mul")
+OP_KINDS = ("linear", "unary", "binary", "scale", "sum", "mean", "dot", "concat_linear", "attention")
+UPDATES = ("never", "input", "any", "self", "accum")
+
+
+# -- programs as data ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    """One state leaf: its type, initial value and how the body updates it.
+
+    init: ``zeros`` (``ll.zeros([D])``, no batch dim), ``full`` (``ll.full(0.25, [D])``), ``number``
+    (a Python float, scalars only), ``input`` (computed from the input ``u`` outside the loop, with the
+    batch dim). update: ``never`` (never assigned), ``input`` (a value depending on inputs only),
+    ``any`` (any value of its type), ``self`` (through a nonlinearity of itself), ``accum``
+    (itself plus a value: a running sum).
+    """
+
+    type: str
+    init: str
+    update: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """A state variable: one leaf (``single``), or a nested structure of two (``tuple``, ``dict``)."""
+
+    structure: str
+    leaves: tuple[Leaf, ...]
+
+
+@dataclass(frozen=True)
+class Op:
+    """``kind`` applied to the pool values ``args``; ``param`` is op-specific (see :func:`_emit`)."""
+
+    kind: str
+    args: tuple[int, ...]
+    param: tuple = ()
+
+
+@dataclass(frozen=True)
+class End:
+    """The end condition: for ``value``: ``pool[arg] > thr``; for ``index``: ``loop.index >= lim``;
+    for ``counter`` (loops without axis): ``counter >= lim``, or'ed with ``pool[arg] > thr`` if `arg`."""
+
+    kind: str
+    include_eos: bool
+    arg: int | None = None
+    thr: float = 0.0
+
+
+@dataclass(frozen=True)
+class Program:
+    loop: str                          # "axis" (Loop(axis=T)) or "max_len" (Loop(max_seq_len=...))
+    groups: tuple[Group, ...]
+    ops: tuple[Op, ...]
+    updates: tuple[int | None, ...]    # per leaf (in order): the pool index of its new value, None: never set
+    stacks: tuple[int, ...]
+    lasts: tuple[int, ...]
+    end: End | None
+    max_len: str = "int"               # loops without axis: "int" (MAX_LEN) or "tensor" (lim + 1, per entry)
+    keys_inside: bool = False          # attention keys computed in the body (hoisted) or before the loop
+
+    @property
+    def leaves(self) -> list[Leaf]:
+        return [leaf for g in self.groups for leaf in g.leaves]
+
+    def base(self) -> list[str]:
+        """Names of the pool's first entries (before the state reads)."""
+        if self.loop == "axis":
+            return ["x_t", "x2_t", "index", "u"]
+        return ["index", "counter", "u"]
+
+
+@dataclass(frozen=True)
+class Info:
+    """What the generator knows of a pool value: its type and what it depends on."""
+
+    type: str
+    states: frozenset = frozenset()    # leaves that are assigned in the body, read (transitively)
+    seq: bool = False                  # depends on frames or the step index of a loop over an axis
+    core: bool = False                 # depends on a value that is per step in a loop without axis
+    captured: bool = False             # a value from outside the loop (not a body value)
+    parents: tuple[int, ...] = ()
+
+    def input_only(self) -> bool:
+        return not self.states and not self.core
+
+
+def _base_infos(loop: str) -> list[Info]:
+    if loop == "axis":
+        return [Info(X_TYPE, seq=True), Info(SCALAR, seq=True), Info(SCALAR, seq=True),
+                Info(U_TYPE, captured=True)]
+    return [Info(SCALAR, core=True), Info(SCALAR, core=True), Info(U_TYPE, captured=True)]
+
+
+def _combine(kind_type: str, infos: list[Info], args: tuple[int, ...]) -> Info:
+    parts = [infos[a] for a in args]
+    return Info(kind_type, frozenset().union(*(p.states for p in parts)), any(p.seq for p in parts),
+                any(p.core for p in parts), False, tuple(args))
+
+
+def op_type(op: Op, infos: list[Info]) -> str:
+    """The type of the op's result."""
+    k = op.kind
+    if k in ("linear", "concat_linear"):
+        return op.param[0]
+    if k in ("sum", "mean", "dot"):
+        return SCALAR
+    if k == "attention":
+        return ENC_TYPE
+    if k == "binary":
+        a, b = (infos[i].type for i in op.args)
+        return a if a != SCALAR else b
+    return infos[op.args[0]].type
+
+
+def infos_of(prog: Program) -> list[Info]:
+    """The generator's view of every pool value of `prog`."""
+    infos = _base_infos(prog.loop)
+    for k, leaf in enumerate(prog.leaves):
+        infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
+    for op in prog.ops:
+        infos.append(_combine(op_type(op, infos), infos, op.args))
+    return infos
+
+
+# -- the strategy ---------------------------------------------------------------------------------------
+
+_types = st.sampled_from(VEC_TYPES + (SCALAR,))
+
+
+@st.composite
+def leaves(draw) -> Leaf:
+    typ = draw(_types)
+    inits = ("zeros", "full", "input") + (("number",) if typ == SCALAR else ())
+    return Leaf(typ, draw(st.sampled_from(inits)), draw(st.sampled_from(UPDATES)))
+
+
+@st.composite
+def groups(draw) -> Group:
+    structure = draw(st.sampled_from(("single", "single", "tuple", "dict")))
+    n = 1 if structure == "single" else 2
+    return Group(structure, tuple(draw(leaves()) for _ in range(n)))
+
+
+class _Gen:
+    """Draws ops onto a growing pool, keeping `infos` (one per pool value) in step."""
+
+    def __init__(self, draw, loop: str, leaves_: list[Leaf]):
+        self.draw, self.loop = draw, loop
+        self.infos = _base_infos(loop)
+        for k, leaf in enumerate(leaves_):
+            self.infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
+        self.n_base = len(_base_infos(loop))
+        self.ops: list[Op] = []
+
+    def pick(self, pred) -> int | None:
+        cands = [i for i, info in enumerate(self.infos) if pred(info)]
+        if not cands:
+            return None
+        return cands[self.draw(st.integers(0, len(cands) - 1))]
+
+    def add(self, op: Op) -> int:
+        self.ops.append(op)
+        self.infos.append(_combine(op_type(op, self.infos), self.infos, op.args))
+        return len(self.infos) - 1
+
+    def random_op(self) -> int | None:
+        draw = self.draw
+        kind = draw(st.sampled_from(OP_KINDS))
+        is_vec = lambda i: i.type != SCALAR  # noqa: E731
+        if kind == "linear":
+            a = self.pick(is_vec)
+            return self.add(Op("linear", (a,), (draw(st.sampled_from(VEC_TYPES)), draw(st.booleans()))))
+        if kind == "unary":
+            return self.add(Op("unary", (self.pick(lambda i: True),), (draw(st.sampled_from(UNARY)),)))
+        if kind == "scale":
+            return self.add(Op("scale", (self.pick(lambda i: True),), (draw(st.sampled_from((0.5, -1.5, 2.0))),)))
+        if kind == "binary":
+            a = self.pick(lambda i: True)
+            ta = self.infos[a].type
+            b = self.pick(lambda i: i.type in (ta, SCALAR) or ta == SCALAR)
+            return self.add(Op("binary", (a, b), (draw(st.sampled_from(BINARY)),)))
+        if kind in ("sum", "mean"):
+            return self.add(Op(kind, (self.pick(is_vec),)))
+        if kind == "dot":
+            a = self.pick(is_vec)
+            ta = self.infos[a].type
+            return self.add(Op("dot", (a, self.pick(lambda i: i.type == ta))))
+        if kind == "concat_linear":
+            a, b = self.pick(is_vec), self.pick(is_vec)
+            return self.add(Op("concat_linear", (a, b), (draw(st.sampled_from(VEC_TYPES)),)))
+        if kind == "attention":
+            return self.add(Op("attention", (self.pick(is_vec),)))
+        raise AssertionError(kind)
+
+    def value_of_type(self, typ: str, input_only: bool) -> int:
+        """A pool value of type `typ` (depending on inputs only if `input_only`); made if there is none."""
+        ok = (lambda i: i.type == typ and i.input_only()) if input_only else (lambda i: i.type == typ)
+        found = self.pick(ok)
+        if found is not None:
+            return found
+        src = self.pick(lambda i: i.type != SCALAR and (i.input_only() or not input_only))
+        if typ == SCALAR:
+            return self.add(Op("sum", (src,)))
+        return self.add(Op("linear", (src,), (typ, False)))
+
+
+@st.composite
+def programs(draw, loop: str, end: bool | None = None) -> Program:
+    """A random loop program; `loop`: ``axis`` or ``max_len``; `end`: whether a loop over an axis calls
+    ``loop.end`` (None: drawn)."""
+    gs = tuple(draw(st.lists(groups(), min_size=0, max_size=3)))
+    leaves_ = [leaf for g in gs for leaf in g.leaves]
+    gen = _Gen(draw, loop, leaves_)
+    for _ in range(draw(st.integers(0, 7))):
+        gen.random_op()
+    updates: list[int | None] = []
+    for k, leaf in enumerate(leaves_):
+        read = gen.n_base + k
+        if leaf.update == "never":
+            updates.append(None)
+        elif leaf.update in ("input", "any"):
+            updates.append(gen.value_of_type(leaf.type, leaf.update == "input"))
+        elif leaf.update == "accum":
+            other = gen.pick(lambda i: i.type in (leaf.type, SCALAR))
+            updates.append(gen.add(Op("binary", (read, other), ("add",))))
+        else:  # self: a nonlinearity of itself (mixed with another value)
+            if leaf.type == SCALAR:
+                mixed = gen.add(Op("binary", (read, gen.pick(lambda i: i.type == SCALAR)), ("mul",)))
+            else:
+                lin = gen.add(Op("linear", (read,), (leaf.type, draw(st.booleans()))))
+                mixed = gen.add(Op("binary", (lin, gen.pick(lambda i: i.type in (leaf.type, SCALAR))), ("add",)))
+            updates.append(gen.add(Op("unary", (mixed,), (draw(st.sampled_from(("tanh", "sigmoid"))),))))
+    n = len(gen.infos)
+    stacks = tuple(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3)))
+    body_values = [i for i in range(n) if not gen.infos[i].captured]
+    lasts = tuple(draw(st.lists(st.sampled_from(body_values), max_size=2)))
+    scalars = [i for i in range(n) if gen.infos[i].type == SCALAR]
+    end_spec = None
+    if loop == "axis":
+        if end is None:
+            end = draw(st.booleans())
+        if end:
+            if draw(st.booleans()):
+                end_spec = End("index", draw(st.booleans()))
+            else:
+                end_spec = End("value", draw(st.booleans()), draw(st.sampled_from(scalars)),
+                               draw(st.sampled_from((-0.5, 0.0, 0.5, 1.0))))
+        return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
+                       keys_inside=draw(st.booleans()))
+    arg = draw(st.one_of(st.none(), st.sampled_from(scalars)))
+    end_spec = End("counter", draw(st.booleans()), arg, draw(st.sampled_from((-0.5, 0.0, 0.5, 1.0))))
+    return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
+                   max_len=draw(st.sampled_from(("int", "tensor"))), keys_inside=draw(st.booleans()))
+
+
+# -- building the looplift function ------------------------------------------------------------------------
+
+class Model:
+    """The parameters of a program (made before tracing) and the looplift function it describes."""
+
+    def __init__(self, prog: Program, seed: int):
+        self.prog = prog
+        torch.manual_seed(seed)
+        self.modules: dict = {}
+        self.op_module: dict[int, ll.nn.Linear] = {}
+        infos = _base_infos(prog.loop) + [Info(leaf.type) for leaf in prog.leaves]
+        for j, op in enumerate(prog.ops):
+            if op.kind == "linear":
+                din, dout = infos[op.args[0]].type, op.param[0]
+                key = ("linear", din, dout) if op.param[1] else ("linear", j)
+                self.op_module[j] = self._module(key, FDIMS[din], FDIMS[dout])
+            elif op.kind == "concat_linear":
+                da, db = (infos[a].type for a in op.args)
+                self.op_module[j] = self._module(("cat", j), FDIMS[da] + FDIMS[db], FDIMS[op.param[0]])
+            elif op.kind == "attention":
+                q = infos[op.args[0]].type
+                self.op_module[j] = self._module(("key", q), FDIMS[ENC_TYPE], FDIMS[q])
+            infos.append(Info(op_type(op, infos)))
+        for leaf in prog.leaves:
+            if leaf.init == "input" and leaf.type != SCALAR:
+                self._module(("init", leaf.type), FDIMS[U_TYPE], FDIMS[leaf.type])
+
+    def _module(self, key, din: ll.Dim, dout: ll.Dim) -> ll.nn.Linear:
+        if key not in self.modules:
+            self.modules[key] = ll.nn.Linear(din, dout).double()
+        return self.modules[key]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.modules.values() for p in m.parameters()]
+
+    # -- the function, traced by looplift
+
+    def _initial(self, leaf: Leaf, u):
+        if leaf.type == SCALAR:
+            return {"zeros": lambda: ll.zeros([]), "full": lambda: ll.full(0.25, []), "number": lambda: 0.5,
+                    "input": lambda: ll.sum(u, axis=FDIMS[U_TYPE]) * 0.3}[leaf.init]()
+        d = FDIMS[leaf.type]
+        if leaf.init == "zeros":
+            return ll.zeros([d])
+        if leaf.init == "full":
+            return ll.full(0.25, [d])
+        return ll.tanh(self.modules[("init", leaf.type)](u))
+
+    def __call__(self, x, x2, enc, u, lim):
+        prog = self.prog
+        if prog.loop == "axis":
+            loop = ll.Loop(axis=T)
+        else:
+            loop = ll.Loop(max_seq_len=MAX_LEN if prog.max_len == "int" else lim + 1)
+        leaves_ = prog.leaves
+        names = []
+        k = 0
+        for g, group in enumerate(prog.groups):
+            inits = [self._initial(leaf, u) for leaf in group.leaves]
+            setattr(loop.state, f"g{g}", _structure(group.structure, inits))
+            names += [(f"g{g}", j) for j in range(len(group.leaves))]
+            k += len(group.leaves)
+        if prog.loop == "max_len":
+            loop.state.counter = 0
+        keys = {}
+        if not prog.keys_inside:
+            keys = {j: m(enc) for j, m in self.op_module.items() if prog.ops[j].kind == "attention"}
+        with loop:
+            pool = _Pool(self, loop, x, x2, enc, u, keys, names)
+            for op in prog.ops:
+                pool.emit(op)
+            new = {}
+            for k, idx in enumerate(prog.updates):
+                if idx is not None:
+                    new[k] = pool[idx]
+            k = 0
+            for g, group in enumerate(prog.groups):
+                ks = list(range(k, k + len(group.leaves)))
+                k += len(group.leaves)
+                if any(j in new for j in ks):
+                    current = _leaves_of(group.structure, getattr(loop.state, f"g{g}"))
+                    setattr(loop.state, f"g{g}",
+                            _structure(group.structure, [new.get(j, current[i]) for i, j in enumerate(ks)]))
+            end = prog.end
+            if prog.loop == "max_len":
+                loop.state.counter = loop.state.counter + 1
+                cond = loop.state.counter >= lim
+                if end.arg is not None:
+                    cond = cond | (pool[end.arg] > end.thr)
+                loop.end(cond, include_eos=end.include_eos)
+            elif end is not None:
+                cond = loop.index >= lim if end.kind == "index" else pool[end.arg] > end.thr
+                loop.end(cond, include_eos=end.include_eos)
+            stacks = [loop.stack(pool[i]) for i in prog.stacks]
+            last_values = [pool[i] for i in prog.lasts]
+        lasts = [loop.last(v) for v in last_values]
+        finals = tuple(getattr(loop.state, f"g{g}") for g in range(len(prog.groups)))
+        loss = ll.zeros([])
+        for y in stacks + lasts:
+            loss = loss + _loss_term(y)
+        for g in finals:
+            for leaf in _leaves_of_tree(g):
+                loss = loss + _loss_term(leaf) * 0.5
+        counter = (loop.state.counter,) if prog.loop == "max_len" else ()
+        return loss, tuple(stacks), finals, tuple(lasts), counter
+
+
+def _loss_term(y):
+    y = ll.cast(y, DTYPE) if isinstance(y, ll.Tensor) else ll.full(float(y), [])
+    term = y + y * y * 0.25
+    return ll.sum(term, axis=list(term.dims)) if term.dims else term
+
+
+def _structure(structure: str, leaves_: list):
+    if structure == "single":
+        return leaves_[0]
+    if structure == "tuple":
+        return (leaves_[0], leaves_[1])
+    return {"a": leaves_[0], "b": {"c": leaves_[1]}}
+
+
+def _leaves_of(structure: str, value) -> list:
+    if structure == "single":
+        return [value]
+    if structure == "tuple":
+        return [value[0], value[1]]
+    return [value["a"], value["b"]["c"]]
+
+
+def _leaves_of_tree(value) -> list:
+    leaves_, _ = flatten(value, lambda v: isinstance(v, ll.Tensor))
+    return leaves_
+
+
+class _Pool:
+    """The body's values, made when first used (so unused inputs make no nodes)."""
+
+    def __init__(self, model: Model, loop: ll.Loop, x, x2, enc, u, keys: dict, names: list):
+        self.model, self.loop, self.enc, self.keys = model, loop, enc, keys
+        prog = model.prog
+        if prog.loop == "axis":
+            makers = [lambda: loop.unstack(x), lambda: loop.unstack(x2),
+                      lambda: ll.cast(loop.index, DTYPE), lambda: u]
+        else:
+            makers = [lambda: ll.cast(loop.index, DTYPE), lambda: ll.cast(loop.state.counter, DTYPE), lambda: u]
+        for name, j in names:
+            makers.append(lambda name=name, j=j: self._read(name, j))
+        self.makers = makers
+        self.values: dict[int, ll.Tensor] = {}
+        self.n_ops = 0
+
+    def _read(self, name: str, j: int):
+        structure = self.model.prog.groups[int(name[1:])].structure
+        return _leaves_of(structure, getattr(self.loop.state, name))[j]
+
+    def __getitem__(self, i: int):
+        if i not in self.values:
+            self.values[i] = self.makers[i]()
+        return self.values[i]
+
+    def emit(self, op: Op) -> None:
+        j = self.n_ops
+        self.n_ops += 1
+        self.makers.append(lambda: None)
+        self.values[len(self.makers) - 1] = _emit(op, [self[a] for a in op.args], self.model.op_module.get(j),
+                                                  self.keys.get(j), self.enc)
+
+
+def _as_float(v):
+    return v if isinstance(v, ll.Tensor) else ll.full(float(v), [])
+
+
+def _emit(op: Op, args: list, module, keys, enc):
+    k = op.kind
+    args = [_as_float(a) for a in args]
+    if k == "linear":
+        return module(args[0])
+    if k == "unary":
+        a = args[0]
+        return {"tanh": ll.tanh, "sigmoid": ll.sigmoid, "relu": ll.relu,
+                "exp_small": lambda v: ll.exp(ll.tanh(v))}[op.param[0]](a)
+    if k == "scale":
+        return args[0] * op.param[0]
+    if k == "binary":
+        return args[0] + args[1] if op.param[0] == "add" else args[0] * args[1]
+    if k in ("sum", "mean"):
+        a = args[0]
+        d = next(d for d in a.dims if d in FDIMS.values())
+        return (ll.sum if k == "sum" else ll.mean)(a, axis=d)
+    if k == "dot":
+        d = next(d for d in args[0].dims if d in FDIMS.values())
+        return ll.dot(args[0], args[1], reduce=d)
+    if k == "concat_linear":
+        a, b = args
+        da = next(d for d in a.dims if d in FDIMS.values())
+        db = next(d for d in b.dims if d in FDIMS.values())
+        return module(ll.concat(a, b, axis=[da, db]))
+    if k == "attention":
+        q = args[0]
+        dq = next(d for d in q.dims if d in FDIMS.values())
+        if keys is None:
+            keys = module(enc)
+        weights = ll.softmax(ll.dot(q, keys, reduce=dq), axis=S)
+        return ll.dot(weights, enc, reduce=S)
+    raise AssertionError(k)
+
+
+# -- running and comparing -----------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    """The inputs of one call: per-entry lengths of ``time`` and of the encoder, limits, a seed."""
+
+    lengths: list[int]
+    enc_lengths: list[int]
+    limits: list[int]
+    pad: int = 0
+    seed: int = 0
+    tensors: dict = field(default_factory=dict)
+
+    def make(self) -> dict:
+        g = torch.Generator().manual_seed(self.seed)
+        n = len(self.lengths)
+        t_max = max(self.lengths, default=0) + self.pad
+        s_max = max(self.enc_lengths) + self.pad
+        f, h = FDIMS[X_TYPE].size, FDIMS[ENC_TYPE].size
+        return {
+            "x": torch.randn(n, t_max, f, generator=g, dtype=DTYPE),
+            "x2": torch.randn(n, t_max, generator=g, dtype=DTYPE),
+            "enc": torch.randn(n, s_max, h, generator=g, dtype=DTYPE),
+            "u": torch.randn(n, FDIMS[U_TYPE].size, generator=g, dtype=DTYPE) * 0.5,
+        }
+
+    def named(self, t: dict) -> list[ll.Named]:
+        n_t, n_s = torch.tensor(self.lengths, dtype=torch.int64), torch.tensor(self.enc_lengths, dtype=torch.int64)
+        return [ll.Named(t["x"], (B, T, FDIMS[X_TYPE]), {T: n_t}), ll.Named(t["x2"], (B, T), {T: n_t}),
+                ll.Named(t["enc"], (B, S, FDIMS[ENC_TYPE]), {S: n_s}), ll.Named(t["u"], (B, FDIMS[U_TYPE])),
+                ll.Named(torch.tensor(self.limits, dtype=torch.int64), (B,))]
+
+
+def named_leaves(value) -> list[ll.Named]:
+    leaves_, _ = flatten(value, lambda v: isinstance(v, ll.Named))
+    return [v for v in leaves_ if isinstance(v, ll.Named)]
+
+
+def _masked(x: ll.Named, order) -> torch.Tensor:
+    t = x.align(*order)
+    m = x.mask().permute([x.dims.index(d) for d in order])
+    return torch.where(m, t, torch.zeros((), dtype=t.dtype))
+
+
+RTOL, ATOL = 1e-9, 1e-12
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.dtype.is_floating_point:
+        assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(a, b), f"{what}: {a} != {b}"
+
+
+def run(model: Model, data: Data, *, reference: bool, prog: ll.Program):
+    """(outputs, gradients of the loss w.r.t. the parameters and the float inputs)."""
+    tensors = {k: v.clone().requires_grad_() for k, v in data.make().items()}
+    out = (prog.reference if reference else prog)(*data.named(tensors))
+    loss = out[0].tensor
+    wrt = model.parameters() + list(tensors.values())
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+    return out, grads
+
+
+def moveable(prog: Program) -> bool:
+    """Whether the body has a live op that depends on inputs only (which the optimizer moves out)."""
+    infos = infos_of(prog)
+    live: set[int] = set()
+    todo = [i for i in (*prog.stacks, *prog.lasts, *(u for u in prog.updates if u is not None)) if i is not None]
+    if prog.end is not None and prog.end.arg is not None:
+        todo.append(prog.end.arg)
+    while todo:
+        i = todo.pop()
+        if i not in live:
+            live.add(i)
+            todo += infos[i].parents
+    n_pre = len(infos) - len(prog.ops)
+    return any(i >= n_pre and infos[i].input_only() for i in live)
+
+
+def check(prog_spec: Program, data: Data, seed: int = 0) -> ll.Program:
+    """Optimized == reference, outputs and gradients; the optimizer did not give up. Returns the program."""
+    model = Model(prog_spec, seed)
+    prog = ll.compile(model)
+    out, grads = run(model, data, reference=False, prog=prog)
+    explain = prog.explain()
+    ref, ref_grads = run(model, data, reference=True, prog=prog)
+    la, lb = named_leaves(out), named_leaves(ref)
+    assert len(la) == len(lb)
+    for i, (a, b) in enumerate(zip(la, lb)):
+        assert set(a.dims) == set(b.dims), (i, a.dims, b.dims)
+        for d in a.lengths:
+            assert torch.equal(a.lengths[d], b.lengths[d]), (i, d, a.lengths[d], b.lengths[d])
+        _close(_masked(a, a.dims), _masked(b, a.dims), f"output {i} over {[d.name for d in a.dims]}")
+    names = [n for n, _ in _named_params(model)] + ["x", "x2", "enc", "u"]
+    for name, g, r in zip(names, grads, ref_grads):
+        _close(g, r, f"gradient of {name}")
+    assert "not optimized" not in explain, explain
+    if moveable(prog_spec):
+        assert any(title in explain for title in ("computed once before the loop", "moved in:",
+                                                  "states moved out", "moved out:")), explain
+    return prog
+
+
+def _named_params(model: Model):
+    for key, m in model.modules.items():
+        for n, p in m.named_parameters():
+            yield f"{key}.{n}", p
+
+
+@st.composite
+def data(draw, loop: str) -> Data:
+    n = draw(st.integers(1, 4))
+    lengths = draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    enc = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
+    limits = draw(st.lists(st.integers(0, MAX_LEN - 2 if loop == "max_len" else 6), min_size=n, max_size=n))
+    return Data(lengths, enc, limits, draw(st.integers(0, 2)), draw(st.integers(0, 2**16)))
