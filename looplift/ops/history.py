@@ -25,7 +25,7 @@ from ..tensor import Tensor
 from ._core import as_tensor, emit
 from .shape import expand, replace_dim
 
-__all__ = ["cum_concat"]
+__all__ = ["cum_concat", "shift_in"]
 
 
 def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
@@ -62,3 +62,79 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
 
 cum_concat = _graph.replayable(cum_concat)
 cum_concat.sequence_rule = "cum_concat as the whole sequence with a causal history dim"
+
+
+def shift_in(window, frame, *, axis: Dim) -> Tensor:
+    """`window` (over the static dim `axis`) with its first frame dropped and `frame` appended.
+
+    Kept as a loop state, the window holds the last N frames::
+
+        loop.state.win = ll.zeros([W, feat])             # N = W.size frames
+        with loop:
+            loop.state.win = ll.shift_in(loop.state.win, loop.unstack(x), axis=W)
+
+    Its sequence form (used when the loop optimizer moves it out) is a
+    windowing of the whole sequence: frame t sees frames t - N + 1 .. t, the
+    initial window's frames before the start.
+    """
+    window, frame = as_tensor(window), as_tensor(frame)
+    axis = axis.canonical()
+    if axis not in window.dims or not axis.is_static:
+        raise DimError(f"shift_in: the window {window.describe()} must have the static dim {axis.name!r} "
+                       f"(at {_graph.user_source_line()})")
+    extra = [d for d in frame.dims if d not in window.dims]
+    if axis in frame.dims or extra:
+        raise DimError(f"shift_in: the frame {frame.describe()} must have the window's dims but {axis.name!r}; "
+                       f"it has {[d.name for d in extra] or [axis.name]} besides (at {_graph.user_source_line()})")
+    pos = window.dims.index(axis)
+    frame_layout = tuple(d for d in window.dims if d is not axis)
+    from .._align import aligner
+    frame_al = aligner(frame.dims, frame_layout)
+    n = axis.size
+
+    def kernel(env, w, f):
+        f = frame_al(torch.as_tensor(f, dtype=w.dtype, device=w.device))
+        f = f.expand(*[s for i, s in enumerate(w.shape) if i != pos]).unsqueeze(pos)
+        return torch.cat([w.narrow(pos, 1, n - 1), f.to(w.dtype)], pos)
+
+    return emit("shift_in", (window, frame), kernel, window.dims, window.dtype, attrs={"axis": axis.name})
+
+
+def _windows(initial: Tensor, frames: Tensor, *, axis: Dim, over: Dim) -> Tensor:
+    """Frame t of `frames` over `over` with the N - 1 frames before it: a window over `axis` per frame,
+    the `initial` window's frames before the start (the sequence rule of :func:`shift_in`)."""
+    from .._align import aligner
+    from .shape import expand
+    initial, frames = as_tensor(initial), as_tensor(frames)
+    missing = [d for d in initial.dims if d is not axis and d not in frames.dims]
+    if missing:
+        frames = expand(frames, missing)
+    layout = tuple(over if d is axis else d for d in initial.dims)
+    pos = initial.dims.index(axis)
+    extra = [d for d in frames.dims if d not in layout]
+    if extra:
+        raise DimError(f"shift_in over a sequence: the frames have dims {[d.name for d in extra]} "
+                       f"the window lacks (at {_graph.user_source_line()})")
+    frames_al = aligner(frames.dims, layout)
+    n = axis.size
+
+    def kernel(env, w, f):
+        f = frames_al(f)
+        shape = list(w.shape)
+        shape[pos] = f.shape[pos]
+        steps = f.shape[pos]
+        joined = torch.cat([w, f.expand(shape).to(w.dtype)], pos)
+        return joined.unfold(pos, n, 1).narrow(pos, 1, steps)
+
+    return emit("windows", (initial, frames), kernel, layout + (axis,), initial.dtype,
+                attrs={"axis": axis.name, "over": over.name})
+
+
+def _shift_in_over_sequence(args: dict, carried: str, axis: Dim):
+    return [_windows(args["window"], args["frame"], axis=args["axis"], over=axis)], [None]
+
+
+shift_in = _graph.replayable(shift_in)
+_graph.sequence_form(shift_in, _graph.SequenceForm(
+    carried=("window",), sequences=(True,), run=_shift_in_over_sequence,
+    name="window of the last frames as a windowing of the sequence"))
