@@ -194,6 +194,7 @@ class Loop:
             for i in slot.tensor_leaves:
                 init = slot.initial[i]
                 extra = [d for d in batch + self._hints.get(("state", slot.name, i), []) if d not in init.dims]
+                extra = list(dict.fromkeys(extra))   # (a dim may be hinted for the loop and for the state)
                 if extra:
                     init = slot.initial[i] = expand(init, extra)
         self._ctx.loops.append(self)
@@ -505,8 +506,8 @@ class _LoopRun:
         while True:
             if n_steps is not None and t >= n_steps:
                 break
-            if alive is not None and not bool(alive.any()):
-                break
+            if alive is not None and spec.own_dim and not bool(alive.any()):
+                break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
             if max_len is not None and spec.own_dim:
                 over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
                 if isinstance(over, torch.Tensor):

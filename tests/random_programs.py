@@ -16,9 +16,10 @@ The pool of values a body op may use:
 
 * loops over ``time`` (``Loop(axis=T)``): the frames of ``x`` (over ``f``) and
   of ``x2`` (a scalar per frame), the step index (cast to float), the captured
-  input ``u`` (over ``h``, from outside the loop);
-* loops ended by ``loop.end`` (``Loop(max_seq_len=...)``): the step index, a
-  counter state (cast to float), ``u``;
+  input ``u`` (over ``h``, from outside the loop), and if the program has one,
+  an int counter state ``counter = counter + 1`` (cast to float);
+* loops ended by ``loop.end`` (``Loop(max_seq_len=...)``): the step index, the
+  counter, ``u``;
 * then each state leaf as read at the start of the step, then each op's result.
 
 A value's type is its feature dim (``F``, ``H``, ``K``) or ``s`` (no feature
@@ -91,7 +92,8 @@ class Op:
 @dataclass(frozen=True)
 class End:
     """The end condition: for ``value``: ``pool[arg] > thr``; for ``index``: ``loop.index >= lim``;
-    for ``counter`` (loops without axis): ``counter >= lim``, or'ed with ``pool[arg] > thr`` if `arg`."""
+    for ``counter``: ``counter >= lim`` (the counter after its increment), or'ed with ``pool[arg] > thr``
+    if `arg`."""
 
     kind: str
     include_eos: bool
@@ -110,16 +112,13 @@ class Program:
     end: End | None
     max_len: str = "int"               # loops without axis: "int" (MAX_LEN) or "tensor" (lim + 1, per entry)
     keys_inside: bool = False          # attention keys computed in the body (hoisted) or before the loop
+    counter: bool = False              # the int state `counter` (always in loops without axis)
+    stack_new: tuple[int, ...] = ()    # leaves whose new value (read after the assignment) is stacked
 
     @property
     def leaves(self) -> list[Leaf]:
         return [leaf for g in self.groups for leaf in g.leaves]
 
-    def base(self) -> list[str]:
-        """Names of the pool's first entries (before the state reads)."""
-        if self.loop == "axis":
-            return ["x_t", "x2_t", "index", "u"]
-        return ["index", "counter", "u"]
 
 
 @dataclass(frozen=True)
@@ -131,17 +130,25 @@ class Info:
     seq: bool = False                  # depends on frames or the step index of a loop over an axis
     core: bool = False                 # depends on a value that is per step in a loop without axis
     captured: bool = False             # a value from outside the loop (not a body value)
+    usable: bool = True                # (the counter of a program without it)
     parents: tuple[int, ...] = ()
 
     def input_only(self) -> bool:
         return not self.states and not self.core
 
 
-def _base_infos(loop: str) -> list[Info]:
+COUNTER = -1   # the counter, among the states a value depends on
+
+
+def _base_infos(loop: str, counter: bool) -> list[Info]:
+    """axis: x_t, x2_t, index, u, counter; max_len: index, counter, u."""
     if loop == "axis":
         return [Info(X_TYPE, seq=True), Info(SCALAR, seq=True), Info(SCALAR, seq=True),
-                Info(U_TYPE, captured=True)]
-    return [Info(SCALAR, core=True), Info(SCALAR, core=True), Info(U_TYPE, captured=True)]
+                Info(U_TYPE, captured=True), Info(SCALAR, frozenset([COUNTER]), usable=counter)]
+    return [Info(SCALAR, core=True), Info(SCALAR, frozenset([COUNTER]), core=True), Info(U_TYPE, captured=True)]
+
+
+COUNTER_INDEX = {"axis": 4, "max_len": 1}
 
 
 def _combine(kind_type: str, infos: list[Info], args: tuple[int, ...]) -> Info:
@@ -167,7 +174,7 @@ def op_type(op: Op, infos: list[Info]) -> str:
 
 def infos_of(prog: Program) -> list[Info]:
     """The generator's view of every pool value of `prog`."""
-    infos = _base_infos(prog.loop)
+    infos = _base_infos(prog.loop, prog.counter)
     for k, leaf in enumerate(prog.leaves):
         infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
     for op in prog.ops:
@@ -197,18 +204,21 @@ def groups(draw) -> Group:
 class _Gen:
     """Draws ops onto a growing pool, keeping `infos` (one per pool value) in step."""
 
-    def __init__(self, draw, loop: str, leaves_: list[Leaf]):
+    def __init__(self, draw, loop: str, counter: bool, leaves_: list[Leaf]):
         self.draw, self.loop = draw, loop
-        self.infos = _base_infos(loop)
+        self.infos = _base_infos(loop, counter)
+        self.n_base = len(self.infos)
         for k, leaf in enumerate(leaves_):
             self.infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
-        self.n_base = len(_base_infos(loop))
         self.ops: list[Op] = []
 
     def pick(self, pred) -> int | None:
-        cands = [i for i, info in enumerate(self.infos) if pred(info)]
+        """A pool value for which `pred` holds (often one of the latest, so that chains of ops form)."""
+        cands = [i for i, info in enumerate(self.infos) if info.usable and pred(info)]
         if not cands:
             return None
+        if len(cands) > 3 and self.draw(st.booleans()):
+            cands = cands[-3:]
         return cands[self.draw(st.integers(0, len(cands) - 1))]
 
     def add(self, op: Op) -> int:
@@ -263,8 +273,9 @@ def programs(draw, loop: str, end: bool | None = None) -> Program:
     ``loop.end`` (None: drawn)."""
     gs = tuple(draw(st.lists(groups(), min_size=0, max_size=3)))
     leaves_ = [leaf for g in gs for leaf in g.leaves]
-    gen = _Gen(draw, loop, leaves_)
-    for _ in range(draw(st.integers(0, 7))):
+    counter = loop == "max_len" or draw(st.booleans())
+    gen = _Gen(draw, loop, counter, leaves_)
+    for _ in range(draw(st.integers(0, 10))):
         gen.random_op()
     updates: list[int | None] = []
     for k, leaf in enumerate(leaves_):
@@ -283,27 +294,28 @@ def programs(draw, loop: str, end: bool | None = None) -> Program:
                 lin = gen.add(Op("linear", (read,), (leaf.type, draw(st.booleans()))))
                 mixed = gen.add(Op("binary", (lin, gen.pick(lambda i: i.type in (leaf.type, SCALAR))), ("add",)))
             updates.append(gen.add(Op("unary", (mixed,), (draw(st.sampled_from(("tanh", "sigmoid"))),))))
-    n = len(gen.infos)
-    stacks = tuple(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3)))
-    body_values = [i for i in range(n) if not gen.infos[i].captured]
-    lasts = tuple(draw(st.lists(st.sampled_from(body_values), max_size=2)))
-    scalars = [i for i in range(n) if gen.infos[i].type == SCALAR]
+    usable = [i for i, info in enumerate(gen.infos) if info.usable]
+    stacks = tuple(draw(st.lists(st.sampled_from(usable), min_size=1, max_size=3)))
+    stack_new = tuple(draw(st.lists(st.integers(0, len(leaves_) - 1), max_size=1))) if leaves_ else ()
+    lasts = tuple(draw(st.lists(st.sampled_from([i for i in usable if not gen.infos[i].captured]), max_size=2)))
+    scalars = [i for i in usable if gen.infos[i].type == SCALAR]
+    thresholds = st.sampled_from((-0.5, 0.0, 0.5, 1.0))
     end_spec = None
-    if loop == "axis":
-        if end is None:
-            end = draw(st.booleans())
-        if end:
-            if draw(st.booleans()):
-                end_spec = End("index", draw(st.booleans()))
-            else:
-                end_spec = End("value", draw(st.booleans()), draw(st.sampled_from(scalars)),
-                               draw(st.sampled_from((-0.5, 0.0, 0.5, 1.0))))
-        return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
-                       keys_inside=draw(st.booleans()))
-    arg = draw(st.one_of(st.none(), st.sampled_from(scalars)))
-    end_spec = End("counter", draw(st.booleans()), arg, draw(st.sampled_from((-0.5, 0.0, 0.5, 1.0))))
+    if loop == "max_len":
+        end_spec = End("counter", draw(st.booleans()), draw(st.one_of(st.none(), st.sampled_from(scalars))),
+                       draw(thresholds))
+    elif end if end is not None else draw(st.booleans()):
+        kind = draw(st.sampled_from(("index", "value", "counter") if counter else ("index", "value")))
+        if kind == "index":
+            end_spec = End("index", draw(st.booleans()))
+        elif kind == "value":
+            end_spec = End("value", draw(st.booleans()), draw(st.sampled_from(scalars)), draw(thresholds))
+        else:
+            end_spec = End("counter", draw(st.booleans()), draw(st.one_of(st.none(), st.sampled_from(scalars))),
+                           draw(thresholds))
     return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
-                   max_len=draw(st.sampled_from(("int", "tensor"))), keys_inside=draw(st.booleans()))
+                   max_len=draw(st.sampled_from(("int", "tensor"))) if loop == "max_len" else "int",
+                   keys_inside=draw(st.booleans()), counter=counter, stack_new=stack_new)
 
 
 # -- building the looplift function ------------------------------------------------------------------------
@@ -316,7 +328,7 @@ class Model:
         torch.manual_seed(seed)
         self.modules: dict = {}
         self.op_module: dict[int, ll.nn.Linear] = {}
-        infos = _base_infos(prog.loop) + [Info(leaf.type) for leaf in prog.leaves]
+        infos = _base_infos(prog.loop, prog.counter) + [Info(leaf.type) for leaf in prog.leaves]
         for j, op in enumerate(prog.ops):
             if op.kind == "linear":
                 din, dout = infos[op.args[0]].type, op.param[0]
@@ -368,7 +380,7 @@ class Model:
             setattr(loop.state, f"g{g}", _structure(group.structure, inits))
             names += [(f"g{g}", j) for j in range(len(group.leaves))]
             k += len(group.leaves)
-        if prog.loop == "max_len":
+        if prog.counter:
             loop.state.counter = 0
         keys = {}
         if not prog.keys_inside:
@@ -389,17 +401,22 @@ class Model:
                     current = _leaves_of(group.structure, getattr(loop.state, f"g{g}"))
                     setattr(loop.state, f"g{g}",
                             _structure(group.structure, [new.get(j, current[i]) for i, j in enumerate(ks)]))
-            end = prog.end
-            if prog.loop == "max_len":
+            if prog.counter:
                 loop.state.counter = loop.state.counter + 1
-                cond = loop.state.counter >= lim
-                if end.arg is not None:
-                    cond = cond | (pool[end.arg] > end.thr)
-                loop.end(cond, include_eos=end.include_eos)
-            elif end is not None:
-                cond = loop.index >= lim if end.kind == "index" else pool[end.arg] > end.thr
+            end = prog.end
+            if end is not None:
+                if end.kind == "counter":
+                    cond = loop.state.counter >= lim
+                    if end.arg is not None:
+                        cond = cond | (pool[end.arg] > end.thr)
+                else:
+                    cond = loop.index >= lim if end.kind == "index" else pool[end.arg] > end.thr
                 loop.end(cond, include_eos=end.include_eos)
             stacks = [loop.stack(pool[i]) for i in prog.stacks]
+            for k in prog.stack_new:   # a state read after its assignment: its new value
+                name, j = names[k]
+                stacks.append(loop.stack(_as_float(_leaves_of(prog.groups[int(name[1:])].structure,
+                                                              getattr(loop.state, name))[j])))
             last_values = [pool[i] for i in prog.lasts]
         lasts = [loop.last(v) for v in last_values]
         finals = tuple(getattr(loop.state, f"g{g}") for g in range(len(prog.groups)))
@@ -409,7 +426,7 @@ class Model:
         for g in finals:
             for leaf in _leaves_of_tree(g):
                 loss = loss + _loss_term(leaf) * 0.5
-        counter = (loop.state.counter,) if prog.loop == "max_len" else ()
+        counter = (loop.state.counter,) if prog.counter else ()
         return loss, tuple(stacks), finals, tuple(lasts), counter
 
 
@@ -448,19 +465,18 @@ class _Pool:
     def __init__(self, model: Model, loop: ll.Loop, x, x2, enc, u, keys: dict, names: list):
         self.model, self.loop, self.enc, self.keys = model, loop, enc, keys
         prog = model.prog
+        counter = loop.state.counter if prog.counter else None   # read now, before its assignment
+        count = lambda: ll.cast(counter, DTYPE)  # noqa: E731
         if prog.loop == "axis":
             makers = [lambda: loop.unstack(x), lambda: loop.unstack(x2),
-                      lambda: ll.cast(loop.index, DTYPE), lambda: u]
+                      lambda: ll.cast(loop.index, DTYPE), lambda: u, count]
         else:
-            makers = [lambda: ll.cast(loop.index, DTYPE), None, lambda: u]
+            makers = [lambda: ll.cast(loop.index, DTYPE), count, lambda: u]
         self.makers = makers
         self.values: dict[int, ll.Tensor] = {}
         for name, j in names:   # read now: a read after the state's assignment would give the new value
             self.values[len(makers)] = self._read(name, j)
             makers.append(None)
-        if prog.loop == "max_len":
-            counter = loop.state.counter
-            makers[1] = lambda: ll.cast(counter, DTYPE)
         self.n_ops = 0
 
     def _read(self, name: str, j: int):

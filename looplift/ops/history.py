@@ -9,9 +9,10 @@ over the past, written step by step::
 
 Over a whole sequence (its sequence rule, used when the loop optimizer moves
 it out, or when called outside the loop with ``axis=T``), the result is x
-itself with `T` renamed to the history dim, for every frame of `T`: frame t
-sees a history of length t + 1, so reductions and softmax over the history
-dim are causal. Nothing is copied: it is a broadcast.
+itself with `T` renamed to the history dim, whose lengths run over `T`:
+frame t sees a history of length t + 1, so reductions and softmax over the
+history dim are causal (they mask by those lengths, which brings `T` in).
+Nothing is copied.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
                     attrs={"axis": axis.name})
     if axis not in x.dims:
         x = expand(x, [axis])
-    return expand(replace_dim(x, axis, history), [axis])
+    # x with `axis` renamed: the history dim's lengths run over `axis`, so frame t sees t + 1 frames
+    return replace_dim(x, axis, history)
 
 
 cum_concat = _graph.replayable(cum_concat)

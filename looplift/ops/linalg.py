@@ -37,11 +37,20 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         dtype = _graph.current().float_dtype
     a, b = cast(a, dtype), cast(b, dtype)
     mask_a, mask_b = dims_to_mask(a, red), dims_to_mask(b, red)
+    # Masking an operand whose masks need dims it lacks (a history dim, whose lengths run over the
+    # query's time) would broadcast it over them. When the other operand's mask covers the same padding,
+    # zeros there suffice if this operand's padding is finite: it is made finite instead.
+    finite_a = finite_b = False
+    if _needs_dims(b, mask_b) and set(mask_b) <= set(mask_a) and not _needs_dims(a, mask_a):
+        mask_b, finite_b = (), True
+    elif _needs_dims(a, mask_a) and set(mask_a) <= set(mask_b) and not _needs_dims(b, mask_b):
+        mask_a, finite_a = (), True
     a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)
     a_only = tuple(d for d in a.dims if d not in b.dims)
     b_only = tuple(d for d in b.dims if d not in a.dims)
-    fill_a, fill_b = masker(a.dims, mask_a, 0), masker(b.dims, mask_b, 0)
+    fill_a = _finite if finite_a else masker(a.dims, mask_a, 0)
+    fill_b = _finite if finite_b else masker(b.dims, mask_b, 0)
     perm_a = tuple(a.dims.index(d) for d in batch + a_only + red)
     perm_b = tuple(b.dims.index(d) for d in batch + red + b_only)
     nb, na, nr = len(batch), len(a_only), len(red)
@@ -57,6 +66,15 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         return torch.matmul(x, y).reshape(*bshape, *ashape, *oshape)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
+
+def _needs_dims(x: Tensor, masked) -> bool:
+    """Whether masking `x` along the dims `masked` needs dims `x` lacks."""
+    return any(ld not in x.dims for d in masked for ld in _graph.length_dims(d))
+
+
+def _finite(env, v):
+    return torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def matmul(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:

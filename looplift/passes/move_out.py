@@ -245,7 +245,8 @@ class _LoopMove:
                         found = True
             if found:
                 continue
-            now = set() if spec.own_dim else {
+            # With loop.end, an ended entry's states stay frozen while the axis goes on: not a shifted sequence.
+            now = set() if spec.own_dim or spec.end is not None else {
                 k for k, v in enumerate(spec.new_states) if k not in constant and self.cls(v) <= SEQUENCE}
             if now == moved:
                 break
@@ -280,7 +281,7 @@ class _LoopMove:
         """(carried argument, states) if the call and the states it carries can run as the op's sequence form."""
         form = getattr(unit.call.fn, "sequence_form", None)
         spec = self.spec
-        if form is None or spec.own_dim:
+        if form is None or spec.own_dim or spec.end is not None:   # (loop.end: see the moved states above)
             return None
         try:
             bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
@@ -407,7 +408,7 @@ class _LoopMove:
                 else:
                     self.report.moved_in.append(unit.describe())
                 value = self._seq[id(t)]
-                if self.axis not in value.dims:
+                if not self._varies_along_axis(value):
                     raise _CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")
         self._seq[id(t)] = value
         return value
@@ -431,6 +432,10 @@ class _LoopMove:
                 self._form_final[k] = final
         self.report.forms.append(f"{form.name or unit.call.fn.__name__} carrying "
                                  f"{', '.join(repr(self.spec.state_names[k]) for k in ks)} at {source}")
+
+    def _varies_along_axis(self, value: Tensor) -> bool:
+        """Whether a sequence value has the loop's dim, or a dim whose lengths run over it (a history)."""
+        return any(d is self.axis or (d.is_dynamic and self.axis in d.length_dims) for d in value.dims)
 
     def with_axis(self, value: Tensor) -> Tensor:
         with self._in(self.parent):
@@ -541,7 +546,7 @@ class _LoopMove:
         if c == CORE and self.producer[id(t)].after:
             raise _CannotMove("internal: a value computed after the loop is needed inside it")
         assert c == SEQUENCE, t
-        sequence = self.seq(t)
+        sequence = self.with_axis(self.seq(t))
         with self._in(self.body):
             frame = emit_unstack(self.body, sequence, self.axis, self.producer[id(t)].nodes[0].source)
             value = self.rw.map[id(t)] = _shape.to_layout(frame, t.dims)
@@ -560,7 +565,7 @@ class _LoopMove:
                 elif k in self.constant:
                     value = self.initial[k]
                 else:
-                    value = self._last_frame(self.seq(spec.new_states[k]), initial=self.initial[k])
+                    value = self._last_frame(self.with_axis(self.seq(spec.new_states[k])), initial=self.initial[k])
                 rw.map[id(outs[k])] = _shape.to_layout(value, outs[k].dims)
             after: dict[int, Tensor] = {}
             for j, v in enumerate(spec.stacks):
@@ -621,11 +626,12 @@ class _LoopMove:
         return self._lengths
 
     def _last_frame(self, sequence: Tensor, initial: Tensor | None = None) -> Tensor:
-        """Frame ``length - 1`` of `sequence` per entry (`initial` where the length is 0)."""
+        """Frame ``length - 1`` of `sequence` per entry (`initial`, else zeros as in the loop, where the length
+        is 0)."""
         n = self.lengths()
         last = gather(sequence, index=_math.maximum(_math.sub(n, 1), 0), axis=self.axis)
         if initial is None:
-            return last
+            initial = _shape.zeros([], dtype=last.dtype)
         return _math.where(_math.gt(n, 0), last, initial)
 
     def _chain(self, unit: _Unit) -> list[str]:

@@ -1,0 +1,270 @@
+"""Training step of decoders written once as a looplift loop: optimized, step by step, and by hand.
+
+Two models, each trained (forward + backward) three ways in one process with the same weights:
+
+* optimized: the looplift program as compiled (the loop optimizer moves out what does not depend
+  on the previous step);
+* reference: the same program run literally, step by step (``Program.reference``);
+* hand-written: the same model written by hand in vectorized PyTorch.
+
+Models: an attention encoder-decoder (BiLSTM encoder; LSTM decoder whose attention context is fed
+back; label embedding, readout, cross entropy) and a step-wise Transformer decoder (self-attention
+over the history with ``cum_concat``, cross-attention, feed-forward; 2 layers). The losses of the
+three ways are asserted equal. The last line is one JSON object with the ratios of median step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import looplift as ll
+from looplift import nn
+
+B = ll.batch_dim
+
+
+# -- attention encoder-decoder -------------------------------------------------------------------------
+
+class AED(ll.Module):
+    def __init__(self, src_vocab: ll.Dim, vocab: ll.Dim, *, emb: int = 64, enc: int = 256, dec: int = 256,
+                 att: int = 256):
+        super().__init__()
+        self.vocab = vocab
+        self.emb, self.enc = ll.Dim("emb", emb), ll.Dim("enc", enc)
+        self.dec, self.att = ll.Dim("dec", dec), ll.Dim("att", att)
+        self.src_emb = nn.Embedding(src_vocab, self.emb)
+        self.encoder = nn.LSTM(self.emb, self.enc, bidirectional=True)
+        self.tgt_emb = nn.Embedding(vocab, self.emb)
+        self.decoder = nn.LSTM(self.emb + self.enc, self.dec)
+        self.query = nn.Linear(self.dec, self.att, with_bias=False)
+        self.key = nn.Linear(self.enc, self.att, with_bias=False)
+        self.readout = nn.Linear(self.dec + self.enc, vocab)
+
+    def forward(self, src, tgt, *, src_time, tgt_time):
+        enc, _ = self.encoder(self.src_emb(src), axis=src_time)
+        keys = self.key(enc)
+        loop = ll.Loop(axis=tgt_time)
+        loop.state.label = ll.full(0, sparse_dim=self.vocab)  # BOS
+        loop.state.dec = self.decoder.default_initial_state()
+        loop.state.ctx = ll.zeros([self.enc])
+        with loop:
+            x = ll.concat(self.tgt_emb(loop.state.label), loop.state.ctx)
+            h, loop.state.dec = self.decoder(x, state=loop.state.dec)
+            weights = ll.softmax(ll.dot(self.query(h), keys, reduce=self.att), axis=src_time)
+            loop.state.ctx = ll.dot(weights, enc, reduce=src_time)
+            logits = self.readout(ll.concat(h, loop.state.ctx))
+            target = loop.unstack(tgt)
+            ce = loop.stack(ll.cross_entropy(logits, target, axis=self.vocab))
+            loop.state.label = target
+        return ll.sum(ce, axis=[B, tgt_time])
+
+
+def aed_by_hand(m: AED, src, src_len, tgt, tgt_len):
+    """The AED in vectorized PyTorch: embeddings and readout over whole sequences, the core per step."""
+    w = dict(m.named_parameters())
+    emb = F.embedding(src, w["src_emb.weight"])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(emb, src_len, batch_first=True, enforce_sorted=False)
+    flat = [w[f"encoder.{n}"] for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                                        "weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse",
+                                        "bias_hh_l0_reverse")]
+    hid = m.enc.size // 2
+    h0 = torch.zeros(2, src.shape[0], hid)
+    out, _, _ = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, h0), flat, True, 1, 0.0, True, True)
+    enc, _ = torch.nn.utils.rnn.pad_packed_sequence(
+        type(packed)(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices),
+        batch_first=True, total_length=src.shape[1])
+    keys = enc @ w["key.weight"].T
+    src_mask = torch.arange(src.shape[1])[None, :] < src_len[:, None]
+    prev = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+    prev_emb = F.embedding(prev, w["tgt_emb.weight"])
+    n_batch, steps = tgt.shape
+    h = torch.zeros(n_batch, m.dec.size)
+    c = torch.zeros(n_batch, m.dec.size)
+    ctx = torch.zeros(n_batch, m.enc.size)
+    hs, ctxs = [], []
+    for t in range(steps):
+        h, c = torch.lstm_cell(torch.cat([prev_emb[:, t], ctx], -1), (h, c), w["decoder.weight_ih_l0"],
+                               w["decoder.weight_hh_l0"], w["decoder.bias_ih_l0"], w["decoder.bias_hh_l0"])
+        q = h @ w["query.weight"].T
+        scores = torch.bmm(keys, q[:, :, None])[:, :, 0].masked_fill(~src_mask, float("-inf"))
+        ctx = torch.bmm(torch.softmax(scores, -1)[:, None, :], enc)[:, 0]
+        hs.append(h)
+        ctxs.append(ctx)
+    logits = torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1) @ w["readout.weight"].T + w["readout.bias"]
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+    tgt_mask = torch.arange(steps)[None, :] < tgt_len[:, None]
+    return (ce * tgt_mask).sum()
+
+
+# -- step-wise Transformer decoder -----------------------------------------------------------------------
+
+class TransformerDecoder(ll.Module):
+    def __init__(self, vocab: ll.Dim, *, model: int = 256, heads: int = 4, ff: int = 1024, layers: int = 2):
+        super().__init__()
+        self.vocab, self.model = vocab, ll.Dim("model", model)
+        self.heads, self.head = ll.Dim("heads", heads), ll.Dim("head", model // heads)
+        self.emb = nn.Embedding(vocab, self.model)
+        self.layers = torch.nn.ModuleList(_Layer(self.model, self.heads, self.head, ll.Dim("ff", ff))
+                                          for _ in range(layers))
+        self.norm = nn.LayerNorm(self.model)
+        self.readout = nn.Linear(self.model, vocab)
+
+    def forward(self, enc, tgt, *, src_time, tgt_time):
+        loop = ll.Loop(axis=tgt_time)
+        loop.state.label = ll.full(0, sparse_dim=self.vocab)
+        with loop:
+            x = self.emb(loop.state.label)
+            for layer in self.layers:
+                x = layer(x, enc, src_time)
+            logits = self.readout(self.norm(x))
+            target = loop.unstack(tgt)
+            ce = loop.stack(ll.cross_entropy(logits, target, axis=self.vocab))
+            loop.state.label = target
+        return ll.sum(ce, axis=[B, tgt_time])
+
+
+class _Layer(ll.Module):
+    def __init__(self, model, heads, head, ff):
+        super().__init__()
+        self.model, self.heads, self.head = model, heads, head
+        inner = heads * head
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(model), nn.LayerNorm(model), nn.LayerNorm(model)
+        self.q1, self.k1, self.v1 = (nn.Linear(model, inner) for _ in range(3))
+        self.o1 = nn.Linear(inner, model)
+        self.q2, self.k2, self.v2 = (nn.Linear(model, inner) for _ in range(3))
+        self.o2 = nn.Linear(inner, model)
+        self.ff = nn.FeedForward(model, ff)
+
+    def _split(self, x):
+        return ll.split_dims(x, axis=self.heads * self.head, dims=[self.heads, self.head])
+
+    def _attend(self, q, k, v, axis):
+        scores = ll.dot(self._split(q), self._split(k), reduce=self.head) * (1.0 / math.sqrt(self.head.size))
+        ctx = ll.dot(ll.softmax(scores, axis=axis), self._split(v), reduce=axis)
+        return ll.merge_dims(ctx, dims=[self.heads, self.head])
+
+    def forward(self, x, enc, src_time):
+        h = self.norm1(x)
+        keys, values = ll.cum_concat(self.k1(h)), ll.cum_concat(self.v1(h))  # the step's key and value appended
+        x = x + self.o1(self._attend(self.q1(h), keys, values, keys.dims[0]))
+        h = self.norm2(x)
+        x = x + self.o2(self._attend(self.q2(h), self.k2(enc), self.v2(enc), src_time))
+        return x + self.ff(self.norm3(x))
+
+
+def transformer_by_hand(m: TransformerDecoder, enc, src_len, tgt, tgt_len):
+    """The same decoder in vectorized PyTorch over the whole target sequence, with a causal mask."""
+    w = dict(m.named_parameters())
+    n_batch, steps = tgt.shape
+    heads, head = m.heads.size, m.head.size
+    prev = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+    x = F.embedding(prev, w["emb.weight"])
+    causal = torch.ones(steps, steps, dtype=torch.bool).tril()
+    src_mask = (torch.arange(enc.shape[1])[None, :] < src_len[:, None])[:, None, None, :]
+
+    def lin(v, name):
+        return F.linear(v, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    def split(v):
+        return v.view(v.shape[0], v.shape[1], heads, head).transpose(1, 2)
+
+    def attend(q, k, v, mask):
+        s = split(q) @ split(k).transpose(-1, -2) / math.sqrt(head)
+        ctx = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ split(v)
+        return ctx.transpose(1, 2).reshape(q.shape[0], q.shape[1], heads * head)
+
+    for i in range(len(m.layers)):
+        p = f"layers.{i}"
+        norm = lambda v, k: F.layer_norm(v, (v.shape[-1],), w[f"{p}.{k}.weight"], w[f"{p}.{k}.bias"])  # noqa: E731
+        h = norm(x, "norm1")
+        x = x + lin(attend(lin(h, f"{p}.q1"), lin(h, f"{p}.k1"), lin(h, f"{p}.v1"), causal), f"{p}.o1")
+        h = norm(x, "norm2")
+        x = x + lin(attend(lin(h, f"{p}.q2"), lin(enc, f"{p}.k2"), lin(enc, f"{p}.v2"), src_mask), f"{p}.o2")
+        h = norm(x, "norm3")
+        x = x + lin(torch.relu(lin(h, f"{p}.ff.up")), f"{p}.ff.down")
+    x = F.layer_norm(x, (x.shape[-1],), w["norm.weight"], w["norm.bias"])
+    logits = lin(x, "readout")
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+    return (ce * (torch.arange(steps)[None, :] < tgt_len[:, None])).sum()
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+
+def _time(fns: dict, repeats: int) -> dict:
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--target", type=int, default=64, help="target length (padded)")
+    parser.add_argument("--source", type=int, default=50, help="source length (padded)")
+    parser.add_argument("--vocab", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--reference-repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
+    vocab, src_vocab = ll.Dim("vocab", args.vocab), ll.Dim("src_vocab", 30)
+    src = torch.randint(0, 30, (args.batch, args.source))
+    src_len = torch.randint(args.source // 2, args.source + 1, (args.batch,))
+    src_len[0] = args.source
+    tgt = torch.randint(1, args.vocab, (args.batch, args.target))
+    tgt_len = torch.randint(args.target // 2, args.target + 1, (args.batch,))
+    tgt_len[0] = args.target
+    results = {}
+
+    aed = AED(src_vocab, vocab)
+    prog = ll.compile(aed, mode="train")
+    inputs = (ll.Named(src, (B, src_time), {src_time: src_len}, sparse_dim=src_vocab),
+              ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab))
+    kw = dict(src_time=src_time, tgt_time=tgt_time)
+    fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
+           "reference": lambda: prog.reference(*inputs, **kw).tensor,
+           "handwritten": lambda: aed_by_hand(aed, src, src_len, tgt, tgt_len)}
+    losses = {k: float(f().detach()) for k, f in fns.items()}
+    assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
+    print(prog.explain())
+    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
+    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
+    print(f"AED: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
+          f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
+    results["aed_optimized_vs_handwritten"] = med["optimized"] / med["handwritten"]
+    results["aed_reference_vs_optimized"] = med["reference"] / med["optimized"]
+
+    dec = TransformerDecoder(vocab)
+    enc = torch.randn(args.batch, args.source, dec.model.size)
+    prog = ll.compile(dec, mode="train")
+    inputs = (ll.Named(enc, (B, src_time, dec.model), {src_time: src_len}),
+              ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab))
+    fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
+           "reference": lambda: prog.reference(*inputs, **kw).tensor,
+           "handwritten": lambda: transformer_by_hand(dec, enc, src_len, tgt, tgt_len)}
+    losses = {k: float(f().detach()) for k, f in fns.items()}
+    assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
+    print(prog.explain())
+    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
+    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
+    print(f"Transformer: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
+          f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
+    results["transformer_optimized_vs_handwritten"] = med["optimized"] / med["handwritten"]
+    results["transformer_reference_vs_optimized"] = med["reference"] / med["optimized"]
+    print(json.dumps({k: round(v, 3) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
