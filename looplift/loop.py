@@ -429,6 +429,8 @@ class LoopSpec:
     state_names: list[str]
     lasts: list[Tensor] = field(default_factory=list)   # in the body: values tracked for loop.last
     node: _graph.Node | None = None
+    #: keep the states of entries that ended frozen (False when nothing reads the final states)
+    freeze: bool = True
 
     def add_node(self, graph: _graph.Graph, initial: list[Tensor], stacked: list[Tensor] | None = None,
                  source: str | None = None) -> _graph.Node:
@@ -456,10 +458,23 @@ class LoopSpec:
 
 
 def emit_unstack(body: _graph.Graph, x: Tensor, axis: Dim, source: str | None = None) -> Tensor:
-    """In the loop body `body`: frame t of `x` along the loop's `axis` at step t."""
+    """In the loop body `body`: frame t of `x` along the loop's `axis` at step t.
+
+    A history dim of `axis` (``axis.history()``, from ``cum_concat`` over the sequence) has t + 1 frames at
+    step t, as ``cum_concat`` in the loop gives: the frame is cut to them."""
     pos = x.dims.index(axis)
-    return body.add("unstack", (x,), lambda env, v: v.select(pos, env.step(axis)),
-                    [(tuple(d for d in x.dims if d is not axis), x.dtype, x.sparse_dim)],
+    frame_dims = tuple(d for d in x.dims if d is not axis)
+    history = [i for i, d in enumerate(frame_dims) if d.origin is not None and d.origin[0] == "history"
+               and d.origin[1][0] is axis.canonical()]
+
+    def kernel(env, v):
+        t = env.step(axis)
+        frame = v.select(pos, t)
+        for i in history:
+            frame = frame.narrow(i, 0, t + 1)
+        return frame
+
+    return body.add("unstack", (x,), kernel, [(frame_dims, x.dtype, x.sparse_dim)],
                     attrs={"axis": axis.name}, source=source).outputs[0]
 
 
@@ -531,8 +546,10 @@ class _LoopRun:
                 step_counts = alive if spec.include_eos else alive & ~cond
                 alive = alive & ~cond
                 active = step_counts
-            if active is None:
+            if active is None or not spec.freeze:
                 state = new_state
+                if active is not None:
+                    counted = active.long() if counted is None else counted + active.long()
             else:
                 state = [torch.where(al(active), new, old) for al, new, old in
                          zip(self.state_align, new_state, state)]

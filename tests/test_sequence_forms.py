@@ -500,6 +500,41 @@ def test_cum_concat_self_attention_is_causal_attention_over_the_sequence():
     assert "gone" in loop, prog.explain()
 
 
+def test_cum_concat_of_input_values_read_by_a_carried_state():
+    """The history is input-side (its sequence form runs before the loop) but a recurrent state attends to
+    it: the loop stays, and reads at step t the history of its t + 1 frames."""
+    T = new_time()
+    torch.manual_seed(0)
+    lk, lin = ll.nn.Linear(F, H).to(DTYPE), ll.nn.Linear(H, H).to(DTYPE)
+
+    def model(x):
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.zeros([H])
+        with loop:
+            keys = ll.cum_concat(lk(loop.unstack(x)))
+            w = ll.softmax(ll.dot(loop.state.h, keys, reduce=H), axis=T.history())
+            loop.state.h = ll.tanh(ll.dot(w, keys, reduce=T.history()) + lin(loop.state.h))
+            y = loop.stack(loop.state.h)
+        return y, loop.state.h
+
+    prog = ll.compile(model)
+    x = seq_input(T)
+    y, _ = check_equivalent(prog, [x], [*lk.parameters(), *lin.parameters()])
+
+    with torch.no_grad():
+        keys = x.tensor @ lk.weight.T + lk.bias                        # (batch, time, hidden)
+        h = torch.zeros(len(LENGTHS), H.size, dtype=DTYPE)
+        for t in range(PADDED):
+            w = torch.softmax(torch.einsum("bh,bjh->bj", h, keys[:, :t + 1]), -1)
+            h = torch.tanh(torch.einsum("bj,bjh->bh", w, keys[:, :t + 1]) + h @ lin.weight.T + lin.bias)
+            m = t < LENGTHS
+            assert_close(y.align(B, T, H)[m, t], h[m], rtol=1e-9, atol=1e-10)
+
+    loop = only_loop(prog)
+    assert any(f.startswith("cum_concat as the whole sequence") for f in loop[FORMS]), prog.explain()
+    assert "gone" not in loop and "cum_concat" not in names(loop[STAYED]), prog.explain()
+
+
 # -- step index --------------------------------------------------------------------------------------------
 
 

@@ -276,7 +276,7 @@ def _running_sum(args: dict, carried: str, axis):
     """``s = s_prev + x`` over a sequence: the initial value plus the cumulative sum of x."""
     from .reduce import cumsum
     from .shape import expand
-    other = args["b" if carried == "a" else "a"]
+    other = as_tensor(args["b" if carried == "a" else "a"])   # (may be a Python number: s = s + 1)
     if axis not in other.dims:
         other = expand(other, [axis])
     return [add(args[carried], cumsum(other, axis=axis))], [None]

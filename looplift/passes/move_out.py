@@ -85,6 +85,7 @@ def optimize(graph: _graph.Graph, inputs: list[Tensor], outputs: list[Tensor], *
     token = _graph.enter(ctx)
     try:
         rewriter = _Rewriter(ctx)
+        rewriter.used = _used_tensors(graph) | {id(t) for t in outputs}
         rewriter.copy_graph(graph, new)
         new_inputs = [rewriter.map[id(t)] for t in inputs]
         new_outputs = [rewriter.value(t) for t in outputs]
@@ -103,6 +104,8 @@ class _Rewriter:
         #: id(old tensor) -> its value in the new graph (for body tensors: in the new body)
         self.map: dict[int, Tensor] = {}
         self.reports: list[LoopReport] = []
+        #: ids of the old graph's tensors that anything uses (as an input, or as a program output)
+        self.used: set[int] = set()
 
     def value(self, t: Tensor) -> Tensor:
         return self.map[id(t)]
@@ -497,7 +500,14 @@ class _LoopMove:
         body = _graph.Graph(parent=self.parent)
         self.body = body
         placeholders = []
-        self.kept = [k for k in range(len(spec.placeholders)) if k not in self.seqless]
+        outs = self.node.outputs
+        final_used = [id(outs[k]) in self.rw.used for k in range(len(spec.placeholders))]
+        # States moved out stay loop states only to give their final values, and only while the loop's
+        # own end decides them; otherwise their values per step are frames of their shifted sequences.
+        end_in_loop = spec.end is not None and self.cls(spec.end) == CORE
+        self.kept = [k for k in range(len(spec.placeholders)) if k not in self.seqless
+                     and (k not in self.moved or (final_used[k] and end_in_loop))]
+        self.freeze = any(final_used[k] for k in self.kept)
         with self._in(body):
             for k in self.kept:
                 p = spec.placeholders[k]
@@ -527,7 +537,8 @@ class _LoopMove:
             axis=spec.axis, own_dim=spec.own_dim, source=spec.source, body=body,
             captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
             stacks=stack_values, end=end, include_eos=spec.include_eos, max_len=max_len,
-            length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept])
+            length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept],
+            freeze=self.freeze)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
@@ -560,8 +571,10 @@ class _LoopMove:
             for k in range(ns):
                 if k in self.seqless:
                     value = self._final_of_form(k)
-                elif new_node is not None:
+                elif new_node is not None and k in self.kept:
                     value = new_node.outputs[self.kept.index(k)]
+                elif id(outs[k]) not in rw.used:
+                    continue  # nothing reads this final value
                 elif k in self.constant:
                     value = self.initial[k]
                 else:
@@ -646,6 +659,25 @@ class _LoopMove:
             unit = nxt
             chain.append(unit.describe())
         return chain
+
+
+def _used_tensors(graph: _graph.Graph) -> set[int]:
+    """ids of the tensors any node of `graph` (or of the regions inside it) takes as input."""
+    used: set[int] = set()
+    for node in graph.nodes:
+        used.update(id(t) for t in node.inputs)
+        region = node.attrs.get("loop")
+        if isinstance(region, LoopSpec):
+            used.update(_used_tensors(region.body))
+            used.update(id(t) for t in [*region.new_states, *region.stacks, *region.lasts])
+            if region.end is not None:
+                used.add(id(region.end))
+        cond = node.attrs.get("cond")
+        if cond is not None:
+            for branch in cond._branches.values():
+                used.update(_used_tensors(branch))
+            used.update(id(t) for branch_outs in getattr(cond, "_outs", {}).values() for t in branch_outs)
+    return used
 
 
 def _tensors(value) -> list[Tensor]:
