@@ -517,6 +517,9 @@ class _LoopRun:
         last_vals: list = [None] * len(lasts)
         inner: dict[Dim, list] = {}
         scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
+        run_body = env.runner(spec.body, feed, outputs)
+        # per-entry bookkeeping only where something depends on it
+        track = spec.freeze or bool(lasts) or spec.end is not None or spec.own_dim
         t = 0
         while True:
             if n_steps is not None and t >= n_steps:
@@ -534,9 +537,9 @@ class _LoopRun:
                     err.node = spec.node  # the error names its line already
                     raise err
             step_env = env.child({axis: t}, scratch)
-            results = step_env.run(spec.body, feed, captured + state, outputs)
+            results = run_body(step_env, captured + state)
             new_state = results[:ns]
-            active = None if axis_len is None else (t < axis_len)
+            active = None if axis_len is None or not track else (t < axis_len)
             if spec.end is not None:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
@@ -548,11 +551,10 @@ class _LoopRun:
                 active = step_counts
             if active is None or not spec.freeze:
                 state = new_state
-                if active is not None:
-                    counted = active.long() if counted is None else counted + active.long()
             else:
                 state = [torch.where(al(active), new, old) for al, new, old in
                          zip(self.state_align, new_state, state)]
+            if active is not None and spec.own_dim:
                 counted = active.long() if counted is None else counted + active.long()
             for k, v in enumerate(results[ns:ns + len(stacks)]):
                 frames[k].append(v)

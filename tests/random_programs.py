@@ -294,8 +294,10 @@ def programs(draw, loop: str, end: bool | None = None) -> Program:
                 lin = gen.add(Op("linear", (read,), (leaf.type, draw(st.booleans()))))
                 mixed = gen.add(Op("binary", (lin, gen.pick(lambda i: i.type in (leaf.type, SCALAR))), ("add",)))
             updates.append(gen.add(Op("unary", (mixed,), (draw(st.sampled_from(("tanh", "sigmoid"))),))))
+    for _ in range(draw(st.integers(0, 3))):   # readouts: ops that feed no state (only stacks, lasts, the end)
+        gen.random_op()
     usable = [i for i, info in enumerate(gen.infos) if info.usable]
-    stacks = tuple(draw(st.lists(st.sampled_from(usable), min_size=1, max_size=3)))
+    stacks = tuple(gen.pick(lambda i: True) for _ in range(draw(st.integers(1, 3))))
     stack_new = tuple(draw(st.lists(st.integers(0, len(leaves_) - 1), max_size=1))) if leaves_ else ()
     lasts = tuple(draw(st.lists(st.sampled_from([i for i in usable if not gen.infos[i].captured]), max_size=2)))
     scalars = [i for i in usable if gen.infos[i].type == SCALAR]

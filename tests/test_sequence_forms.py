@@ -460,6 +460,42 @@ def test_window_of_the_last_frames_is_a_windowing(size):
     assert "gone" in loop, prog.explain()
 
 
+def test_forms_whose_per_step_argument_is_loop_invariant():
+    """An LSTM, a GRU, a window and a running sum fed the same (loop-invariant) value at every step: their
+    sequence forms get it over the loop's dim."""
+    T = new_time()
+    W = ll.Dim("window", 3)
+    torch.manual_seed(0)
+    lstm, gru = ll.nn.LSTM(F, H).to(DTYPE), ll.nn.GRU(F, H).to(DTYPE)
+
+    def model(x, c):
+        loop = ll.Loop(axis=T)
+        loop.state.s = lstm.default_initial_state()
+        loop.state.g = gru.default_initial_state()
+        loop.state.win = ll.zeros([W, F])
+        loop.state.total = ll.zeros([F])
+        with loop:
+            h, loop.state.s = lstm(c, state=loop.state.s)
+            g, loop.state.g = gru(c * 2.0, state=loop.state.g)
+            loop.state.win = ll.shift_in(loop.state.win, c, axis=W)
+            loop.state.total = loop.state.total + c
+            y = loop.stack(h + g + ll.sum(loop.state.win * loop.state.total + loop.unstack(x), axis=[W, F]))
+        return y, loop.state.s.h, loop.state.s.c, loop.state.g, loop.state.win, loop.state.total
+
+    prog = ll.compile(model)
+    c = features([F.size], seed=5)
+    outs = check_equivalent(prog, [seq_input(T), ll.Named(c, (F,))], [*lstm.parameters(), *gru.parameters()])
+    total = outs[-1]
+    assert_close(total.align(B, F), LENGTHS[:, None].to(DTYPE) * c)
+
+    loop = only_loop(prog)
+    forms = [f.split(" carrying ")[0] for f in loop[FORMS]]
+    assert sorted(forms) == sorted(["fused LSTM over the sequence", "fused GRU over the sequence",
+                                    "window of the last frames as a windowing of the sequence",
+                                    "running sum as a cumulative sum"]), prog.explain()
+    assert "gone" in loop, prog.explain()
+
+
 # -- cum_concat: self-attention over the history ---------------------------------------------------------
 
 

@@ -422,7 +422,9 @@ class _LoopMove:
         name, ks = unit.form
         bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
         initial = {id(self.spec.placeholders[k]): self.initial[k] for k in ks}
-        args = {arg: _map_tree(value, (lambda x: initial[id(x)]) if arg == name else self.seq)
+        # every per-step argument over the loop's dim, even one that does not vary (a loop-invariant frame)
+        args = {arg: _map_tree(value, (lambda x: initial[id(x)]) if arg == name else
+                               self.seq if arg in form.invariant else (lambda x: self.with_axis(self.seq(x))))
                 for arg, value in bound.items()}
         with self._in(self.parent):
             sequences, finals = form.run(args, name, self.axis)

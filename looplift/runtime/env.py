@@ -135,12 +135,17 @@ class Env:
 
     def run(self, graph, inputs: Sequence, raws: Sequence, outputs: Sequence) -> list:
         """Run a region (a loop body, a branch): `inputs` are its fed tensors with values `raws`."""
+        return self.runner(graph, inputs, outputs)(self, raws)
+
+    def runner(self, graph, inputs: Sequence, outputs: Sequence):
+        """``run(env, raws)`` for a region, to call once per loop step: the reference interpreter, or
+        an executor prepared once per graph."""
         if self.reference:
             from .reference import run_reference
-            return run_reference(graph, self, dict(zip(inputs, raws)), outputs)
+            return lambda env, raws: run_reference(graph, env, dict(zip(inputs, raws)), outputs)
         key = ("executor", tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
         runner = graph.prepared.get(key)
         if runner is None:
             from .executor import Executor
             runner = graph.prepared[key] = Executor(graph, inputs, outputs)
-        return runner(self, raws)
+        return runner
