@@ -8,6 +8,7 @@ from .dims import Dim, batch_dim
 from .graph import is_search, is_training, mode
 from .cond import Cond
 from .loop import Loop
+from .masked import MaskedComputation
 from .module import Module, Parameter
 from .ops import *  # noqa: F401,F403 - the op functions are the public API
 from .ops import __all__ as _ops_all
@@ -18,5 +19,5 @@ from .train.checkpoint import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["errors", "nn", "Dim", "batch_dim", "Cond", "Loop", "is_search", "is_training", "mode", "Module", "Parameter",
+__all__ = ["errors", "nn", "Dim", "batch_dim", "Cond", "Loop", "MaskedComputation", "is_search", "is_training", "mode", "Module", "Parameter",
            "Program", "Spec", "compile", "Named", "Tensor", "load", "save", *_ops_all]

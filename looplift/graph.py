@@ -151,6 +151,20 @@ class Call:
     kwargs: dict
     outputs: Any = None
     nodes: list[Node] = field(default_factory=list)
+    #: argument tensors the op used in place of others (id -> replacement), e.g. a MaskedComputation's
+    #: values held where its mask is False
+    substitutions: dict[int, Tensor] = field(default_factory=dict)
+
+    def arguments(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` as the op saw them (with substitutions made)."""
+        if not self.substitutions:
+            return self.args, self.kwargs
+
+        def sub(x):
+            return self.substitutions.get(id(x), x) if isinstance(x, Tensor) else x
+        from ._tree import tree_map
+        return (tuple(tree_map(sub, a, lambda v: isinstance(v, Tensor)) for a in self.args),
+                {k: tree_map(sub, v, lambda v: isinstance(v, Tensor)) for k, v in self.kwargs.items()})
 
     def resolve(self, **kwargs) -> None:
         """Record arguments the op inferred from its inputs (e.g. concat's axes), so a replay on inputs

@@ -170,6 +170,33 @@ class Loop:
             current[i] = as_tensor(leaves[i])
         slot.current = current
 
+    def _add_hidden_state(self, name: str, initial: Tensor, sparse_dim) -> Tensor:
+        """A state the user does not name (a MaskedComputation's held value); returns its placeholder.
+
+        Called while the body is traced; `initial` lives in the loop's parent graph."""
+        slot = _Slot(name, initial, _graph.user_source_line())
+        init = slot.initial[0]
+        extra = [d for d in self._batch_dims() + self._hints.get(("state", name, 0), []) if d not in init.dims]
+        if extra:
+            saved = self._ctx.graph
+            self._ctx.graph = self._parent
+            try:
+                init = slot.initial[0] = expand(init, extra)
+            finally:
+                self._ctx.graph = saved
+        node = self.body.add("state", (), None, [(init.dims, init.dtype, sparse_dim)],
+                             attrs={"state": name, "leaf": 0}, source=slot.source)
+        slot.placeholders = [node.outputs[0]]
+        slot.current = [node.outputs[0]]
+        self._slots[name] = slot
+        return node.outputs[0]
+
+    def _set_hidden_state(self, placeholder: Tensor, value: Tensor) -> None:
+        for slot in self._slots.values():
+            if slot.placeholders and slot.placeholders[0] is placeholder:
+                slot.current = [value]
+                return
+
     # -- entering --------------------------------------------------------------------------------
 
     def _batch_dims(self) -> list[Dim]:

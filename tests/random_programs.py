@@ -50,7 +50,7 @@ MAX_LEN = 8                                 # Loop(max_seq_len=...) as an int; l
 
 UNARY = ("tanh", "sigmoid", "relu", "exp_small")
 BINARY = ("add", "mul")
-OP_KINDS = ("linear", "unary", "binary", "scale", "sum", "mean", "dot", "concat_linear", "attention")
+OP_KINDS = ("linear", "unary", "binary", "scale", "sum", "mean", "dot", "concat_linear", "attention", "inner_rnn")
 UPDATES = ("never", "input", "any", "self", "accum")
 
 
@@ -114,6 +114,7 @@ class Program:
     keys_inside: bool = False          # attention keys computed in the body (hoisted) or before the loop
     counter: bool = False              # the int state `counter` (always in loops without axis)
     stack_new: tuple[int, ...] = ()    # leaves whose new value (read after the assignment) is stacked
+    second: bool = False               # a second loop, an RNN over the first stacked value
 
     @property
     def leaves(self) -> list[Leaf]:
@@ -166,6 +167,8 @@ def op_type(op: Op, infos: list[Info]) -> str:
         return SCALAR
     if k == "attention":
         return ENC_TYPE
+    if k == "inner_rnn":
+        return infos[op.args[0]].type
     if k == "binary":
         a, b = (infos[i].type for i in op.args)
         return a if a != SCALAR else b
@@ -251,8 +254,8 @@ class _Gen:
         if kind == "concat_linear":
             a, b = self.pick(is_vec), self.pick(is_vec)
             return self.add(Op("concat_linear", (a, b), (draw(st.sampled_from(VEC_TYPES)),)))
-        if kind == "attention":
-            return self.add(Op("attention", (self.pick(is_vec),)))
+        if kind in ("attention", "inner_rnn"):
+            return self.add(Op(kind, (self.pick(is_vec),)))
         raise AssertionError(kind)
 
     def value_of_type(self, typ: str, input_only: bool) -> int:
@@ -317,7 +320,8 @@ def programs(draw, loop: str, end: bool | None = None) -> Program:
                            draw(thresholds))
     return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
                    max_len=draw(st.sampled_from(("int", "tensor"))) if loop == "max_len" else "int",
-                   keys_inside=draw(st.booleans()), counter=counter, stack_new=stack_new)
+                   keys_inside=draw(st.booleans()), counter=counter, stack_new=stack_new,
+                   second=draw(st.booleans()))
 
 
 # -- building the looplift function ------------------------------------------------------------------------
@@ -342,10 +346,17 @@ class Model:
             elif op.kind == "attention":
                 q = infos[op.args[0]].type
                 self.op_module[j] = self._module(("key", q), FDIMS[ENC_TYPE], FDIMS[q])
+            elif op.kind == "inner_rnn":
+                d = FDIMS[infos[op.args[0]].type]
+                self.op_module[j] = self._module(("inner", j), d + FDIMS[ENC_TYPE], d)
             infos.append(Info(op_type(op, infos)))
         for leaf in prog.leaves:
             if leaf.init == "input" and leaf.type != SCALAR:
                 self._module(("init", leaf.type), FDIMS[U_TYPE], FDIMS[leaf.type])
+        if prog.second:
+            self._module(("second_rec",), FDIMS["H"], FDIMS["H"])
+            if infos[prog.stacks[0]].type != SCALAR:
+                self._module(("second_in",), FDIMS[infos[prog.stacks[0]].type], FDIMS["H"])
 
     def _module(self, key, din: ll.Dim, dout: ll.Dim) -> ll.nn.Linear:
         if key not in self.modules:
@@ -429,7 +440,21 @@ class Model:
             for leaf in _leaves_of_tree(g):
                 loss = loss + _loss_term(leaf) * 0.5
         counter = (loop.state.counter,) if prog.counter else ()
-        return loss, tuple(stacks), finals, tuple(lasts), counter
+        second = self._second_loop(loop.axis, stacks[0]) if prog.second else ()
+        for y in second:
+            loss = loss + _loss_term(y)
+        return loss, tuple(stacks), finals, tuple(lasts), counter, second
+
+    def _second_loop(self, axis: ll.Dim, y):
+        """An RNN over the first loop's stacked `y` (over its axis: `time`, or the dim its end made)."""
+        loop = ll.Loop(axis=axis)
+        loop.state.h = ll.zeros([FDIMS["H"]])
+        with loop:
+            y_t = loop.unstack(y)
+            x_t = self.modules[("second_in",)](y_t) if ("second_in",) in self.modules else y_t * 0.5
+            loop.state.h = ll.tanh(x_t + self.modules[("second_rec",)](loop.state.h))
+            z = loop.stack(loop.state.h * 0.5)
+        return z, loop.state.h
 
 
 def _loss_term(y):
@@ -534,6 +559,15 @@ def _emit(op: Op, args: list, module, keys, enc):
             keys = module(enc)
         weights = ll.softmax(ll.dot(q, keys, reduce=dq), axis=S)
         return ll.dot(weights, enc, reduce=S)
+    if k == "inner_rnn":   # a loop nested in the body: an RNN over the encoder, starting from the operand
+        a = args[0]
+        d = next(d for d in a.dims if d in FDIMS.values())
+        inner = ll.Loop(axis=S)
+        inner.state.acc = a
+        with inner:
+            e = inner.unstack(enc)
+            inner.state.acc = ll.tanh(module(ll.concat(inner.state.acc, e, axis=[d, FDIMS[ENC_TYPE]])))
+        return inner.state.acc
     raise AssertionError(k)
 
 

@@ -117,9 +117,9 @@ ATT = ll.Dim("att", 4)
 
 
 class AttentionDecoder(ll.Module):
-    def __init__(self, *, keys_in_loop: bool):
+    def __init__(self, *, keys_in_loop: bool, eos: int | None = None):
         super().__init__()
-        self.keys_in_loop = keys_in_loop
+        self.keys_in_loop, self.eos = keys_in_loop, eos
         self.emb = ll.nn.Embedding(V, EMB)
         self.lstm = ll.nn.LSTM(EMB + ENC_F, DEC)
         self.query = ll.nn.Linear(DEC, ATT)
@@ -144,11 +144,14 @@ class AttentionDecoder(ll.Module):
             ce = loop.stack(ll.cross_entropy(log_probs, target, axis=V, logits_are_log_probs=True))
             lp = loop.stack(log_probs)
             loop.state.label = target
+            if self.eos is not None:   # as in search; in training, the reference labels' axis still gives the frames
+                loop.end(target == self.eos, include_eos=True)
         return ll.sum(ce, axis=[B, TGT_T]), ce, lp
 
 
 def torch_attention_decoder(model: AttentionDecoder, enc: torch.Tensor, targets: torch.Tensor):
-    """The same decoder as a hand-written PyTorch loop over the padded target frames."""
+    """The same decoder as a hand-written PyTorch loop over the padded target frames (with `model.eos`: an
+    entry's states stay frozen after the step whose target is EOS, its later frames computed from them)."""
     cell = torch.nn.LSTMCell(EMB.size + ENC_F.size, DEC.size).to(DTYPE)
     lstm = model.lstm
     cell.weight_ih, cell.weight_hh = lstm.weight_ih_l0, lstm.weight_hh_l0
@@ -160,19 +163,24 @@ def torch_attention_decoder(model: AttentionDecoder, enc: torch.Tensor, targets:
     c = torch.zeros(n, DEC.size, dtype=DTYPE)
     ctx = torch.zeros(n, ENC_F.size, dtype=DTYPE)
     label = torch.full((n,), BOS)
+    alive = torch.ones(n, dtype=torch.bool)
     ces, lps = [], []
     for t in range(TGT_PADDED):
         x = torch.cat([model.emb.weight[label], ctx], -1)
-        h, c = cell(x, (h, c))
-        q = h @ model.query.weight.T + model.query.bias
+        new_h, new_c = cell(x, (h, c))
+        q = new_h @ model.query.weight.T + model.query.bias
         energy = torch.einsum("ba,bta->bt", q, keys).masked_fill(~enc_mask, float("-inf"))
         w = torch.softmax(energy, -1)
-        ctx = torch.einsum("bt,btf->bf", w, torch.where(enc_mask[..., None], enc, 0.0))
-        logits = torch.cat([h, ctx], -1) @ model.readout.weight.T + model.readout.bias
+        new_ctx = torch.einsum("bt,btf->bf", w, torch.where(enc_mask[..., None], enc, 0.0))
+        logits = torch.cat([new_h, new_ctx], -1) @ model.readout.weight.T + model.readout.bias
         lp = torch.log_softmax(logits, -1)
         ces.append(-lp.gather(-1, targets[:, t, None])[:, 0])
         lps.append(lp)
-        label = targets[:, t]
+        keep = alive[:, None]
+        h, c, ctx = torch.where(keep, new_h, h), torch.where(keep, new_c, c), torch.where(keep, new_ctx, ctx)
+        label = torch.where(alive, targets[:, t], label)
+        if model.eos is not None:
+            alive = alive & (targets[:, t] != model.eos)
     ce, lp = torch.stack(ces, 1), torch.stack(lps, 1)
     loss = torch.where(valid(TGT_LENGTHS, TGT_PADDED), ce, 0.0).sum()
     return loss, ce, lp
@@ -210,6 +218,27 @@ def test_attention_lstm_decoder(keys_in_loop):
         assert "att" in s["computed once before the loop"][0] and "enc_time" in s["computed once before the loop"][0]
     else:
         assert "computed once before the loop" not in s, text
+
+
+def test_attention_lstm_decoder_ending_on_eos():
+    """The same decoder with loop.end on the EOS label (as search needs it), trained over the reference labels:
+    an entry's states freeze after its EOS while its later frames are still stacked (and here summed)."""
+    torch.manual_seed(0)
+    enc, targets = make_inputs()
+    eos = 3
+    targets[0, 1] = targets[2, 0] = targets[3, 2] = eos     # entries that end before their last frame
+    model = AttentionDecoder(keys_in_loop=False, eos=eos).to(DTYPE)
+    prog = ll.compile(model, mode="train")
+    outs, grads = check_against_reference(prog, model, enc, targets)
+
+    enc_t = enc.detach().clone().requires_grad_(True)
+    loss, ce, lp = torch_attention_decoder(model, enc_t, targets)
+    torch_grads = torch.autograd.grad(loss, [enc_t, *model.parameters()])
+    check_against_torch(outs, grads, loss.detach(), ce.detach(), lp.detach(), torch_grads)
+
+    s = explain_sections(prog)
+    assert "not optimized" not in s and "gone" not in s, prog.explain()
+    assert "lstm_cell" in op_names(s["stayed in the loop"]), prog.explain()
 
 
 # -- (b) step-wise Transformer decoder -------------------------------------------------------------------------

@@ -68,6 +68,9 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
         graph = value.node.graph if value.node is not None else None
         if graph is None or not ctx.graph.encloses(graph):
             raise TraceError(_foreign_value_message(value, graph, ctx.graph))
+        block = value.node.attrs.get("masked_block")
+        if block is not None:  # a value of a MaskedComputation used after it: held where the mask is False
+            return block.outside(value)
         return value
     if isinstance(value, (bool, numbers.Number)) and not isinstance(value, complex):
         return constant(value, dtype)

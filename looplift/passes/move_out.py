@@ -287,7 +287,8 @@ class _LoopMove:
         if form is None or spec.own_dim or spec.end is not None:   # (loop.end: see the moved states above)
             return None
         try:
-            bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
+            call_args, call_kwargs = unit.call.arguments()
+            bound = inspect.signature(unit.call.fn).bind(*call_args, **call_kwargs).arguments
         except TypeError:
             return None
         outs = unit.outputs()
@@ -420,7 +421,8 @@ class _LoopMove:
         """Compute the outputs of a call run by its op's sequence form (over the whole sequence)."""
         form = unit.call.fn.sequence_form
         name, ks = unit.form
-        bound = inspect.signature(unit.call.fn).bind(*unit.call.args, **unit.call.kwargs).arguments
+        call_args, call_kwargs = unit.call.arguments()
+        bound = inspect.signature(unit.call.fn).bind(*call_args, **call_kwargs).arguments
         initial = {id(self.spec.placeholders[k]): self.initial[k] for k in ks}
         # every per-step argument over the loop's dim, even one that does not vary (a loop-invariant frame)
         args = {arg: _map_tree(value, (lambda x: initial[id(x)]) if arg == name else
@@ -453,8 +455,9 @@ class _LoopMove:
         def sub(x):
             return value_of(x) if isinstance(x, Tensor) else x
 
-        args = [_map_tree(a, sub) for a in call.args]
-        kwargs = {k: _map_tree(v, sub) for k, v in call.kwargs.items()}
+        call_args, call_kwargs = call.arguments()
+        args = [_map_tree(a, sub) for a in call_args]
+        kwargs = {k: _map_tree(v, sub) for k, v in call_kwargs.items()}
         with self._in(self.parent):
             try:
                 result = call.fn(*args, **kwargs)
@@ -540,7 +543,8 @@ class _LoopMove:
             captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
             stacks=stack_values, end=end, include_eos=spec.include_eos, max_len=max_len,
             length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept],
-            freeze=self.freeze)
+            # (over an axis, an entry's frames after its loop.end are still stacked: from its frozen states)
+            freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)))
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
