@@ -576,6 +576,48 @@ def test_cum_concat_of_input_values_read_by_a_carried_state():
     assert "gone" not in loop and "cum_concat" not in names(loop[STAYED]), prog.explain()
 
 
+@pytest.mark.parametrize("recurrent", [False, True], ids=["loop-gone", "loop-stays"])
+def test_values_over_the_history_dim_follow_the_step(recurrent):
+    """A value over the history dim that depends on nothing else (a range over it: relative positions) has
+    t + 1 frames at step t: it is no loop-invariant, whether the loop goes or stays."""
+    T = new_time()
+    torch.manual_seed(0)
+    lk, lin = ll.nn.Linear(F, H).to(DTYPE), ll.nn.Linear(H, H).to(DTYPE)
+
+    def model(x):
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.zeros([H])
+        with loop:
+            x_t = loop.unstack(x)
+            keys = ll.cum_concat(lk(x_t))
+            position = ll.cast(ll.range_over_dim(T.history()), DTYPE)
+            query = loop.state.h if recurrent else lk(x_t)
+            w = ll.softmax(ll.dot(query, keys, reduce=H) + 0.3 * position, axis=T.history())
+            new = ll.tanh(ll.dot(w, keys, reduce=T.history()) + (lin(loop.state.h) if recurrent else 0.0))
+            loop.state.h = new
+            y = loop.stack(new)
+        return y
+
+    prog = ll.compile(model)
+    x = seq_input(T)
+    y = check_equivalent(prog, [x], [*lk.parameters(), *lin.parameters()])
+
+    with torch.no_grad():
+        keys = x.tensor @ lk.weight.T + lk.bias
+        h = torch.zeros(len(LENGTHS), H.size, dtype=DTYPE)
+        for t in range(PADDED):
+            query = h if recurrent else keys[:, t]
+            scores = torch.einsum("bh,bjh->bj", query, keys[:, :t + 1]) + 0.3 * torch.arange(t + 1, dtype=DTYPE)
+            out = torch.einsum("bj,bjh->bh", torch.softmax(scores, -1), keys[:, :t + 1])
+            h = torch.tanh(out + (h @ lin.weight.T + lin.bias if recurrent else 0.0))
+            m = t < LENGTHS
+            assert_close(y.align(B, T, H)[m, t], h[m], rtol=1e-9, atol=1e-10)
+
+    loop = only_loop(prog)
+    assert ("gone" in loop) != recurrent, prog.explain()
+    assert "range_over_dim" not in names(loop.get(HOISTED, [])), prog.explain()
+
+
 # -- step index --------------------------------------------------------------------------------------------
 
 

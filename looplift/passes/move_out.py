@@ -268,6 +268,8 @@ class _LoopMove:
         if unit.kind in ("unstack", "index"):
             return CORE if self.spec.own_dim else SEQUENCE
         worst = max((self.cls(t) for t in unit.inputs), default=INVARIANT)
+        if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
+            worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
         if unit.kind in ("region", "verbatim") or self.spec.own_dim:
             return INVARIANT if worst == INVARIANT else CORE
         return worst
@@ -684,6 +686,11 @@ def _used_tensors(graph: _graph.Graph) -> set[int]:
                 used.update(_used_tensors(branch))
             used.update(id(t) for branch_outs in getattr(cond, "_outs", {}).values() for t in branch_outs)
     return used
+
+
+def _is_history_of(d: Dim, axis: Dim) -> bool:
+    """Whether `d` is ``axis.history()`` (t + 1 frames at step t of the loop over `axis`)."""
+    return d.origin is not None and d.origin[0] == "history" and d.origin[1][0] is axis
 
 
 def _tensors(value) -> list[Tensor]:
