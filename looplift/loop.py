@@ -579,13 +579,14 @@ class _LoopRun:
             if active is None or not spec.freeze:
                 state = new_state
             else:
-                state = [torch.where(al(active), new, old) for al, new, old in
-                         zip(self.state_align, new_state, state)]
+                state = [torch.where(al(active), _raw(new, p.dtype, env), _raw(old, p.dtype, env))
+                         for al, new, old, p in zip(self.state_align, new_state, state, spec.placeholders)]
             if active is not None and spec.own_dim:
                 counted = active.long() if counted is None else counted + active.long()
             for k, v in enumerate(results[ns:ns + len(stacks)]):
                 frames[k].append(v)
             for k, v in enumerate(results[ns + len(stacks):ns + len(stacks) + len(lasts)]):
+                v = _raw(v, lasts[k].dtype, env)
                 if active is None or last_vals[k] is None:
                     last_vals[k] = v if active is None else torch.where(last_align[k](active), v,
                                                                          torch.zeros_like(v))
@@ -623,6 +624,12 @@ class _LoopRun:
                                                               dtype=value.dtype, device=env.device))
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
+
+
+def _raw(v, dtype: torch.dtype, env):
+    """The raw value `v` as a torch tensor; a Python number (a constant) of the value's `dtype`, not torch's
+    default (float32 would lose the precision of a float64 program)."""
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device)
 
 
 def _size_or_zero(env, d: Dim) -> int:

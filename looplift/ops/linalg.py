@@ -63,7 +63,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         oshape = y.shape[nb + nr:]
         x = x.reshape(*bshape, math.prod(ashape), math.prod(rshape))
         y = y.reshape(*bshape, math.prod(rshape), math.prod(oshape))
-        return torch.matmul(x, y).reshape(*bshape, *ashape, *oshape)
+        return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
 

@@ -168,15 +168,14 @@ def where(cond, a, b) -> Tensor:
     cl, al, bl = aligner(cond.dims, dims), aligner(a.dims, dims), aligner(b.dims, dims)
 
     def kernel(env, c, x, y):
-        c = cl(c)
-        if not isinstance(c, torch.Tensor):
-            return al(x) if c else bl(y)
-        x, y = al(x), bl(y)
-        if isinstance(x, torch.Tensor) and x.dtype != dtype:
-            x = x.to(dtype)
-        if isinstance(y, torch.Tensor) and y.dtype != dtype:
-            y = y.to(dtype)
-        return torch.where(c, x, y)
+        c, x, y = cl(c), al(x), bl(y)
+        if not any(isinstance(v, torch.Tensor) for v in (c, x, y)):
+            return x if c else y   # Python values: a result without dims
+        # A Python bool condition still broadcasts the branches to the result's dims; a Python number gets the
+        # result's dtype (torch would give it its default float32).
+        x, y = (v.to(dtype) if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device)
+                for v in (x, y))
+        return torch.where(torch.as_tensor(c, device=env.device), x, y)
 
     return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b))
 
@@ -210,7 +209,9 @@ def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: boo
         x = as_tensor(x)
         if float_only:
             require_float(x, name)
-        return emit(name, (x,), lambda env, v: fn(torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v),
+        dtype = x.dtype   # (a Python number, as a state's initial value, is computed in the declared dtype)
+        return emit(name, (x,), lambda env, v: fn(v if isinstance(v, torch.Tensor) else
+                                                  torch.as_tensor(v, dtype=dtype, device=env.device)),
                     x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None)
     unary.__name__ = name
     unary.__doc__ = f"Elementwise ``{name}``."

@@ -20,16 +20,43 @@ __all__ = ["Executor"]
 
 
 def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
-    """The nodes of `graph` that `outputs` depend on, in graph order."""
+    """The nodes of `graph` that `outputs` depend on, in graph order.
+
+    A value depends on the nodes that compute its inputs, and on the loop that gives a dim of it its size
+    and lengths (a loop ended by ``loop.end`` makes its dim), even where it takes no value from that loop.
+    """
+    makers = {}   # dim -> the node that makes it when it runs
+    for node in graph.nodes:
+        spec = node.attrs.get("loop")
+        if getattr(spec, "own_dim", False):
+            makers[spec.axis] = node
     needed: set[int] = set()
-    stack = [t.node for t in outputs if t.node is not None]
+    stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
     while stack:
         node = stack.pop()
         if id(node) in needed:
             continue
         needed.add(id(node))
         stack.extend(t.node for t in node.inputs if t.node is not None)
+        if makers:
+            stack.extend(_makers_of([*node.inputs, *node.outputs], makers))
     return [n for n in graph.nodes if id(n) in needed]
+
+
+def _makers_of(tensors: Sequence[Tensor], makers: dict) -> list[Node]:
+    """The nodes among `makers` that make a dim of `tensors` (or a dim one of them derives from)."""
+    found, seen = [], set()
+    todo = [d for t in tensors for d in t.dims]
+    while todo:
+        d = todo.pop()
+        if d in seen:
+            continue
+        seen.add(d)
+        if d in makers:
+            found.append(makers[d])
+        todo.extend(d.operands)
+        todo.extend(d.length_dims if d.is_dynamic else ())
+    return found
 
 
 class Executor:
