@@ -283,3 +283,56 @@ def test_nonlinearity_of_a_python_number_state_in_float64():
     s = torch.tensor([0.1, 0.0, 1.0, 2.0], dtype=DTYPE)
     assert y.tensor.dtype == DTYPE
     torch.testing.assert_close(y.tensor, torch.exp(s) + torch.tanh(s), rtol=1e-15, atol=0)
+
+
+def test_frozen_python_number_state_keeps_float64():
+    """A state still at its Python-number initial value, in a loop ended by a condition without dims (the
+    states are frozen after it, not expanded to the batch): the frozen value keeps the program's float64
+    (torch.where of two Python numbers gave float32, and the reference run differed by 1e-8)."""
+    def f(x):
+        loop = ll.Loop(axis=W)
+        loop.state.s = 0.1
+        with loop:
+            loop.end(loop.index >= 1, include_eos=True)
+            y = loop.stack(ll.tanh(loop.state.s) + loop.unstack(x))
+        return _loss(y), y
+
+    x = torch.randn(3, W.size, F.size, dtype=DTYPE)
+    prog = _assert_equivalent(f, {"x": x}, lambda t: (ll.Named(t["x"], (B, W, F)),))
+    y = prog.reference(ll.Named(x, (B, W, F)))[1]
+    expected = torch.tanh(torch.tensor(0.1, dtype=DTYPE)) + x
+    torch.testing.assert_close(y.align(B, W, F), expected, rtol=1e-15, atol=1e-15)
+
+
+def test_where_with_a_python_bool_condition_has_the_dims_of_its_branches():
+    """where(cond, a, b) whose condition is a Python bool at run time (a comparison of a Python-number state)
+    still has the dims of its branches (it gave the chosen branch as it was: a number without dims)."""
+    def f(x):
+        loop = ll.Loop(axis=W)
+        loop.state.s = 0.5
+        with loop:
+            v = ll.where(loop.state.s > 0.0, 2.0, loop.unstack(x))
+            y = loop.stack(ll.sum(v, axis=F))
+        return _loss(y), y
+
+    x = torch.randn(2, W.size, F.size, dtype=DTYPE)
+    prog = _assert_equivalent(f, {"x": x}, lambda t: (ll.Named(t["x"], (B, W, F)),))
+    y = prog(ll.Named(x, (B, W, F)))[1]
+    assert y.align(B, W).tolist() == [[6.0] * W.size] * 2
+
+
+def test_op_of_two_python_numbers_has_the_program_float_dtype():
+    """A state kept at its Python-number initial value, scaled and stacked: hoisted out of the loop, the
+    product of two constants is declared (and expanded) in the program's float64, not torch's float32."""
+    def f(x):
+        loop = ll.Loop(axis=W)
+        loop.state.s = 0.5
+        with loop:
+            y = loop.stack(loop.state.s * 0.5)
+            z = loop.stack(loop.unstack(x))
+        return _loss(y, z), y, ll.expand(ll.add(0.5, 0.25), [F])
+
+    x = torch.randn(2, W.size, F.size, dtype=DTYPE)
+    prog = _assert_equivalent(f, {"x": x}, lambda t: (ll.Named(t["x"], (B, W, F)),))
+    _, y, c = prog(ll.Named(x, (B, W, F)))
+    assert y.tensor.dtype == c.tensor.dtype == DTYPE

@@ -169,7 +169,7 @@ def result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     """
     sa, sb = _dtype_sample(a), _dtype_sample(b)
     if not isinstance(sa, torch.Tensor) and not isinstance(sb, torch.Tensor):
-        sa = torch.tensor(sa)
+        return torch.promote_types(a.dtype, b.dtype)   # two constants: their dtypes (floats: the program's)
     return torch.result_type(sa, sb)
 
 
