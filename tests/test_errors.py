@@ -9,11 +9,10 @@ that calls the program.
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import pytest
 import torch
+from error_helpers import check_error, marked_line
 
 import looplift as ll
 from looplift.errors import (DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError,
@@ -25,24 +24,14 @@ F = ll.Dim("feat", 4)
 H = ll.Dim("hidden", 3)
 V = ll.Dim("vocab", 5)
 
-_LINES = Path(__file__).read_text().splitlines()
-
-
 def where(marker: str) -> str:
     """``file:line`` of the one line of this file ending in ``# <marker>``."""
-    hits = [i for i, line in enumerate(_LINES, 1) if line.rstrip().endswith(f"# <{marker}>")]
-    assert len(hits) == 1, f"marker {marker!r} found on lines {hits}"
-    return f"{__file__}:{hits[0]}"
+    return marked_line(__file__, marker)
 
 
 def assert_error(info: pytest.ExceptionInfo, cls: type, marker: str, *names: str) -> None:
-    """The error is exactly `cls`, names the marked line and every dim name in `names` (as a word)."""
-    err = info.value
-    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
-    msg = str(err)
-    assert where(marker) in msg, f"the message does not name {where(marker)}: {msg}"
-    for name in names:
-        assert re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", msg), f"the message does not name {name!r}: {msg}"
+    """The error is exactly `cls`, names the marked line and every name in `names` (as a word)."""
+    check_error(__file__, info, cls, marker, *names)
 
 
 def feats(batch: int = 2, frames: int = 5) -> ll.Named:

@@ -7,12 +7,11 @@ finds that line in this file, so the expected ``file:line`` never goes stale.
 
 from __future__ import annotations
 
-import re
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from error_helpers import check_error, marked_line
 
 import looplift as ll
 from looplift.errors import DimError, DimMismatchError, DTypeError, ExecutionError, TraceError
@@ -22,24 +21,14 @@ T = ll.Dim("time")
 F = ll.Dim("feat", 3)
 H = ll.Dim("hidden", 2)
 
-_LINES = Path(__file__).read_text().splitlines()
-
-
 def where(marker: str) -> str:
     """``file:line`` of the one line of this file ending in ``# <marker>``."""
-    hits = [i for i, line in enumerate(_LINES, 1) if line.rstrip().endswith(f"# <{marker}>")]
-    assert len(hits) == 1, f"marker {marker!r} found on lines {hits}"
-    return f"{__file__}:{hits[0]}"
+    return marked_line(__file__, marker)
 
 
 def assert_error(info: pytest.ExceptionInfo, cls: type, marker: str, *names: str) -> None:
     """The error is exactly `cls`, names the marked line and every name in `names` (as a word)."""
-    err = info.value
-    assert type(err) is cls, f"expected {cls.__name__}, got {type(err).__name__}: {err}"
-    msg = str(err)
-    assert where(marker) in msg, f"the message does not name {where(marker)}: {msg}"
-    for name in names:
-        assert re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", msg), f"the message does not name {name!r}: {msg}"
+    check_error(__file__, info, cls, marker, *names)
 
 
 def feats() -> ll.Named:
