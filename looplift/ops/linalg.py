@@ -56,6 +56,13 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     nb, na, nr = len(batch), len(a_only), len(red)
     out_dims = batch + a_only + b_only
 
+    if na == 1 and nr == 1 and len(b_only) == 1:
+        # already (batch..., m, k) @ (batch..., k, n): matmul takes the strided views, no reshape copies
+        def kernel(env, x, y):
+            return torch.matmul(fill_a(env, x).permute(perm_a), fill_b(env, y).permute(perm_b))
+
+        return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
     def kernel(env, x, y):
         x, y = fill_a(env, x).permute(perm_a), fill_b(env, y).permute(perm_b)
         bshape = x.shape[:nb]
