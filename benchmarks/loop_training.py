@@ -208,6 +208,23 @@ def _time(fns: dict, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args) -> dict:
+    """Time `model` optimized, step by step and by hand (asserting equal losses); the two ratios."""
+    prog = ll.compile(model, mode="train")
+    fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
+           "reference": lambda: prog.reference(*inputs, **kw).tensor,
+           "handwritten": by_hand}
+    losses = {k: float(f().detach()) for k, f in fns.items()}
+    assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
+    print(prog.explain())
+    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
+    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
+    print(f"{name}: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
+          f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
+    return {f"{name}_optimized_vs_handwritten": med["optimized"] / med["handwritten"],
+            f"{name}_reference_vs_optimized": med["reference"] / med["optimized"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -228,41 +245,18 @@ def main() -> None:
     tgt_len[0] = args.target
     results = {}
 
-    aed = AED(src_vocab, vocab)
-    prog = ll.compile(aed, mode="train")
-    inputs = (ll.Named(src, (B, src_time), {src_time: src_len}, sparse_dim=src_vocab),
-              ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab))
     kw = dict(src_time=src_time, tgt_time=tgt_time)
-    fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
-           "reference": lambda: prog.reference(*inputs, **kw).tensor,
-           "handwritten": lambda: aed_by_hand(aed, src, src_len, tgt, tgt_len)}
-    losses = {k: float(f().detach()) for k, f in fns.items()}
-    assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
-    print(prog.explain())
-    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
-    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
-    print(f"AED: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
-          f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
-    results["aed_optimized_vs_handwritten"] = med["optimized"] / med["handwritten"]
-    results["aed_reference_vs_optimized"] = med["reference"] / med["optimized"]
-
+    aed = AED(src_vocab, vocab)
+    results.update(_compare("aed", aed, (
+        ll.Named(src, (B, src_time), {src_time: src_len}, sparse_dim=src_vocab),
+        ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab)), kw,
+        lambda: aed_by_hand(aed, src, src_len, tgt, tgt_len), args))
     dec = TransformerDecoder(vocab)
     enc = torch.randn(args.batch, args.source, dec.model.size)
-    prog = ll.compile(dec, mode="train")
-    inputs = (ll.Named(enc, (B, src_time, dec.model), {src_time: src_len}),
-              ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab))
-    fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
-           "reference": lambda: prog.reference(*inputs, **kw).tensor,
-           "handwritten": lambda: transformer_by_hand(dec, enc, src_len, tgt, tgt_len)}
-    losses = {k: float(f().detach()) for k, f in fns.items()}
-    assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
-    print(prog.explain())
-    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
-    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
-    print(f"Transformer: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
-          f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
-    results["transformer_optimized_vs_handwritten"] = med["optimized"] / med["handwritten"]
-    results["transformer_reference_vs_optimized"] = med["reference"] / med["optimized"]
+    results.update(_compare("transformer", dec, (
+        ll.Named(enc, (B, src_time, dec.model), {src_time: src_len}),
+        ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab)), kw,
+        lambda: transformer_by_hand(dec, enc, src_len, tgt, tgt_len), args))
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 

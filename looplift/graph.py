@@ -84,7 +84,7 @@ class Node:
 
 
 class Graph:
-    """An ordered list of nodes, with the program's inputs and parameters.
+    """An ordered list of nodes (and the parameters' tensors).
 
     A control-flow region (a loop body, a branch of a Cond) is a graph whose
     ``parent`` is the graph around it; its nodes may use tensors of any
@@ -94,7 +94,6 @@ class Graph:
     def __init__(self, parent: Graph | None = None) -> None:
         self.parent = parent
         self.nodes: list[Node] = []
-        self.inputs: list[Tensor] = []
         #: (module, attribute name) -> the parameter's symbolic tensor.
         self.params: dict[tuple[int, str], Tensor] = parent.params if parent is not None else {}
         #: What the runtime prepared for this graph (executors), kept across calls.

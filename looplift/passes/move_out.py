@@ -509,11 +509,9 @@ class _LoopMove:
         placeholders = []
         outs = self.node.outputs
         final_used = [id(outs[k]) in self.rw.used for k in range(len(spec.placeholders))]
-        # States moved out stay loop states only to give their final values, and only while the loop's
-        # own end decides them; otherwise their values per step are frames of their shifted sequences.
-        end_in_loop = spec.end is not None and self.cls(spec.end) == CORE
-        self.kept = [k for k in range(len(spec.placeholders)) if k not in self.seqless
-                     and (k not in self.moved or (final_used[k] and end_in_loop))]
+        # States moved out leave the loop: their values per step are frames of their shifted sequences.
+        # (Loops with loop.end move no states: an ended entry's state is frozen, not shifted.)
+        self.kept = [k for k in range(len(spec.placeholders)) if k not in self.seqless and k not in self.moved]
         self.freeze = any(final_used[k] for k in self.kept)
         with self._in(body):
             for k in self.kept:
