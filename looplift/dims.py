@@ -186,6 +186,27 @@ class Dim:
             return dim
         return self._derive(("history",), make)
 
+    def masked(self, mask, length_dims: Sequence[Dim]) -> Dim:
+        """``T'``: the frames of this dim where the bool tensor `mask` (over this dim and `length_dims`) is True.
+
+        Made by :func:`looplift.compress`; its lengths (the number of True
+        frames per entry) are known once the compress has run. It remembers
+        this dim and the mask, so a ``T'`` tensor meeting a ``T`` tensor is
+        unmasked automatically (:func:`looplift.unmask`). One dim per mask.
+        """
+        def make() -> Dim:
+            dim = Dim(f"{self.name}'", length_dims=tuple(length_dims))
+            dim.origin = ("masked", (self.canonical(), mask))
+            dim._size_rule = dim._lengths_rule = None   # set by the compress that makes it (see Env)
+            return dim
+        return self._derive(("masked", id(mask)), make)
+
+    @property
+    def masked_from(self) -> tuple[Dim, object] | None:
+        """(T, mask) if this dim is ``T.masked(mask)``, else None."""
+        c = self.canonical()
+        return c.origin[1] if c.origin is not None and c.origin[0] == "masked" else None
+
     def __floordiv__(self, k: int) -> Dim:
         """``T // k`` is ``T.ceildiv(k)``: rounded up, so no frame is dropped."""
         return self.ceildiv(k)

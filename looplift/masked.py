@@ -49,6 +49,10 @@ class MaskedComputation:
         self._open = False
         self._held: dict[int, Tensor] = {}
         self._holding = False
+        #: for passes: (where result, value assigned in the block, value before it) per state leaf assigned
+        self.state_wheres: list[tuple[Tensor, Tensor, Tensor]] = []
+        #: for passes: (value, hidden state holding it, held value) per value used after the block
+        self.holds: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def __enter__(self) -> MaskedComputation:
         body = self.loop.body
@@ -72,6 +76,7 @@ class MaskedComputation:
                 new = slot.current[i]
                 if new is not before[i]:
                     slot.current[i] = where(self.mask, new, before[i])
+                    self.state_wheres.append((slot.current[i], new, before[i]))
         for node in block:
             node.attrs["masked_block"] = self
 
@@ -98,6 +103,7 @@ class MaskedComputation:
                 ctx.graph, ctx.call = saved, saved_call
                 self._holding = False
             self._held[id(value)] = held
+            self.holds.append((value, previous, held))
         ctx = _graph.tracing()
         if ctx.call is not None:
             ctx.call.substitutions[id(value)] = held

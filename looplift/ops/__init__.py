@@ -5,6 +5,7 @@ from .conv import conv1d
 from .history import cum_concat, shift_in
 from .index import embedding, gather, one_hot
 from .linalg import dot, linear, matmul
+from .masking import compress, unmask
 from .loss import cross_entropy, ctc_loss
 from .math import (abs, add, cast, clip, cos, elu, eq, exp, floordiv, ge, gelu, gt, identity, le, leaky_relu, log,
                    log_sigmoid, logical_and, logical_not, logical_or, logical_xor, lt, maximum, minimum, mod, mul,
@@ -16,7 +17,7 @@ from .shape import (concat, expand, full, length, merge_dims, ones, pad, range_o
                     slice, split, split_dims, zeros)
 
 __all__ = [
-    "conv1d", "cum_concat", "shift_in", "embedding", "gather", "one_hot", "dot", "linear", "matmul", "cross_entropy", "ctc_loss",
+    "conv1d", "cum_concat", "shift_in", "embedding", "gather", "one_hot", "dot", "linear", "matmul", "compress", "unmask", "cross_entropy", "ctc_loss",
     "abs", "add", "cast", "clip", "cos", "elu", "eq", "exp", "floordiv", "ge", "gelu", "gt", "identity", "le",
     "leaky_relu", "log", "log_sigmoid", "logical_and", "logical_not", "logical_or", "logical_xor", "lt",
     "maximum", "minimum", "mod", "mul", "ne", "neg", "pow", "relu", "rsqrt", "sigmoid", "silu", "sin",

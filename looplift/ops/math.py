@@ -17,6 +17,7 @@ from .._align import aligner
 from ..errors import DTypeError
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype
+from .masking import meet_masked
 
 __all__ = [
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "abs", "minimum", "maximum",
@@ -34,7 +35,7 @@ def _sparse_of(*tensors: Tensor):
 
 def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = None,
             keep_sparse: bool = False) -> Tensor:
-    a, b = as_tensor(a), as_tensor(b)
+    a, b = meet_masked(as_tensor(a), as_tensor(b))
     dims = broadcast_dims(name, a, b)
     dtype = out_dtype or result_dtype(a, b)
     al, bl = aligner(a.dims, dims), aligner(b.dims, dims)
@@ -163,6 +164,7 @@ def where(cond, a, b) -> Tensor:
     cond, a, b = as_tensor(cond), as_tensor(a), as_tensor(b)
     if cond.dtype != torch.bool:
         raise DTypeError(f"where needs a bool condition, got the {cond.describe()} (at {_graph.user_source_line()})")
+    cond, a, b = meet_masked(cond, a, b)
     dims = broadcast_dims("where", cond, a, b)
     dtype = result_dtype(a, b)
     cl, al, bl = aligner(cond.dims, dims), aligner(a.dims, dims), aligner(b.dims, dims)

@@ -27,6 +27,7 @@ def explain(reports: list[LoopReport]) -> str:
             ("computed once before the loop (loop-invariant)", _user(r.hoisted)),
             ("moved in: computed over the whole sequence before the loop", _user(r.moved_in)),
             ("replaced by sequence forms", r.forms),
+            ("masked computations moved out (run over T' as a loop of their own, then unmasked)", r.masked),
             ("states moved out (the previous step's value is the sequence shifted by one)", r.moved_states),
             ("moved out: computed after the loop on the stacked sequence", _user(r.moved_out)),
         ]
@@ -47,7 +48,8 @@ def explain(reports: list[LoopReport]) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"invariant": "lightgrey", "sequence": "lightblue", "after": "palegreen", "core": "salmon"}
+_COLORS = {"invariant": "lightgrey", "sequence": "lightblue", "masked": "plum", "after": "palegreen",
+           "core": "salmon"}
 
 
 def to_dot(reports: list[LoopReport]) -> str:

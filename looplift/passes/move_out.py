@@ -43,6 +43,7 @@ from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
 from ..ops.index import gather
+from ..ops.masking import compress, unmask
 from ..tensor import Tensor
 
 __all__ = ["optimize", "Optimized", "LoopReport"]
@@ -62,6 +63,7 @@ class LoopReport:
     moved_states: list[str] = field(default_factory=list)    # states whose values are shifted sequences
     forms: list[str] = field(default_factory=list)           # replaced by an op's sequence-level form
     stayed: list[tuple[str, list[str]]] = field(default_factory=list)  # (call, the chain that keeps it)
+    masked: list[str] = field(default_factory=list)          # MaskedComputation blocks run over T'
     loop_removed: bool = False
     not_optimized: str | None = None
     #: per body node: "invariant", "sequence", "core" or "after" (for pictures)
@@ -104,6 +106,8 @@ class _Rewriter:
         #: id(old tensor) -> its value in the new graph (for body tensors: in the new body)
         self.map: dict[int, Tensor] = {}
         self.reports: list[LoopReport] = []
+        #: graphs made by the pass that the map refers to (kept alive so ids stay unique)
+        self.keep: list = []
         #: ids of the old graph's tensors that anything uses (as an input, or as a program output)
         self.used: set[int] = set()
 
@@ -146,6 +150,18 @@ class _Rewriter:
 
 
 @dataclass(eq=False)
+class _Region:
+    """A MaskedComputation block with the wheres that hold its states and the values used after it."""
+
+    mc: object
+    block: list
+    members: list = field(default_factory=list)
+    state_ks: list = field(default_factory=list)     # the loop states it carries (hidden ones included)
+    states: list = field(default_factory=list)       # (k, where result, value assigned in the block)
+    holds: list = field(default_factory=list)        # (k, value of the block, held value)
+
+
+@dataclass(eq=False)
 class _Unit:
     """One op call of the body (or one node that is not a call)."""
 
@@ -159,6 +175,8 @@ class _Unit:
 
     def describe(self) -> str:
         node = self.nodes[0]
+        if self.kind == "masked":
+            return f"MaskedComputation block at {node.source}"
         name = self.call.fn.__name__ if self.call is not None else node.op
         if self.kind == "state":
             name = f"state {node.attrs.get('state')!r}"
@@ -207,6 +225,14 @@ class _LoopMove:
             if kind is None:
                 kind = "region" if n.op in ("loop", "cond") else "verbatim"
             self.units.append(_Unit([n], None, kind))
+        self._order = {id(n): i for i, n in enumerate(spec.body.nodes)}
+        self.regions: dict[int, _Region] = {}
+        self._index()
+        self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
+        self._group_masked()
+
+    def _index(self) -> None:
+        """The producer and the inputs of every unit, and the consumers of every tensor."""
         self.producer: dict[int, _Unit] = {}
         for unit in self.units:
             for n in unit.nodes:
@@ -214,23 +240,99 @@ class _LoopMove:
                     self.producer[id(t)] = unit
         for unit in self.units:
             own = {id(t) for n in unit.nodes for t in n.outputs}
+            region = self.regions.get(id(unit))
+            if region is not None:   # its own states are carried inside it, over T'
+                own |= {id(self.spec.placeholders[k]) for k in region.state_ks}
+            unit.inputs = []
             seen: set[int] = set()
             for n in unit.nodes:
                 for t in n.inputs:
                     if id(t) not in own and id(t) not in seen:
                         seen.add(id(t))
                         unit.inputs.append(t)
-        self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
         self.consumers: dict[int, list[_Unit]] = {}
         for unit in self.units:
             for t in unit.inputs:
                 self.consumers.setdefault(id(t), []).append(unit)
+
+    def _group_masked(self) -> None:
+        """Each MaskedComputation block that can run over T' (with the wheres holding its states and
+        values) becomes one unit of kind "masked"."""
+        blocks: dict[int, tuple] = {}
+        for unit in self.units:
+            mc = unit.nodes[0].attrs.get("masked_block")
+            if mc is not None:
+                blocks.setdefault(id(mc), (mc, []))[1].append(unit)
+        for mc, block in blocks.values():
+            region = self._region(mc, block)
+            if region is None:
+                continue
+            members = {id(u) for u in region.members}
+            unit = _Unit([n for u in self.units if id(u) in members for n in u.nodes], None, "masked")
+            at = next(i for i, u in enumerate(self.units) if id(u) in members)
+            self.units = [u for u in self.units if id(u) not in members]
+            self.units.insert(at, unit)
+            self.regions[id(unit)] = region
+        if self.regions:
+            self._index()
+
+    def _region(self, mc, block: list[_Unit]):
+        """The block of `mc` as a region that can run as a loop over T', or None where it cannot."""
+        spec = self.spec
+        if spec.own_dim or any(u.kind != "call" for u in block):
+            return None
+        region = _Region(mc, block)
+        outs_of = {id(t) for u in block for t in u.outputs()}
+        for where_out, new, before in mc.state_wheres:
+            k = self.state_index.get(id(before))
+            if k is None or self._next_value(k) is not where_out or id(new) not in outs_of:
+                return None   # the state was assigned before the block, or again after it
+            region.state_ks.append(k)
+            region.states.append((k, where_out, new))
+        for value, previous, held in mc.holds:
+            k = self.state_index.get(id(previous))
+            if k is None or self._next_value(k) is not held:
+                return None
+            region.state_ks.append(k)
+            region.holds.append((k, value, held))
+        whers = [self.producer.get(id(t)) for _, t, _ in region.states] + \
+            [self.producer.get(id(t)) for _, _, t in region.holds]
+        if any(u is None or u.kind != "call" or len(u.outputs()) != 1 for u in whers):
+            return None
+        region.members = block + whers
+        # values of the block are used after it only as held values (and the states only by their wheres)
+        members = {id(u) for u in region.members}
+        inside = {id(new) for _, _, new in region.states} | {id(v) for _, v, _ in region.holds}
+        for t_id in outs_of:
+            if any(id(u) not in members for u in self.consumers.get(t_id, [])):
+                return None
+        loose = [*spec.stacks, *spec.lasts, *([spec.end] if spec.end is not None else [])]
+        if any(id(t) in outs_of for t in loose) or not inside <= outs_of:
+            return None
+        for k in region.state_ks:   # its states are read only in the region (held values) or by the block
+            p = spec.placeholders[k]
+            if k in [k2 for k2, _, _ in region.holds] and any(
+                    id(u) not in members for u in self.consumers.get(id(p), [])):
+                return None
+        return region
 
     def cls(self, t: Tensor) -> int:
         unit = self.producer.get(id(t))
         return INVARIANT if unit is None else unit.cls
 
     def _classify(self) -> None:
+        while True:
+            self._classify_once()
+            stuck = [u for u in self.units if u.kind == "masked" and u.cls == CORE]
+            if not stuck:
+                return
+            for unit in stuck:   # the block depends on a carried state: its calls stay in the loop one by one
+                at = self.units.index(unit)
+                self.units[at:at + 1] = self.regions.pop(id(unit)).members
+                self.units.sort(key=lambda u: self._order[id(u.nodes[0])])
+            self._index()
+
+    def _classify_once(self) -> None:
         spec = self.spec
         constant = {k for k, (p, v) in enumerate(zip(spec.placeholders, spec.new_states)) if p is v}
         moved: set[int] = set()
@@ -267,6 +369,8 @@ class _LoopMove:
             return INVARIANT if k in constant else SEQUENCE if k in moved else CORE
         if unit.kind in ("unstack", "index"):
             return CORE if self.spec.own_dim else SEQUENCE
+        if unit.kind == "masked":   # never invariant: it carries its own states (over T')
+            return SEQUENCE if max((self.cls(t) for t in unit.inputs), default=INVARIANT) <= SEQUENCE else CORE
         worst = max((self.cls(t) for t in unit.inputs), default=INVARIANT)
         if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
             worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
@@ -346,10 +450,11 @@ class _LoopMove:
 
     # -- values outside the loop --------------------------------------------------------------------
 
-    def _in(self, graph: _graph.Graph):
-        """Trace into `graph`: the new body (inside this loop) or the parent (around it)."""
+    def _in(self, graph: _graph.Graph, loop=None):
+        """Trace into `graph`: the new body (inside this loop), the parent (around it), or the body of
+        another `loop` made in the parent."""
         move = self
-        loops = move._base_loops + ([move.spec] if graph is move.body else [])
+        loops = move._base_loops + ([move.spec] if graph is move.body else [loop] if loop is not None else [])
 
         class _Scope:
             def __enter__(self):
@@ -401,6 +506,9 @@ class _LoopMove:
             elif unit.form is not None:
                 self._run_form(unit)
                 value = self._seq[id(t)]
+            elif unit.kind == "masked":
+                self._run_masked(unit)
+                value = self._seq[id(t)]
             elif unit.kind == "state":
                 k = self.state_index[id(t)]
                 value = _shape.shift_right(self.with_axis(self.seq(self.spec.new_states[k])), axis=self.axis,
@@ -442,6 +550,76 @@ class _LoopMove:
         self.report.forms.append(f"{form.name or unit.call.fn.__name__} carrying "
                                  f"{', '.join(repr(self.spec.state_names[k]) for k in ks)} at {source}")
 
+    def _run_masked(self, unit: _Unit) -> None:
+        """Run a MaskedComputation block as a loop over T' (the frames where its mask is True), optimized in
+        turn, and unmask its results onto the loop's dim (repeating the last True frame)."""
+        region: _Region = self.regions[id(unit)]
+        mc, axis = region.mc, self.axis
+        with self._in(self.parent):
+            mask = self.with_axis(self.seq(mc.mask))
+            ldims = tuple(d for d in mask.dims if d is not axis)
+            masked = axis.masked(mask, ldims)
+            compress(mask, mask, axis=axis, out_dim=masked)   # gives T' its lengths, even if nothing else does
+        scratch = _graph.Graph(parent=self.parent)
+        body = _graph.Graph(parent=scratch)
+        self.rw.keep += [scratch, body]
+        values: dict[int, Tensor] = {}
+        placeholders = []
+        ks = [k for k, _, _ in region.states]
+        for k in ks:
+            p = self.spec.placeholders[k]
+            new = body.add("state", (), None, [(p.dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
+                           p.node.source).outputs[0]
+            values[id(p)] = new
+            placeholders.append(new)
+
+        def frame_of(x: Tensor) -> Tensor:
+            if id(x) in values:
+                return values[id(x)]
+            if self.cls(x) == INVARIANT:
+                return self.inv(x)
+            with self._in(self.parent):
+                sequence = compress(self.with_axis(self.seq(x)), mask, axis=axis, out_dim=masked)
+            with self._in(body, _SubLoop(masked, body)):
+                frame = emit_unstack(body, sequence, masked, mc.source)
+                values[id(x)] = _shape.to_layout(frame, x.dims)
+            return values[id(x)]
+
+        for member in region.block:
+            for x in member.inputs:
+                frame_of(x)
+            self._replay(member, frame_of, values, graph=body, loop=_SubLoop(masked, body))
+        with self._in(body, _SubLoop(masked, body)):
+            new_states = [_shape.to_layout(values[id(new)], p.dims) for (_, _, new), p in zip(region.states, placeholders)]
+        # a state's sequence is unmasked only where the loop reads it outside the block (its final value is
+        # the block loop's own final value)
+        seq_states = [(i, where_out) for i, (k, where_out, _) in enumerate(region.states)
+                      if self.consumers.get(id(self.spec.placeholders[k])) or any(
+                          u.kind != "call" or u.call.fn.__name__ != "to_layout" or u.outputs()[0] is not
+                          self.spec.new_states[k] for u in self.consumers.get(id(where_out), []))]
+        stacked = [values[id(region.states[i][2])] for i, _ in seq_states] + \
+            [values[id(v)] for _, v, _ in region.holds]
+        sub = LoopSpec(axis=masked, own_dim=False, source=mc.source, body=body,
+                       captured=body.captured([*new_states, *stacked]), placeholders=placeholders,
+                       new_states=new_states, stacks=stacked, end=None, include_eos=True, max_len=None,
+                       length_dims=_graph.length_dims(masked),
+                       state_names=[self.spec.state_names[k] for k in ks], freeze=True)
+        node = sub.add_node(scratch, [self.initial[k] for k in ks])
+        for t in node.inputs:
+            self.rw.map.setdefault(id(t), t)
+        self.rw.used.update(id(t) for t in node.outputs[:len(ks)])
+        self.rw.transform_loop(node, self.parent)   # the block's own loop, optimized in turn (e.g. a fused cell)
+        for k, final in zip(ks, node.outputs):
+            self._form_final[k] = self.rw.value(final)
+        sequences = [self.rw.value(out) for out in node.outputs[len(ks):]]
+        initials = [self.initial[ks[i]] for i, _ in seq_states] + [self.initial[k] for k, _, _ in region.holds]
+        held = [t for _, t in seq_states] + [t for _, _, t in region.holds]
+        with self._in(self.parent):
+            for t, sequence, initial in zip(held, sequences, initials):
+                self._seq[id(t)] = unmask(sequence, axis=masked, initial=initial)
+        self.report.masked.append(f"MaskedComputation at {mc.source}: its block runs over {masked.name}, "
+                                  f"the frames where the mask is True")
+
     def _varies_along_axis(self, value: Tensor) -> bool:
         """Whether a sequence value has the loop's dim, or a dim whose lengths run over it (a history)."""
         return any(d is self.axis or (d.is_dynamic and self.axis in d.length_dims) for d in value.dims)
@@ -450,8 +628,9 @@ class _LoopMove:
         with self._in(self.parent):
             return _shape.expand(value, [self.axis]) if self.axis not in value.dims else value
 
-    def _replay(self, unit: _Unit, value_of, memo: dict) -> None:
-        """Run the unit's call again on the inputs given by `value_of`, in the parent graph."""
+    def _replay(self, unit: _Unit, value_of, memo: dict, graph=None, loop=None) -> None:
+        """Run the unit's call again on the inputs given by `value_of`, in the parent graph (or `graph`, the
+        body of `loop`)."""
         call = unit.call
 
         def sub(x):
@@ -460,7 +639,7 @@ class _LoopMove:
         call_args, call_kwargs = call.arguments()
         args = [_map_tree(a, sub) for a in call_args]
         kwargs = {k: _map_tree(v, sub) for k, v in call_kwargs.items()}
-        with self._in(self.parent):
+        with self._in(graph or self.parent, loop):
             try:
                 result = call.fn(*args, **kwargs)
             except LoopliftError as e:
@@ -490,8 +669,9 @@ class _LoopMove:
         after_inputs = [t for u in self.units if u.after for t in u.inputs
                         if self.cls(t) == CORE and not self.producer[id(t)].after]
         for unit in self.units:
-            self.report.node_class.update(
-                {id(n): ("after" if unit.after else ["invariant", "sequence", "core"][unit.cls]) for n in unit.nodes})
+            name = "after" if unit.after else "masked" if unit.kind == "masked" else \
+                ["invariant", "sequence", "core"][unit.cls]
+            self.report.node_class.update({id(n): name for n in unit.nodes})
         stacked_core: dict[int, Tensor] = {}
         new_node = None
         if self.loop_stays:
@@ -574,8 +754,9 @@ class _LoopMove:
         ns = len(spec.placeholders)
         outs = node.outputs
         with self._in(self.parent):
+            masked_states = {k for r in self.regions.values() for k, _, _ in r.states}
             for k in range(ns):
-                if k in self.seqless:
+                if k in self.seqless or (k in masked_states and id(outs[k]) in rw.used):
                     value = self._final_of_form(k)
                 elif new_node is not None and k in self.kept:
                     value = new_node.outputs[self.kept.index(k)]
@@ -606,10 +787,15 @@ class _LoopMove:
                 rw.map[id(out)] = _shape.to_layout(value, out.dims)
 
     def _final_of_form(self, k: int) -> Tensor:
-        """The final value of state k, which only its sequence form computes."""
+        """The final value of state k, computed by its sequence form, or by the masked block's own loop."""
         if k not in self._form_final:
-            unit = next(u for u in self.units if u.form is not None and k in u.form[1])
-            self._run_form(unit)
+            unit = next((u for u in self.units if u.form is not None and k in u.form[1]), None)
+            if unit is not None:
+                self._run_form(unit)
+            else:
+                unit = next(u for u in self.units if u.kind == "masked"
+                            and k in [k2 for k2, _, _ in self.regions[id(u)].states])
+                self._run_masked(unit)
         return self._form_final[k]
 
     def _after(self, t: Tensor, stacked_core: dict[int, Tensor], memo: dict) -> Tensor:
@@ -665,6 +851,14 @@ class _LoopMove:
             unit = nxt
             chain.append(unit.describe())
         return chain
+
+
+@dataclass
+class _SubLoop:
+    """What ops traced in the body of a loop made by the pass see of it (``ctx.loops``)."""
+
+    axis: Dim
+    body: _graph.Graph
 
 
 def _used_tensors(graph: _graph.Graph) -> set[int]:

@@ -72,8 +72,9 @@ class Env:
         if size is None:
             if self.parent is not None and self.parent.knows(dim):
                 size = self.parent.size(dim)
-            elif dim.origin is None:
-                raise ExecutionError(f"the size of {dim!r} is not known in this call: no input has it")
+            elif dim.origin is None or dim.masked_from is not None:
+                raise ExecutionError(f"the size of {dim!r} is not known in this call: no input has it"
+                                     + (" (a masked dim is known once a compress over it ran)" if dim.origin else ""))
             else:
                 size = dim.derive_size([self.size(d) for d in dim.operands])
             self.sizes[dim] = size
@@ -102,7 +103,7 @@ class Env:
                     if d in kept and d not in self.parent.steps:
                         n = n.select(kept.index(d), t)
                         kept.remove(d)
-            elif dim.origin is None:
+            elif dim.origin is None or dim.masked_from is not None:
                 raise ExecutionError(f"the lengths of {dim!r} are not known in this call")
             else:
                 ldims = self.length_dims(dim)

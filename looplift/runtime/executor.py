@@ -22,14 +22,17 @@ __all__ = ["Executor"]
 def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
     """The nodes of `graph` that `outputs` depend on, in graph order.
 
-    A value depends on the nodes that compute its inputs, and on the loop that gives a dim of it its size
-    and lengths (a loop ended by ``loop.end`` makes its dim), even where it takes no value from that loop.
+    A value depends on the nodes that compute its inputs, and on the node that gives a dim of it its size
+    and lengths (a loop ended by ``loop.end`` makes its dim, a compress its masked dim), even where it takes
+    no value from that node.
     """
     makers = {}   # dim -> the node that makes it when it runs
     for node in graph.nodes:
         spec = node.attrs.get("loop")
         if getattr(spec, "own_dim", False):
             makers[spec.axis] = node
+        for d in node.attrs.get("makes_dims", ()):
+            makers.setdefault(d, node)
     needed: set[int] = set()
     stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
     while stack:
