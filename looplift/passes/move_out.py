@@ -204,6 +204,9 @@ class _LoopMove:
         self._index_seq: Tensor | None = None
         self._lengths: Tensor | None = None
         self._form_final: dict[int, Tensor] = {}
+        self._unfrozen = False
+        self._seq_unfrozen: dict[int, Tensor] = {}
+        self._on_moved_memo: dict[int, bool] = {}
         self.body: _graph.Graph | None = None
         self._base_loops = list(rw.ctx.loops)
 
@@ -279,7 +282,8 @@ class _LoopMove:
     def _region(self, mc, block: list[_Unit]):
         """The block of `mc` as a region that can run as a loop over T', or None where it cannot."""
         spec = self.spec
-        if spec.own_dim or any(u.kind != "call" for u in block):
+        # (with loop.end, an ended entry's block still runs on its frozen states: it stays in the loop)
+        if spec.own_dim or spec.end is not None or any(u.kind != "call" for u in block):
             return None
         region = _Region(mc, block)
         outs_of = {id(t) for u in block for t in u.outputs()}
@@ -337,6 +341,7 @@ class _LoopMove:
         constant = {k for k, (p, v) in enumerate(zip(spec.placeholders, spec.new_states)) if p is v}
         moved: set[int] = set()
         forms: dict[int, tuple] = {}
+        blocked = False   # (loop.end) the end condition depends on a carried state: no state moves
         while True:
             for unit in self.units:
                 unit.form = forms.get(id(unit))
@@ -350,10 +355,15 @@ class _LoopMove:
                         found = True
             if found:
                 continue
-            # With loop.end, an ended entry's states stay frozen while the axis goes on: not a shifted sequence.
-            now = set() if spec.own_dim or spec.end is not None else {
+            now = set() if spec.own_dim or blocked else {
                 k for k, v in enumerate(spec.new_states) if k not in constant and self.cls(v) <= SEQUENCE}
             if now == moved:
+                # With loop.end, an ended entry's states stay frozen while the axis goes on: a moved state's
+                # value is its shifted sequence up to the entry's length, then the last one. The lengths come
+                # from the end condition, which must then be computed outside the loop too.
+                if spec.end is not None and moved and self.cls(spec.end) > SEQUENCE:
+                    blocked, moved = True, set()
+                    continue
                 break
             moved = now
         self.moved, self.constant = moved, constant
@@ -492,16 +502,19 @@ class _LoopMove:
         if c == INVARIANT:
             return self.inv(t)
         assert c == SEQUENCE, t
-        if id(t) in self._seq:
-            return self._seq[id(t)]
+        # (the end condition's own sequence reads the states unfrozen: see lengths)
+        memo = self._seq_unfrozen if self._unfrozen and self._on_moved(t) else self._seq
+        if id(t) in memo:
+            return memo[id(t)]
         unit = self.producer[id(t)]
+        report = self.report if memo is self._seq else LoopReport("", "")
         with self._in(self.parent):
             if unit.kind == "unstack":
                 value = self.rw.value(unit.nodes[0].inputs[0])
             elif unit.kind == "index":
                 if self._index_seq is None:
                     self._index_seq = _shape.range_over_dim(self.axis)
-                    self.report.forms.append(f"step index as range_over_dim({self.axis.name}) at {unit.nodes[0].source}")
+                    report.forms.append(f"step index as range_over_dim({self.axis.name}) at {unit.nodes[0].source}")
                 value = self._index_seq
             elif unit.form is not None:
                 self._run_form(unit)
@@ -511,21 +524,39 @@ class _LoopMove:
                 value = self._seq[id(t)]
             elif unit.kind == "state":
                 k = self.state_index[id(t)]
-                value = _shape.shift_right(self.with_axis(self.seq(self.spec.new_states[k])), axis=self.axis,
-                                           initial=self.initial[k])
-                self.report.moved_states.append(self.spec.state_names[k])
+                new = self.with_axis(self.seq(self.spec.new_states[k]))
+                value = _shape.shift_right(new, axis=self.axis, initial=self.initial[k])
+                if self.spec.end is not None and not self._unfrozen:
+                    # frozen after the entry's last step: its final value
+                    final = self._last_frame(new, initial=self.initial[k])
+                    value = _math.where(_math.le(_shape.range_over_dim(self.axis), self.lengths()), value, final)
+                report.moved_states.append(self.spec.state_names[k])
             else:
-                self._replay(unit, self.seq, self._seq)
+                self._replay(unit, self.seq, memo)
                 rule = getattr(unit.call.fn, "sequence_rule", None)
                 if rule is not None:
-                    self.report.forms.append(f"{rule}: {unit.describe()}")
+                    report.forms.append(f"{rule}: {unit.describe()}")
                 else:
-                    self.report.moved_in.append(unit.describe())
-                value = self._seq[id(t)]
+                    report.moved_in.append(unit.describe())
+                value = memo[id(t)]
                 if not self._varies_along_axis(value):
                     raise _CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")
-        self._seq[id(t)] = value
+        memo[id(t)] = value
         return value
+
+    def _on_moved(self, t: Tensor) -> bool:
+        """Whether `t` depends on a moved state."""
+        found = self._on_moved_memo.get(id(t))
+        if found is None:
+            unit = self.producer.get(id(t))
+            if unit is None:
+                found = False
+            elif unit.kind == "state":
+                found = self.state_index[id(t)] in self.moved
+            else:
+                found = any(self._on_moved(x) for x in unit.inputs)
+            self._on_moved_memo[id(t)] = found
+        return found
 
     def _run_form(self, unit: _Unit) -> None:
         """Compute the outputs of a call run by its op's sequence form (over the whole sequence)."""
@@ -820,7 +851,13 @@ class _LoopMove:
             if spec.end is None:
                 n = _shape.length(axis)
             else:
-                ended = self.with_axis(self.seq(spec.end))
+                # The end condition at step t matters only while the entry has not ended, where its states are
+                # not frozen yet: it reads them as plain shifted sequences (which need no lengths).
+                self._unfrozen = True
+                try:
+                    ended = self.with_axis(self.seq(spec.end))
+                finally:
+                    self._unfrozen = False
                 count = _math.cast(ended, torch.int64)
                 before = _math.gt(_math.sub(_reduce.cumsum(count, axis=axis), count), 0)
                 counted = _math.logical_not(before)
