@@ -45,6 +45,12 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         mask_b, finite_b = (), True
     elif _needs_dims(a, mask_a) and set(mask_a) <= set(mask_b) and not _needs_dims(b, mask_b):
         mask_a, finite_a = (), True
+    # An operand whose padding is zero already (a softmax's result) need not be masked when the other one
+    # is masked or made finite (zero times zero or a finite value is zero).
+    if mask_a and (mask_b or finite_b) and _zero_padded(a, mask_a):
+        mask_a = ()
+    elif mask_b and (mask_a or finite_a) and _zero_padded(b, mask_b):
+        mask_b = ()
     a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)
     a_only = tuple(d for d in a.dims if d not in b.dims)
@@ -73,6 +79,11 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
+
+def _zero_padded(x: Tensor, masked) -> bool:
+    """Whether `x` is known to be zero in the padding of the dims `masked`."""
+    return x.node is not None and set(masked) <= set(x.node.attrs.get("zero_padding", ()))
 
 
 def _needs_dims(x: Tensor, masked) -> bool:

@@ -130,16 +130,29 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
         if not masked:
             return emit(name, (x,), lambda env, v: torch_fn(v, ax), x.dims, x.dtype, attrs={"axis": axis.name})
         x_dims = x.dims
+        # softmax gives exact zeros in the padding already, but for rows with no valid frame at all (NaN
+        # there): only an axis whose entries can be empty needs the result masked again
+        rows_ok = name == "softmax" and masked == (axis.canonical(),)
+        never_empty = rows_ok and _is_history(axis)
 
         def kernel(env, v):
             m = env.mask(masked, x_dims)
-            return torch_fn(v.masked_fill(~m, float("-inf")), ax).masked_fill(~m, 0.0)
+            out = torch_fn(v.masked_fill(~m, float("-inf")), ax)
+            if never_empty or (rows_ok and env.nonempty(axis)):
+                return out
+            return out.masked_fill(~m, 0.0)
 
-        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name})
+        # (the padding of the result is zero: a dot over it need not mask it again)
+        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name, "zero_padding": masked})
     normalize.__name__ = name
     normalize.__doc__ = (f"``{name}`` over `axis`; padding positions do not take part in the "
                          "normalization, and the result there is 0.")
     return normalize
+
+
+def _is_history(d: Dim) -> bool:
+    c = d.canonical()
+    return c.origin is not None and c.origin[0] == "history"
 
 
 softmax = _normalize("softmax", lambda v, ax: torch.softmax(v, dim=ax))

@@ -115,6 +115,17 @@ class Env:
             self.lengths_of[dim] = n
         return n
 
+    def nonempty(self, dim: Dim) -> bool:
+        """Whether every entry of the dynamic `dim` has at least one frame (asked once per call and dim)."""
+        if dim not in self.lengths_of and self.parent is not None and self.parent.knows_lengths(dim):
+            return self.parent.nonempty(dim)
+        key = ("nonempty", dim)
+        found = self._masks.get(key)
+        if found is None:
+            n = self.lengths(dim)
+            found = self._masks[key] = bool((n > 0).all()) if isinstance(n, torch.Tensor) else n > 0
+        return found
+
     def knows_lengths(self, dim: Dim) -> bool:
         return dim in self.lengths_of or (self.parent is not None and self.parent.knows_lengths(dim))
 
