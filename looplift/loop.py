@@ -416,6 +416,16 @@ class Loop:
             what = value.describe() if isinstance(value, Tensor) else repr(value)
             raise TraceError(f"loop.last takes a value computed in the loop's body, got the {what} "
                              f"(loop at {self.source}, at {_graph.user_source_line()})")
+        block = value.node.attrs.get("masked_block")
+        if block is not None:   # a value of a MaskedComputation: as held after the block
+            held = block._held.get(id(value))
+            if held is None:
+                raise TraceError(
+                    f"loop.last of the {value.describe()}, computed in the MaskedComputation at {block.source}: "
+                    f"take loop.last of a value computed from it after the block (inside the loop, e.g. "
+                    f"looplift.identity(value)), which holds its value where the mask is False "
+                    f"(loop at {self.source}, at {_graph.user_source_line()})")
+            value = held
         for v, out in self._lasts:
             if v is value:
                 return out

@@ -95,8 +95,9 @@ class MaskedComputation:
                 ctx.graph = self.loop._parent
                 initial = zeros(value.dims, dtype=value.dtype)
                 ctx.graph = self.loop.body
-                previous = self.loop._add_hidden_state(f"<held by the MaskedComputation at {self.source}>",
-                                                       initial, value.sparse_dim)
+                previous = self.loop._add_hidden_state(
+                    f"<value {len(self.holds)} held by the MaskedComputation at {self.source}>", initial,
+                    value.sparse_dim)
                 held = where(self.mask, value, previous)
                 self.loop._set_hidden_state(previous, held)
             finally:

@@ -55,8 +55,9 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)
     a_only = tuple(d for d in a.dims if d not in b.dims)
     b_only = tuple(d for d in b.dims if d not in a.dims)
-    fill_a = _finite if finite_a else masker(a.dims, mask_a, 0)
-    fill_b = _finite if finite_b else masker(b.dims, mask_b, 0)
+    # The padding is cleared by nodes of their own, so that in a loop the clearing of a loop-invariant
+    # operand (an encoder's values) is done once, before the loop.
+    a, b = _clear_padding(a, mask_a, finite_a), _clear_padding(b, mask_b, finite_b)
     perm_a = tuple(a.dims.index(d) for d in batch + a_only + red)
     perm_b = tuple(b.dims.index(d) for d in batch + red + b_only)
     nb, na, nr = len(batch), len(a_only), len(red)
@@ -65,12 +66,12 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     if na == 1 and nr == 1 and len(b_only) == 1:
         # already (batch..., m, k) @ (batch..., k, n): matmul takes the strided views, no reshape copies
         def kernel(env, x, y):
-            return torch.matmul(fill_a(env, x).permute(perm_a), fill_b(env, y).permute(perm_b))
+            return torch.matmul(x.permute(perm_a), y.permute(perm_b))
 
         return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
 
     def kernel(env, x, y):
-        x, y = fill_a(env, x).permute(perm_a), fill_b(env, y).permute(perm_b)
+        x, y = x.permute(perm_a), y.permute(perm_b)
         bshape = x.shape[:nb]
         ashape, rshape = x.shape[nb:nb + na], x.shape[nb + na:]
         oshape = y.shape[nb + nr:]
@@ -79,6 +80,17 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
+
+def _clear_padding(x: Tensor, masked, finite: bool) -> Tensor:
+    """`x` with zeros in the padding of the dims `masked` (or, `finite`: with its padding made finite)."""
+    if finite:
+        return emit("make_finite", (x,), _finite, x.dims, x.dtype, sparse_dim=x.sparse_dim)
+    if not masked:
+        return x
+    fill = masker(x.dims, masked, 0)
+    return emit("clear_padding", (x,), fill, x.dims, x.dtype, sparse_dim=x.sparse_dim,
+                attrs={"zero_padding": tuple(masked)})
 
 
 def _zero_padded(x: Tensor, masked) -> bool:

@@ -34,6 +34,13 @@ def _valid_mask(env, mask_al, m, axis: Dim, layout: tuple[Dim, ...]) -> torch.Te
     return m
 
 
+def masked_length_dims(mask: Tensor, axis: Dim) -> tuple[Dim, ...]:
+    """The dims the lengths of ``axis.masked(mask)`` run over: the mask's other dims, and those of `axis`'s
+    lengths (an entry's frames beyond its length are never kept)."""
+    dims = [d for d in mask.dims if d is not axis]
+    return tuple(dims + [d for d in _graph.length_dims(axis) if d not in dims])
+
+
 def compress(x, mask, *, axis: Dim, out_dim: Dim | None = None) -> Tensor:
     """The frames of `x` along `axis` where the bool `mask` is True, over ``T' = axis.masked(mask)``.
 
@@ -51,7 +58,7 @@ def compress(x, mask, *, axis: Dim, out_dim: Dim | None = None) -> Tensor:
     if mask.dtype != torch.bool:
         raise DTypeError(f"compress needs a bool mask, got the {mask.describe()} (at {here})")
     check_has(mask, (axis,), "compress (the mask)")
-    ldims = tuple(d for d in mask.dims if d is not axis)
+    ldims = masked_length_dims(mask, axis)
     new = out_dim if out_dim is not None else axis.masked(mask, ldims)
     if new.masked_from is None or new.masked_from[0] != axis:
         raise DimError(f"compress: out_dim {new!r} is not a dim made by {axis.name}.masked(mask) (at {here})")
@@ -103,7 +110,7 @@ def unmask(x, *, axis: Dim, initial=0.0) -> Tensor:
     if axis in initial.dims or base in initial.dims:
         raise DimError(f"unmask: the initial value {initial.describe()} must not have {axis.name!r} or "
                        f"{base.name!r} (at {here})")
-    ldims = tuple(d for d in mask.dims if d is not base)
+    ldims = masked_length_dims(mask, base)
     m_layout = (*ldims, base)
     m_al = aligner(mask.dims, m_layout)
     rest = tuple(d for d in broadcast_dims("unmask", x.dims, initial.dims) if d is not axis and d not in ldims)

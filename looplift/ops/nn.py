@@ -39,7 +39,8 @@ def dropout(x, p: float, *, broadcast_over: Sequence[Dim] = ()) -> Tensor:
         noise = torch.empty(shape, dtype=v.dtype, device=v.device).bernoulli_(1.0 - p)
         return v * noise * scale
 
-    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p})
+    # ("random": a pass must not compute it once for several steps, which each draw their own mask)
+    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p, "random": True})
 
 
 def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: float = 1e-5) -> Tensor:

@@ -43,7 +43,7 @@ from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
 from ..ops.index import gather
-from ..ops.masking import compress, unmask
+from ..ops.masking import compress, masked_length_dims, unmask
 from ..tensor import Tensor
 
 __all__ = ["optimize", "Optimized", "LoopReport"]
@@ -134,13 +134,14 @@ class _Rewriter:
     def transform_loop(self, node: _graph.Node, parent: _graph.Graph) -> None:
         spec: LoopSpec = node.attrs["loop"]
         report = LoopReport(spec.source, spec.axis.name, spec=spec)
-        start = len(parent.nodes)
+        start, n_reports = len(parent.nodes), len(self.reports)
         saved_graph, saved_loops = self.ctx.graph, list(self.ctx.loops)
         try:
             _LoopMove(self, spec, node, parent, report).run()
         except Exception as e:  # noqa: BLE001 - any failure leaves the loop as traced, which is correct
             self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
             del parent.nodes[start:]
+            del self.reports[n_reports:]   # (of loops made or rewritten by the attempt)
             report = LoopReport(spec.source, spec.axis.name, spec=spec,
                                 not_optimized=f"{type(e).__name__}: {e}")
             self.copy_node(node, parent)
@@ -382,6 +383,8 @@ class _LoopMove:
         if unit.kind == "masked":   # never invariant: it carries its own states (over T')
             return SEQUENCE if max((self.cls(t) for t in unit.inputs), default=INVARIANT) <= SEQUENCE else CORE
         worst = max((self.cls(t) for t in unit.inputs), default=INVARIANT)
+        if worst == INVARIANT and any(n.attrs.get("random") for n in unit.nodes):
+            return CORE   # each step draws anew (dropout of a loop-invariant value): it stays in the loop
         if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
             worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
         if unit.kind in ("region", "verbatim") or self.spec.own_dim:
@@ -588,8 +591,7 @@ class _LoopMove:
         mc, axis = region.mc, self.axis
         with self._in(self.parent):
             mask = self.with_axis(self.seq(mc.mask))
-            ldims = tuple(d for d in mask.dims if d is not axis)
-            masked = axis.masked(mask, ldims)
+            masked = axis.masked(mask, masked_length_dims(mask, axis))
             compress(mask, mask, axis=axis, out_dim=masked)   # gives T' its lengths, even if nothing else does
         scratch = _graph.Graph(parent=self.parent)
         body = _graph.Graph(parent=scratch)
@@ -624,8 +626,10 @@ class _LoopMove:
             new_states = [_shape.to_layout(values[id(new)], p.dims) for (_, _, new), p in zip(region.states, placeholders)]
         # a state's sequence is unmasked only where the loop reads it outside the block (its final value is
         # the block loop's own final value)
+        loose = {id(t) for t in [*self.spec.stacks, *self.spec.lasts]}
         seq_states = [(i, where_out) for i, (k, where_out, _) in enumerate(region.states)
-                      if self.consumers.get(id(self.spec.placeholders[k])) or any(
+                      if self.consumers.get(id(self.spec.placeholders[k])) or id(where_out) in loose
+                      or id(self.spec.placeholders[k]) in loose or any(
                           u.kind != "call" or u.call.fn.__name__ != "to_layout" or u.outputs()[0] is not
                           self.spec.new_states[k] for u in self.consumers.get(id(where_out), []))]
         stacked = [values[id(region.states[i][2])] for i, _ in seq_states] + \
@@ -741,7 +745,12 @@ class _LoopMove:
                         rw.copy_node(n, body, self.in_body)
                 else:
                     for n in unit.nodes:
-                        rw.copy_node(n, body, self.in_body)
+                        if self._hoistable(n):   # a part of the call that depends on nothing of the step
+                            with self._in(self.parent):
+                                rw.copy_node(n, self.parent, self._outer_value)
+                            self.report.hoisted.append(f"{n.op} (part of {unit.describe()})")
+                        else:
+                            rw.copy_node(n, body, self.in_body)
             new_states = [self.in_body(spec.new_states[k]) for k in self.kept]
             end = self.in_body(spec.end) if spec.end is not None else None
             core_stacks = [v for v in spec.stacks if self.cls(v) == CORE and not self.producer[id(v)].after]
@@ -762,6 +771,20 @@ class _LoopMove:
         n = len(placeholders)
         stacked_core = {id(v): new_node.outputs[n + i] for i, v in enumerate(core_stacks + extra)}
         return new_node, stacked_core
+
+    def _hoistable(self, n: _graph.Node) -> bool:
+        """Whether the body node `n` (of a call that stays in the loop) reads only values from outside the
+        loop: it is computed once, before the loop."""
+        if n.kernel is None or n.op in ("state", "unstack", "loop_index", "loop", "cond") or n.attrs.get("random"):
+            return False
+        return all(self.cls(t) == INVARIANT or self._hoisted(t) for t in n.inputs)
+
+    def _hoisted(self, t: Tensor) -> bool:
+        return id(t) in self.rw.map and self.producer.get(id(t)) is not None and \
+            self.rw.map[id(t)].node is not None and self.rw.map[id(t)].node.graph is self.parent
+
+    def _outer_value(self, t: Tensor) -> Tensor:
+        return self.rw.map[id(t)] if self._hoisted(t) else self.inv(t)
 
     def in_body(self, t: Tensor) -> Tensor:
         """The value of the old body tensor `t` in the new body, in its old layout."""
