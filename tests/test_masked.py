@@ -832,3 +832,24 @@ def test_example_optimized_equals_reference_for_random_masks(batch, held):
                  rtol=1e-9, atol=1e-12)
     for got, want in [(acc, want_acc), (h, want_h), (c, want_c)]:
         assert_close(got.align(B, H), want, rtol=1e-9, atol=1e-12)
+
+
+def test_frames_and_step_index_read_inside_the_block_move_out_with_it():
+    """loop.unstack and loop.index inside the block: over T' they are the True frames (and their step numbers)."""
+    def model(time, slow):
+        def fn(x, m):
+            loop = ll.Loop(axis=time)
+            loop.state.slow = slow.default_initial_state([B])
+            with loop:
+                m_t = loop.unstack(m)
+                with ll.MaskedComputation(mask=m_t):
+                    x_t = loop.unstack(x) * (1.0 + ll.cast(loop.index, DTYPE))
+                    s, loop.state.slow = slow(x_t, state=loop.state.slow)
+                y = loop.stack(s)
+            return y, loop.state.slow
+        return fn
+
+    outs, x, slow, time = check_masked_lstm_program(model, block="fused")
+    scaled = x * (1.0 + torch.arange(PADDED, dtype=DTYPE))[None, :, None]
+    _, _, want_h, _ = torch_slow_states(slow, scaled, MASK, LENGTHS)
+    assert_close(outs[-2].align(B, H), want_h, rtol=1e-9, atol=1e-12)

@@ -284,7 +284,7 @@ class _LoopMove:
         """The block of `mc` as a region that can run as a loop over T', or None where it cannot."""
         spec = self.spec
         # (with loop.end, an ended entry's block still runs on its frozen states: it stays in the loop)
-        if spec.own_dim or spec.end is not None or any(u.kind != "call" for u in block):
+        if spec.own_dim or spec.end is not None or any(u.kind not in ("call", "unstack", "index") for u in block):
             return None
         region = _Region(mc, block)
         outs_of = {id(t) for u in block for t in u.outputs()}
@@ -619,6 +619,16 @@ class _LoopMove:
             return values[id(x)]
 
         for member in region.block:
+            if member.kind in ("unstack", "index"):   # a frame of an input (or the step index) read in the block
+                n = member.nodes[0]
+                with self._in(self.parent):
+                    sequence = self.rw.value(n.inputs[0]) if member.kind == "unstack" else \
+                        _shape.range_over_dim(axis)
+                    sequence = compress(self.with_axis(sequence), mask, axis=axis, out_dim=masked)
+                with self._in(body, _SubLoop(masked, body)):
+                    frame = emit_unstack(body, sequence, masked, n.source)
+                    values[id(n.outputs[0])] = _shape.to_layout(frame, n.outputs[0].dims)
+                continue
             for x in member.inputs:
                 frame_of(x)
             self._replay(member, frame_of, values, graph=body, loop=_SubLoop(masked, body))
