@@ -176,7 +176,8 @@ class Loop:
         Called while the body is traced; `initial` lives in the loop's parent graph."""
         slot = _Slot(name, initial, _graph.user_source_line())
         init = slot.initial[0]
-        extra = [d for d in self._batch_dims() + self._hints.get(("state", name, 0), []) if d not in init.dims]
+        extra = list(dict.fromkeys(d for d in self._batch_dims() + self._hints.get(("state", name, 0), [])
+                                   if d not in init.dims))
         if extra:
             saved = self._ctx.graph
             self._ctx.graph = self._parent

@@ -457,7 +457,7 @@ def length(axis: Dim) -> Tensor:
 
     def kernel(env):
         n = env.lengths(axis)
-        return n.expand(*_sizes(env, ldims))
+        return n.expand(*_sizes(env, ldims)) if ldims else n
 
     return emit("length", (), kernel, ldims, torch.int64, attrs={"axis": axis.name})
 
