@@ -10,7 +10,25 @@ it optimized and with the reference interpreter and compares outputs and
 gradients (:func:`assert_equivalent`, which works for any program).
 
 Being data, a failing program shrinks (hypothesis) to a small one, and its
-``repr`` reads as the recipe of the loop body.
+``repr`` reads as the recipe of the loop body (the pool below says what each
+index names). For example, in a loop over ``time`` (pool 0-4: ``x_t``,
+``x2_t``, the step index, ``u``, the counter) with one state leaf (pool 5,
+``h`` as read)::
+
+    Program(loop='axis', groups=(Group('single', (Leaf('F', 'zeros', 'self'),)),),
+            ops=(Op('linear', (5,), ('F', False)), Op('binary', (6, 0), ('add',)), Op('unary', (7,), ('tanh',))),
+            updates=(8,), stacks=(8,), lasts=(), end=None,
+            masked=Masked(first=0, last=3, mask_arg=1, thr=0.0, assign_inside=True))
+
+is the loop body ::
+
+    h = loop.state.g0
+    with ll.MaskedComputation(mask=x2_t > 0.0):
+        v6 = linear(h); v7 = v6 + x_t; v8 = tanh(v7)     # pool 6, 7, 8
+        loop.state.g0 = v8
+    loop.stack(v8)                                        # held: v8 of the last step where x2_t > 0
+
+(a slow RNN stepping only where ``x2_t > 0``; the optimizer runs it over ``T'``).
 
 The pool of values a body op may use:
 
@@ -23,6 +41,18 @@ The pool of values a body op may use:
   counter, ``u``;
 * then each state leaf as read at the start of the step, then each op's result.
 
+A program may have a masked block (:class:`Masked`, one program in three):
+some consecutive ops run inside ``with ll.MaskedComputation(mask=pool[m] > thr):``
+(the mask from an input frame ``x2_t``, the step index, the counter, a state
+or an earlier op), optionally with the state assignments too. The pool is
+unchanged: a block value used after the block is the held one (looplift holds
+it), so the same index names both (``loop.last`` of a block value used nowhere
+else after the block is taken of ``ll.identity(value)``, which holds it). Where
+the mask comes from the inputs and the block from inputs and its own states,
+the optimizer runs the block as a loop of its own over ``T'`` (the frames where
+the mask is True); elsewhere the block stays in the loop (its calls on inputs
+only still move out, one by one).
+
 A value's type is its feature dim (``F``, ``H``, ``K``) or ``s`` (no feature
 dim: a scalar per batch entry, or none at all); batch dims come and go with
 broadcasting.
@@ -30,7 +60,7 @@ broadcasting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import strategies as st
@@ -105,6 +135,24 @@ class End:
 
 
 @dataclass(frozen=True)
+class Masked:
+    """A MaskedComputation block: ``ops[first:last]`` run inside ``with ll.MaskedComputation(mask=pool[mask_arg]
+    > thr):``. `mask_arg` is a scalar pool value made before the block (an input frame, the step index, the
+    counter, a state leaf or an earlier op). With `assign_inside` the block goes on to the end of the ops
+    (`last` is ``len(ops)``) and the states are assigned in it too (the counter's increment and the end
+    condition come after it). Unless `frames_inside`, the loop's own values the block uses (frames, step
+    index, counter) are made before it; with it, those first used in the block are made in it (``loop.unstack``
+    and ``loop.index`` in the block: values of the block, held where used after it)."""
+
+    first: int
+    last: int
+    mask_arg: int
+    thr: float
+    assign_inside: bool = False
+    frames_inside: bool = False
+
+
+@dataclass(frozen=True)
 class Program:
     loop: str                          # "axis" (Loop(axis=T)), "static" (Loop(axis=W)) or "max_len"
                                        # (Loop(max_seq_len=...))
@@ -122,6 +170,7 @@ class Program:
     finals: bool = True                # the final states are outputs (else nothing reads them)
     stack_index: bool = False          # loop.index (int) is stacked
     axis_max_len: bool = False         # a loop over an axis gets a max_seq_len too (lim + 10)
+    masked: Masked | None = None       # a MaskedComputation block in the body
 
     @property
     def leaves(self) -> list[Leaf]:
@@ -188,6 +237,33 @@ def infos_of(prog: Program) -> list[Info]:
     for op in prog.ops:
         infos.append(_combine(op, op_type(op, infos), infos))
     return infos
+
+
+def _block_values(prog: Program) -> set[int]:
+    """The pool values made in the masked block: its ops' results and, with `frames_inside`, the loop's own
+    values first used in it."""
+    block = prog.masked
+    if block is None:
+        return set()
+    base = _base_infos(prog.loop, prog.counter)
+    n_pre = len(base) + len(prog.leaves)
+    made = set(range(n_pre + block.first, n_pre + block.last))
+    if block.frames_inside:
+        before = {a for op in prog.ops[:block.first] for a in op.args} | {block.mask_arg}
+        used = {a for op in prog.ops[block.first:block.last] for a in op.args}
+        used |= {i for i in prog.updates if i is not None} if block.assign_inside else set()
+        made |= {i for i in used - before if i < len(base) and not base[i].captured}
+    return made
+
+
+def _used_after_block(prog: Program) -> set[int]:
+    """The pool values used in the body after the masked block (where a block value is its held value)."""
+    block = prog.masked
+    if block is None:
+        return set()
+    used = {a for op in prog.ops[block.last:] for a in op.args} | set(prog.stacks)
+    used |= {prog.end.arg} if prog.end is not None and prog.end.arg is not None else set()
+    return used | (set() if block.assign_inside else {i for i in prog.updates if i is not None})
 
 
 # -- the strategy ---------------------------------------------------------------------------------------
@@ -286,9 +362,9 @@ class _Gen:
 
 
 @st.composite
-def programs(draw, loop: str, end: bool | None = None) -> Program:
-    """A random loop program; `loop`: ``axis`` or ``max_len``; `end`: whether a loop over an axis calls
-    ``loop.end`` (None: drawn)."""
+def programs(draw, loop: str, end: bool | None = None, masked: bool | None = None) -> Program:
+    """A random loop program; `loop`: ``axis``, ``static`` or ``max_len``; `end`: whether a loop over an axis
+    calls ``loop.end``; `masked`: whether the body has a masked block (None: drawn, one program in three)."""
     gs = tuple(draw(st.lists(groups(), min_size=0, max_size=3)))
     leaves_ = [leaf for g in gs for leaf in g.leaves]
     counter = loop == "max_len" or draw(st.booleans())
@@ -333,11 +409,45 @@ def programs(draw, loop: str, end: bool | None = None) -> Program:
         else:
             end_spec = End("counter", draw(st.booleans()), draw(st.one_of(st.none(), st.sampled_from(scalars))),
                            draw(thresholds))
-    return Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
+    prog = Program(loop, gs, tuple(gen.ops), tuple(updates), stacks, lasts, end_spec,
                    max_len=draw(st.sampled_from(("int", "tensor"))) if loop == "max_len" else "int",
                    keys_inside=draw(st.booleans()), counter=counter, stack_new=stack_new,
                    second=draw(st.booleans()), finals=draw(st.booleans()), stack_index=draw(st.booleans()),
                    axis_max_len=loop != "max_len" and draw(st.booleans()))
+    if draw(st.integers(0, 2)) == 2 if masked is None else masked:
+        prog = replace(prog, masked=_masked_block(draw, prog))
+    return prog
+
+
+def _masked_block(draw, prog: Program) -> Masked:
+    """A masked block over some consecutive ops of `prog`. Three times in four, the best span there is: one
+    that can run over T' (if its mask is an input), else one with a live op."""
+    infos = infos_of(prog)
+    n_ops = len(prog.ops)
+    n_pre = len(infos) - n_ops
+    assign_inside = draw(st.booleans())
+    live = _live(prog)
+
+    def is_live(first: int, last: int) -> bool:
+        return any(n_pre + j in live for j in range(first, last))
+
+    def over_masked_dim(first: int, last: int) -> bool:   # live, on inputs and its own states, no nested loop
+        inside = range(n_pre + first, n_pre + last)
+        own = {n_pre - len(prog.updates) + k for k, u in enumerate(prog.updates) if assign_inside and u in inside}
+        outer = {a for op in prog.ops[first:last] for a in op.args if a not in inside}
+        return (is_live(first, last) and all(op.kind != "inner_rnn" for op in prog.ops[first:last])
+                and all(infos[a].input_only() or a in own for a in outer))
+
+    spans = [(first, last) for first in range(n_ops + 1)
+             for last in ([n_ops] if assign_inside else range(first, n_ops + 1))]
+    best = next(tier for tier in ([s for s in spans if over_masked_dim(*s)], [s for s in spans if is_live(*s)],
+                                  spans) if tier)
+    first, last = draw(st.sampled_from(best if draw(st.integers(0, 3)) < 3 else spans))
+    scalars = [i for i, info in enumerate(infos[:n_pre + first]) if info.usable and info.type == SCALAR]
+    # Often the frame x2_t, an input: a block on inputs and its own states then runs over T'.
+    mask_arg = 1 if prog.loop != "max_len" and draw(st.booleans()) else draw(st.sampled_from(scalars))
+    return Masked(first, last, mask_arg, draw(st.sampled_from((-0.5, 0.0, 0.5))), assign_inside,
+                  frames_inside=draw(st.integers(0, 3)) == 3)
 
 
 # -- building the looplift function ------------------------------------------------------------------------
@@ -411,20 +521,17 @@ class Model:
             keys = {j: m(enc) for j, m in self.op_module.items() if prog.ops[j].kind == "attention"}
         with loop:
             pool = _Pool(self, loop, x, x2, enc, u, keys, names)
-            for op in prog.ops:
-                pool.emit(op)
-            new = {}
-            for k, idx in enumerate(prog.updates):
-                if idx is not None:
-                    new[k] = pool[idx]
-            k = 0
-            for g, group in enumerate(prog.groups):
-                ks = list(range(k, k + len(group.leaves)))
-                k += len(group.leaves)
-                if any(j in new for j in ks):
-                    current = _leaves_of(group.structure, getattr(loop.state, f"g{g}"))
-                    setattr(loop.state, f"g{g}",
-                            _structure(group.structure, [new.get(j, current[i]) for i, j in enumerate(ks)]))
+            block = prog.masked
+            first, last = (block.first, block.last) if block is not None else (len(prog.ops),) * 2
+            pool.emit_ops(0, first)
+            if block is not None:
+                with ll.MaskedComputation(mask=pool.before_block(block)):
+                    pool.emit_ops(first, last)
+                    if block.assign_inside:
+                        self._assign_states(loop, pool)
+            pool.emit_ops(last, len(prog.ops))
+            if block is None or not block.assign_inside:
+                self._assign_states(loop, pool)
             if prog.counter:
                 loop.state.counter = loop.state.counter + 1
             end = prog.end
@@ -443,7 +550,9 @@ class Model:
                 name, j = names[k]
                 stacks.append(loop.stack(_as_float(_leaves_of(prog.groups[int(name[1:])].structure,
                                                               getattr(loop.state, name))[j])))
-            last_values = [pool[i] for i in prog.lasts]
+            # (loop.last of a block value takes its held value, which exists only if it is used after the block)
+            unheld = _block_values(prog) - _used_after_block(prog)
+            last_values = [ll.identity(pool[i]) if i in unheld else pool[i] for i in prog.lasts]
         lasts = [loop.last(v) for v in last_values]
         finals = tuple(getattr(loop.state, f"g{g}") for g in range(len(prog.groups))) if prog.finals else ()
         loss = ll.zeros([])
@@ -457,6 +566,19 @@ class Model:
         for y in second:
             loss = loss + loss_term(y)
         return loss, tuple(stacks), finals, tuple(lasts), counter, second
+
+    def _assign_states(self, loop: ll.Loop, pool: _Pool) -> None:
+        """Each state whose leaves get new values is assigned (as a whole: its other leaves unchanged)."""
+        prog = self.prog
+        new = {k: pool[idx] for k, idx in enumerate(prog.updates) if idx is not None}
+        k = 0
+        for g, group in enumerate(prog.groups):
+            ks = list(range(k, k + len(group.leaves)))
+            k += len(group.leaves)
+            if any(j in new for j in ks):
+                current = _leaves_of(group.structure, getattr(loop.state, f"g{g}"))
+                setattr(loop.state, f"g{g}",
+                        _structure(group.structure, [new.get(j, current[i]) for i, j in enumerate(ks)]))
 
     def _second_loop(self, axis: ll.Dim, y):
         """An RNN over the first loop's stacked `y` (over its axis: `time`, or the dim its end made)."""
@@ -514,6 +636,7 @@ class _Pool:
         else:
             makers = [lambda: ll.cast(loop.index, DTYPE), count, lambda: u]
         self.makers = makers
+        self.n_base = len(makers)
         self.values: dict[int, ll.Tensor] = {}
         for name, j in names:   # read now: a read after the state's assignment would give the new value
             self.values[len(makers)] = self._read(name, j)
@@ -529,12 +652,27 @@ class _Pool:
             self.values[i] = self.makers[i]()
         return self.values[i]
 
-    def emit(self, op: Op) -> None:
-        j = self.n_ops
-        self.n_ops += 1
-        self.values[len(self.makers)] = _emit(op, [self[a] for a in op.args], self.model.op_module.get(j),
-                                              self.keys.get(j), self.enc)
-        self.makers.append(None)
+    def emit_ops(self, start: int, stop: int) -> None:
+        """Emit ``ops[start:stop]`` (the ops before them are emitted)."""
+        assert self.n_ops == start, (self.n_ops, start)
+        for op in self.model.prog.ops[start:stop]:
+            j = self.n_ops
+            self.n_ops += 1
+            self.values[len(self.makers)] = _emit(op, [self[a] for a in op.args], self.model.op_module.get(j),
+                                                  self.keys.get(j), self.enc)
+            self.makers.append(None)
+
+    def before_block(self, block: Masked):
+        """The block's mask; unless `block.frames_inside`, the loop's own values the block uses are made now."""
+        prog = self.model.prog
+        if not block.frames_inside:
+            used = [a for op in prog.ops[block.first:block.last] for a in op.args]
+            if block.assign_inside:
+                used += [i for i in prog.updates if i is not None]
+            for i in used:
+                if i < self.n_base:
+                    self[i]
+        return _as_float(self[block.mask_arg]) > block.thr
 
 
 def _as_float(v):
@@ -683,8 +821,8 @@ def assert_equivalent(prog: ll.Program, params: dict, tensors: dict, named) -> N
     assert all(report.not_optimized is None for report in prog.traces[-1].optimized.reports), explain
 
 
-def moveable(prog: Program) -> bool:
-    """Whether the body has a live op that depends on inputs only (which the optimizer moves out)."""
+def _live(prog: Program) -> set[int]:
+    """The pool values of `prog` that its outputs need."""
     infos = infos_of(prog)
     n_base = len(_base_infos(prog.loop, prog.counter))
     todo = [*prog.stacks, *prog.lasts, *(prog.updates[k] for k in prog.stack_new)]
@@ -704,20 +842,29 @@ def moveable(prog: Program) -> bool:
         todo += infos[i].parents
         if n_base <= i < n_base + len(prog.updates):   # a state read: its new value is needed
             todo.append(prog.updates[i - n_base])
+    return live
+
+
+def moveable(prog: Program) -> bool:
+    """Whether the body has a live op that depends on inputs only (which the optimizer moves out: in a
+    masked block too, with the block over T' or on its own)."""
+    infos = infos_of(prog)
     n_pre = len(infos) - len(prog.ops)
-    return any(i >= n_pre and infos[i].input_only() for i in live)
+    return any(i >= n_pre and infos[i].input_only() for i in _live(prog))
 
 
 def check(spec: Program, data: Data, seed: int = 0) -> ll.Program:
     """Build `spec` (parameters from `seed`) and :func:`assert_equivalent` on `data`; if its body computes
-    something from inputs only, the optimizer moved something out of the loop. Returns the program."""
+    something from inputs only, the optimizer moved something out of the loop (a masked block run over T'
+    counts). Returns the program."""
     model = Model(spec, seed)
     prog = ll.compile(model)
     params = {f"{key}.{n}": p for key, m in model.modules.items() for n, p in m.named_parameters()}
     assert_equivalent(prog, params, data.make(), data.named)
     if moveable(spec):
         report = next(r for r in prog.traces[-1].optimized.reports if r.source == model.source)
-        moved = [*report.hoisted, *report.moved_in, *report.moved_states, *report.moved_out, *report.forms]
+        moved = [*report.hoisted, *report.moved_in, *report.moved_states, *report.moved_out, *report.forms,
+                 *report.masked]
         assert [m for m in moved if not m.startswith("to_layout")], prog.explain()
     return prog
 

@@ -43,6 +43,9 @@ def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
         stack.extend(t.node for t in node.inputs if t.node is not None)
         if makers:
             stack.extend(_makers_of([*node.inputs, *node.outputs], makers))
+            spec = node.attrs.get("loop")
+            if spec is not None and spec.axis in makers and makers[spec.axis] is not node:
+                stack.append(makers[spec.axis])   # a loop over a dim made by another node (a masked dim)
     return [n for n in graph.nodes if id(n) in needed]
 
 
