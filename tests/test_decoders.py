@@ -186,19 +186,23 @@ def torch_attention_decoder(model: AttentionDecoder, enc: torch.Tensor, targets:
     return loss, ce, lp
 
 
-@pytest.mark.parametrize("keys_in_loop", [False, True], ids=["keys-outside", "keys-in-loop"])
-def test_attention_lstm_decoder(keys_in_loop):
-    torch.manual_seed(0)
-    model = AttentionDecoder(keys_in_loop=keys_in_loop).to(DTYPE)
+def check_attention_decoder(model: AttentionDecoder, enc: torch.Tensor, targets: torch.Tensor) -> ll.Program:
+    """The decoder compiled: optimized equals the reference and the hand-written PyTorch loop (outputs and
+    gradients). Returns the program."""
     prog = ll.compile(model, mode="train")
-    enc, targets = make_inputs()
     outs, grads = check_against_reference(prog, model, enc, targets)
-
     enc_t = enc.detach().clone().requires_grad_(True)
     loss, ce, lp = torch_attention_decoder(model, enc_t, targets)
     torch_grads = torch.autograd.grad(loss, [enc_t, *model.parameters()])
     check_against_torch(outs, grads, loss.detach(), ce.detach(), lp.detach(), torch_grads)
+    return prog
 
+
+@pytest.mark.parametrize("keys_in_loop", [False, True], ids=["keys-outside", "keys-in-loop"])
+def test_attention_lstm_decoder(keys_in_loop):
+    torch.manual_seed(0)
+    enc, targets = make_inputs()
+    prog = check_attention_decoder(AttentionDecoder(keys_in_loop=keys_in_loop).to(DTYPE), enc, targets)
     s = explain_sections(prog)
     text = prog.explain()
     assert "not optimized" not in s and "gone" not in s, text
@@ -232,15 +236,7 @@ def test_attention_lstm_decoder_ending_on_eos():
     enc, targets = make_inputs()
     eos = 3
     targets[0, 1] = targets[2, 0] = targets[3, 2] = eos     # entries that end before their last frame
-    model = AttentionDecoder(keys_in_loop=False, eos=eos).to(DTYPE)
-    prog = ll.compile(model, mode="train")
-    outs, grads = check_against_reference(prog, model, enc, targets)
-
-    enc_t = enc.detach().clone().requires_grad_(True)
-    loss, ce, lp = torch_attention_decoder(model, enc_t, targets)
-    torch_grads = torch.autograd.grad(loss, [enc_t, *model.parameters()])
-    check_against_torch(outs, grads, loss.detach(), ce.detach(), lp.detach(), torch_grads)
-
+    prog = check_attention_decoder(AttentionDecoder(keys_in_loop=False, eos=eos).to(DTYPE), enc, targets)
     s = explain_sections(prog)
     text = prog.explain()
     assert "not optimized" not in s and "gone" not in s, text
