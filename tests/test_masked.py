@@ -853,3 +853,26 @@ def test_frames_and_step_index_read_inside_the_block_move_out_with_it():
     scaled = x * (1.0 + torch.arange(PADDED, dtype=DTYPE))[None, :, None]
     _, _, want_h, _ = torch_slow_states(slow, scaled, MASK, LENGTHS)
     assert_close(outs[-2].align(B, H), want_h, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["float mask", "mask without the axis", "x without the axis", "unmask a plain dim"])
+def test_compress_and_unmask_errors_name_the_line_and_dims(case):
+    time, other = new_time(), ll.Dim("other")
+
+    def model(x, m):
+        if case == "float mask":
+            return ll.compress(x, ll.cast(m, DTYPE), axis=time)
+        if case == "mask without the axis":
+            return ll.compress(x, ll.full(True, [B]), axis=time)
+        if case == "x without the axis":
+            return ll.compress(ll.sum(x, axis=time), m, axis=time)
+        return ll.unmask(x, axis=time)
+
+    error, words = {"float mask": (ll.errors.DTypeError, "bool mask"),
+                    "mask without the axis": (ll.errors.DimError, "time"),
+                    "x without the axis": (ll.errors.DimError, "time"),
+                    "unmask a plain dim": (ll.errors.DimError, "not a masked dim")}[case]
+    x = randn(len(LENGTHS), PADDED, F.size, seed=1)
+    with pytest.raises(error, match=rf"(?s){words}.*test_masked.py:\d+") as info:
+        ll.compile(model)(*example_inputs(time, x, MASK, LENGTHS))
+    assert "compress" in str(info.value) or "unmask" in str(info.value)
