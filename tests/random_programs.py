@@ -207,8 +207,8 @@ def _base_infos(loop: str, counter: bool) -> list[Info]:
 
 def _combine(op: Op, kind_type: str, infos: list[Info]) -> Info:
     parts = [infos[a] for a in op.args]
-    # A nested loop stays in the body (the pass optimizes it in turn, it does not move it): count it as core.
-    core = any(p.core for p in parts) or op.kind == "inner_rnn"
+    # (a nested loop on inputs only runs before the loop, over the whole sequence, like any other op)
+    core = any(p.core for p in parts)
     return Info(kind_type, frozenset().union(*(p.states for p in parts)), any(p.seq for p in parts), core,
                 False, tuple(op.args))
 

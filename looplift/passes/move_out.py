@@ -387,9 +387,31 @@ class _LoopMove:
             return CORE   # each step draws anew (dropout of a loop-invariant value): it stays in the loop
         if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
             worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
+        if unit.kind == "region" and worst == SEQUENCE and not self.spec.own_dim and self._nested_movable(unit):
+            return SEQUENCE   # a nested loop on frames only: run once over the whole sequence
         if unit.kind in ("region", "verbatim") or self.spec.own_dim:
             return INVARIANT if worst == INVARIANT else CORE
         return worst
+
+    def _nested_movable(self, unit: _Unit) -> bool:
+        """Whether the nested loop `unit` can run before this loop over the whole sequence (this loop's dim one
+        more batch dim): a loop over an axis whose body is made of op calls, frames, the step index and states."""
+        node = unit.nodes[0]
+        inner = node.attrs.get("loop")
+        if node.op != "loop" or not isinstance(inner, LoopSpec) or inner.own_dim or _is_history_of(inner.axis, self.axis):
+            return False
+        return all(n.op in ("state", "unstack", "loop_index") or n.call is not None for n in inner.body.nodes)
+
+    def _why_region_stays(self, unit: _Unit) -> str:
+        node = unit.nodes[0]
+        if node.op == "cond":
+            return "(a Cond runs per step)"
+        if self.spec.own_dim:
+            return f"(the loop around it has no axis to run it over: {self.axis.name!r} is made by loop.end)"
+        inner = node.attrs["loop"]
+        if inner.own_dim:
+            return "(its own dim, made by loop.end, differs per step)"
+        return "(its body has a region or a computation it cannot run over the whole sequence)"
 
     def _next_value(self, k: int) -> Tensor:
         """The value assigned to state k, before the loop's own re-layout of it."""
@@ -524,6 +546,9 @@ class _LoopMove:
                 value = self._seq[id(t)]
             elif unit.kind == "masked":
                 self._run_masked(unit)
+                value = self._seq[id(t)]
+            elif unit.kind == "region":
+                self._run_nested(unit)
                 value = self._seq[id(t)]
             elif unit.kind == "state":
                 k = self.state_index[id(t)]
@@ -664,6 +689,96 @@ class _LoopMove:
                 self._seq[id(t)] = unmask(sequence, axis=masked, initial=initial)
         self.report.masked.append(f"MaskedComputation at {mc.source}: its block runs over {masked.name}, "
                                   f"the frames where the mask is True")
+
+    def _run_nested(self, unit: _Unit) -> None:
+        """Run a nested loop that reads frames but no carried state once over the whole sequence, before this
+        loop: its body is replayed with this loop's dim as one more batch dim, and the new loop is optimized in
+        turn (e.g. a fused cell over the inner axis, for all steps of this loop at once)."""
+        old = unit.nodes[0]
+        inner: LoopSpec = old.attrs["loop"]
+        axis = self.axis
+        nc, ns = len(inner.captured), len(inner.placeholders)
+        with self._in(self.parent):
+            length_dims = _graph.length_dims(inner.axis) if inner.axis.is_dynamic else ()
+            if inner.end is not None:
+                length_dims = tuple(dict.fromkeys([*inner.length_dims, *length_dims, axis]))
+
+        def outer(x: Tensor) -> Tensor:   # a value of this loop's body (or from outside it), over the sequence
+            c = self.cls(x)
+            if c == CORE:
+                raise _CannotMove(f"internal: the nested loop at {inner.source} reads a value of the loop's core")
+            return self.seq(x) if c == SEQUENCE else self.inv(x)
+
+        scratch = _graph.Graph(parent=self.parent)
+        body = _graph.Graph(parent=scratch)
+        self.rw.keep += [scratch, body]
+        sub = _SubLoop(inner.axis, body)
+        values: dict[int, Tensor] = {}
+        placeholders, initials = [], []
+        for p, init in zip(inner.placeholders, old.inputs[nc:nc + ns]):
+            dims = tuple(dict.fromkeys([*p.dims, *length_dims, axis]))
+            with self._in(self.parent):
+                init = outer(init)
+                init = _shape.to_layout(_shape.expand(init, [d for d in dims if d not in init.dims]), dims)
+            initials.append(init)
+            new = body.add("state", (), None, [(dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
+                           p.node.source).outputs[0]
+            values[id(p)] = new
+            placeholders.append(new)
+
+        def value_of(x: Tensor) -> Tensor:
+            return values[id(x)] if id(x) in values else outer(x)
+
+        replayed: set[int] = set()
+        for n in inner.body.nodes:
+            if n.op == "unstack":
+                with self._in(self.parent):
+                    sequence = outer(n.inputs[0])
+                with self._in(body, sub):
+                    values[id(n.outputs[0])] = emit_unstack(body, sequence, inner.axis, n.source)
+            elif n.op == "loop_index":
+                with self._in(body, sub):
+                    self.rw.copy_node(n, body)
+                values[id(n.outputs[0])] = self.rw.value(n.outputs[0])
+            elif n.op == "state":
+                continue
+            elif id(n.call) not in replayed:
+                replayed.add(id(n.call))
+                if n.call.fn.__name__ == "to_layout":   # (a layout is no part of the meaning; the new one has more dims)
+                    values[id(n.call.outputs)] = value_of(n.call.args[0])
+                    continue
+                self._replay(_Unit([n], n.call, "call"), value_of, values, graph=body, loop=sub)
+
+        def widened(x: Tensor, dims: tuple) -> Tensor:
+            x = value_of(x)
+            dims = tuple(dict.fromkeys([*dims, *x.dims]))
+            return _shape.to_layout(_shape.expand(x, [d for d in dims if d not in x.dims]), dims)
+
+        with self._in(body, sub):
+            new_states = [widened(v, p.dims) for v, p in zip(inner.new_states, placeholders)]
+            stacks = [value_of(v) for v in inner.stacks]
+            lasts = [widened(v, tuple(dict.fromkeys([*v.dims, *length_dims]))) for v in inner.lasts]
+            end = value_of(inner.end) if inner.end is not None else None
+        max_len = inner.max_len
+        if isinstance(max_len, Tensor):
+            with self._in(self.parent):
+                max_len = outer(old.inputs[nc + ns])
+        returned = [*new_states, *stacks, *lasts, *([end] if end is not None else [])]
+        spec = LoopSpec(axis=inner.axis, own_dim=False, source=inner.source, body=body,
+                        captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
+                        stacks=stacks, end=end, include_eos=inner.include_eos, max_len=max_len,
+                        length_dims=length_dims, state_names=list(inner.state_names), freeze=inner.freeze)
+        node = spec.add_node(scratch, initials)
+        for v in lasts:
+            spec.add_last(v)
+        for t in node.inputs:
+            self.rw.map.setdefault(id(t), t)
+        self.rw.used.update(id(t) for t in node.outputs)
+        self.rw.transform_loop(node, self.parent)   # optimized in turn
+        for o, n in zip(old.outputs, node.outputs):
+            self._seq[id(o)] = self.rw.value(n)
+        self.report.moved_in.append(f"loop over {inner.axis.name!r} at {inner.source}, run once for all steps "
+                                    f"({axis.name!r} one more batch dim)")
 
     def _varies_along_axis(self, value: Tensor) -> bool:
         """Whether a sequence value has the loop's dim, or a dim whose lengths run over it (a history)."""
@@ -915,6 +1030,10 @@ class _LoopMove:
         while unit.kind != "state":
             nxt = next((self.producer[id(t)] for t in unit.inputs
                         if self.cls(t) == CORE and id(t) in self.producer), None)
+            if nxt is None and unit.kind == "region":
+                chain.append(self._why_region_stays(unit))
+            elif nxt is None and unit.kind in ("index", "unstack"):
+                chain.append("(the step counter of a loop made by loop.end: its steps are known only as it runs)")
             if nxt is None or id(nxt) in seen:
                 break
             seen.add(id(nxt))
