@@ -197,8 +197,13 @@ def transformer_by_hand(m: TransformerDecoder, enc, src_len, tgt, tgt_len):
 
 # -- timing ------------------------------------------------------------------------------------------------
 
-def _time(fns: dict, repeats: int) -> dict:
+def _time(fns: dict, repeats: int, warmup: int = 0) -> dict:
+    """Median time of forward + backward per function, interleaved; the first `warmup` rounds are not timed
+    (the allocator and caches settle after the first steps, as they do early in a training run)."""
     times = {k: [] for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn().backward()
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
@@ -217,7 +222,7 @@ def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args
     losses = {k: float(f().detach()) for k, f in fns.items()}
     assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
     print(prog.explain())
-    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats)
+    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup)
     med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
     print(f"{name}: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
           f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
@@ -231,7 +236,8 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=64, help="target length (padded)")
     parser.add_argument("--source", type=int, default=50, help="source length (padded)")
     parser.add_argument("--vocab", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     parser.add_argument("--reference-repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
