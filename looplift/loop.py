@@ -134,6 +134,9 @@ class Loop:
         self._end: tuple[Tensor, bool] | None = None
         self._index: Tensor | None = None
         self._node = None
+        #: the beam search of this loop (looplift.search), once a prune ran in its body
+        self._search = None
+        self._result = None
         self.state = LoopState(self)
 
     # -- state ---------------------------------------------------------------------------------
@@ -277,7 +280,13 @@ class Loop:
         if self.axis in value.dims:
             raise DimError(f"loop.stack: the {value.describe()} already has the loop's axis {self.axis.name!r} "
                            f"(at {_graph.user_source_line()})")
-        out = Tensor((self.axis,) + value.dims, value.dtype, sparse_dim=value.sparse_dim)
+        dims = value.dims
+        if self._search is not None:   # stacked as the loop's beam (after the step's bookkeeping)
+            dims = tuple(self._search.beam if d is self._search.next else d for d in dims)
+            if self._search.beam in value.dims and self._search.next in value.dims:
+                raise DimError(f"loop.stack: the {value.describe()} has both the beam and the pruned beam "
+                               f"(at {_graph.user_source_line()})")
+        out = Tensor((self.axis,) + dims, value.dtype, sparse_dim=value.sparse_dim)
         self._stacks.append((value, out))
         return out
 
@@ -313,19 +322,28 @@ class Loop:
         if self._own_dim and self._end is None:
             self._leave_body()
             raise TraceError(f"a Loop without an axis must call loop.end(...) in its body (loop at {self.source})")
+        searching = self._search is not None and self._search.src is not None
+        if searching:
+            self._search_bookkeeping()
         new_values = self._new_state_values()
         if self._retrace_needed(new_values):
             self._leave_body()
             raise _graph.Retrace()
         length_dims = self._length_dims()
-        if self._own_dim:
+        steps = self.axis
+        if searching and self._own_dim:   # the loop runs over its steps; the dim of its results has lengths
+            steps = Dim(f"{self.axis.name}_steps")   # per hypothesis (set by the backtracking)
+            steps.set_length_dims([*self._ctx.stepped_dims[:-1], *length_dims])
+        elif self._own_dim:
             self.axis.set_length_dims([*self._ctx.stepped_dims[:-1], *length_dims])
         outs = [to_layout(v, p.dims) for v, p in new_values]
         end_cond = None
         if self._end is not None:
             end_cond = self._end[0]
         self._leave_body()
-        self._build_node(outs, end_cond, length_dims)
+        self._build_node(outs, end_cond, length_dims, steps)
+        if searching:
+            self._backtrack()
         self._phase = "after"
 
     def _leave_body(self) -> None:
@@ -339,8 +357,9 @@ class Loop:
         for slot in self._slots.values():
             for i in slot.tensor_leaves:
                 new, ph = slot.current[i], slot.placeholders[i]
-                old_static = {d for d in ph.dims if d.is_static}
-                new_static = {d for d in new.dims if d.is_static}
+                beam = self.beam   # (a state gains the beam like a batch dim)
+                old_static = {d for d in ph.dims if d.is_static and d is not beam}
+                new_static = {d for d in new.dims if d.is_static and d is not beam}
                 if old_static != new_static:
                     raise DimError(
                         f"loop state {slot.name!r} changes its dims between steps: its initial value has "
@@ -387,19 +406,23 @@ class Loop:
             return ()
         return tuple(dims)
 
-    def _build_node(self, new_states: list[Tensor], end_cond: Tensor | None, length_dims: tuple[Dim, ...]) -> None:
+    def _build_node(self, new_states: list[Tensor], end_cond: Tensor | None, length_dims: tuple[Dim, ...],
+                    steps: Dim) -> None:
         returned = [*new_states, *(v for v, _ in self._stacks), *([end_cond] if end_cond is not None else [])]
         placeholders = [slot.placeholders[i] for slot in self._slots.values() for i in slot.tensor_leaves]
+        searching = steps is not self.axis or (self._search is not None and self._search.src is not None)
         spec = LoopSpec(
-            axis=self.axis, own_dim=self._own_dim, source=self.source, body=self.body,
+            axis=steps, own_dim=self._own_dim, source=self.source, body=self.body,
             captured=self.body.captured(returned), placeholders=placeholders, new_states=new_states,
             stacks=[v for v, _ in self._stacks], end=end_cond,
             include_eos=self._end[1] if self._end is not None else True, max_len=self._max_len,
             length_dims=length_dims,
             state_names=[f"{slot.name}" + (f"[{i}]" if len(slot.tensor_leaves) > 1 else "")
-                         for slot in self._slots.values() for i in slot.tensor_leaves])
+                         for slot in self._slots.values() for i in slot.tensor_leaves],
+            stop_at_max_len=searching)
         initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
-        node = spec.add_node(self._parent, initial, [out for _, out in self._stacks])
+        # (a search's stacks are backtracked into the user's tensors after the loop)
+        node = spec.add_node(self._parent, initial, None if searching else [out for _, out in self._stacks])
         self.spec = spec
         finals = iter(node.outputs[:len(placeholders)])
         for slot in self._slots.values():
@@ -407,6 +430,144 @@ class Loop:
             for i in slot.tensor_leaves:
                 leaves[i] = next(finals)
             slot.final = slot.tree(leaves)
+
+    # -- search ----------------------------------------------------------------------------------
+
+    @property
+    def beam(self) -> Dim | None:
+        """The beam dim of a loop that searches (``looplift.search``), else None."""
+        return self._search.beam if self._search is not None else None
+
+    @property
+    def search(self):
+        """After a loop that searches: its :class:`looplift.search.Result` (the n-best list's lengths,
+        validity and ``choice`` scores; the states and stacks are over ``loop.beam``)."""
+        if self._phase != "after" or self._result is None:
+            raise TraceError(f"loop.search is read after a loop whose body runs a search step "
+                             f"(loop at {self.source}, at {_graph.user_source_line()})")
+        return self._result
+
+    def _slot_of(self, placeholder: Tensor) -> _Slot:
+        return next(s for s in self._slots.values() if s.placeholders and s.placeholders[0] is placeholder)
+
+    def _search_bookkeeping(self) -> None:
+        """The end of a step that pruned: states and stacks move onto the pruned hypotheses (reordered by
+        their sources, those of ended hypotheses kept), the search's own states are updated, and the loop
+        ends when every hypothesis of an entry has ended."""
+        from .ops import math as m
+        from .ops import reduce as r
+        from .ops.index import gather
+        from .ops.shape import replace_dim
+        search = self._search
+        beam, nxt, src = search.beam, search.next, search.src
+        here = _graph.user_source_line()
+
+        def onto_next(v: Tensor, what: str) -> Tensor:
+            if beam in v.dims and nxt in v.dims:
+                raise DimError(f"{what} is the {v.describe()}: it has both the beam and the pruned beam "
+                               f"{nxt.name!r}; take one of them (e.g. looplift.gather(x, index=pruned.src, "
+                               f"axis={beam.name!r})) (loop at {self.source}, at {here})")
+            return gather(v, index=src, axis=beam) if beam in v.dims else v
+
+        ended_src = gather(search.ended, index=src, axis=beam)
+        own = {id(search.valid), id(search.ended), id(search.length)}
+        for slot in self._slots.values():
+            if slot.placeholders and id(slot.placeholders[0]) in own:
+                continue
+            for i in slot.tensor_leaves:
+                v, p = slot.current[i], slot.placeholders[i]
+                v = onto_next(as_tensor(v), f"the new value of loop state {slot.name!r}")
+                if nxt in v.dims:   # an ended hypothesis keeps its state
+                    old = gather(p, index=src, axis=beam) if beam in p.dims else p
+                    v = replace_dim(m.where(ended_src, old, v), nxt, beam)
+                slot.current[i] = v
+        cond = None
+        if self._end is not None:
+            cond = onto_next(self._end[0], "the end condition")
+        ended = ended_src if cond is None else m.logical_or(ended_src, cond)
+        counts = m.logical_not(ended_src)
+        if cond is not None and not self._end[1]:
+            counts = m.logical_and(counts, m.logical_not(cond))
+        length = m.add(gather(search.length, index=src, axis=beam), m.cast(counts, torch.int64))
+        valid = search.new_valid
+        ended = m.logical_or(ended, m.logical_not(valid))
+        for placeholder, value in ((search.valid, valid), (search.ended, ended), (search.length, length)):
+            self._set_hidden_state(placeholder, replace_dim(expand(value, [nxt]) if nxt not in value.dims
+                                                            else value, nxt, beam))
+        self._stacks = [(replace_dim(v, nxt, beam) if nxt in v.dims else v, out) for v, out in
+                        ((onto_next(v, "a stacked value"), out) for v, out in self._stacks)]
+        batch = tuple(d for d in src.dims if d is not nxt)
+        src_beam = to_layout(replace_dim(src, nxt, beam), batch + (beam,))
+        self._search_src = Tensor((self.axis,) + src_beam.dims, src_beam.dtype, sparse_dim=beam)
+        self._stacks.append((src_beam, self._search_src))
+        if self._end is not None or self._own_dim:
+            all_ended = m.eq(r.sum(m.cast(m.logical_not(self._slot_current(search.ended)), torch.int64),
+                                   axis=beam), 0)
+            self._end = (all_ended, True)
+
+    def _slot_current(self, placeholder: Tensor) -> Tensor:
+        return self._slot_of(placeholder).current[0]
+
+    def _backtrack(self) -> None:
+        """After a loop that searched: the stacked values of each final hypothesis, found by following the
+        source hypotheses back from the last step; the loop's dim gets the hypotheses' lengths."""
+        from .ops.index import gather
+        from .ops.shape import length as length_of
+        from .ops.shape import replace_dim
+        search, spec, node = self._search, self.spec, self.spec.node
+        beam, steps, axis = search.beam, spec.axis, self.axis
+        ns = len(spec.placeholders)
+        stacked = node.outputs[ns:ns + len(self._stacks)]
+        src_seq = stacked[-1]
+        batch = src_seq.dims[1:-1]
+        finals = {id(slot.placeholders[0]): slot.final for slot in self._slots.values() if slot.placeholders}
+        final_length = finals[id(search.length)]
+        saved = self._ctx.graph
+        self._ctx.graph = self._parent
+        try:
+            if self._own_dim:
+                axis.set_length_dims([*self._ctx.stepped_dims, *batch, beam])
+            n_steps = length_of(steps)
+            flen = to_layout(final_length, batch + (beam,))
+            tmp = self._hints.setdefault(("search", "final"), Dim(f"{beam.name}_final", beam.size))
+            n_al = aligner(n_steps.dims, batch)
+            own = self._own_dim
+
+            def kernel(env, src, n, fl):
+                size, k = src.shape[0], beam.size
+                n = n_al(torch.as_tensor(n, device=src.device)).expand(src.shape[1:-1])
+                first = torch.arange(k, device=src.device).expand(src.shape[1:])
+                cur, out = first, torch.empty_like(src)
+                for t in range(size - 1, -1, -1):
+                    cur = torch.where((t < n)[..., None], cur, first)
+                    out[t] = cur
+                    cur = src[t].gather(-1, cur)
+                if own:
+                    env.sizes[axis] = size
+                    env.lengths_of[axis] = fl
+                return out
+
+            index = self._parent.add("backtrack", (src_seq, n_steps, flen), kernel,
+                                     [((steps,) + batch + (tmp,), torch.int64, beam)],
+                                     attrs={"makes_dims": (axis,) if own else ()}, source=self.source).outputs[0]
+            for (value, out), seq in zip(self._stacks[:-1], stacked[:-1]):
+                v = seq
+                if beam in v.dims:
+                    v = replace_dim(gather(v, index=index, axis=beam), tmp, beam)
+                if steps is not axis:
+                    v = replace_dim(v, steps, axis)
+                v = to_layout(v, out.dims)
+                out.node, out.index = v.node, v.index
+                v.node.outputs[v.index] = out
+            scores = None
+            if search.scores:
+                running, alpha = search.scores[0]
+                from .search import _normalized
+                scores = _normalized(finals[id(running)], final_length, alpha)
+            from .search import Result
+            self._result = Result(beam, final_length, finals[id(search.valid)], scores)
+        finally:
+            self._ctx.graph = saved
 
     def last(self, value) -> Tensor:
         """After the loop: each batch entry's `value` at its last step."""
@@ -469,6 +630,8 @@ class LoopSpec:
     node: _graph.Node | None = None
     #: keep the states of entries that ended frozen (False when nothing reads the final states)
     freeze: bool = True
+    #: reaching max_len ends the loop (a search: hypotheses are cut there) rather than being an error
+    stop_at_max_len: bool = False
 
     def add_node(self, graph: _graph.Graph, initial: list[Tensor], stacked: list[Tensor] | None = None,
                  source: str | None = None) -> _graph.Node:
@@ -568,6 +731,8 @@ class _LoopRun:
                 over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
                 if isinstance(over, torch.Tensor):
                     over = bool((over & (alive if alive is not None else True)).any())
+                if over and spec.stop_at_max_len:
+                    break
                 if over:
                     err = ExecutionError(
                         f"the loop at {spec.source} ran past max_seq_len ({_describe_max(max_len)}) "

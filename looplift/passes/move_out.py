@@ -889,7 +889,8 @@ class _LoopMove:
             stacks=stack_values, end=end, include_eos=spec.include_eos, max_len=max_len,
             length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept],
             # (over an axis, an entry's frames after its loop.end are still stacked: from its frozen states)
-            freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)))
+            freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)),
+            stop_at_max_len=spec.stop_at_max_len)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
