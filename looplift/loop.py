@@ -98,7 +98,12 @@ class Loop:
             dim, words of a sentence).
         max_seq_len: for loops that end by :meth:`end`: an upper bound on the
             steps (an int, or a tensor over batch dims: per entry). Running past
-            it raises an error naming the loop's line; it never hangs.
+            it raises an error naming the loop's line; it never hangs. In search
+            mode (``looplift.compile(..., mode="search")``) a loop given both
+            `axis` and `max_seq_len` runs until :meth:`end` on a new dim named
+            like `axis` (``loop.axis``), as decoding needs, while training loops
+            over `axis`: one decoder definition serves both. A search stops at
+            `max_seq_len` without error (the hypotheses are cut there).
         name: the name of the dim a loop without `axis` creates (``loop.axis``).
     """
 
@@ -113,9 +118,11 @@ class Loop:
             raise DimError(f"Loop(axis=...) takes a Dim, got {axis!r} (at {self.source})")
         self._ordinal = ctx.next_loop_ordinal()
         self._hints: dict = ctx.loop_hints.setdefault(self._ordinal, {})
-        self._own_dim = axis is None
+        # In search mode a loop with a max_seq_len runs until its end: the search makes the lengths (the
+        # reference labels' dim `axis`, which training loops over, is not known there).
+        self._own_dim = axis is None or (max_seq_len is not None and ctx.mode == "search")
         #: The dim the loop steps over: `axis`, or a new dynamic dim whose lengths are set by :meth:`end`.
-        self.axis: Dim = axis.canonical() if axis is not None else Dim(name)
+        self.axis: Dim = axis.canonical() if not self._own_dim else Dim(name if axis is None else axis.name)
         if isinstance(max_seq_len, (Tensor, int)) and not isinstance(max_seq_len, bool):
             self._max_len = max_seq_len if isinstance(max_seq_len, int) else as_tensor(max_seq_len)
         elif max_seq_len is None:
@@ -324,6 +331,8 @@ class Loop:
             raise TraceError(f"a Loop without an axis must call loop.end(...) in its body (loop at {self.source})")
         searching = self._search is not None and self._search.src is not None
         if searching:
+            from .ops.masking import PRUNED
+            PRUNED.pop(self._search.next, None)   # (the values of this step over the pruned beam are done)
             self._search_bookkeeping()
         new_values = self._new_state_values()
         if self._retrace_needed(new_values):
@@ -347,6 +356,9 @@ class Loop:
         self._phase = "after"
 
     def _leave_body(self) -> None:
+        if self._search is not None:
+            from .ops.masking import PRUNED
+            PRUNED.pop(self._search.next, None)
         if self._ctx.loops and self._ctx.loops[-1] is self:
             self._ctx.loops.pop()
         self._ctx.graph = self._parent

@@ -42,6 +42,7 @@ import torch
 from . import graph as _graph
 from .dims import Dim
 from .errors import DimError, TraceError
+from .ops import masking as _masking
 from .ops import math as _math
 from .ops import reduce as _reduce
 from .ops import shape as _shape
@@ -243,6 +244,7 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
         attrs={"beam_size": beam_size, "random": bool(sample)})
     search.src = src
     search.new_valid = _math.gt(top, NEG_INF)
+    _masking.PRUNED[nxt] = (beam, src)   # (cleared when the loop's step ends)
     return Pruned(nxt, src, labels, top, index)
 
 

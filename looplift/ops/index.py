@@ -14,6 +14,7 @@ from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
+from .masking import PRUNED, meet_beams
 from ._core import as_tensor, broadcast_dims, check_has, emit, require_int
 
 __all__ = ["gather", "embedding", "one_hot"]
@@ -27,6 +28,8 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     ``[0, size(axis) - 1]``.
     """
     x, index = as_tensor(x), as_tensor(index)
+    if axis not in (d for nxt, (beam, _) in PRUNED.items() for d in (beam, nxt)):
+        x, index = meet_beams(x, index)
     check_has(x, (axis,), "gather")
     require_int(index, "gather")
     axis = axis.canonical()

@@ -12,6 +12,7 @@ from .. import graph as _graph
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
+from .masking import meet_beams
 from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, \
     result_dtype
 from .math import cast
@@ -27,7 +28,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     dims are masked in both operands, so padding never takes part.
     It runs as one (batched) matmul.
     """
-    a, b = as_tensor(a), as_tensor(b)
+    a, b = meet_beams(as_tensor(a), as_tensor(b))
     red = dim_list(reduce, "reduce")
     check_has(a, red, "dot", "reduce dim")
     check_has(b, red, "dot", "reduce dim")

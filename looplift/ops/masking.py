@@ -142,8 +142,29 @@ def unmask(x, *, axis: Dim, initial=0.0) -> Tensor:
                 attrs={"axis": axis.name})
 
 
+#: the pruned beam dim of the search step being traced -> (the beam it was pruned from, the source indices)
+PRUNED: dict = {}
+
+
+def meet_beams(*operands: Tensor) -> tuple[Tensor, ...]:
+    """`operands` with every tensor over a search's beam gathered onto the pruned beam where another operand
+    has the pruned beam: a value of the previous hypotheses meeting one of the hypotheses they became."""
+    if not PRUNED or len(operands) < 2:
+        return operands
+    out = list(operands)
+    for nxt, (beam, src) in list(PRUNED.items()):
+        if any(nxt in t.dims for t in operands):
+            for k, t in enumerate(operands):
+                if beam in t.dims and nxt not in t.dims:
+                    from .index import gather
+                    out[k] = gather(t, index=src, axis=beam)
+    return tuple(out)
+
+
 def meet_masked(*operands: Tensor) -> tuple[Tensor, ...]:
-    """`operands` with every ``T'`` tensor unmasked where another operand has ``T`` (for elementwise ops)."""
+    """`operands` with every ``T'`` tensor unmasked where another operand has ``T``, and every tensor over a
+    search's beam gathered onto the pruned beam where another has that (for elementwise ops)."""
+    operands = meet_beams(*operands)
     if not any(d.masked_from is not None for t in operands for d in t.dims):
         return operands
     out = list(operands)
