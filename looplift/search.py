@@ -308,7 +308,7 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
             (log-softmax is taken).
         target: the reference labels (sparse, their ``sparse_dim`` is the label dim).
         beam_size: the number of hypotheses kept.
-        axis: the label dim (default: `target`'s ``sparse_dim``).
+        axis: the label dim (default: `target`'s ``sparse_dim``, else the one static dim of `scores`).
         length_normalization: rank the final hypotheses by score / length (``True``) or / length ** alpha
             (a float alpha) in ``loop.search.scores``.
     """
@@ -316,11 +316,15 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
     scores = as_tensor(scores)
     if target is not None:
         target = as_tensor(target)
-    if axis is None:
-        if target is None or target.sparse_dim is None:
-            raise DimError(f"looplift.choice needs the label dim: pass axis=... or a sparse target "
-                           f"(at {_graph.user_source_line()})")
+    if axis is None and target is not None and target.sparse_dim is not None:
         axis = target.sparse_dim
+    if axis is None:   # the one static dim of the scores (beams aside)
+        beams = [loop._hints.get(("search", k)) for k in ("beam", "next")]
+        static = [d for d in scores.dims if d.is_static and d not in beams]
+        if len(static) != 1:
+            raise DimError(f"looplift.choice needs the label dim: pass axis=... or a sparse target (the scores "
+                           f"{scores.describe()} have {len(static)} static dims) (at {_graph.user_source_line()})")
+        axis = static[0]
     if score_type not in ("log_prob", "logits"):
         raise ValueError(f"looplift.choice: score_type is 'log_prob' or 'logits', got {score_type!r}")
     if not _graph.is_search():
