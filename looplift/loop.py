@@ -274,9 +274,9 @@ class Loop:
         if self._phase != "inside" or not self._ctx.graph.is_inside(self.body):
             self._require_inside("index")
         if self._index is None:
-            axis = self.axis
+            loop, axis = self, self.axis   # (a search over its own dim steps over a dim of its own: see spec)
             self._index = self.body.add(
-                "loop_index", (), lambda env: torch.tensor(env.step(axis), device=env.device),
+                "loop_index", (), lambda env: torch.tensor(env.step(loop.spec.axis), device=env.device),
                 [((), torch.int64, axis)], attrs={"axis": axis.name}).outputs[0]
         return self._index
 
@@ -489,9 +489,11 @@ class Loop:
             for i in slot.tensor_leaves:
                 v, p = slot.current[i], slot.placeholders[i]
                 v = onto_next(as_tensor(v), f"the new value of loop state {slot.name!r}")
-                if nxt in v.dims:   # an ended hypothesis keeps its state
-                    old = gather(p, index=src, axis=beam) if beam in p.dims else p
-                    v = replace_dim(m.where(ended_src, old, v), nxt, beam)
+                if nxt in v.dims:
+                    if id(v) not in search.recombined:   # an ended hypothesis keeps its state
+                        old = gather(p, index=src, axis=beam) if beam in p.dims else p
+                        v = m.where(ended_src, old, v)
+                    v = replace_dim(v, nxt, beam)
                 slot.current[i] = v
         cond = None
         if self._end is not None:
@@ -550,10 +552,11 @@ class Loop:
                 n = n_al(torch.as_tensor(n, device=src.device)).expand(src.shape[1:-1])
                 first = torch.arange(k, device=src.device).expand(src.shape[1:])
                 cur, out = first, torch.empty_like(src)
-                for t in range(size - 1, -1, -1):
-                    cur = torch.where((t < n)[..., None], cur, first)
+                for t in range(size - 1, -1, -1):   # (an entry's steps past its end: identity)
+                    live = (t < n)[..., None]
+                    cur = torch.where(live, cur, first)
                     out[t] = cur
-                    cur = src[t].gather(-1, cur)
+                    cur = torch.where(live, src[t].gather(-1, cur), first)
                 if own:
                     env.sizes[axis] = size
                     env.lengths_of[axis] = fl
@@ -739,12 +742,22 @@ class _LoopRun:
                 break
             if alive is not None and spec.own_dim and not bool(alive.any()):
                 break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
-            if max_len is not None and spec.own_dim:
+            if max_len is not None and spec.own_dim and spec.stop_at_max_len:
+                # (a search: an entry at its max_seq_len ends there, its hypotheses cut)
+                over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
+                if isinstance(over, torch.Tensor):
+                    if alive is None:
+                        alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool,
+                                           device=env.device)
+                    alive = alive & ~over
+                    if not bool(alive.any()):
+                        break
+                elif over:
+                    break
+            elif max_len is not None and spec.own_dim:
                 over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
                 if isinstance(over, torch.Tensor):
                     over = bool((over & (alive if alive is not None else True)).any())
-                if over and spec.stop_at_max_len:
-                    break
                 if over:
                     err = ExecutionError(
                         f"the loop at {spec.source} ran past max_seq_len ({_describe_max(max_len)}) "

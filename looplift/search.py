@@ -105,6 +105,8 @@ class _Search:
         self.src: Tensor | None = None
         self.new_valid: Tensor | None = None
         self.scores: list[tuple[Tensor, float | None]] = []   # choice's running score placeholders
+        #: ids of recombined scores: a state assigned them takes them for ended hypotheses too (merged)
+        self.recombined: set[int] = set()
 
     def ended_src(self) -> Tensor:
         """Whether the source of each next hypothesis had ended (over the next beam)."""
@@ -285,6 +287,7 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     merged = group_max if mode == "max" else _reduce.logsumexp(members, axis=other)
     out = _math.where(keep, merged, NEG_INF)
     search.new_valid = _math.logical_and(search.new_valid, keep)
+    search.recombined.add(id(out))
     return out
 
 
