@@ -526,6 +526,7 @@ class Loop:
         """After a loop that searched: the stacked values of each final hypothesis, found by following the
         source hypotheses back from the last step; the loop's dim gets the hypotheses' lengths."""
         from .ops.index import gather
+        from .ops.math import where
         from .ops.shape import length as length_of
         from .ops.shape import replace_dim
         search, spec, node = self._search, self.spec, self.spec.node
@@ -546,11 +547,22 @@ class Loop:
             tmp = self._hints.setdefault(("search", "final"), Dim(f"{beam.name}_final", beam.size))
             n_al = aligner(n_steps.dims, batch)
             own = self._own_dim
+            valid = finals[id(search.valid)]
+            scores, rank = None, None
+            if search.scores:
+                from .search import _normalized
+                running, alpha = search.scores[0]
+                scores = _normalized(finals[id(running)], final_length, alpha)
+                if alpha is not None:   # (unnormalized, the beam is in order already)
+                    rank = to_layout(where(valid, scores, float("-inf")), batch + (beam,))
+            inputs = (src_seq, n_steps, flen) + ((rank,) if rank is not None else ())
 
-            def kernel(env, src, n, fl):
+            def kernel(env, src, n, fl, key=None):
                 size, k = src.shape[0], beam.size
                 n = n_al(torch.as_tensor(n, device=src.device)).expand(src.shape[1:-1])
                 first = torch.arange(k, device=src.device).expand(src.shape[1:])
+                if key is not None:   # the final hypotheses best first, by the normalized score
+                    first = key.sort(dim=-1, descending=True, stable=True).indices
                 cur, out = first, torch.empty_like(src)
                 for t in range(size - 1, -1, -1):   # (an entry's steps past its end: identity)
                     live = (t < n)[..., None]
@@ -559,12 +571,15 @@ class Loop:
                     cur = torch.where(live, src[t].gather(-1, cur), first)
                 if own:
                     env.sizes[axis] = size
-                    env.lengths_of[axis] = fl
-                return out
+                    env.lengths_of[axis] = fl.gather(-1, first) if key is not None else fl
+                return (out, first) if key is not None else out
 
-            index = self._parent.add("backtrack", (src_seq, n_steps, flen), kernel,
-                                     [((steps,) + batch + (tmp,), torch.int64, beam)],
-                                     attrs={"makes_dims": (axis,) if own else ()}, source=self.source).outputs[0]
+            outs = [((steps,) + batch + (tmp,), torch.int64, beam)]
+            if rank is not None:
+                outs.append((batch + (tmp,), torch.int64, beam))
+            node = self._parent.add("backtrack", inputs, kernel, outs,
+                                    attrs={"makes_dims": (axis,) if own else ()}, source=self.source)
+            index = node.outputs[0]
             for (value, out), seq in zip(self._stacks[:-1], stacked[:-1]):
                 v = seq
                 if beam in v.dims:
@@ -574,13 +589,18 @@ class Loop:
                 v = to_layout(v, out.dims)
                 out.node, out.index = v.node, v.index
                 v.node.outputs[v.index] = out
-            scores = None
-            if search.scores:
-                running, alpha = search.scores[0]
-                from .search import _normalized
-                scores = _normalized(finals[id(running)], final_length, alpha)
+            if rank is not None:   # the states and results in the same order
+                order = node.outputs[1]
+
+                def reorder(v: Tensor) -> Tensor:
+                    return replace_dim(gather(v, index=order, axis=beam), tmp, beam) if beam in v.dims else v
+                final_length, valid, scores = reorder(final_length), reorder(valid), reorder(scores)
+                for slot in self._slots.values():
+                    if slot.placeholders:
+                        leaves, _ = flatten(slot.final, _is_tensor)
+                        slot.final = slot.tree([reorder(v) if isinstance(v, Tensor) else v for v in leaves])
             from .search import Result
-            self._result = Result(beam, final_length, finals[id(search.valid)], scores)
+            self._result = Result(beam, final_length, valid, scores)
         finally:
             self._ctx.graph = saved
 

@@ -808,7 +808,55 @@ def test_length_normalization(alpha):
         best = max(got[b], key=lambda t: t[1])[0]
         assert best == max(raw, key=lambda q: raw[q] / len(q) ** a)
         differs |= best != max(raw, key=raw.get)
+        # the n-best list is in the order of the normalized score
+        assert [s for _, s in got[b]] == sorted((s for _, s in got[b]), reverse=True)
+        assert got[b][0][0] == best
     assert differs
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_final_states_and_best_follow_the_nbest_order(alpha):
+    """After the loop, the states are in the n-best list's order (under length normalization too): the
+    final ``label`` state is each hypothesis's last label and the final ``h`` its decoder state, as the
+    plain-PyTorch step computes it for the backtracked labels; ``looplift.search.best`` gives the first
+    hypothesis's labels and state."""
+    n_vocab, max_len = 3, 4
+    dec = Decoder(n_vocab, 30)
+    x = initial_states(2, 30)
+    V = dec.V
+
+    def run(x):
+        loop = ll.Loop(max_seq_len=max_len)
+        loop.state.label = ll.full(0, sparse_dim=V)
+        loop.state.h = x
+        with loop:
+            h, lp = dec.step(loop.state.label, loop.state.h)
+            loop.state.h = h
+            label = ll.choice(lp, beam_size=n_outcomes(n_vocab, max_len), axis=V, length_normalization=alpha)
+            loop.state.label = label
+            loop.end(label == 0, include_eos=True)
+            ys = loop.stack(label)
+        res = loop.search
+        return (ys, res.scores, res.lengths, res.valid, loop.state.label, loop.state.h,
+                ll.search.best(loop.state.h, res.scores, beam=res.beam),
+                ll.search.best(res.lengths, res.scores, beam=res.beam))
+
+    ys, scores, lengths, valid, last, h, best_h, best_len = ll.compile(run, mode="search")(ll.Named(x, (B, H)))
+    got = nbest(ys, scores, lengths, valid)
+    (beam,) = [d for d in valid.dims if d is not B]
+    sizes = {B: 2, beam: beam.size}
+    last_t = align_to(last, B, beam, sizes=sizes)
+    h_t = align_to(h, B, beam, H, sizes=sizes)
+    for b in range(2):
+        for k, (q, _) in enumerate(got[b]):
+            assert int(last_t[b, k]) == q[-1]
+            want, label = x[b], 0
+            for y in q:
+                want, _ = dec.torch_step(label, want)
+                label = y
+            torch.testing.assert_close(h_t[b, k], want, rtol=0, atol=1e-12)
+        assert torch.equal(align_to(best_h, B, H, sizes={B: 2}).detach()[b], h_t[b, 0].detach())
+        assert int(align_to(best_len, B, sizes={B: 2})[b]) == len(got[b][0][0])
 
 
 # ---------------------------------------------------------------------------------------------------------
