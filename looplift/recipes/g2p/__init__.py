@@ -1,0 +1,1 @@
+"""Grapheme-to-phoneme conversion on the CMU Pronouncing Dictionary."""
