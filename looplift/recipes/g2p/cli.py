@@ -1,0 +1,204 @@
+"""looplift-g2p: grapheme-to-phoneme conversion on the CMU Pronouncing Dictionary.
+
+Commands:
+  run      the main job: train for a time budget, evaluate on test with beam search, convert a few words
+  train    train (or --resume) a model into --dir
+  eval     phoneme and word error rates of the model in --dir on dev or test
+  convert  the n-best pronunciations of words
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+from looplift.errors import CheckpointError, LoopliftError
+
+from . import data, recipe
+from .model import G2P, Config
+
+DEFAULT_DIR = "g2p-run"
+EXAMPLE_WORDS = ["looplift", "transducer", "phoneme", "beam", "pytorch"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder: checkpoints and the model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
+    p.add_argument("--minutes", type=float, default=minutes,
+                   help="training time budget in minutes (0: no limit, use --epochs or --max-steps)")
+    p.add_argument("--epochs", type=int, default=None, help="stop after this many epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (in all, with --resume)")
+    p.add_argument("--batch", type=int, default=256, help="words per batch (length-bucketed)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr-decay", type=float, default=0.8,
+                   help="multiply the learning rate by this after each epoch (1: constant)")
+    p.add_argument("--clip", type=float, default=5.0, help="gradient clipping by total norm (0: off)")
+    p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings, encoder layers, readout")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--emb", type=int, default=64, help="character and phoneme embedding size")
+    p.add_argument("--enc", type=int, default=256, help="encoder size per layer (both directions)")
+    p.add_argument("--enc-layers", type=int, default=2, help="bidirectional LSTM encoder layers")
+    p.add_argument("--dec", type=int, default=256, help="decoder LSTM size")
+    p.add_argument("--stress", action="store_true", help="keep stress markers (default: stripped, 39 phonemes)")
+    p.add_argument("--words", type=int, default=None,
+                   help="train on only the first N training words (by the split's order), for quick runs")
+    p.add_argument("--eval-words", type=int, default=500,
+                   help="dev words decoded after each epoch (0: none)")
+    p.add_argument("--eval-beam", type=int, default=1, help="beam size of the per-epoch dev evaluation")
+    p.add_argument("--seed", type=int, default=0, help="random seed (initialization, batches, dropout)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --dir exactly where it stopped (same options)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="looplift-g2p", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", formatter_class=fmt, help="train, evaluate and convert (the main job)",
+                       description="Train a model for a time budget, evaluate it on the test split with beam "
+                                   "search, print PER/WER and a few converted words.")
+    _add_common(p)
+    _add_train_options(p, minutes=3.0)
+    p.add_argument("--beam", type=int, default=5, help="beam size of the final evaluation")
+    p.add_argument("--split", choices=["dev", "test"], default="test", help="the split evaluated at the end")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N words of the split")
+
+    p = sub.add_parser("train", formatter_class=fmt, help="train a model",
+                       description="Train a G2P model on the train split; a checkpoint is written to --dir "
+                                   "after each epoch and when training stops (resume with --resume).")
+    _add_common(p)
+    _add_train_options(p, minutes=10.0)
+
+    p = sub.add_parser("eval", formatter_class=fmt, help="phoneme and word error rates",
+                       description="Decode a split with beam search and print the phoneme error rate (against "
+                                   "the closest pronunciation) and the word error rate (no pronunciation matched).")
+    _add_common(p)
+    p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
+    p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--limit", type=int, default=None, help="only the first N words of the split")
+    p.add_argument("--batch", type=int, default=256, help="words decoded at once")
+
+    p = sub.add_parser("convert", formatter_class=fmt, help="pronounce words",
+                       description="Print the n-best pronunciations of WORDs with their log-probabilities.")
+    _add_common(p)
+    p.add_argument("words", nargs="+", metavar="WORD", help="words to convert (case is ignored)")
+    p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--nbest", type=int, default=3, help="pronunciations printed per word")
+    return parser
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise SystemExit(f"looplift-g2p: --{name.replace('_', '-')} must be positive, got {v}")
+
+
+def train(args) -> G2P:
+    from looplift.train import Trainer, bucketed_batches
+    _positive(args, "batch", "lr", "epochs", "max_steps", "emb", "enc", "enc_layers", "dec")
+    if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
+        raise SystemExit("looplift-g2p: --dropout and --label-smoothing are in [0, 1)")
+    splits = data.split(data.load(stress=args.stress))
+    train_entries = splits["train"][:args.words] if args.words is not None else splits["train"]
+    if not train_entries:
+        raise SystemExit("looplift-g2p: no training words (--words must be positive)")
+    vocabs = recipe.build_vocabs(splits["train"], stress=args.stress)
+    config = Config(n_chars=len(vocabs.chars), n_phonemes=len(vocabs.phonemes), emb=args.emb, enc=args.enc,
+                    enc_layers=args.enc_layers, dec=args.dec, dropout=args.dropout,
+                    label_smoothing=args.label_smoothing)
+    torch.manual_seed(args.seed)
+    model = G2P(config)
+    examples = recipe.Examples(train_entries, vocabs)
+    lengths = examples.lengths()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"training on {len(train_entries)} words ({len(examples)} pronunciations), {len(vocabs.chars) - 1} "
+          f"characters, {len(vocabs.phonemes) - 1} phonemes; model: {n_params / 1e6:.2f} M parameters",
+          flush=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # the learning rate decays by --lr-decay per epoch, smoothly over its steps
+    steps_per_epoch = len(bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: args.lr_decay ** (step / steps_per_epoch))
+    dev = splits["dev"][:args.eval_words] if args.eval_words else []
+
+    def make_batches(epoch: int):
+        return bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=epoch,
+                                world_size=trainer.world_size, rank=trainer.rank)
+
+    def evaluate(m: G2P) -> dict[str, float]:
+        if not dev:
+            return {}
+        s = recipe.evaluate(m, dev, vocabs, beam=args.eval_beam)
+        return {"dev_per": s.per, "dev_wer": s.wer}
+
+    trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler, clip_norm=args.clip or None, checkpoint_dir=args.dir,
+                      metadata=vocabs.metadata(config), progress=not args.no_progress)
+    trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
+                time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate, resume=args.resume)
+    return model
+
+
+def evaluate(args) -> None:
+    _positive(args, "beam", "limit", "batch")
+    model, vocabs = recipe.load_model(args.dir)
+    entries = data.split(data.load(stress=vocabs.stress))[args.split]
+    if args.limit is not None:
+        entries = entries[:args.limit]
+    start = time.perf_counter()
+    s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=getattr(args, "batch", 256))
+    seconds = time.perf_counter() - start
+    print(f"{args.split}: {s.words} words, beam {args.beam}: PER {100 * s.per:.2f}% "
+          f"({s.phoneme_errors}/{s.phonemes} phonemes), WER {100 * s.wer:.2f}% ({s.word_errors} words wrong); "
+          f"decoded in {seconds:.1f} s ({s.words / seconds:.0f} words/s)", flush=True)
+
+
+def convert(args) -> None:
+    _positive(args, "beam", "nbest")
+    model, vocabs = recipe.load_model(args.dir)
+    words = [w.lower() for w in args.words]
+    encoded = [vocabs.chars.encode(w) for w in words]   # (an unknown character: an error naming it)
+    for word, hyps in zip(words, recipe.decode(model, encoded, beam=args.beam)):
+        for rank, (ids, score) in enumerate(hyps[:args.nbest]):
+            label = word if rank == 0 else " " * len(word)
+            print(f"{label}  {score:8.3f}  p={math.exp(score):.3f}  {' '.join(vocabs.phonemes.decode(ids))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "train":
+            train(args)
+        elif args.command == "run":
+            train(args)
+            evaluate(args)
+            args.words, args.nbest = EXAMPLE_WORDS, 2
+            convert(args)
+        elif args.command == "eval":
+            evaluate(args)
+        else:
+            convert(args)
+    except (LoopliftError, ValueError) as e:
+        if isinstance(e, (CheckpointError, LoopliftError)) or "unknown" in str(e):
+            print(f"looplift-g2p: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] if len(sys.argv) > 1 else None)

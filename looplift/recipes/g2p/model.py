@@ -1,0 +1,103 @@
+"""The grapheme-to-phoneme model, defined once: trained with the optimized loop, decoded by beam search.
+
+Characters are embedded and encoded by a stack of bidirectional LSTMs; an LSTM decoder attends to the
+encoding (dot attention through a query projection) and feeds its attention context back into its next
+input, with the previous phoneme's embedding. ``looplift.choice`` picks the next phoneme: in train and
+eval mode it is the reference, so the loop keeps only the recurrent core (LSTM cell and attention) and the
+embedding, readout and loss run over the whole sequence; in search mode it is one beam-search step.
+
+Phoneme 0 is ``<eos>``: it starts the decoder and ends each hypothesis.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+import looplift as ll
+from looplift import nn
+
+EOS = 0
+
+
+@dataclass
+class Config:
+    """The model's sizes and regularization (stored in checkpoints as JSON)."""
+
+    n_chars: int
+    n_phonemes: int
+    emb: int = 64
+    enc: int = 256            # per layer, both directions together
+    enc_layers: int = 2
+    dec: int = 256
+    dropout: float = 0.0      # on embeddings, between encoder layers and on the readout input
+    label_smoothing: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls(**json.loads(text))
+
+
+class G2P(ll.Module):
+    """``loss = model(chars, phonemes, src=..., tgt=...)`` in train/eval mode (summed over the batch), and
+    ``labels, scores, lengths = model(chars, src=..., tgt=..., beam=k)`` in search mode."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = c = config
+        self.chars, self.phonemes = ll.Dim("chars", c.n_chars), ll.Dim("phonemes", c.n_phonemes)
+        self.char_emb_dim, self.emb_dim = ll.Dim("char_emb", c.emb), ll.Dim("phoneme_emb", c.emb)
+        self.enc_dims = [ll.Dim(f"enc{i}", c.enc) for i in range(c.enc_layers)]
+        self.enc_dim = self.enc_dims[-1]
+        self.dec_dim = ll.Dim("dec", c.dec)
+        self.char_emb = nn.Embedding(self.chars, self.char_emb_dim)
+        self.encoder = torch.nn.ModuleList(
+            nn.LSTM(d_in, d_out, bidirectional=True)
+            for d_in, d_out in zip([self.char_emb_dim, *self.enc_dims[:-1]], self.enc_dims))
+        self.dropout = nn.Dropout(c.dropout)
+        self.emb = nn.Embedding(self.phonemes, self.emb_dim)
+        self.cell = nn.LSTM(self.emb_dim + self.enc_dim, self.dec_dim)
+        self.query = nn.Linear(self.dec_dim, self.enc_dim)
+        self.readout = nn.Linear(self.dec_dim + self.enc_dim, self.phonemes)
+
+    def encode(self, chars, *, src: ll.Dim):
+        x = self.dropout(self.char_emb(chars))
+        for i, lstm in enumerate(self.encoder):
+            x, _ = lstm(x if i == 0 else self.dropout(x), axis=src)
+        return x
+
+    def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
+                max_len: int | None = None):
+        enc = self.encode(chars, src=src)
+        # decoding stops at the end of every hypothesis, at the latest after 2 phonemes per character + 3
+        limit = ll.length(src) * 2 + 3 if max_len is None else max_len
+        loop = ll.Loop(axis=tgt, max_seq_len=limit)
+        loop.state.label = ll.full(EOS, sparse_dim=self.phonemes)
+        loop.state.lstm = self.cell.default_initial_state()
+        loop.state.ctx = ll.zeros([self.enc_dim])
+        with loop:
+            x = ll.concat(self.emb(loop.state.label), loop.state.ctx, axis=[self.emb_dim, self.enc_dim])
+            h, loop.state.lstm = self.cell(x, state=loop.state.lstm)
+            att = ll.softmax(ll.dot(enc, self.query(h), reduce=self.enc_dim), axis=src)
+            loop.state.ctx = ll.dot(att, enc, reduce=src)
+            readout_in = self.dropout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, self.enc_dim]))
+            log_probs = ll.log_softmax(self.readout(readout_in), axis=self.phonemes)
+            label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=self.phonemes)
+            loop.state.label = label
+            loop.end(ll.eq(label, EOS), include_eos=True)
+            if ll.is_search():
+                labels = loop.stack(label)
+            else:
+                nll = -ll.gather(log_probs, index=label, axis=self.phonemes)
+                if self.config.label_smoothing:
+                    eps = self.config.label_smoothing
+                    nll = (1 - eps) * nll - eps * ll.mean(log_probs, axis=self.phonemes)
+                losses = loop.stack(nll)
+        if ll.is_search():
+            return labels, loop.search.scores, loop.search.lengths, loop.search.valid
+        return ll.sum(losses, axis=[ll.batch_dim, loop.axis])

@@ -1,0 +1,149 @@
+"""The G2P recipe's pieces between the data, the model and the training driver: batches as named
+tensors, the training loss, beam-search decoding, evaluation, and the model's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+import looplift as ll
+from looplift.errors import CheckpointError
+from looplift.train.checkpoint import load as load_params
+
+from . import data, metrics
+from .model import EOS, G2P, Config
+
+SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class Vocabs:
+    chars: data.Vocab
+    phonemes: data.Vocab
+    stress: bool
+
+    def metadata(self, config: Config) -> dict[str, str]:
+        return {"looplift-g2p": "1", "config": config.to_json(), "chars": self.chars.to_json(),
+                "phonemes": self.phonemes.to_json(), "stress": json.dumps(self.stress)}
+
+
+def build_vocabs(entries: Sequence[data.Entry], *, stress: bool) -> Vocabs:
+    return Vocabs(data.Vocab.build((e.word for e in entries), kind="character"),
+                  data.Vocab.build((p for e in entries for p in e.prons), kind="phoneme"), stress)
+
+
+def char_batch(model: G2P, words: Sequence[Sequence[int]]) -> ll.Named:
+    x, n = data.encode_batch(list(words))
+    return ll.Named(x, (ll.batch_dim, SRC), {SRC: n}, sparse_dim=model.chars)
+
+
+def phoneme_batch(model: G2P, prons: Sequence[Sequence[int]]) -> ll.Named:
+    y, n = data.encode_batch([list(p) + [EOS] for p in prons])
+    return ll.Named(y, (ll.batch_dim, TGT), {TGT: n}, sparse_dim=model.phonemes)
+
+
+class Examples:
+    """Training examples, one per pronunciation: encoded characters and phonemes."""
+
+    def __init__(self, entries: Sequence[data.Entry], vocabs: Vocabs):
+        self.chars: list[list[int]] = []
+        self.prons: list[list[int]] = []
+        for e in entries:
+            word = vocabs.chars.encode(e.word)
+            for p in e.prons:
+                self.chars.append(word)
+                self.prons.append(vocabs.phonemes.encode(p))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def lengths(self) -> list[int]:
+        return [len(c) + len(p) for c, p in zip(self.chars, self.prons)]
+
+
+def loss_function(examples: Examples):
+    """The training driver's loss: summed cross-entropy of a batch (a list of example indices) and its
+    number of target phonemes (the EOS included)."""
+    programs: dict[int, ll.Program] = {}
+
+    def loss_fn(model: G2P, batch: Sequence[int]):
+        train = programs.get(id(model))
+        if train is None:
+            train = programs[id(model)] = ll.compile(model, mode="train")
+        x = char_batch(model, [examples.chars[i] for i in batch])
+        y = phoneme_batch(model, [examples.prons[i] for i in batch])
+        return train(x, y, src=SRC, tgt=TGT).tensor, int(y.lengths[TGT].sum())
+
+    return loss_fn
+
+
+def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = 256,
+           ) -> list[list[tuple[list[int], float]]]:
+    """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search."""
+    search = ll.compile(model, mode="search")
+    order = sorted(range(len(words)), key=lambda i: len(words[i]))
+    out: list = [None] * len(words)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                labels, scores, lengths, valid = search(char_batch(model, [words[i] for i in idx]), src=SRC,
+                                                        tgt=TGT, beam=beam)
+                (bdim,) = [d for d in valid.dims if d is not ll.batch_dim]
+                (steps,) = [d for d in labels.dims if d is not ll.batch_dim and d is not bdim]
+                ys = labels.align(ll.batch_dim, bdim, steps)
+                sc = scores.align(ll.batch_dim, bdim)
+                n = lengths.align(ll.batch_dim, bdim)
+                ok = valid.align(ll.batch_dim, bdim)
+                for row, i in enumerate(idx):
+                    out[i] = [([t for t in ys[row, k, :int(n[row, k])].tolist() if t != EOS], float(sc[row, k]))
+                              for k in range(beam) if bool(ok[row, k])]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate(model: G2P, entries: Sequence[data.Entry], vocabs: Vocabs, *, beam: int = 5,
+             batch_size: int = 256) -> metrics.Scores:
+    """PER and WER of the best hypothesis of each word against all its pronunciations."""
+    nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size)
+    hyps = [vocabs.phonemes.decode(hs[0][0]) if hs else [] for hs in nbest]
+    return metrics.score(hyps, [e.prons for e in entries])
+
+
+def save_model(model: G2P, vocabs: Vocabs, path: str | os.PathLike) -> None:
+    ll.save(model, path, metadata=vocabs.metadata(model.config))
+
+
+def load_model(path: str | os.PathLike) -> tuple[G2P, Vocabs]:
+    """The model and vocabularies of a G2P checkpoint (the training run's ``model.safetensors``)."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no G2P model at {path!r}: train one first (looplift-g2p train --dir ...)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"cannot read the checkpoint {path!r}: {type(e).__name__}: {e}") from e
+    if meta.get("looplift-g2p") != "1":
+        raise CheckpointError(f"{path!r} is not a looplift G2P model (its metadata lacks the model config)")
+    try:
+        config = Config.from_json(meta["config"])
+        vocabs = Vocabs(data.Vocab.from_json(meta["chars"]), data.Vocab.from_json(meta["phonemes"]),
+                        json.loads(meta["stress"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint {path!r} has broken G2P metadata: {e}") from e
+    model = G2P(config)
+    load_params(model, path)
+    model.eval()
+    return model, vocabs

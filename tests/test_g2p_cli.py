@@ -1,0 +1,137 @@
+"""The G2P recipe end to end, tiny (a few hundred words, small sizes, seconds): train, checkpoint, resume,
+eval, convert through ``looplift-g2p``; and its errors: unknown characters, corrupt or mismatched
+checkpoints, an empty dataset, with nothing written half."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from looplift.recipes.g2p import cli, data, recipe
+from looplift.recipes.g2p.model import G2P, Config
+
+TINY = ["--words", "120", "--emb", "8", "--enc", "16", "--dec", "16", "--batch", "32", "--eval-words", "16",
+        "--minutes", "0", "--no-progress", "--seed", "3"]
+
+
+def run(capsys, *argv):
+    cli.main(list(argv))
+    return capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained 1 epoch, then resumed for a second."""
+    d = str(tmp_path_factory.mktemp("g2p"))
+    cli.main(["train", "--dir", d, "--epochs", "1", *TINY])
+    first = {n: p.clone() for n, p in recipe.load_model(d)[0].named_parameters()}
+    cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *TINY])
+    return d, first
+
+
+def test_train_writes_the_model_and_resume_continues(trained):
+    d, first = trained
+    assert sorted(f for f in os.listdir(d) if not f.startswith(".")) == ["last.safetensors", "model.safetensors"]
+    model, vocabs = recipe.load_model(d)
+    assert len(vocabs.phonemes) == 40 and not vocabs.stress
+    assert model.config == Config(len(vocabs.chars), 40, emb=8, enc=16, enc_layers=2, dec=16, dropout=0.3,
+                                  label_smoothing=0.1)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, first[n])]
+    assert changed, "the resumed second epoch changed nothing"
+
+
+def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
+    d, _ = trained
+    cli.main(["train", "--dir", str(tmp_path), "--epochs", "2", *TINY])
+    resumed, _ = recipe.load_model(d)
+    straight, _ = recipe.load_model(tmp_path)
+    for (n, a), (_, b) in zip(resumed.named_parameters(), straight.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_eval_prints_the_error_rates_of_the_model(trained, capsys):
+    d, _ = trained
+    out = run(capsys, "eval", "--dir", d, "--split", "dev", "--limit", "20", "--beam", "2").out
+    m = re.search(r"dev: 20 words, beam 2: PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
+    assert m, out
+    model, vocabs = recipe.load_model(d)
+    want = recipe.evaluate(model, data.split(data.load())["dev"][:20], vocabs, beam=2)
+    assert (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
+    assert float(m[1]) == pytest.approx(100 * want.per, abs=0.006)
+
+
+def test_convert_prints_nbest_with_scores(trained, capsys):
+    d, _ = trained
+    out = run(capsys, "convert", "--dir", d, "Hello", "world", "--beam", "3", "--nbest", "3").out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("hello ")
+    words = [ln for ln in lines if not ln.startswith(" ")]
+    assert [w.split()[0] for w in words] == ["hello", "world"]
+    model, vocabs = recipe.load_model(d)
+    nbest = recipe.decode(model, [vocabs.chars.encode("hello")], beam=3)[0]
+    assert len(nbest) == 3
+    for rank, (line, (ids, score)) in enumerate(zip(lines, nbest)):
+        m = re.match(r"^(\S*)\s+(-?\d+\.\d+)\s+p=(\S+)\s+(.*)$", line)
+        assert m and m[1] == ("hello" if rank == 0 else ""), line
+        assert float(m[2]) == pytest.approx(score, abs=1e-3)
+        assert m[4].split() == vocabs.phonemes.decode(ids)
+    scores = [s for _, s in nbest]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_unknown_characters_are_named(trained, capsys):
+    d, _ = trained
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", "--dir", d, "café"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "'é'" in err and "café" in err
+
+
+def test_corrupt_and_mismatched_checkpoints(trained, tmp_path, capsys):
+    d, _ = trained
+    with open(os.path.join(d, "model.safetensors"), "rb") as f:
+        blob = f.read()
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--dir", str(bad)])
+    assert e.value.code == 1
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+    # the metadata says one size, the tensors are of another
+    other = tmp_path / "mismatch"
+    other.mkdir()
+    model, vocabs = recipe.load_model(d)
+    wrong = Config(**{**model.config.__dict__, "dec": 12})
+    import looplift as ll
+    ll.save(G2P(wrong), other / "model.safetensors", metadata=vocabs.metadata(model.config))
+    with pytest.raises(SystemExit):
+        cli.main(["convert", "--dir", str(other), "hello"])
+    err = capsys.readouterr().err
+    assert "does not match the model" in err and "mis-shaped: cell.weight_hh_l0" in err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--dir", str(tmp_path / "nothing-here")])
+    assert "no G2P model" in capsys.readouterr().err
+
+
+def test_empty_dataset_is_an_error_and_writes_nothing(tmp_path, capsys):
+    d = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--dir", str(d), *TINY, "--words", "0"])
+    assert "must be positive" in str(e.value.code) or "no training words" in str(e.value.code)
+    assert not d.exists() or os.listdir(d) == []
+
+
+def test_help_explains_every_option(capsys):
+    for command in ("run", "train", "eval", "convert"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        for option in re.findall(r"^\s+(--[a-z-]+)", out, flags=re.M):
+            line = next(ln for ln in out.splitlines() if ln.strip().startswith(option))
+            block = out[out.index(line):].split("\n  -")[0]
+            assert len(block.split(option, 1)[1].strip()) > 5, (command, option)
