@@ -1,25 +1,71 @@
-"""Beam search of an attention LSTM encoder-decoder: looplift's search vs one hand-written for this model.
+"""Beam search of an attention LSTM encoder-decoder: looplift's search vs one hand-written for this model, and ESPnet's.
 
 The model (random weights): a label-embedding + BiLSTM encoder, an LSTM decoder whose attention context
-is fed back, a readout to the vocabulary; EOS (label 0) ends a hypothesis. Decoded two ways in one
-process, on CPU:
+is fed back, a readout to the vocabulary; EOS (label 0) ends a hypothesis. Decoded three ways, on CPU:
 
 * looplift: the decoder written once as a loop with ``looplift.choice``, compiled with
   ``mode="search"`` (the same module trains with ``mode="train"``);
 * hand-written: a batched beam search in vectorized PyTorch for this exact model (states over
   (batch, beam), top-k over (beam x vocab), gathers by the source beams, backtracking): the floor of model
-  compute plus top-k.
+  compute plus top-k. Same process; the n-best lists (labels, lengths, scores) are asserted identical;
+* ESPnet: ``espnet.nets.batch_beam_search.BatchBeamSearch`` (a plain beam search: one full scorer, no
+  pre-beam, ``sos = eos = EOS``, a fixed max length ``maxlenratio = -max_len``) over the same model, rebuilt
+  in plain PyTorch from the weights saved here and wrapped as an ESPnet ``BatchScorerInterface``
+  (``benchmarks/_espnet_side.py``). ESPnet decodes ONE UTTERANCE AT A TIME (as it is used; its "batch" is the
+  running hypotheses of one utterance), so its time is that of encoding + decoding the utterances one after
+  another. It runs in a subprocess with the python of a virtual environment of its own -- ESPnet is no
+  dependency of looplift -- in ``$LOOPLIFT_ESPNET_VENV`` or else ``~/.cache/looplift-bench/espnet-venv``
+  (``$XDG_CACHE_HOME`` is honoured), built on first use (a minute or two, progress printed): ``torch`` of this
+  process's version (``pip install torch==X.Y.Z``; where pip has no CPU wheel of it at hand it may download
+  the CUDA build), ``pip install --no-deps espnet==202511``, then only what its beam search imports (numpy,
+  packaging). A venv at ``$LOOPLIFT_ESPNET_VENV`` that this script did not build is used as it is if it can
+  import ESPnet, and never deleted. Its rounds are interleaved with rounds of looplift (run again for that),
+  both in the same number of threads; medians after the same warm-up. Nothing about ESPnet is asserted: the
+  script prints for how many utterances ESPnet's best hypothesis equals looplift's best (labels, and score
+  within 1e-4). ``--no-espnet`` skips it; if the venv cannot be built or the subprocess fails, the other
+  results are still printed, with ``"espnet_vs_looplift": null`` and an ``"espnet_reason"``.
 
-The n-best lists (labels, lengths, scores) are asserted identical. The last line is one JSON object:
-``{"search_vs_handwritten": ratio of median times, "utterances_per_s": looplift's}``.
+How ESPnet's search differs from looplift's (and the hand-written one's):
+
+* ended hypotheses: ESPnet takes the top k of the expansions of its running hypotheses, moves those that
+  end in EOS to a separate list, and goes on with the rest (fewer than k, refilled to k at the next step); its
+  result is the best of all hypotheses that ever ended. In looplift an ended hypothesis keeps its place in
+  the beam and competes with the running ones until k better ones push it out, and the best is the best
+  of the final beam. The two can pick different best hypotheses (an ended one pushed out of looplift's
+  beam can still win in ESPnet). Runs so far: with the default options, ``--eos-bias`` 0.05 to 1 and
+  ``--peak`` up to 30, the best agreed on all 16 utterances (scores to ~1e-14); with peaked outputs
+  (``--peak 100``, ``--peak 300 --eos-bias 10``) on 13 to 15 of 16, and each time the difference was that:
+  ESPnet's best had ended after 1 or 2 labels, scored higher than looplift's best, and was no longer in
+  looplift's n-best.
+* stopping: looplift stops when all k entries of the beam have ended (none running can beat them any more:
+  scores only fall) or at ``max_len``; ESPnet with a fixed max length stops only when no hypothesis is
+  running or at ``max_len`` (its ``end_detect`` heuristic works only with ``maxlenratio=0``, which sets
+  the max length to the input length instead). With a strong ``--eos-bias`` looplift stops after a few steps
+  and ESPnet does not, so the time ratio there says more about that rule than about the search.
+* ``max_len``: hypotheses still running at ``max_len`` get an EOS appended by ESPnet, without its score;
+  looplift's have no EOS. The comparison drops that EOS (an EOS the model chose is kept on both sides).
+
+With the default options every hypothesis of the n-best runs to ``max_len``. With random weights the best hypothesis
+is mostly either EOS alone or one that runs to ``max_len`` (``--eos-bias 0.1``: a mean length of about 20
+over the n-best, but every best is EOS alone); ``--peak 300 --eos-bias 10`` gives best hypotheses of
+lengths from 1 to 30, 12 and 16 among them.
+
+The last line is one JSON object: ``{"search_vs_handwritten": ratio of median times, "utterances_per_s":
+looplift's, "espnet_vs_looplift": ESPnet's median time / looplift's for the same utterances,
+"espnet_best_agree": utterances whose best hypotheses agree}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +75,10 @@ from looplift import nn
 
 B = ll.batch_dim
 EOS = 0
+
+ESPNET = "espnet==202511"                # installed with --no-deps
+ESPNET_IMPORTS = ["numpy", "packaging"]  # what espnet.nets.batch_beam_search imports besides torch and espnet
+ESPNET_SIDE = Path(__file__).with_name("_espnet_side.py")
 
 
 class Seq2Seq(ll.Module):
@@ -126,6 +176,159 @@ def search_by_hand(m: Seq2Seq, src, src_len):
     return torch.stack(out[::-1], -1), score, length
 
 
+# -- ESPnet's BatchBeamSearch, run in a virtual environment of its own -------------------------------------
+
+class EspnetUnavailable(Exception):
+    """Why ESPnet was not compared; reported in the JSON line, the benchmark goes on."""
+
+
+def espnet_venv_dir() -> Path:
+    if os.environ.get("LOOPLIFT_ESPNET_VENV"):
+        return Path(os.environ["LOOPLIFT_ESPNET_VENV"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "looplift-bench" / "espnet-venv"
+
+
+def _run_quiet(cmd: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, check=False, capture_output=True, text=True)
+    except OSError as e:
+        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+
+
+def ensure_espnet_venv() -> Path:
+    """The python of the ESPnet venv, built on first use (torch of this process's version, espnet --no-deps)."""
+    venv = espnet_venv_dir()
+    py = venv / "bin" / "python"
+    torch_req = "torch==" + torch.__version__.split("+")[0]
+    spec = {"torch": torch_req, "espnet": ESPNET, "imports": ESPNET_IMPORTS}
+    ready, building = venv / ".looplift-ready", venv / ".looplift-building"
+
+    def is_ready() -> bool:
+        try:
+            return json.loads(ready.read_text()) == spec and py.exists()
+        except (OSError, ValueError):
+            return False
+
+    if is_ready():
+        return py
+    if venv.exists() and any(venv.iterdir()) and not ready.exists() and not building.exists():
+        # not built by this benchmark (e.g. LOOPLIFT_ESPNET_VENV names a venv of one's own): use it as it is
+        # if it has ESPnet, and never delete it
+        check = _run_quiet([str(py), "-c", "import espnet.nets.batch_beam_search"])
+        if check.returncode == 0:
+            return py
+        raise EspnetUnavailable(f"{venv} exists, was not built by this benchmark, and its python cannot import "
+                                "espnet.nets.batch_beam_search; remove it or set LOOPLIFT_ESPNET_VENV elsewhere")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / (venv.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)     # another run building it at the same time: wait for it
+        except ImportError:
+            pass
+        if is_ready():
+            return py
+        print(f"[espnet] building a virtual environment for ESPnet at {venv} (once; a minute or two)", flush=True)
+        if venv.exists():
+            import shutil
+            shutil.rmtree(venv)
+        venv.mkdir()
+        building.touch()
+        steps = [("create the venv", [sys.executable, "-m", "venv", str(venv)]),
+                 (f"pip install {torch_req}", [str(py), "-m", "pip", "install", torch_req]),
+                 (f"pip install --no-deps {ESPNET}", [str(py), "-m", "pip", "install", "--no-deps", ESPNET]),
+                 (f"pip install {' '.join(ESPNET_IMPORTS)}", [str(py), "-m", "pip", "install", *ESPNET_IMPORTS]),
+                 ("import espnet.nets.batch_beam_search", [str(py), "-c", "import espnet.nets.batch_beam_search"])]
+        for what, cmd in steps:
+            print(f"[espnet]   {what} ...", end=" ", flush=True)
+            start = time.perf_counter()
+            done = _run_quiet(cmd)
+            if done.returncode != 0:
+                print("failed", flush=True)
+                tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
+                raise EspnetUnavailable(f"building the ESPnet venv at {venv} failed at '{what}' "
+                                        f"(exit {done.returncode}): {tail}")
+            print(f"done ({time.perf_counter() - start:.0f} s)", flush=True)
+        ready.write_text(json.dumps(spec))
+        building.unlink()
+    return py
+
+
+def compare_with_espnet(model: Seq2Seq, src, src_len, args, by_looplift, nbest) -> dict:
+    """Decodes the batch with ESPnet (one utterance at a time, in a subprocess), its rounds interleaved with
+    looplift's; prints the timings and how many best hypotheses agree; returns the JSON keys."""
+    py = ensure_espnet_venv()
+    lab, sc, ln = nbest
+    with tempfile.TemporaryDirectory(prefix="looplift-espnet-") as tmp:
+        payload = Path(tmp) / "payload.pt"
+        torch.save({"weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "src": src, "src_len": src_len,
+                    "config": {"beam": args.beam, "vocab": args.vocab, "eos": EOS, "max_len": args.max_len,
+                               "threads": torch.get_num_threads()}}, payload)
+        with open(Path(tmp) / "stderr.txt", "w+") as err:
+            proc = subprocess.Popen([str(py), "-I", str(ESPNET_SIDE), str(payload)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=err, text=True)
+
+            def receive() -> dict:
+                for line in proc.stdout:
+                    if line.startswith("@@ "):
+                        return json.loads(line[3:])
+                proc.wait()
+                err.seek(0)
+                tail = " | ".join(err.read().strip().splitlines()[-4:])
+                raise EspnetUnavailable(f"the ESPnet side exited with {proc.returncode}: {tail}")
+
+            def by_espnet() -> float:
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                return receive()["time"]
+
+            try:
+                info = receive()
+                times = {"espnet": [], "looplift": []}
+                for _ in range(args.warmup):
+                    by_espnet()
+                    by_looplift()
+                for _ in range(args.repeats):
+                    times["espnet"].append(by_espnet())
+                    start = time.perf_counter()
+                    by_looplift()
+                    times["looplift"].append(time.perf_counter() - start)
+            finally:
+                if proc.poll() is None:
+                    try:
+                        proc.stdin.write("quit\n")
+                        proc.stdin.close()
+                        proc.wait(timeout=60)
+                    except (OSError, subprocess.TimeoutExpired):
+                        proc.kill()
+                        proc.wait()
+    agree, notes, max_diff = 0, [], 0.0
+    for b, theirs in enumerate(info["best"]):
+        k = int(sc[b].argmax())
+        ours = lab[b, k, :int(ln[b, k])].tolist()
+        if ours == theirs["labels"] and abs(float(sc[b, k]) - theirs["score"]) <= 1e-4:
+            agree += 1
+            max_diff = max(max_diff, abs(float(sc[b, k]) - theirs["score"]))
+            continue
+        in_nbest = any(lab[b, j, :int(ln[b, j])].tolist() == theirs["labels"] for j in range(args.beam))
+        notes.append(f"  utterance {b}: looplift length {len(ours)} score {float(sc[b, k]):.4f}; ESPnet length "
+                     f"{len(theirs['labels'])} score {theirs['score']:.4f} ({theirs['n_ended']} ended hypotheses; "
+                     f"{'in' if in_nbest else 'not in'} looplift's n-best)")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"ESPnet {info['espnet_version']} (torch {info['torch_version']}, {info['threads']} threads) "
+          f"BatchBeamSearch, one utterance at a time: median {med['espnet'] * 1e3:.1f} ms for the {args.batch} "
+          f"utterances (looplift {med['looplift'] * 1e3:.1f} ms in the same interleaved rounds); "
+          f"times {', '.join(f'{t * 1e3:.0f}' for t in times['espnet'])} ms")
+    print(f"ESPnet's best hypothesis = looplift's best (labels, score within 1e-4) for {agree} of {args.batch} "
+          f"utterances (largest score difference among those {max_diff:.1e}; lengths of ESPnet's best "
+          f"{' '.join(str(len(h['labels'])) for h in info['best'])})" + (":" if notes else ""))
+    for note in notes:
+        print(note)
+    return {"espnet_vs_looplift": round(med["espnet"] / med["looplift"], 3), "espnet_best_agree": agree}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -137,6 +340,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak", type=float, default=1.0, help="scale of the random readout weights")
     parser.add_argument("--eos-bias", type=float, default=0.0, help="added to the readout bias of EOS")
+    parser.add_argument("--no-espnet", action="store_true", help="skip the comparison with ESPnet's BatchBeamSearch")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
@@ -186,8 +390,18 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"median search time, batch {args.batch}, beam {args.beam}: looplift {med['looplift'] * 1e3:.1f} ms, "
           f"hand-written {med['handwritten'] * 1e3:.1f} ms")
-    print(json.dumps({"search_vs_handwritten": round(med["looplift"] / med["handwritten"], 3),
-                      "utterances_per_s": round(args.batch / med["looplift"], 1)}))
+    result = {"search_vs_handwritten": round(med["looplift"] / med["handwritten"], 3),
+              "utterances_per_s": round(args.batch / med["looplift"], 1)}
+    if args.no_espnet:
+        result.update(espnet_vs_looplift=None, espnet_reason="--no-espnet")
+    else:
+        try:
+            result.update(compare_with_espnet(model, src, src_len, args, by_looplift, (lab, sc, ln)))
+        except Exception as e:   # noqa: BLE001 -- ESPnet is optional: report why, keep the other results
+            reason = str(e) if isinstance(e, EspnetUnavailable) else f"{type(e).__name__}: {e}"
+            print(f"[espnet] not compared: {reason}", file=sys.stderr)
+            result.update(espnet_vs_looplift=None, espnet_reason=reason)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -665,6 +665,9 @@ class LoopSpec:
     node: _graph.Node | None = None
     #: keep the states of entries that ended frozen (False when nothing reads the final states)
     freeze: bool = True
+    #: also freeze entries past their length along `axis` (False when only frames before an entry's length
+    #: are read: the final states are not, and freezing serves only entries that ended by loop.end early)
+    freeze_past_length: bool = True
     #: reaching max_len ends the loop (a search: hypotheses are cut there) rather than being an error
     stop_at_max_len: bool = False
 
@@ -799,6 +802,9 @@ class _LoopRun:
                 active = step_counts
             if active is None or not spec.freeze:
                 state = new_state
+            elif (not spec.freeze_past_length and axis_len is not None
+                  and bool((active | (t >= axis_len)).all())):
+                state = new_state   # (no entry ended before its length: only padding frames would differ)
             else:
                 state = [torch.where(al(active), _raw(new, p.dtype, env), _raw(old, p.dtype, env))
                          for al, new, old, p in zip(self.state_align, new_state, state, spec.placeholders)]

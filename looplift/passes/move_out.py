@@ -767,7 +767,8 @@ class _LoopMove:
         spec = LoopSpec(axis=inner.axis, own_dim=False, source=inner.source, body=body,
                         captured=body.captured(returned), placeholders=placeholders, new_states=new_states,
                         stacks=stacks, end=end, include_eos=inner.include_eos, max_len=max_len,
-                        length_dims=length_dims, state_names=list(inner.state_names), freeze=inner.freeze)
+                        length_dims=length_dims, state_names=list(inner.state_names), freeze=inner.freeze,
+                        freeze_past_length=inner.freeze_past_length)
         node = spec.add_node(scratch, initials)
         for v in lasts:
             spec.add_last(v)
@@ -890,6 +891,8 @@ class _LoopMove:
             length_dims=spec.length_dims, state_names=[spec.state_names[k] for k in self.kept],
             # (over an axis, an entry's frames after its loop.end are still stacked: from its frozen states)
             freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)),
+            freeze_past_length=self.freeze or spec.freeze_past_length and not (spec.end is not None
+                                                                              and not spec.own_dim),
             stop_at_max_len=spec.stop_at_max_len)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:

@@ -38,7 +38,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (in all, with --resume)")
     p.add_argument("--batch", type=int, default=256, help="words per batch (length-bucketed)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=0.8,
+    p.add_argument("--lr-decay", type=float, default=0.9,
                    help="multiply the learning rate by this after each epoch (1: constant)")
     p.add_argument("--clip", type=float, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings, encoder layers, readout")
