@@ -146,7 +146,8 @@ class Trainer:
             no checkpoints.
         metadata: strings stored in every checkpoint (the model config as
             JSON, say); keys must not start with ``"trainer/"``.
-        progress: show a progress bar and a line per epoch on stderr (rank 0 only).
+        progress: show a progress bar and a line per epoch on stderr (rank 0
+            only); ``"epochs"``: only the line per epoch; False: nothing.
         ddp_options: keyword arguments for ``DistributedDataParallel``, e.g.
             ``{"find_unused_parameters": True}`` for a model with parameters
             that some steps do not use.
@@ -166,7 +167,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, *,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_norm: float | None = 1.0,
                  checkpoint_dir: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None,
-                 progress: bool = True, ddp_options: Mapping[str, Any] | None = None):
+                 progress: bool | str = True, ddp_options: Mapping[str, Any] | None = None):
         metadata = dict(metadata or {})
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -190,7 +191,10 @@ class Trainer:
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.metadata = metadata
         self.rank, self.world_size = _init_distributed(model)
-        self.progress = progress and self.rank == 0
+        if progress not in (True, False, "epochs"):
+            raise ValueError(f"progress is True, False or 'epochs', got {progress!r}")
+        self.progress = progress is True and self.rank == 0
+        self._epoch_lines = progress == "epochs" and self.rank == 0
         self._param_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -378,7 +382,7 @@ class Trainer:
                  "items_per_second": t.count / t.seconds if t.seconds else 0.0, "seconds": t.seconds,
                  "lr": float(self.optimizer.param_groups[0]["lr"]), "eval": results}
         self.history = [h for h in self.history if h["epoch"] != self.epoch] + [entry]
-        if self.progress:
+        if self.progress or self._epoch_lines:
             shown = "".join(f", {k} {v:.4g}" for k, v in results.items())
             tqdm.write(f"epoch {self.epoch}{'' if complete else ' (stopped within)'}: step {self.global_step}, "
                        f"train loss {entry['train_loss']:.4f}, {entry['items_per_second']:.0f} items/s, "

@@ -56,7 +56,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (initialization, batches, dropout)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --dir exactly where it stopped (same options)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per epoch only)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,9 +142,19 @@ def train(args) -> G2P:
         return {"dev_per": s.per, "dev_wer": s.wer}
 
     trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler, clip_norm=args.clip or None, checkpoint_dir=args.dir,
-                      metadata=vocabs.metadata(config), progress=not args.no_progress)
-    trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
-                time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate, resume=args.resume)
+                      metadata=vocabs.metadata(config), progress="epochs" if args.no_progress else True)
+    history = trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
+                          time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate,
+                          resume=args.resume)
+    if trainer.rank == 0 and history:
+        # (words: pronunciations; an epoch stopped within counts its share of the epoch's steps)
+        words = sum(len(examples) * min(1.0, h["epoch_steps"] / steps_per_epoch) for h in history)
+        seconds = sum(h["seconds"] for h in history)
+        last = history[-1]
+        shown = "".join(f", {k} {v:.4f}" for k, v in last["eval"].items())
+        print(f"trained {trainer.global_step} steps ({trainer.epoch} epochs complete) in {seconds / 60:.1f} min of "
+              f"steps ({trainer.elapsed_seconds / 60:.1f} min with evaluations): {words / seconds:.0f} words/s; "
+              f"last epoch: train loss {last['train_loss']:.4f}{shown}", flush=True)
     return model
 
 
