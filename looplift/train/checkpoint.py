@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save as _save_bytes
 
 from ..errors import CheckpointError
 
-__all__ = ["save", "load", "state_of", "atomic_write"]
+__all__ = ["save", "load", "state_of", "atomic_write", "mismatches", "copy_into"]
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,19 +78,28 @@ def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot read the checkpoint {os.fspath(path)!r}: {e}") from e
     except Exception as e:  # safetensors raises plain errors for some corrupt headers
         raise CheckpointError(f"cannot read the checkpoint {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
-    expected = state_of(model)
-    problems = []
-    for name in sorted(expected.keys() - loaded.keys()):
-        problems.append(f"missing: {name} (shape {tuple(expected[name].shape)})")
-    for name in sorted(loaded.keys() - expected.keys()):
-        problems.append(f"unexpected: {name} (shape {tuple(loaded[name].shape)})")
-    for name in sorted(expected.keys() & loaded.keys()):
-        if tuple(expected[name].shape) != tuple(loaded[name].shape):
-            problems.append(f"mis-shaped: {name}: the checkpoint has {tuple(loaded[name].shape)}, "
-                            f"the model {tuple(expected[name].shape)}")
+    problems = mismatches(model, loaded)
     if problems:
         raise CheckpointError(f"the checkpoint {os.fspath(path)!r} does not match the model "
                               f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+    copy_into(model, loaded)
+
+
+def mismatches(model: torch.nn.Module, loaded: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every entry of `loaded` missing for `model`, unexpected by it, or of another shape, described."""
+    expected = state_of(model)
+    problems = [f"missing: {name} (shape {tuple(expected[name].shape)})"
+                for name in sorted(expected.keys() - loaded.keys())]
+    problems += [f"unexpected: {name} (shape {tuple(loaded[name].shape)})"
+                 for name in sorted(loaded.keys() - expected.keys())]
+    problems += [f"mis-shaped: {name}: the checkpoint has {tuple(loaded[name].shape)}, the model "
+                 f"{tuple(expected[name].shape)}" for name in sorted(expected.keys() & loaded.keys())
+                 if tuple(expected[name].shape) != tuple(loaded[name].shape)]
+    return problems
+
+
+def copy_into(model: torch.nn.Module, loaded: Mapping[str, torch.Tensor]) -> None:
+    """Copy the entries of `loaded` (matching, see :func:`mismatches`) into `model`'s tensors in place."""
     with torch.no_grad():
-        for name, t in expected.items():
+        for name, t in state_of(model).items():
             t.copy_(loaded[name])

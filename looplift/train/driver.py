@@ -52,7 +52,7 @@ from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from .checkpoint import atomic_write, state_of
+from .checkpoint import atomic_write, copy_into, mismatches, state_of
 
 __all__ = ["Trainer", "bucketed_batches", "load_model"]
 
@@ -505,7 +505,7 @@ class Trainer:
             scheduler_state = None if scheduler is None else _decode(scheduler["state"], tensors)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"the checkpoint {path!r} is damaged: {type(e).__name__}: {e}") from e
-        problems = _model_problems(self.model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
+        problems = mismatches(self.model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
         if optimizer["class"] != _class_name(self.optimizer):
             problems.append(f"optimizer: the checkpoint's is {optimizer['class']}, this one is "
                             f"{_class_name(self.optimizer)}")
@@ -529,7 +529,7 @@ class Trainer:
             raise CheckpointError(f"cannot restore the optimizer state: {type(e).__name__}: {e}") from e
         if self.scheduler is not None:
             self.scheduler.load_state_dict(restored["scheduler"])
-        _copy_into(self.model, restored["model"])
+        copy_into(self.model, restored["model"])
         position = restored["position"]
         if restored["rng"] is not None:
             _set_rng_state(restored["rng"])
@@ -599,11 +599,11 @@ def load_model(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str
     """
     path = os.fspath(path)
     tensors, metadata = _read_file(path)
-    problems = _model_problems(model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
+    problems = mismatches(model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
     if problems:
         raise CheckpointError(f"the checkpoint {path!r} does not match the model ({len(problems)} problems):\n  "
                               + "\n  ".join(problems))
-    _copy_into(model, tensors)
+    copy_into(model, tensors)
     return {k: v for k, v in metadata.items() if not k.startswith(_PREFIX)}
 
 
@@ -613,24 +613,6 @@ def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises plain errors for some corrupt files
         raise CheckpointError(f"cannot read the checkpoint {path!r}: {type(e).__name__}: {e}") from e
-
-
-def _model_problems(model: torch.nn.Module, loaded: Mapping[str, torch.Tensor]) -> list[str]:
-    expected = state_of(model)
-    problems = [f"missing: {name} (shape {tuple(expected[name].shape)})"
-                for name in sorted(expected.keys() - loaded.keys())]
-    problems += [f"unexpected: {name} (shape {tuple(loaded[name].shape)})"
-                 for name in sorted(loaded.keys() - expected.keys())]
-    problems += [f"mis-shaped: {name}: the checkpoint has {tuple(loaded[name].shape)}, the model "
-                 f"{tuple(expected[name].shape)}" for name in sorted(expected.keys() & loaded.keys())
-                 if tuple(expected[name].shape) != tuple(loaded[name].shape)]
-    return problems
-
-
-def _copy_into(model: torch.nn.Module, loaded: Mapping[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, t in state_of(model).items():
-            t.copy_(loaded[name])
 
 
 # -- state that is not the model: tensors as entries, the rest as JSON ----------------------------
