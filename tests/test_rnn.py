@@ -375,3 +375,62 @@ def test_lstm_step_takes_a_plain_h_c_tuple_as_state():
     h, c = cell(x, (h0, c0))
     torch.testing.assert_close(state.h.align(B, H), h)
     torch.testing.assert_close(state.c.align(B, H), c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several layers: one fused kernel, as torch.nn.LSTM / GRU with num_layers
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_stacked_layers_equal_torch(kind, bidirectional, mode):
+    """nn.LSTM/GRU(num_layers=3, dropout=0.4) over a padded batch equals torch.nn.LSTM/GRU with the same
+    state dict on packed sequences: outputs, final states of every layer, gradients of all parameters.
+    In train mode the dropout between layers draws the same masks from the same seed; in eval mode none."""
+    T, F, H = ll.Dim("time"), ll.Dim("feat", 5), ll.Dim("out", 8)
+    m = getattr(ll.nn, kind)(F, H, bidirectional=bidirectional, num_layers=3, dropout=0.4).double()
+    ref = getattr(torch.nn, kind)(5, 4 if bidirectional else 8, num_layers=3, dropout=0.4,
+                                  bidirectional=bidirectional).double()
+    ref.load_state_dict(m.state_dict())
+    ref.train(mode == "train")
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    n = torch.tensor([6, 3, 1])
+
+    def run(x):
+        out, finals = m(x, axis=T)
+        h = [f[0] if bidirectional else f for f in finals]   # layer's (forward) final state
+        if kind == "LSTM":
+            h = [s.h for s in h]
+        return out, *h
+
+    torch.manual_seed(7)
+    got = ll.compile(run, mode=mode)(ll.Named(x, (ll.batch_dim, T, F), {T: n}))
+    torch.manual_seed(7)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), n, enforce_sorted=False)
+    o, finals = ref(packed)
+    o, _ = torch.nn.utils.rnn.pad_packed_sequence(o, total_length=6)
+    h_n = finals[0] if kind == "LSTM" else finals
+    mask = (torch.arange(6)[None] < n[:, None])[..., None].double()
+    out = got[0].align(ll.batch_dim, T, H)
+    torch.testing.assert_close(out * mask, o.transpose(0, 1) * mask, rtol=0, atol=1e-12)
+    dirs = 2 if bidirectional else 1
+    for layer in range(3):
+        hidden = next(d for d in got[1 + layer].dims if d is not ll.batch_dim)
+        torch.testing.assert_close(got[1 + layer].align(ll.batch_dim, hidden), h_n[layer * dirs],
+                                   rtol=0, atol=1e-12)
+    ((out * mask).sum() + sum(g.tensor.sum() for g in got[1:])).backward()
+    ((o.transpose(0, 1) * mask).sum() + sum(h_n[layer * dirs].sum() for layer in range(3))).backward()
+    mine = dict(m.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_stacked_layers_step_is_an_error():
+    F, H = ll.Dim("feat", 5), ll.Dim("out", 8)
+    m = ll.nn.LSTM(F, H, num_layers=2)
+
+    def step(x):
+        return m(x)[0]
+
+    with pytest.raises(ll.errors.DimError, match="of 2 layers runs over a whole sequence"):
+        ll.compile(step, mode="eval")(ll.Named(torch.randn(2, 5), (ll.batch_dim, F)))

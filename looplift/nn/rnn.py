@@ -6,8 +6,10 @@ inside a :class:`looplift.Loop`) or a whole sequence over a named dim
 the step form takes the state and returns the new one.
 
 Parameter names and layout are those of ``torch.nn.LSTM`` / ``torch.nn.GRU``
-with one layer (``weight_ih_l0``, ..., ``*_reverse`` for the backward
-direction), so ``module.load_state_dict(torch_lstm.state_dict())`` works.
+(``weight_ih_l0``, ..., ``*_reverse`` for the backward direction, ``*_l1``
+for a second layer), so ``module.load_state_dict(torch_lstm.state_dict())``
+works. Several layers (``num_layers``, with ``dropout`` between them in train
+mode) run as one fused kernel over a sequence; one step takes one layer.
 """
 
 from __future__ import annotations
@@ -38,12 +40,18 @@ class _RNN(Module):
     _gates = 1
     _kind = ""
 
-    def __init__(self, in_dim: Dim, out_dim: Dim, *, bidirectional: bool = False):
+    def __init__(self, in_dim: Dim, out_dim: Dim, *, bidirectional: bool = False, num_layers: int = 1,
+                 dropout: float = 0.0):
         super().__init__()
         if bidirectional and out_dim.size % 2:
             raise DimError(f"a bidirectional {type(self).__name__} needs an even out dim (the two directions "
                            f"concatenated), got {out_dim!r}")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"{type(self).__name__}: num_layers must be a positive int, got {num_layers!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout!r}")
         self.in_dim, self.out_dim, self.bidirectional = in_dim, out_dim, bidirectional
+        self.num_layers, self.dropout = num_layers, float(dropout)
         #: The dim of one direction's hidden state (`out_dim` unless bidirectional).
         self.hidden = out_dim if not bidirectional else Dim(f"{out_dim.name}/dir", out_dim.size // 2)
         if bidirectional:
@@ -52,22 +60,55 @@ class _RNN(Module):
         gates = self.hidden * self._gates
         bound = 1.0 / math.sqrt(self.hidden.size)
         init = lambda t: t.uniform_(-bound, bound)  # noqa: E731 - as torch.nn.LSTM
-        for suffix in ("_l0", "_l0_reverse") if bidirectional else ("_l0",):
-            setattr(self, f"weight_ih{suffix}", Parameter((gates, in_dim), init=init))
-            setattr(self, f"weight_hh{suffix}", Parameter((gates, self.hidden), init=init))
-            setattr(self, f"bias_ih{suffix}", Parameter((gates,), init=init))
-            setattr(self, f"bias_hh{suffix}", Parameter((gates,), init=init))
+        for layer in range(num_layers):
+            layer_in = in_dim if layer == 0 else out_dim
+            for suffix in (f"_l{layer}", f"_l{layer}_reverse") if bidirectional else (f"_l{layer}",):
+                setattr(self, f"weight_ih{suffix}", Parameter((gates, layer_in), init=init))
+                setattr(self, f"weight_hh{suffix}", Parameter((gates, self.hidden), init=init))
+                setattr(self, f"bias_ih{suffix}", Parameter((gates,), init=init))
+                setattr(self, f"bias_hh{suffix}", Parameter((gates,), init=init))
 
-    def _weights(self, reverse: bool = False) -> list[Tensor]:
-        suffix = "_l0_reverse" if reverse else "_l0"
+    def _weights(self, reverse: bool = False, layer: int = 0) -> list[Tensor]:
+        suffix = f"_l{layer}_reverse" if reverse else f"_l{layer}"
         return [getattr(self, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
 
     def _all_weights(self) -> list[Tensor]:
-        return self._weights() + (self._weights(reverse=True) if self.bidirectional else [])
+        return [w for layer in range(self.num_layers) for reverse in ((False, True) if self.bidirectional
+                                                                      else (False,))
+                for w in self._weights(reverse, layer)]
 
     def _check_step(self) -> None:
         if self.bidirectional:
             raise DimError(f"a bidirectional {type(self).__name__} runs over a whole sequence; pass axis=...")
+        if self.num_layers > 1:
+            raise DimError(f"a {type(self).__name__} of {self.num_layers} layers runs over a whole sequence; "
+                           f"pass axis=... (or step one single-layer module per layer)")
+
+    def _sequence(self, x: Tensor, axis: Dim, layer_states: list[list[Tensor]]) -> tuple[Tensor, list]:
+        """The fused kernel over `axis`; `layer_states`: per layer, the flat initial states of its
+        directions. Returns the output and the flat final states per layer."""
+        out, *finals = rnn_sequence(self._kind, x, [s for states in layer_states for s in states],
+                                    self._all_weights(), axis=axis, in_dim=self.in_dim, hidden=self.hidden,
+                                    bidirectional=self.bidirectional, num_layers=self.num_layers,
+                                    dropout=self.dropout)
+        n = len(finals) // self.num_layers
+        return out, [finals[i:i + n] for i in range(0, len(finals), n)]
+
+    def _layer_states(self, state, flat_of) -> list[list[Tensor]]:
+        """The initial states per layer: `state` is one layer's (None: zeros), or with several layers a
+        sequence of them, one per layer."""
+        if self.num_layers == 1:
+            return [flat_of(state)]
+        if state is None:
+            return [flat_of(None)] * self.num_layers
+        if not isinstance(state, (tuple, list)) or len(state) != self.num_layers:
+            raise DimError(f"a {type(self).__name__} of {self.num_layers} layers takes its initial state as a "
+                           f"sequence of {self.num_layers} states, one per layer")
+        return [flat_of(s) for s in state]
+
+    def _finals(self, per_layer: list, structure):
+        states = [structure(flat) for flat in per_layer]
+        return states[0] if self.num_layers == 1 else tuple(states)
 
 
 class LSTM(_RNN):
@@ -88,23 +129,28 @@ class LSTM(_RNN):
         return LstmState(zeros([*batch_dims, self.hidden]), zeros([*batch_dims, self.hidden]))
 
     def forward(self, x: Tensor, *, state: LstmState | tuple | None = None, axis: Dim | None = None):
-        if isinstance(state, tuple) and not self.bidirectional:
+        if isinstance(state, tuple) and not self.bidirectional and self.num_layers == 1:
             state = LstmState(*state)  # (h, c)
         if axis is None:
             self._check_step()
             state = state if state is not None else self.default_initial_state()
             h, c = lstm_cell(x, (state.h, state.c), self._weights(), in_dim=self.in_dim, hidden=self.hidden)
             return h, LstmState(h, c)
-        if state is None:
-            init = [zeros([self.hidden])] * (4 if self.bidirectional else 2)
-        elif self.bidirectional:
-            init = [state[0].h, state[0].c, state[1].h, state[1].c]
-        else:
-            init = [state.h, state.c]
-        out, *finals = rnn_sequence("lstm", x, init, self._all_weights(), axis=axis, in_dim=self.in_dim,
-                                    hidden=self.hidden, bidirectional=self.bidirectional)
-        states = [LstmState(finals[i], finals[i + 1]) for i in range(0, len(finals), 2)]
-        return out, (tuple(states) if self.bidirectional else states[0])
+
+        def flat_of(state):
+            if state is None:
+                return [zeros([self.hidden])] * (4 if self.bidirectional else 2)
+            if self.bidirectional:
+                return [state[0].h, state[0].c, state[1].h, state[1].c]
+            state = LstmState(*state) if isinstance(state, tuple) else state
+            return [state.h, state.c]
+
+        def structure(finals):
+            states = [LstmState(finals[i], finals[i + 1]) for i in range(0, len(finals), 2)]
+            return tuple(states) if self.bidirectional else states[0]
+
+        out, per_layer = self._sequence(x, axis, self._layer_states(state, flat_of))
+        return out, self._finals(per_layer, structure)
 
 
 class GRU(_RNN):
@@ -127,10 +173,11 @@ class GRU(_RNN):
             h = gru_cell(x, state if state is not None else self.default_initial_state(), self._weights(),
                          in_dim=self.in_dim, hidden=self.hidden)
             return h, h
-        if state is None:
-            init = [zeros([self.hidden])] * (2 if self.bidirectional else 1)
-        else:
-            init = list(state) if self.bidirectional else [state]
-        out, *finals = rnn_sequence("gru", x, init, self._all_weights(), axis=axis, in_dim=self.in_dim,
-                                    hidden=self.hidden, bidirectional=self.bidirectional)
-        return out, (tuple(finals) if self.bidirectional else finals[0])
+
+        def flat_of(state):
+            if state is None:
+                return [zeros([self.hidden])] * (2 if self.bidirectional else 1)
+            return list(state) if self.bidirectional else [state]
+
+        out, per_layer = self._sequence(x, axis, self._layer_states(state, flat_of))
+        return out, self._finals(per_layer, lambda f: tuple(f) if self.bidirectional else f[0])

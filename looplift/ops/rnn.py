@@ -81,15 +81,17 @@ def gru_cell(x, h, weights: Sequence, *, in_dim: Dim, hidden: Dim) -> Tensor:
 
 
 def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Dim, in_dim: Dim, hidden: Dim,
-                 bidirectional: bool = False) -> list[Tensor]:
+                 bidirectional: bool = False, num_layers: int = 1, dropout: float = 0.0) -> list[Tensor]:
     """An LSTM (`kind` "lstm") or GRU ("gru") over the dim `axis` of `x`, with PyTorch's fused kernel.
 
     `initial` are the initial ``(h, c)`` (LSTM) or ``(h,)`` (GRU) over
-    ``batch dims + (hidden,)``, one per direction. `weights` are the flat list
-    of a ``torch.nn.LSTM``/``GRU`` with one layer (forward, then reverse).
-    Returns the output over ``batch dims + (axis, directions * hidden)`` (as
-    `hidden` or, bidirectional, a new dim of twice its size: see the module),
-    then the final states per direction in the order of `initial`.
+    ``batch dims + (hidden,)``, one per layer and direction (layer by layer,
+    forward then reverse). `weights` are the flat list of a
+    ``torch.nn.LSTM``/``GRU`` with `num_layers` layers, in its order.
+    `dropout` applies to the outputs of all layers but the last, in train mode
+    only (as ``torch.nn.LSTM``). Returns the output over ``batch dims + (axis,
+    directions * hidden)`` (as `hidden` or, bidirectional, a new dim of twice
+    its size: see the module), then the final states in the order of `initial`.
     """
     x = as_tensor(x)
     initial = [as_tensor(s) for s in initial]
@@ -104,7 +106,8 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     x_al = aligner(x.dims, (axis,) + batch + (in_dim,))
     s_al = [aligner(s.dims, batch + (hidden,)) for s in initial]
     n_dirs = 2 if bidirectional else 1
-    per_dir = len(initial) // n_dirs
+    per_dir = len(initial) // (n_dirs * num_layers)
+    drop = float(dropout) if _graph.is_training() and num_layers > 1 else 0.0
     len_al = aligner(_graph.length_dims(axis), batch) if axis.is_dynamic else None
     out_dim = hidden if not bidirectional else hidden * 2
     n = len(batch)
@@ -133,11 +136,11 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
         packed = pack_padded_sequence(v, lengths.clamp(min=1).cpu(), enforce_sorted=False)
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = [torch.stack(states[k::per_dir], 0).index_select(1, order) for k in range(per_dir)]
-        out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, 1, 0.0,
-                          False, bidirectional)
+        out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, num_layers,
+                          drop, drop > 0, bidirectional)
         out, _ = pad_packed_sequence(type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps)
         results = [out.reshape(steps, *shape, out.shape[-1])]
-        for d in range(n_dirs):
+        for d in range(num_layers * n_dirs):
             for k in range(per_dir):
                 final = finals[k].index_select(1, unorder)[d]
                 if empty is not None:
@@ -149,7 +152,8 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     outputs += [(batch + (hidden,), x.dtype, None)] * len(initial)
     return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
-                            "bidirectional": bidirectional})
+                            "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop,
+                            "random": drop > 0})
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them

@@ -122,9 +122,10 @@ def train(args) -> G2P:
     examples = recipe.Examples(train_entries, vocabs)
     lengths = examples.lengths()
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training on {len(train_entries)} words ({len(examples)} pronunciations), {len(vocabs.chars) - 1} "
-          f"characters, {len(vocabs.phonemes) - 1} phonemes; model: {n_params / 1e6:.2f} M parameters",
-          flush=True)
+    if os.environ.get("RANK", "0") == "0":   # (under torchrun: once)
+        print(f"training on {len(train_entries)} words ({len(examples)} pronunciations), {len(vocabs.chars) - 1} "
+              f"characters, {len(vocabs.phonemes) - 1} phonemes; model: {n_params / 1e6:.2f} M parameters",
+              flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     # the learning rate decays by --lr-decay per epoch, smoothly over its steps
     steps_per_epoch = len(bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=0))
@@ -152,7 +153,7 @@ def train(args) -> G2P:
         seconds = sum(h["seconds"] for h in history)
         last = history[-1]
         shown = "".join(f", {k} {v:.4f}" for k, v in last["eval"].items())
-        print(f"trained {trainer.global_step} steps ({trainer.epoch} epochs complete) in {seconds / 60:.1f} min of "
+        print(f"trained {trainer.global_step} steps ({trainer.epoch} complete epochs) in {seconds / 60:.1f} min of "
               f"steps ({trainer.elapsed_seconds / 60:.1f} min with evaluations): {words / seconds:.0f} words/s; "
               f"last epoch: train loss {last['train_loss']:.4f}{shown}", flush=True)
     return model

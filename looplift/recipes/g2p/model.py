@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-import torch
-
 import looplift as ll
 from looplift import nn
 
@@ -52,13 +50,12 @@ class G2P(ll.Module):
         self.config = c = config
         self.chars, self.phonemes = ll.Dim("chars", c.n_chars), ll.Dim("phonemes", c.n_phonemes)
         self.char_emb_dim, self.emb_dim = ll.Dim("char_emb", c.emb), ll.Dim("phoneme_emb", c.emb)
-        self.enc_dims = [ll.Dim(f"enc{i}", c.enc) for i in range(c.enc_layers)]
-        self.enc_dim = self.enc_dims[-1]
+        self.enc_dim = ll.Dim("enc", c.enc)
         self.dec_dim = ll.Dim("dec", c.dec)
         self.char_emb = nn.Embedding(self.chars, self.char_emb_dim)
-        self.encoder = torch.nn.ModuleList(
-            nn.LSTM(d_in, d_out, bidirectional=True)
-            for d_in, d_out in zip([self.char_emb_dim, *self.enc_dims[:-1]], self.enc_dims))
+        # (the layers run as one fused kernel; dropout between them in training)
+        self.encoder = nn.LSTM(self.char_emb_dim, self.enc_dim, bidirectional=True, num_layers=c.enc_layers,
+                               dropout=c.dropout)
         self.dropout = nn.Dropout(c.dropout)
         self.emb = nn.Embedding(self.phonemes, self.emb_dim)
         self.cell = nn.LSTM(self.emb_dim + self.enc_dim, self.dec_dim)
@@ -66,10 +63,8 @@ class G2P(ll.Module):
         self.readout = nn.Linear(self.dec_dim + self.enc_dim, self.phonemes)
 
     def encode(self, chars, *, src: ll.Dim):
-        x = self.dropout(self.char_emb(chars))
-        for i, lstm in enumerate(self.encoder):
-            x, _ = lstm(x if i == 0 else self.dropout(x), axis=src)
-        return x
+        enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
+        return enc
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None):
