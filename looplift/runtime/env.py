@@ -134,6 +134,8 @@ class Env:
         broadcastable to a raw tensor stored in the order `layout`."""
         key = (tuple(dims), tuple(layout))
         m = self._masks.get(key)
+        if m is None and self.parent is not None and all(self._same_as_parent(d) for d in dims):
+            m = self._masks[key] = self.parent.mask(dims, layout)   # (a loop step: made once per loop run)
         if m is None:
             for d in dims:
                 pos = layout.index(d)
@@ -144,6 +146,14 @@ class Env:
                 m = one if m is None else m & one
             self._masks[key] = m
         return m
+
+    def _same_as_parent(self, dim: Dim) -> bool:
+        """Whether `dim` has the same size and lengths here as in the parent env (a loop step's env): known
+        there, not made in this step, not along a dim this step selects, not a history that grows."""
+        parent = self.parent
+        return (dim not in self.lengths_of and dim not in self.sizes and parent.knows_lengths(dim)
+                and (dim.origin is None or dim.origin[0] != "history")
+                and not any(d in self.steps and d not in parent.steps for d in dim.length_dims))
 
     def run(self, graph, inputs: Sequence, raws: Sequence, outputs: Sequence) -> list:
         """Run a region (a loop body, a branch): `inputs` are its fed tensors with values `raws`."""

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from looplift.errors import CheckpointError, LoopliftError
+from looplift.errors import LoopliftError
 
 from . import data, recipe
 from .model import G2P, Config
@@ -204,11 +204,9 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(args)
         else:
             convert(args)
-    except (LoopliftError, ValueError) as e:
-        if isinstance(e, (CheckpointError, LoopliftError)) or "unknown" in str(e):
-            print(f"looplift-g2p: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        raise
+    except (LoopliftError, data.UnknownSymbolError) as e:   # (a checkpoint, an unknown character: no traceback)
+        print(f"looplift-g2p: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

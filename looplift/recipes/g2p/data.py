@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Entry", "load", "split", "split_of", "Vocab", "encode_batch"]
+__all__ = ["Entry", "load", "split", "split_of", "Vocab", "UnknownSymbolError", "encode_batch"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,10 @@ def _describe(symbols: Sequence[str]) -> str:
     return " ".join(out)
 
 
+class UnknownSymbolError(ValueError):
+    """A symbol (a character of a word, a phoneme) that the vocabulary does not have."""
+
+
 class Vocab:
     """An ordered symbol table; id 0 is ``"<eos>"``, the end of a sequence (and the model's begin symbol).
 
@@ -199,7 +203,7 @@ class Vocab:
         if unknown:
             shown = seq if isinstance(seq, str) else " ".join(seq)
             what = ", ".join(f"{symbol!r} (position {pos})" for pos, symbol in unknown)
-            raise ValueError(f"unknown {self.kind}{'s' if len(unknown) > 1 else ''} {what} in {shown!r}; "
+            raise UnknownSymbolError(f"unknown {self.kind}{'s' if len(unknown) > 1 else ''} {what} in {shown!r}; "
                              f"known: {_describe(self._symbols[1:])}")
         return ids  # type: ignore[return-value]  # no None left
 
