@@ -2,7 +2,8 @@
 
 Both train the recipe's architecture (character embedding 64, 2-layer BiLSTM 256, LSTM decoder 256 with
 dot attention whose context is fed back, readout over the phonemes; no dropout, plain cross-entropy) on the
-same length-bucketed CMUdict batches (256 words) with Adam, in one process on CPU, alternating rounds. The
+same length-bucketed CMUdict batches (256 words) with Adam, in one process on CPU, in interleaved rounds
+(each model going first in every other round). The
 hand-written one: ``torch.nn.LSTM`` encoder, an ``LSTMCell`` decoder stepped in a Python loop, the
 readout and loss over the whole sequence after the loop (as a careful PyTorch user writes it).
 
@@ -170,7 +171,7 @@ def main() -> None:
     rates = {k: [] for k in models}
     for r in range(args.rounds):
         bs = batches[args.warmup + r * args.steps: args.warmup + (r + 1) * args.steps]
-        for name in models:
+        for name in list(models)[::1 if r % 2 == 0 else -1]:   # (each goes first in every other round)
             words, seconds = train_steps(name, bs)
             rates[name].append(words / seconds)
             print(f"round {r}: {name:12s} {words / seconds:7.0f} words/s", flush=True)
