@@ -24,6 +24,17 @@ def _bench():
     return mod
 
 
+def _hand_twin(model: G2P):
+    """The benchmark's hand-written model with `model`'s weights (and the benchmark module)."""
+    bench = _bench()
+    hand = bench.HandG2P(model.config).double()
+    with torch.no_grad():
+        mine = bench.hand_params_from(model)
+        for name, p in hand.named_parameters():
+            p.copy_(mine[name])
+    return hand, bench
+
+
 @pytest.fixture(scope="module")
 def words():
     entries = data.split(data.load())["train"][:3000:97]   # a spread of lengths
@@ -36,12 +47,7 @@ def test_loss_and_gradients_equal_plain_pytorch(words, layers):
     torch.manual_seed(layers)
     config = Config(len(vocabs.chars), len(vocabs.phonemes), emb=5, enc=8, enc_layers=layers, dec=6)
     model = G2P(config).double()
-    bench = _bench()
-    hand = bench.HandG2P(config).double()
-    with torch.no_grad():
-        mine = bench.hand_params_from(model)
-        for name, p in hand.named_parameters():
-            p.copy_(mine[name])
+    hand, bench = _hand_twin(model)
     examples = recipe.Examples(entries, vocabs)
     batch = list(range(len(examples)))
     loss, count = recipe.loss_function(examples)(model, batch)
@@ -77,12 +83,7 @@ def test_label_smoothing_and_the_loop_core(words):
     assert "lstm_cell" in report.split("stayed in the loop")[1]
     assert "linear {batch, phonemes}" in report.split("moved out")[-1].split("stayed in the loop")[0]
     # the smoothing term, computed by hand from the eval-mode log-probs
-    bench = _bench()
-    hand = bench.HandG2P(config).double()
-    with torch.no_grad():
-        mine = bench.hand_params_from(plain)
-        for name, p in hand.named_parameters():
-            p.copy_(mine[name])
+    hand, _ = _hand_twin(plain)
     xt, xl = data.encode_batch(examples.chars)
     yt, yl = data.encode_batch([p + [0] for p in examples.prons])
     logits = _hand_logits(hand, xt, xl, yt)
