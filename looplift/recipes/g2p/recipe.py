@@ -13,12 +13,12 @@ import torch
 import looplift as ll
 from looplift.errors import CheckpointError
 from looplift.train.checkpoint import load as load_params
+from looplift.train.driver import MODEL_FILE
 
 from . import data, metrics
 from .model import EOS, G2P, Config
 
 SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
-MODEL_FILE = "model.safetensors"
 
 
 @dataclass
