@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from .dims import Dim
 
-__all__ = ["aligner", "identity"]
+__all__ = ["aligner", "identity", "broadcast_shapes"]
 
 
 def identity(x):
@@ -36,3 +36,17 @@ def aligner(src: Sequence[Dim], dst: Sequence[Dim]) -> Callable:
     if needs_perm:
         return lambda x: x.permute(perm)[index]
     return lambda x: x[index]
+
+
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """The broadcast of `shapes` (as ``torch.broadcast_shapes``, for kernels run every loop step: that one
+    costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast."""
+    n = max((len(s) for s in shapes), default=0)
+    out = [1] * n
+    for s in shapes:
+        for i, size in enumerate(s, n - len(s)):
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    raise ValueError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = size
+    return tuple(out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import graph as _graph
-from .._align import aligner
+from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
@@ -49,7 +49,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         if not isinstance(i, torch.Tensor):
             i = torch.as_tensor(i, device=v.device)
         i = i_al(i)
-        shape = torch.broadcast_shapes(v.shape[:-1], i.shape)
+        shape = broadcast_shapes(v.shape[:-1], i.shape)
         if v.shape[-1] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
             return v.new_zeros(shape)
         i = i.clamp(0, v.shape[-1] - 1).long()

@@ -16,7 +16,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .. import graph as _graph
-from .._align import aligner
+from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
@@ -50,7 +50,7 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
         states, ws = rest[:len(s_al)], rest[len(s_al):]
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
-        shape = torch.broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
+        shape = broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
         flat = math.prod(shape)
         v = v.expand(*shape, v.shape[-1]).reshape(flat, v.shape[-1])
         states = [s.expand(*shape, s.shape[-1]).reshape(flat, s.shape[-1]) for s in states]
@@ -118,7 +118,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
         steps = v.shape[0]
-        shape = torch.broadcast_shapes(v.shape[1:1 + n], *(s.shape[:n] for s in states))
+        shape = broadcast_shapes(v.shape[1:1 + n], *(s.shape[:n] for s in states))
         flat = math.prod(shape)
         v = v.expand(steps, *shape, v.shape[-1]).reshape(steps, flat, v.shape[-1])
         states = [s.expand(*shape, s.shape[-1]).reshape(flat, s.shape[-1]) for s in states]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import graph as _graph
-from .._align import aligner
+from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
@@ -137,7 +137,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     dynamic = [d for d in axes if d.is_dynamic]
 
     def gathered(env, parts):
-        shape = list(torch.broadcast_shapes(*(p.shape[:n_common] for p in parts)))
+        shape = list(broadcast_shapes(*(p.shape[:n_common] for p in parts)))
         parts = [p.expand(*shape, p.shape[-1]).to(dtype) for p in parts]
         return torch.cat(parts, dim=pos)
 
@@ -162,7 +162,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
             padded = [p.shape[-1] for p in parts]
             out_len = cat.shape[-1]
             p = torch.arange(out_len, device=cat.device)
-            index = torch.zeros_like(p).expand(*torch.broadcast_shapes(*(x.shape for x in lens)), out_len).clone()
+            index = torch.zeros_like(p).expand(*broadcast_shapes(*(x.shape for x in lens)), out_len).clone()
             start_valid = torch.zeros_like(lens[0])
             start_padded = 0
             for n, size in zip(lens, padded):
