@@ -192,7 +192,7 @@ class Loop:
             saved = self._ctx.graph
             self._ctx.graph = self._parent
             try:
-                init = slot.initial[0] = expand(init, extra)
+                init = slot.initial[0] = to_layout(expand(init, extra), [*extra, *init.dims])
             finally:
                 self._ctx.graph = saved
         node = self.body.add("state", (), None, [(init.dims, init.dtype, sparse_dim)],
@@ -233,8 +233,8 @@ class Loop:
                 init = slot.initial[i]
                 extra = [d for d in batch + self._hints.get(("state", slot.name, i), []) if d not in init.dims]
                 extra = list(dict.fromkeys(extra))   # (a dim may be hinted for the loop and for the state)
-                if extra:
-                    init = slot.initial[i] = expand(init, extra)
+                if extra:   # (batch dims first: the layout ops and cells take them in)
+                    init = slot.initial[i] = to_layout(expand(init, extra), [*extra, *init.dims])
         self._ctx.loops.append(self)
         self._ctx.graph = self.body
         for slot in self._slots.values():
