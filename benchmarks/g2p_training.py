@@ -2,8 +2,8 @@
 
 Both train the recipe's architecture (character embedding 64, 2-layer BiLSTM 256, LSTM decoder 256 with
 dot attention whose context is fed back, readout over the phonemes; no dropout, plain cross-entropy) on the
-same length-bucketed CMUdict batches (256 words) with Adam, in one process on CPU, in interleaved rounds
-(each model going first in every other round). The
+same length-bucketed CMUdict batches (256 words) with Adam, in one process on CPU, paired: both take each
+batch in turn, each going first on every other batch. The
 hand-written one: ``torch.nn.LSTM`` encoder, an ``LSTMCell`` decoder stepped in a Python loop, the
 readout and loss over the whole sequence after the loop (as a careful PyTorch user writes it).
 
@@ -11,7 +11,8 @@ It also reports the share of looplift's training step spent in the loop (forward
 recurrent core that stays in the loop) vs the moved-out parts, measured by timing the loop node's kernel
 and the backward between the gradients reaching the loop's outputs and leaving its inputs.
 
-The last line is one JSON object: ``{"looplift_vs_handwritten": words/s ratio (>= 1: looplift faster),
+The last line is one JSON object: ``{"looplift_vs_handwritten": the median over batches of hand-written /
+looplift step time (>= 1: looplift faster),
 "looplift_words_per_s": ..., "handwritten_words_per_s": ..., "loop_share": ...}``.
 """
 
@@ -122,8 +123,8 @@ class LoopTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round and model")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="steps per progress line (and per loop-share round)")
+    parser.add_argument("--rounds", type=int, default=6, help="timed steps: rounds x steps, per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -168,13 +169,20 @@ def main() -> None:
 
     for name in models:
         train_steps(name, batches[:args.warmup])
-    rates = {k: [] for k in models}
-    for r in range(args.rounds):
-        bs = batches[args.warmup + r * args.steps: args.warmup + (r + 1) * args.steps]
-        for name in list(models)[::1 if r % 2 == 0 else -1]:   # (each goes first in every other round)
-            words, seconds = train_steps(name, bs)
-            rates[name].append(words / seconds)
-            print(f"round {r}: {name:12s} {words / seconds:7.0f} words/s", flush=True)
+    # Paired: both models take each batch in turn, each going first on every other batch; the ratio is the
+    # median over batches of the paired step-time ratios (a drift of the machine's speed cancels out).
+    seconds = {k: [] for k in models}
+    timed = batches[args.warmup:]
+    for i, b in enumerate(timed):
+        for name in list(models)[::1 if i % 2 == 0 else -1]:
+            seconds[name].append(train_steps(name, [b])[1])
+        if (i + 1) % args.steps == 0:
+            print(f"{i + 1} steps: looplift {sum(map(len, timed[:i + 1])) / sum(seconds['looplift']):.0f} "
+                  f"words/s, hand-written {sum(map(len, timed[:i + 1])) / sum(seconds['handwritten']):.0f}",
+                  flush=True)
+    words = sum(map(len, timed))
+    rate = {k: words / sum(v) for k, v in seconds.items()}
+    ratio = statistics.median(h / ll_ for h, ll_ in zip(seconds["handwritten"], seconds["looplift"]))
     # the loop's share, timed in rounds of their own (the timer's hooks stay out of the rates above)
     timer = LoopTimer()
     loop_seconds = ll_seconds = 0.0
@@ -184,14 +192,14 @@ def main() -> None:
         _, seconds = train_steps("looplift", bs)
         loop_seconds += timer.forward + timer.backward - before
         ll_seconds += seconds
-    med = {k: statistics.median(v) for k, v in rates.items()}
     share = loop_seconds / ll_seconds
-    print(f"median words/s: looplift {med['looplift']:.0f}, hand-written {med['handwritten']:.0f}; "
+    print(f"words/s: looplift {rate['looplift']:.0f}, hand-written {rate['handwritten']:.0f}; median paired "
+          f"step-time ratio (hand-written / looplift) {ratio:.3f}; "
           f"looplift's step: {100 * share:.0f}% in the loop (forward {timer.forward:.1f} s, backward "
           f"{timer.backward:.1f} s of {ll_seconds:.1f} s)")
-    print(json.dumps({"looplift_vs_handwritten": round(med["looplift"] / med["handwritten"], 3),
-                      "looplift_words_per_s": round(med["looplift"], 1),
-                      "handwritten_words_per_s": round(med["handwritten"], 1),
+    print(json.dumps({"looplift_vs_handwritten": round(ratio, 3),
+                      "looplift_words_per_s": round(rate["looplift"], 1),
+                      "handwritten_words_per_s": round(rate["handwritten"], 1),
                       "loop_share": round(share, 3)}))
 
 
