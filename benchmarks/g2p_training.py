@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import looplift as ll
 from looplift.loop import _LoopRun
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import EOS, G2P, Config

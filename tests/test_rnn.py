@@ -432,5 +432,6 @@ def test_stacked_layers_step_is_an_error():
     def step(x):
         return m(x)[0]
 
-    with pytest.raises(ll.errors.DimError, match="of 2 layers runs over a whole sequence"):
+    with pytest.raises(ll.errors.DimError, match="of 2 layers runs over a whole sequence") as info:
         ll.compile(step, mode="eval")(ll.Named(torch.randn(2, 5), (ll.batch_dim, F)))
+    assert "test_rnn.py" in str(info.value)   # the user's line

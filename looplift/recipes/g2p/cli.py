@@ -142,8 +142,9 @@ def train(args) -> G2P:
         s = recipe.evaluate(m, dev, vocabs, beam=args.eval_beam)
         return {"dev_per": s.per, "dev_wer": s.wer}
 
-    trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler, clip_norm=args.clip or None, checkpoint_dir=args.dir,
-                      metadata=vocabs.metadata(config), progress="epochs" if args.no_progress else True)
+    trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler,
+                      clip_norm=args.clip or None, checkpoint_dir=args.dir, metadata=vocabs.metadata(config),
+                      progress="epochs" if args.no_progress else True)
     history = trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
                           time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate,
                           resume=args.resume)
