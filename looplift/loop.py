@@ -431,7 +431,8 @@ class Loop:
             length_dims=length_dims,
             state_names=[f"{slot.name}" + (f"[{i}]" if len(slot.tensor_leaves) > 1 else "")
                          for slot in self._slots.values() for i in slot.tensor_leaves],
-            stop_at_max_len=searching)
+            stop_at_max_len=searching,
+            beam=(self._search.beam, self._search.next) if searching and self._search.dynamic else None)
         initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
         # (a search's stacks are backtracked into the user's tensors after the loop)
         node = spec.add_node(self._parent, initial, None if searching else [out for _, out in self._stacks])
@@ -544,7 +545,8 @@ class Loop:
                 axis.set_length_dims([*self._ctx.stepped_dims, *batch, beam])
             n_steps = length_of(steps)
             flen = to_layout(final_length, batch + (beam,))
-            tmp = self._hints.setdefault(("search", "final"), Dim(f"{beam.name}_final", beam.size))
+            from .search import _sized_like
+            tmp = self._hints.setdefault(("search", "final"), _sized_like(f"{beam.name}_final", beam))
             n_al = aligner(n_steps.dims, batch)
             own = self._own_dim
             valid = finals[id(search.valid)]
@@ -558,12 +560,12 @@ class Loop:
             inputs = (src_seq, n_steps, flen) + ((rank,) if rank is not None else ())
 
             def kernel(env, src, n, fl, key=None):
-                size, k = src.shape[0], beam.size
+                size, k = src.shape[0], fl.shape[-1]   # (a beam that changed per step: the last step's)
                 n = n_al(torch.as_tensor(n, device=src.device)).expand(src.shape[1:-1])
-                first = torch.arange(k, device=src.device).expand(src.shape[1:])
+                first = torch.arange(k, device=src.device).expand(*src.shape[1:-1], k)
                 if key is not None:   # the final hypotheses best first, by the normalized score
                     first = key.sort(dim=-1, descending=True, stable=True).indices
-                cur, out = first, torch.empty_like(src)
+                cur, out = first, src.new_empty(size, *src.shape[1:-1], k)
                 for t in range(size - 1, -1, -1):   # (an entry's steps past its end: identity)
                     live = (t < n)[..., None]
                     cur = torch.where(live, cur, first)
@@ -670,6 +672,21 @@ class LoopSpec:
     freeze_past_length: bool = True
     #: reaching max_len ends the loop (a search: hypotheses are cut there) rather than being an error
     stop_at_max_len: bool = False
+    #: a search whose beam size changes per step: (the loop's beam, the pruned beam). Each step runs with
+    #: the beam as wide as the previous step's prune kept (the first with 1)
+    beam: tuple[Dim, Dim] | None = None
+
+    def sized_per_step(self, dim: Dim) -> bool:
+        """Whether `dim`'s size is set anew at each step (a changing beam, or a dim sized like it)."""
+        if self.beam is None:
+            return False
+        todo = [dim]
+        while todo:
+            d = todo.pop()
+            if d in self.beam:
+                return True
+            todo += d.operands
+        return False
 
     def add_node(self, graph: _graph.Graph, initial: list[Tensor], stacked: list[Tensor] | None = None,
                  source: str | None = None) -> _graph.Node:
@@ -730,6 +747,10 @@ class _LoopRun:
         self.end_align = aligner(spec.end.dims, length_dims) if spec.end is not None else None
         self.max_align = aligner(spec.max_len.dims, length_dims) if isinstance(spec.max_len, Tensor) else None
         self.state_align = [aligner(length_dims, p.dims) for p in spec.placeholders]
+        beam = spec.beam[0] if spec.beam is not None else None
+        #: per state, the position of a changing beam in it (None: it has none)
+        self.beam_pos = [p.dims.index(beam) if beam is not None and beam in p.dims else None
+                         for p in spec.placeholders]
 
     def __call__(self, env, *raws):
         spec = self.spec
@@ -757,6 +778,7 @@ class _LoopRun:
         inner: dict[Dim, list] = {}
         scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
         run_body = env.runner(spec.body, feed, outputs)
+        width = env.size(spec.beam[0]) if spec.beam is not None else None   # (the beam's, this step)
         # per-entry bookkeeping only where something depends on it
         track = spec.freeze or bool(lasts) or spec.end is not None or spec.own_dim
         t = 0
@@ -788,8 +810,13 @@ class _LoopRun:
                     err.node = spec.node  # the error names its line already
                     raise err
             step_env = env.child({axis: t}, scratch)
+            if width is not None:
+                step_env.sizes[spec.beam[0]] = width
             results = run_body(step_env, captured + state)
             new_state = results[:ns]
+            if width is not None:
+                width = step_env.sizes.get(spec.beam[1], width)
+                state = [_to_width(old, new, pos) for old, new, pos in zip(state, new_state, self.beam_pos)]
             active = None if axis_len is None or not track else (t < axis_len)
             if spec.end is not None:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
@@ -821,6 +848,8 @@ class _LoopRun:
                     last_vals[k] = torch.where(last_align[k](active), v, last_vals[k])
             _collect_inner_dims(step_env, axis, inner)
             t += 1
+        if width is not None:
+            env.sizes[spec.beam[0]] = width   # (the final states' beam)
         if spec.own_dim:
             env.sizes[axis] = t
             if counted is None:
@@ -851,6 +880,19 @@ class _LoopRun:
                                                               dtype=value.dtype, device=env.device))
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
+
+
+def _to_width(old, new, pos: int | None):
+    """The state `old` cut or widened to the beam of `new` (at `pos`), for keeping entries that ended: their
+    hypotheses are the first slots of both (a prune keeps them all), the slots beyond are `new`'s (empty)."""
+    if pos is None or not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
+        return old
+    have, want = old.shape[pos], new.shape[pos]
+    if have > want:
+        return old.narrow(pos, 0, want)
+    if have < want:
+        return torch.cat([old, new.narrow(pos, have, want - have)], pos)
+    return old
 
 
 def _raw(v, dtype: torch.dtype, env):

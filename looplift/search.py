@@ -13,7 +13,11 @@ Inside a :class:`looplift.Loop`, one search step is built from atomic ops::
 the loop), and in train/eval mode simply the reference label.
 
 The beam is a dim of its own (``loop.beam``, static size ``beam_size``); every
-op treats it as a batch dim, so model code does not change for search. A
+op treats it as a batch dim, so model code does not change for search. With a
+``threshold`` (``prune(..., threshold=t)``), only the hypotheses within ``t`` of
+an entry's best are kept, and the beam's size changes per step: a step runs on
+as many slots as the entry that kept the most (the first step on one), and the
+results have the last step's. Slots an entry does not fill are invalid. A
 prune gives values over the *next* beam (``pruned.beam``), whose hypotheses
 come from the source hypotheses ``pruned.src`` of the current beam. The loop
 does the bookkeeping when the step ends:
@@ -92,7 +96,10 @@ class _Search:
 
     def __init__(self, loop, beam: Dim, beam_size: int):
         self.loop, self.beam, self.beam_size = loop, beam, beam_size
-        self.next: Dim = loop._hints.setdefault(("search", "next"), Dim(f"{beam.name}'", beam_size))
+        #: the beam's size changes per step (a prune with a threshold): its dims are sized at run time
+        self.dynamic = not beam.is_static
+        self.next: Dim = loop._hints.setdefault(
+            ("search", "next"), Dim(f"{beam.name}'", batch=True) if self.dynamic else Dim(f"{beam.name}'", beam_size))
         hidden = loop._add_hidden_state
         with _in_parent(loop):
             first = _math.eq(_shape.range_over_dim(beam), 0)
@@ -145,17 +152,39 @@ def _current_search(what: str) -> _Search:
     return loop._search
 
 
-def _search_of(loop, beam_size: int) -> _Search:
+def _search_of(loop, beam_size: int, dynamic: bool = False) -> _Search:
     if loop._search is None:
-        beam = loop._hints.setdefault(("search", "beam"), Dim("beam", beam_size))
-        if beam.size != beam_size:
-            raise DimError(f"the search in the loop at {loop.source} has beam size {beam.size}, not {beam_size} "
-                           f"(at {_graph.user_source_line()})")
+        beam = loop._hints.get(("search", "beam"))
+        if beam is None:
+            beam = loop._hints[("search", "beam")] = _dynamic_beam() if dynamic else Dim("beam", beam_size)
+            loop._hints[("search", "beam_size")] = beam_size
+        if loop._hints[("search", "beam_size")] != beam_size:
+            raise DimError(f"the search in the loop at {loop.source} has beam size "
+                           f"{loop._hints[('search', 'beam_size')]}, not {beam_size} (at {_graph.user_source_line()})")
         loop._search = _Search(loop, beam, beam_size)
     elif loop._search.beam_size != beam_size:
         raise DimError(f"one search step per loop: the beam size is {loop._search.beam_size} "
                        f"(at {_graph.user_source_line()})")
     return loop._search
+
+
+def _dynamic_beam() -> Dim:
+    """The beam dim of a search whose number of hypotheses changes per step: sized at run time, 1 at the
+    start (the loop sets it at each step from the previous step's prune)."""
+    beam = Dim("beam", batch=True)
+    beam.origin = ("beam", ())
+    beam._size_rule = lambda: 1
+    return beam
+
+
+def _sized_like(name: str, dim: Dim) -> Dim:
+    """A dim of the size of `dim`: a static one if `dim` is static, else sized at run time as `dim` is."""
+    if dim.is_static:
+        return Dim(name, dim.size)
+    out = Dim(name, batch=True)
+    out.origin = ("sized_like", (dim,))
+    out._size_rule = lambda size: size
+    return out
 
 
 def expand(scores, label_scores, *, axis: Dim) -> Tensor:
@@ -173,7 +202,7 @@ def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     beam = loop._hints.get(("search", "beam"))
     if beam is None:   # (the first trace: the states have no beam yet, the loop traces again with it)
         return _math.add(scores, label_scores)
-    search = _search_of(loop, beam.size)
+    search = _search_of(loop, loop._hints[("search", "beam_size")])
     labels = _shape.range_over_dim(axis)
     only_first = _math.where(_math.eq(labels, 0), 0.0, NEG_INF)
     extend = _math.where(search.ended, only_first, label_scores)
@@ -187,8 +216,9 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     `axis`), per batch entry.
 
     Args:
-        threshold: also drop candidates more than this below the best (their score becomes -inf and the
-            hypothesis is invalid): the number of live hypotheses per entry changes from step to step.
+        threshold: keep only the candidates within this of the best (at most `beam_size`): the next beam
+            is as wide as the most any batch entry keeps at this step, its other slots invalid (score -inf).
+            The beam dim's size then changes per step (it is sized at run time, 1 before the first step).
         sample: draw the hypotheses instead (Gumbel top-k: without replacement, each in proportion to
             ``exp(score)``); the scores kept are the candidates' own.
     """
@@ -203,7 +233,10 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     if not scores.dtype.is_floating_point:
         raise DimError(f"looplift.search.prune needs float scores, got the {scores.describe()} "
                        f"(at {_graph.user_source_line()})")
-    search = _search_of(loop, beam_size)
+    search = _search_of(loop, beam_size, dynamic=threshold is not None)
+    if threshold is not None and not search.dynamic:
+        raise DimError(f"looplift.search.prune: a threshold makes the beam size change per step; this loop's "
+                       f"search has a fixed beam (at {_graph.user_source_line()})")
     if search.src is not None:
         raise TraceError(f"one prune per loop step (loop at {loop.source}, again at {_graph.user_source_line()})")
     beam, nxt = search.beam, search.next
@@ -232,9 +265,16 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
             pad = [0, beam_size - k]
             idx = torch.nn.functional.pad(idx, pad)
             top = torch.nn.functional.pad(top, pad, value=NEG_INF)
-        if thr is not None:
+        if thr is not None:   # the kept ones first; the next beam as wide as the most kept by an entry
             best_ = top.max(-1, keepdim=True).values
-            top = torch.where(top >= best_ - thr, top, torch.full_like(top, NEG_INF))
+            keep = (top >= best_ - thr) & (top > NEG_INF)
+            top = torch.where(keep, top, torch.full_like(top, NEG_INF))
+            if sample:   # (top-k by score is sorted: the kept ones are first already)
+                order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+                idx, top = idx.gather(-1, order), top.gather(-1, order)
+            width = max(int(keep.sum(-1).max()) if keep.numel() else 0, 1)
+            idx, top = idx[..., :width], top[..., :width]
+            env.sizes[nxt] = width
         n = n_labels if n_labels is not None else v.shape[-1]
         src = idx // n if has_beam else torch.zeros_like(idx)
         return src, idx % n, top, idx
@@ -243,7 +283,7 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
         "prune", (scores,), kernel,
         [(batch + (nxt,), torch.int64, beam), (batch + (nxt,), torch.int64, axis),
          (batch + (nxt,), scores.dtype, None), (batch + (nxt,), torch.int64, None)],
-        attrs={"beam_size": beam_size, "random": bool(sample)})
+        attrs={"beam_size": beam_size, "random": bool(sample), "makes_dims": (nxt,) if search.dynamic else ()})
     search.src = src
     search.new_valid = _math.gt(top, NEG_INF)
     _masking.PRUNED[nxt] = (beam, src)   # (cleared when the loop's step ends)
@@ -266,7 +306,7 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
         if nxt not in t.dims:
             raise DimError(f"looplift.search.recombine: the {what} {t.describe()} are not over the pruned beam "
                            f"{nxt.name!r} (at {_graph.user_source_line()})")
-    other = search.loop._hints.setdefault(("search", "other"), Dim(f"{nxt.name}_other", nxt.size))
+    other = search.loop._hints.setdefault(("search", "other"), _sized_like(f"{nxt.name}_other", nxt))
     keys_o = _shape.replace_dim(keys, nxt, other)
     scores_o = _shape.replace_dim(scores, nxt, other)
     key_dims = [d for d in keys.dims if d is not nxt and d not in scores.dims]
@@ -298,7 +338,7 @@ def best(x, scores, *, beam: Dim) -> Tensor:
 
 
 def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, score_type: str = "log_prob",
-           length_normalization: bool | float = False) -> Tensor:
+           length_normalization: bool | float = False, threshold: float | None = None) -> Tensor:
     """The label of this step.
 
     In train and eval mode: the reference label `target` (its frame at this step, if `target` has the
@@ -314,6 +354,8 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
         axis: the label dim (default: `target`'s ``sparse_dim``, else the one static dim of `scores`).
         length_normalization: rank the final hypotheses by score / length (``True``) or / length ** alpha
             (a float alpha) in ``loop.search.scores``.
+        threshold: keep only the hypotheses within this of the best (at most `beam_size`): the beam dim's
+            size changes per step (see :func:`prune`).
     """
     loop = _loop("looplift.choice")
     scores = as_tensor(scores)
@@ -342,7 +384,7 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
     with _in_parent(loop):
         zero = _shape.zeros([], dtype=scores.dtype)
     running = loop._add_hidden_state(f"choice:score{len(loop._search.scores) if loop._search else 0}", zero, None)
-    pruned = prune(expand(running, scores, axis=axis), beam_size=beam_size, axis=axis)
+    pruned = prune(expand(running, scores, axis=axis), beam_size=beam_size, axis=axis, threshold=threshold)
     loop._set_hidden_state(running, pruned.scores)
     alpha = None if length_normalization is False else 1.0 if length_normalization is True else \
         float(length_normalization)

@@ -108,7 +108,8 @@ def nbest(ys: ll.Named, scores: ll.Named, lengths: ll.Named, valid: ll.Named):
     (T,) = [d for d in ys.dims if d is not B and d is not beam]
     n_batch = max([x.tensor.shape[x.dims.index(B)] for x in (ys, scores, lengths, valid) if B in x.dims],
                   default=1)
-    sizes = {B: n_batch, beam: beam.size}
+    width = beam.size if beam.is_static else valid.tensor.shape[valid.dims.index(beam)]   # (a changing beam)
+    sizes = {B: n_batch, beam: width}
     y = align_to(ys, B, beam, T, sizes=sizes)
     s = align_to(scores, B, beam, sizes=sizes).detach()
     n, v = align_to(lengths, B, beam, sizes=sizes), align_to(valid, B, beam, sizes=sizes)
@@ -118,7 +119,7 @@ def nbest(ys: ll.Named, scores: ll.Named, lengths: ll.Named, valid: ll.Named):
     out = []
     for b in range(n_batch):
         out.append([(tuple(int(t) for t in y[b, k, :int(n[b, k])]), float(s[b, k]))
-                    for k in range(beam.size) if bool(v[b, k])])
+                    for k in range(width) if bool(v[b, k])])
     return out
 
 
@@ -169,10 +170,11 @@ def brute_force_nbest(outcomes, *, include_eos: bool = True):
 
 
 def py_beam_search(step, h0, n_vocab: int, beam: int, max_len: int, *, threshold=None, include_eos=True,
-                   allowed=None):
+                   allowed=None, widths: list | None = None):
     """Plain beam search: at each step, every live hypothesis extends by every label (that `allowed`), an
     ended one is carried along unchanged; keep the `beam` best (and, with a threshold, those within it of
-    the best); stop when all ended or after `max_len` steps. Returns [(labels, score)] best first."""
+    the best); stop when all ended or after `max_len` steps. Returns [(labels, score)] best first.
+    `widths`, if given, gets the number of hypotheses kept at each step."""
     hyps = [(0.0, (), False, h0, 0)]
     for _ in range(max_len):
         if all(e for _, _, e, _, _ in hyps):
@@ -191,6 +193,8 @@ def py_beam_search(step, h0, n_vocab: int, beam: int, max_len: int, *, threshold
         if threshold is not None:
             best = hyps[0][0]
             hyps = [c for c in hyps if c[0] >= best - threshold]
+        if widths is not None:
+            widths.append(len(hyps))
     return [((q if include_eos or not e else q[:-1]), s) for s, q, e, _, _ in hyps]
 
 
@@ -314,7 +318,7 @@ class AttentionDecoder(Decoder):
         return step
 
 
-def attention_program(dec: AttentionDecoder, beam: int, max_len: int):
+def attention_program(dec: AttentionDecoder, beam: int, max_len: int, threshold=None):
     V = dec.V
 
     def run(enc):
@@ -324,7 +328,7 @@ def attention_program(dec: AttentionDecoder, beam: int, max_len: int):
         with loop:
             h, lp = dec.step(loop.state.label, loop.state.h, enc)
             loop.state.h = h
-            label = ll.choice(lp, beam_size=beam, axis=V)
+            label = ll.choice(lp, beam_size=beam, axis=V, threshold=threshold)
             loop.state.label = label
             loop.end(label == 0, include_eos=True)
             ys = loop.stack(label)
@@ -358,9 +362,10 @@ def test_batch_entries_are_independent():
 # the atomic ops
 
 def atomic_program(dec: Decoder, *, beam: int, max_len: int, filter_fn=None, recombine=None,
-                   threshold=None, sample=False):
+                   threshold=None, sample=False, widths=False):
     """The search step written with expand / prune, the score in the user's state ``loop.state.score``.
-    `filter_fn(loop, log_probs, *extra_inputs)` may change the label scores (before expand)."""
+    `filter_fn(loop, log_probs, *extra_inputs)` may change the label scores (before expand). `widths`: also
+    return the number of beam slots of each step (the pruned beam's size), stacked."""
     V = dec.V
 
     def run(x, *extra):
@@ -383,6 +388,10 @@ def atomic_program(dec: Decoder, *, beam: int, max_len: int, filter_fn=None, rec
             loop.state.label = pruned.labels
             loop.end(pruned.labels == 0, include_eos=True)
             ys = loop.stack(pruned.labels)
+            if widths:
+                width = loop.stack(ll.max(ll.range_over_dim(pruned.beam), axis=pruned.beam) + 1)
+        if widths:
+            return ys, loop.state.score, loop.search.lengths, loop.search.valid, width
         return ys, loop.state.score, loop.search.lengths, loop.search.valid
 
     return ll.compile(run, mode="search")
@@ -556,6 +565,81 @@ def test_threshold_pruning():
     assert all(len(entry) == beam for entry in huge)
 
 
+def threshold_case(seed: int, n_vocab: int, beam: int, max_len: int, threshold: float, n_batch: int = 3):
+    """The atomic search with a threshold, optimized and by the reference interpreter, and the plain beam
+    search with its per-step widths per entry."""
+    dec = Decoder(n_vocab, seed, eos_bias=-0.5)
+    x = initial_states(n_batch, seed)
+    prog = atomic_program(dec, beam=beam, max_len=max_len, threshold=threshold, widths=True)
+    runs = [prog(ll.Named(x, (B, H))), prog.reference(ll.Named(x, (B, H)))]
+    per_entry = []
+    want = []
+    for b in range(n_batch):
+        w: list[int] = []
+        want.append(py_beam_search(dec.torch_step, x[b], n_vocab, beam, max_len, threshold=threshold, widths=w))
+        per_entry.append(w)
+    return runs, want, per_entry
+
+
+def check_threshold_widths(runs, want, per_entry, beam: int):
+    """Each run's n-best is the plain beam search's; the pruned beam of step t has as many slots as the
+    most hypotheses any entry keeps at step t (an entry that ended keeps its last ones), never the beam
+    size unless needed; the results' beam is that of the last step."""
+    n_steps = max(len(w) for w in per_entry)
+    expected = [max(w[min(t, len(w) - 1)] for w in per_entry) for t in range(n_steps)]
+    for out in runs:
+        ys, scores, lengths, valid, width = out
+        assert_same_nbest(nbest(ys, scores, lengths, valid), want)
+        (T,) = [d for d in width.dims]
+        got = [int(v) for v in width.tensor]
+        assert got == expected, (got, expected)
+        (beam_dim,) = [d for d in valid.dims if d is not B]
+        assert valid.tensor.shape[valid.dims.index(beam_dim)] == expected[-1]
+        assert all(w <= beam for w in got)
+
+
+def test_threshold_changes_the_beam_size():
+    """prune(threshold=0.7), beam 6: the beam dim is as wide as the hypotheses kept, step by step
+    (1 at the first step, fewer than 6 at some step), the n-best is the plain beam search with the same
+    threshold, and the reference interpreter computes the same."""
+    runs, want, per_entry = threshold_case(17, 4, 6, 4, 0.7)
+    check_threshold_widths(runs, want, per_entry, 6)
+    widths = [int(v) for v in runs[0][-1].tensor]
+    assert widths[0] == 1 and any(w < 6 for w in widths[1:]) and len(set(widths)) > 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n_vocab=st.integers(2, 5), beam=st.integers(1, 8),
+       max_len=st.integers(1, 5), threshold=st.sampled_from((0.0, 0.3, 1.0, 2.5, 1e9)))
+def test_threshold_beam_property(seed, n_vocab, beam, max_len, threshold):
+    """Over random models, beam sizes, lengths and thresholds: the same as the plain beam search, per-step
+    widths included, optimized and by the reference interpreter."""
+    runs, want, per_entry = threshold_case(seed, n_vocab, beam, max_len, threshold)
+    check_threshold_widths(runs, want, per_entry, beam)
+
+
+def test_threshold_with_attention_batch_entries_are_independent():
+    """choice(threshold=...) in the attention decoder over encoder inputs of lengths 4, 1, 3 (garbage in the
+    padding): each entry's n-best is the same in the batch as alone (where its beam has its own widths),
+    and the plain beam search's."""
+    dec = AttentionDecoder(4, 3, eos_bias=-1.0)
+    lengths = torch.tensor([4, 1, 3])
+    g = torch.Generator().manual_seed(3)
+    enc = torch.randn(3, 4, H.size, generator=g, dtype=DT)
+    pad = torch.arange(4)[None, :, None] >= lengths[:, None, None]
+    enc = torch.where(pad, 1e3 * torch.randn(enc.shape, generator=g, dtype=DT), enc)
+    prog = attention_program(dec, beam=5, max_len=4, threshold=1.0)
+    together = nbest(*prog(ll.Named(enc, (B, ENC_T, H), {ENC_T: lengths})))
+    assert any(len(entry) < 5 for entry in together)
+    for b in range(3):
+        n = int(lengths[b])
+        alone = nbest(*prog(ll.Named(enc[b:b + 1, :n], (B, ENC_T, H), {ENC_T: lengths[b:b + 1]})))
+        assert_same_nbest([together[b]], alone)
+        valid = enc[b, :n]
+        want = py_beam_search(dec.torch_step_on(valid), valid.mean(0), 4, 5, 4, threshold=1.0)
+        assert_same_nbest(alone, [want])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sampling
 
@@ -629,11 +713,12 @@ class BigramLM(ll.Module):
             return h, torch.log_softmax(self.table[label], -1)
 
 
-def py_recombination(step, h0, n_vocab: int, beam: int, max_len: int, mode: str):
+def py_recombination(step, h0, n_vocab: int, beam: int, max_len: int, mode: str, threshold=None):
     """The plain beam search plus, after each prune, recombination of the kept hypotheses with the same last
     label (an ended hypothesis's last label is its EOS, 0): the group's best (its labels and state) stays,
     with the group's max or logsumexp score; the others are dropped. For an exhaustive beam (nothing is
-    pruned, asserted). Returns [(labels, score)]."""
+    pruned by the beam size, asserted); with a threshold, those more than it below the best are dropped
+    before the merge. Returns [(labels, score)]."""
     hyps = [(0.0, (), False, h0, 0)]
     for _ in range(max_len):
         if all(e for _, _, e, _, _ in hyps):
@@ -647,6 +732,8 @@ def py_recombination(step, h0, n_vocab: int, beam: int, max_len: int, mode: str)
             cands += [(s + float(lp[v]), q + (v,), v == 0, h2, v) for v in range(n_vocab)]
         assert len(cands) <= beam
         cands.sort(key=lambda c: -c[0])
+        if threshold is not None:
+            cands = [c for c in cands if c[0] >= cands[0][0] - threshold]
         groups: dict[int, list] = {}
         for c in cands:
             groups.setdefault(c[4], []).append(c)
@@ -725,6 +812,23 @@ def test_recombination_of_a_decoder_equals_the_step_by_step_merge(mode):
     for entry in got:
         assert len({q[-1] for q, _ in entry}) == len(entry) == n_vocab   # one per last label
     assert_same_nbest(got, want, ordered=False)
+
+
+@pytest.mark.parametrize("mode", ["max", "logsumexp"])
+def test_recombination_with_a_threshold(mode):
+    """prune(threshold=1.5) then recombine: the beam shrinks to the hypotheses within the threshold, and the
+    merge runs over them (its comparison dim sized like the pruned beam, step by step) -- the same as the
+    step-by-step merge in plain Python with the same threshold, optimized and by the reference interpreter."""
+    n_vocab, max_len = 4, 4
+    dec = Decoder(n_vocab, 21, eos_bias=-1.0)
+    x = initial_states(2, 21)
+    prog = atomic_program(dec, beam=n_vocab * n_vocab, max_len=max_len, recombine=mode, threshold=1.5)
+    want = [py_recombination(dec.torch_step, x[b], n_vocab, n_vocab * n_vocab, max_len, mode, threshold=1.5)
+            for b in range(2)]
+    assert any(len(entry) < n_vocab for entry in want)
+    for reference in (False, True):
+        got = run_nbest(prog, x, reference=reference)
+        assert_same_nbest(got, want, ordered=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

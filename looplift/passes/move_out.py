@@ -387,6 +387,8 @@ class _LoopMove:
             return CORE   # each step draws anew (dropout of a loop-invariant value): it stays in the loop
         if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
             worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
+        if worst == INVARIANT and any(self.spec.sized_per_step(d) for t in unit.outputs() for d in t.dims):
+            return CORE   # over a beam whose size changes per step (e.g. a range over it)
         if unit.kind == "region" and worst == SEQUENCE and not self.spec.own_dim and self._nested_movable(unit):
             return SEQUENCE   # a nested loop on frames only: run once over the whole sequence
         if unit.kind in ("region", "verbatim") or self.spec.own_dim:
@@ -480,6 +482,8 @@ class _LoopMove:
             outs = [t for n in unit.nodes for t in n.outputs]
             if any(id(t) in pinned for t in outs):
                 continue
+            if any(spec.sized_per_step(d) for t in [*unit.inputs, *outs] for d in t.dims):
+                continue   # (stacked, a beam whose size changes per step is padded to the widest)
             users = [u for t in outs for u in consumers.get(id(t), [])]
             unit.after = all(u.after for u in users)
 
@@ -893,7 +897,7 @@ class _LoopMove:
             freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)),
             freeze_past_length=self.freeze or spec.freeze_past_length and not (spec.end is not None
                                                                               and not spec.own_dim),
-            stop_at_max_len=spec.stop_at_max_len)
+            stop_at_max_len=spec.stop_at_max_len, beam=spec.beam)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
@@ -906,6 +910,8 @@ class _LoopMove:
         loop: it is computed once, before the loop."""
         if n.kernel is None or n.op in ("state", "unstack", "loop_index", "loop", "cond") or n.attrs.get("random"):
             return False
+        if any(self.spec.sized_per_step(d) for t in n.outputs for d in t.dims):
+            return False   # (over a beam whose size changes per step)
         return all(self.cls(t) == INVARIANT or self._hoisted(t) for t in n.inputs)
 
     def _hoisted(self, t: Tensor) -> bool:
