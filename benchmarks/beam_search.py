@@ -82,9 +82,10 @@ ESPNET_SIDE = Path(__file__).with_name("_espnet_side.py")
 
 
 class Seq2Seq(ll.Module):
-    def __init__(self, src_vocab: ll.Dim, vocab: ll.Dim, *, emb: int, enc: int, dec: int, beam: int, max_len: int):
+    def __init__(self, src_vocab: ll.Dim, vocab: ll.Dim, *, emb: int, enc: int, dec: int, beam: int, max_len: int,
+                 threshold: float | None = None):
         super().__init__()
-        self.vocab, self.beam, self.max_len = vocab, beam, max_len
+        self.vocab, self.beam, self.max_len, self.threshold = vocab, beam, max_len, threshold
         self.src_emb_dim, self.emb_dim = ll.Dim("src_emb", emb), ll.Dim("emb", emb)
         self.enc_dim, self.dec_dim, self.att = ll.Dim("enc", enc), ll.Dim("dec", dec), ll.Dim("att", enc)
         self.src_emb = nn.Embedding(src_vocab, self.src_emb_dim)
@@ -107,7 +108,7 @@ class Seq2Seq(ll.Module):
             loop.state.ctx = ll.dot(att, enc, reduce=src_time)
             logits = self.readout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, self.enc_dim]))
             label = ll.choice(ll.log_softmax(logits, axis=self.vocab), target=target, beam_size=self.beam,
-                              axis=self.vocab)
+                              axis=self.vocab, threshold=self.threshold)
             loop.state.label = label
             loop.end(ll.eq(label, EOS), include_eos=True)
             labels = loop.stack(label)
@@ -329,6 +330,49 @@ def compare_with_espnet(model: Seq2Seq, src, src_len, args, by_looplift, nbest) 
     return {"espnet_vs_looplift": round(med["espnet"] / med["looplift"], 3), "espnet_best_agree": agree}
 
 
+def compare_threshold(model: Seq2Seq, inputs, src_time, tgt_time, args, labels, scores) -> dict:
+    """looplift's search with ``threshold=args.threshold`` against the full beam, the same model: the time
+    ratio, the final beam width, and on how many utterances the best hypothesis is the same."""
+    model.threshold = args.threshold
+    try:
+        prog = ll.compile(model, mode="search")
+
+        def by_threshold():
+            with torch.no_grad():
+                return prog(inputs, src_time=src_time, tgt_time=tgt_time)
+
+        t_labels, t_scores, t_lengths = by_threshold()
+    finally:
+        model.threshold = None
+    full = ll.compile(model, mode="search")
+
+    def by_full():
+        with torch.no_grad():
+            return full(inputs, src_time=src_time, tgt_time=tgt_time)
+
+    beam = next(d for d in t_scores.dims if d is not B)
+    axis = next(d for d in t_labels.dims if d not in (B, beam))
+    t_lab, t_sc, t_ln = t_labels.align(B, beam, axis), t_scores.align(B, beam), t_lengths.align(B, beam)
+    same_best = sum(int(torch.equal(t_lab[b, 0, :int(t_ln[b, 0])], labels[b, 0, :int(t_ln[b, 0])])
+                        and abs(float(t_sc[b, 0] - scores[b, 0])) < 1e-9) for b in range(args.batch))
+    times = {"threshold": [], "full": []}
+    for _ in range(args.warmup):
+        by_threshold(), by_full()
+    for _ in range(args.repeats):
+        for name, fn in (("threshold", by_threshold), ("full", by_full)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    width = t_sc.shape[1]
+    valid = int((t_sc > float("-inf")).sum())
+    print(f"threshold {args.threshold}: median {med['threshold'] * 1e3:.1f} ms vs full beam {med['full'] * 1e3:.1f} ms; "
+          f"final beam {width} slots ({valid / args.batch:.1f} hypotheses per utterance), best hypothesis the same "
+          f"on {same_best}/{args.batch}")
+    return {"threshold": args.threshold, "threshold_vs_full": round(med["threshold"] / med["full"], 3),
+            "threshold_final_width": width, "threshold_same_best": same_best}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -341,6 +385,9 @@ def main() -> None:
     parser.add_argument("--peak", type=float, default=1.0, help="scale of the random readout weights")
     parser.add_argument("--eos-bias", type=float, default=0.0, help="added to the readout bias of EOS")
     parser.add_argument("--no-espnet", action="store_true", help="skip the comparison with ESPnet's BatchBeamSearch")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="also time looplift's search keeping only hypotheses within this of the best "
+                             "(prune(threshold=): the beam shrinks per step); reports threshold_vs_full")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
@@ -392,6 +439,8 @@ def main() -> None:
           f"hand-written {med['handwritten'] * 1e3:.1f} ms")
     result = {"search_vs_handwritten": round(med["looplift"] / med["handwritten"], 3),
               "utterances_per_s": round(args.batch / med["looplift"], 1)}
+    if args.threshold is not None:
+        result.update(compare_threshold(model, inputs, src_time, tgt_time, args, lab, sc))
     if args.no_espnet:
         result.update(espnet_vs_looplift=None, espnet_reason="--no-espnet")
     else:

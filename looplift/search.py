@@ -233,6 +233,9 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     if not scores.dtype.is_floating_point:
         raise DimError(f"looplift.search.prune needs float scores, got the {scores.describe()} "
                        f"(at {_graph.user_source_line()})")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+        raise DimError(f"looplift.search.prune: threshold must be a number >= 0, got {threshold!r} "
+                       f"(at {_graph.user_source_line()})")
     search = _search_of(loop, beam_size, dynamic=threshold is not None)
     if threshold is not None and not search.dynamic:
         raise DimError(f"looplift.search.prune: a threshold makes the beam size change per step; this loop's "

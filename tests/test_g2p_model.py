@@ -106,3 +106,30 @@ def _hand_logits(hand, x, x_len, y):
     hand(x, x_len, y, torch.full((y.shape[0],), y.shape[1]))
     hand.readout.forward = orig
     return captured["logits"]
+
+
+def test_decode_with_a_threshold(words):
+    """decode(threshold=...) through the recipe's model: threshold 0 keeps one hypothesis per step, so it is
+    greedy decoding (beam 1) exactly; a threshold no score gap reaches is the full beam; in between every
+    word keeps between 1 and `beam` hypotheses, all within the threshold of its best."""
+    entries, vocabs = words
+    torch.manual_seed(5)
+    config = Config(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, dec=10)
+    model = G2P(config).double()
+    with torch.no_grad():   # a peaked readout: some words sure, some not
+        model.readout.weight.mul_(6.0)
+    encoded = [vocabs.chars.encode(e.word) for e in entries]
+
+    def assert_same(got, want):   # (a narrower beam runs other matmul shapes: scores agree to rounding)
+        assert [[q for q, _ in hyps] for hyps in got] == [[q for q, _ in hyps] for hyps in want]
+        for g, w in zip(got, want):
+            assert torch.allclose(torch.tensor([s for _, s in g]), torch.tensor([s for _, s in w]),
+                                  rtol=0, atol=1e-9)
+
+    assert_same(recipe.decode(model, encoded, beam=6, threshold=0.0), recipe.decode(model, encoded, beam=1))
+    assert_same(recipe.decode(model, encoded, beam=6, threshold=1e9), recipe.decode(model, encoded, beam=6))
+    some = recipe.decode(model, encoded, beam=6, threshold=2.0)
+    sizes = [len(h) for h in some]
+    assert min(sizes) >= 1 and max(sizes) <= 6 and len(set(sizes)) > 1
+    for hyps in some:
+        assert all(s >= hyps[0][1] - 2.0 - 1e-9 for _, s in hyps)

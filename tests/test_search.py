@@ -640,6 +640,53 @@ def test_threshold_with_attention_batch_entries_are_independent():
         assert_same_nbest(alone, [want])
 
 
+def test_threshold_with_masked_computation():
+    """A search whose state `slow` advances only where the previous label is not 1 (a MaskedComputation)
+    with choice(threshold=...): the n-best is the plain beam search of the same step (the slow state kept
+    by hand in Python), optimized and by the reference interpreter; with length normalization the two
+    runs agree too."""
+    n_vocab, beam, max_len = 4, 6, 5
+    dec = Decoder(n_vocab, 5, eos_bias=-1.0)
+    x = initial_states(3, 5)
+    V = dec.V
+
+    def program(threshold, alpha):
+        def run(x):
+            loop = ll.Loop(max_seq_len=max_len)
+            loop.state.label = ll.full(0, sparse_dim=V)
+            loop.state.h = x
+            loop.state.slow = x
+            with loop:
+                with ll.MaskedComputation(mask=loop.state.label != 1):
+                    slow = ll.tanh(loop.state.slow * 0.5 + dec.emb(loop.state.label))
+                    loop.state.slow = slow
+                h, lp = dec.step(loop.state.label, loop.state.h + slow)
+                loop.state.h = h
+                label = ll.choice(lp, beam_size=beam, axis=V, threshold=threshold, length_normalization=alpha)
+                loop.state.label = label
+                loop.end(label == 0, include_eos=True)
+                ys = loop.stack(label)
+            return ys, loop.search.scores, loop.search.lengths, loop.search.valid
+        return ll.compile(run, mode="search")
+
+    def step(prev, state):
+        h, slow = state
+        with torch.no_grad():
+            if prev != 1:
+                slow = torch.tanh(0.5 * slow + dec.emb.weight[prev])
+        h, lp = dec.torch_step(prev, h + slow)
+        return (h, slow), lp
+
+    for threshold in (0.5, 1.5):
+        prog = program(threshold, False)
+        want = [py_beam_search(step, (x[b], x[b]), n_vocab, beam, max_len, threshold=threshold) for b in range(3)]
+        assert any(len(entry) < beam for entry in want)
+        for reference in (False, True):
+            assert_same_nbest(run_nbest(prog, x, reference=reference), want)
+        normalized = program(threshold, True)
+        assert_same_nbest(run_nbest(normalized, x), run_nbest(normalized, x, reference=True))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sampling
 
@@ -1072,6 +1119,10 @@ def bad_beam_size(loop, lp, V):
     return ll.choice(lp, beam_size=0, axis=V)  # <beam-size>
 
 
+def bad_threshold(loop, lp, V):
+    return ll.choice(lp, beam_size=2, axis=V, threshold=-1.0)  # <threshold>
+
+
 def two_prunes(loop, lp, V):
     ll.search.prune(lp, beam_size=2, axis=V)
     return ll.search.prune(lp, beam_size=2, axis=V).labels  # <two-prunes>
@@ -1086,6 +1137,7 @@ def recombine_first(loop, lp, V):
     (bad_prune_axis, "prune-axis", ll.errors.DimError, ["other", "prune"]),
     (bad_expand_axis, "expand-axis", ll.errors.DimError, ["other", "expand"]),
     (bad_beam_size, "beam-size", ll.errors.DimError, ["beam_size"]),
+    (bad_threshold, "threshold", ll.errors.DimError, ["threshold", "-1.0"]),
     (two_prunes, "two-prunes", ll.errors.TraceError, ["prune"]),
     (recombine_first, "recombine-first", ll.errors.TraceError, ["recombine", "prune"]),
 ])

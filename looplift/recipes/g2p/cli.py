@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
     p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep only hypotheses within this log-probability of the best (at most --beam): the beam "
+                        "shrinks where the model is sure (default: off)")
     p.add_argument("--limit", type=int, default=None, help="only the first N words of the split")
     p.add_argument("--batch", type=int, default=256, help="words decoded at once")
 
@@ -167,9 +170,14 @@ def evaluate(args) -> None:
     if args.limit is not None:
         entries = entries[:args.limit]
     start = time.perf_counter()
-    s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=getattr(args, "batch", 256))
+    threshold = getattr(args, "threshold", None)
+    if threshold is not None and not threshold >= 0:
+        raise SystemExit(f"looplift-g2p: --threshold must be >= 0, got {threshold}")
+    s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=getattr(args, "batch", 256),
+                        threshold=threshold)
     seconds = time.perf_counter() - start
-    print(f"{args.split}: {s.words} words, beam {args.beam}: PER {100 * s.per:.2f}% "
+    beam = f"beam {args.beam}" + (f", threshold {threshold:g}" if threshold is not None else "")
+    print(f"{args.split}: {s.words} words, {beam}: PER {100 * s.per:.2f}% "
           f"({s.phoneme_errors}/{s.phonemes} phonemes), WER {100 * s.wer:.2f}% ({s.word_errors} words wrong); "
           f"decoded in {seconds:.1f} s ({s.words / seconds:.0f} words/s)", flush=True)
 

@@ -67,7 +67,7 @@ class G2P(ll.Module):
         return enc
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
-                max_len: int | None = None):
+                max_len: int | None = None, threshold: float | None = None):
         enc = self.encode(chars, src=src)
         # decoding stops at the end of every hypothesis, at the latest after 2 phonemes per character + 3
         limit = ll.length(src) * 2 + 3 if max_len is None else max_len
@@ -82,7 +82,7 @@ class G2P(ll.Module):
             loop.state.ctx = ll.dot(att, enc, reduce=src)
             readout_in = self.dropout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, self.enc_dim]))
             log_probs = ll.log_softmax(self.readout(readout_in), axis=self.phonemes)
-            label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=self.phonemes)
+            label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=self.phonemes, threshold=threshold)
             loop.state.label = label
             loop.end(ll.eq(label, EOS), include_eos=True)
             if ll.is_search():

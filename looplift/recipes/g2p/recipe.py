@@ -83,8 +83,9 @@ def loss_function(examples: Examples):
 
 
 def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = 256,
-           ) -> list[list[tuple[list[int], float]]]:
-    """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search."""
+           threshold: float | None = None) -> list[list[tuple[list[int], float]]]:
+    """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search (keeping only
+    the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure)."""
     search = ll.compile(model, mode="search")
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
     out: list = [None] * len(words)
@@ -95,7 +96,7 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 labels, scores, lengths, valid = search(char_batch(model, [words[i] for i in idx]), src=SRC,
-                                                        tgt=TGT, beam=beam)
+                                                        tgt=TGT, beam=beam, threshold=threshold)
                 (bdim,) = [d for d in valid.dims if d is not ll.batch_dim]
                 (steps,) = [d for d in labels.dims if d is not ll.batch_dim and d is not bdim]
                 ys = labels.align(ll.batch_dim, bdim, steps)
@@ -104,16 +105,17 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
                 ok = valid.align(ll.batch_dim, bdim)
                 for row, i in enumerate(idx):
                     out[i] = [([t for t in ys[row, k, :int(n[row, k])].tolist() if t != EOS], float(sc[row, k]))
-                              for k in range(beam) if bool(ok[row, k])]
+                              for k in range(ok.shape[1]) if bool(ok[row, k])]
     finally:
         model.train(was_training)
     return out
 
 
 def evaluate(model: G2P, entries: Sequence[data.Entry], vocabs: Vocabs, *, beam: int = 5,
-             batch_size: int = 256) -> metrics.Scores:
+             batch_size: int = 256, threshold: float | None = None) -> metrics.Scores:
     """PER and WER of the best hypothesis of each word against all its pronunciations."""
-    nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size)
+    nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size,
+                   threshold=threshold)
     hyps = [vocabs.phonemes.decode(hs[0][0]) if hs else [] for hs in nbest]
     return metrics.score(hyps, [e.prons for e in entries])
 
