@@ -747,10 +747,36 @@ class _LoopRun:
         self.end_align = aligner(spec.end.dims, length_dims) if spec.end is not None else None
         self.max_align = aligner(spec.max_len.dims, length_dims) if isinstance(spec.max_len, Tensor) else None
         self.state_align = [aligner(length_dims, p.dims) for p in spec.placeholders]
+        src = _frame_source(spec) if self.axis_lengths is not None else None
+        #: (the captured sequence, the position of the loop's axis in it, its aligner to (axis, length dims))
+        self.cond_seq = None if src is None else (
+            src, src.dims.index(axis), aligner((axis,) + spec.end.dims, (axis,) + tuple(length_dims)))
         beam = spec.beam[0] if spec.beam is not None else None
         #: per state, the position of a changing beam in it (None: it has none)
         self.beam_pos = [p.dims.index(beam) if beam is not None and beam in p.dims else None
                          for p in spec.placeholders]
+
+    def _ends_only_at_length(self, env, captured: list, axis_len: torch.Tensor, n_steps: int) -> bool:
+        """Whether the loop can run without per-entry bookkeeping: a loop over an axis whose end condition
+        is a frame of a sequence computed before it, where no entry ends before its last frame (so no state
+        is ever frozen within an entry's length), and nothing past an entry's length is kept frozen."""
+        spec = self.spec
+        if spec.own_dim or spec.lasts or (spec.freeze and spec.freeze_past_length):
+            return False
+        if self.cond_seq is None:
+            return False
+        src, pos, align = self.cond_seq
+        seq = captured[next(i for i, c in enumerate(spec.captured) if c is src)]
+        if not isinstance(seq, torch.Tensor) or seq.dtype != torch.bool:
+            return False
+        cond = align(seq.movedim(pos, 0)[:n_steps])
+        steps = torch.arange(cond.shape[0], device=cond.device).view(-1, *([1] * (cond.dim() - 1)))
+        inside = steps < axis_len
+        hit = (cond & inside).long()
+        frozen = (hit.cumsum(0) - hit) > 0   # (a step after the entry's end)
+        if not spec.include_eos:
+            frozen = frozen | hit.bool()        # (the ending step itself does not count)
+        return not bool((frozen & inside).any())
 
     def __call__(self, env, *raws):
         spec = self.spec
@@ -771,6 +797,8 @@ class _LoopRun:
         if self.axis_lengths is not None:
             axis_len = self.axis_lengths(env.lengths(axis))
             n_steps = min(n_steps, int(axis_len.max())) if axis_len.numel() else 0
+        # (an end condition computed before the loop that ends no entry before its length: nothing to track)
+        untracked = axis_len is not None and self._ends_only_at_length(env, captured, axis_len, n_steps)
         alive = None        # entries that have not ended (by loop.end), over length_dims
         counted = None      # steps counted per entry
         frames: list[list] = [[] for _ in stacks]
@@ -817,8 +845,8 @@ class _LoopRun:
             if width is not None:
                 width = step_env.sizes.get(spec.beam[1], width)
                 state = [_to_width(old, new, pos) for old, new, pos in zip(state, new_state, self.beam_pos)]
-            active = None if axis_len is None or not track else (t < axis_len)
-            if spec.end is not None:
+            active = None if axis_len is None or not track or untracked else (t < axis_len)
+            if spec.end is not None and not untracked:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
                     alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool, device=env.device)
@@ -893,6 +921,19 @@ def _to_width(old, new, pos: int | None):
     if have < want:
         return torch.cat([old, new.narrow(pos, have, want - have)], pos)
     return old
+
+
+def _frame_source(spec: LoopSpec) -> Tensor | None:
+    """The captured sequence whose frame is the loop's end condition (a condition computed before the loop,
+    over the loop's axis), or None."""
+    end = spec.end
+    node = end.node if end is not None else None
+    if node is None or node.op != "unstack" or not any(node.inputs[0] is c for c in spec.captured):
+        return None
+    src = node.inputs[0]
+    if len(src.dims) != len(end.dims) + 1 or any(d.origin is not None and d.origin[0] == "history" for d in end.dims):
+        return None
+    return src
 
 
 def _raw(v, dtype: torch.dtype, env):

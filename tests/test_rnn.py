@@ -177,6 +177,43 @@ def test_padding_values_never_change_valid_outputs_or_final_states(kind, bidirec
                 assert torch.equal(leaf, clean_leaf), fill
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, torch.tensor([4, 0, 2])], ids=["nonempty", "with-empty"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sequence_output_is_zero_in_the_padding_and_attention_needs_no_mask(kind, bidirectional, lengths):
+    """The output over T is exactly 0 beyond each entry's length (an empty entry's included), whatever the
+    input's padding holds. So attention over it (``dot(softmax(scores), out, reduce=T)``) masks neither
+    operand (the trace has no clearing node), and still equals the attention computed in plain PyTorch on
+    each entry's valid frames alone, values and gradients, with NaN in the input's padding."""
+    module, _ = make(kind, bidirectional=bidirectional)
+    for fill in (float("nan"), 1e6):
+        out, _ = run_sequence(module, padded(lengths, torch.float64, fill=fill), lengths)
+        mask = valid(lengths, out.shape[1])
+        assert torch.equal(out[~mask], torch.zeros_like(out[~mask])), fill
+
+    def attend(x, q):
+        out, _ = module(x, axis=T)
+        weights = ll.softmax(ll.dot(out, q, reduce=module.out_dim), axis=T)
+        return ll.dot(weights, out, reduce=T)
+
+    program = ll.compile(attend, mode="train")
+    x = padded(lengths, torch.float64, fill=float("nan"))
+    torch.manual_seed(4)
+    q = torch.randn(len(lengths), module.out_dim.size, dtype=torch.float64, requires_grad=True)
+    ctx = program(ll.Named(x, (B, T, F), {T: lengths}), ll.Named(q, (B, module.out_dim))).align(B, module.out_dim)
+    assert "clear_padding" not in [n.op for n in program.traces[-1].graph.nodes]
+    out, _ = run_sequence(module, x.nan_to_num(0.0), lengths)   # (valid frames: as with any padding)
+    for b, n in enumerate(lengths.tolist()):
+        if n == 0:
+            assert torch.equal(ctx[b], torch.zeros_like(ctx[b]))
+            continue
+        frames = out[b, :n].detach()
+        want = torch.softmax(frames @ q[b].detach(), 0) @ frames
+        torch.testing.assert_close(ctx[b].detach(), want, rtol=1e-12, atol=1e-12)
+    ctx.sum().backward()
+    assert torch.isfinite(q.grad).all() and all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
 # -- gradients -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lengths", [LENGTHS, torch.tensor([4, 0, 2])], ids=["nonempty", "with-empty"])

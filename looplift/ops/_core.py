@@ -216,7 +216,7 @@ def masker(dims: tuple[Dim, ...], masked: tuple[Dim, ...], fill) -> Callable:
         return lambda env, raw: raw
 
     def apply(env, raw):
-        return raw.masked_fill(~env.mask(masked, dims), fill)
+        return raw.masked_fill(env.padding(masked, dims), fill)
 
     return apply
 

@@ -48,7 +48,9 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         mask_a, finite_a = (), True
     # An operand whose padding is zero already (a softmax's result) need not be masked when the other one
     # is masked or made finite (zero times zero or a finite value is zero).
-    if mask_a and (mask_b or finite_b) and _zero_padded(a, mask_a):
+    if mask_a and mask_b and _zero_padded(a, mask_a) and _zero_padded(b, mask_b):
+        mask_a = mask_b = ()   # (zero times zero)
+    elif mask_a and (mask_b or finite_b) and _zero_padded(a, mask_a):
         mask_a = ()
     elif mask_b and (mask_a or finite_a) and _zero_padded(b, mask_b):
         mask_b = ()
@@ -78,6 +80,8 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         oshape = y.shape[nb + nr:]
         x = x.reshape(*bshape, math.prod(ashape), math.prod(rshape))
         y = y.reshape(*bshape, math.prod(rshape), math.prod(oshape))
+        if nb == 1 and x.shape[0] == y.shape[0]:   # (one batch dim, no broadcasting: one bmm, no matmul dance)
+            return torch.bmm(x, y).view((*bshape, *ashape, *oshape))
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})

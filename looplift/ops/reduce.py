@@ -80,7 +80,7 @@ def mean(x, axis: Dim | Sequence[Dim]) -> Tensor:
 
     def kernel(env, v):
         m = env.mask(masked, x_dims)
-        total = v.masked_fill(~m, 0).sum(dim=axes)
+        total = v.masked_fill(env.padding(masked, x_dims), 0).sum(dim=axes)
         count = m.expand(v.shape).sum(dim=axes).to(v.dtype)
         return total / count
 
@@ -136,11 +136,11 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
         never_empty = rows_ok and _is_history(axis)
 
         def kernel(env, v):
-            m = env.mask(masked, x_dims)
-            out = torch_fn(v.masked_fill(~m, float("-inf")), ax)
+            pad = env.padding(masked, x_dims)
+            out = torch_fn(v.masked_fill(pad, float("-inf")), ax)
             if never_empty or (rows_ok and env.nonempty(axis)):
                 return out
-            return out.masked_fill(~m, 0.0)
+            return out.masked_fill(pad, 0.0)
 
         # (the padding of the result is zero: a dot over it need not mask it again)
         return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name, "zero_padding": masked})

@@ -50,6 +50,8 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
         states, ws = rest[:len(s_al)], rest[len(s_al):]
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
+        if n == 1 and v.dim() == 2 and all(s.dim() == 2 and s.shape[0] == v.shape[0] for s in states):
+            return cell(v, tuple(states) if len(states) > 1 else states[0], *ws)   # (the shapes agree already)
         shape = broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
         flat = math.prod(shape)
         v = v.expand(*shape, v.shape[-1]).reshape(flat, v.shape[-1])
@@ -128,21 +130,26 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
             lengths = torch.full((flat,), steps, dtype=torch.int64)
         if steps == 0 or flat == 0:  # no frames or no entries (nothing to pack): the initial states are final
             return (v.new_zeros(steps, *shape, n_dirs * hidden.size), *(s.reshape(*shape, s.shape[-1]) for s in states))
-        empty = (lengths == 0).view(1, flat, 1) if len_al is not None else None
-        if empty is not None:
+        lengths = lengths.cpu()   # (packing takes them on the CPU)
+        empty = None
+        if len_al is not None and bool((lengths == 0).any()):
+            empty = (lengths == 0).to(v.device).view(1, flat, 1)
             # An empty sequence runs one frame (packing needs one), whose result is discarded below; zeros
             # there, so that its padding (NaN, say) never reaches the gradients as 0 * NaN.
             v = v.masked_fill(empty, 0)
-        packed = pack_padded_sequence(v, lengths.clamp(min=1).cpu(), enforce_sorted=False)
+        packed = pack_padded_sequence(v, lengths.clamp(min=1), enforce_sorted=False)
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = [torch.stack(states[k::per_dir], 0).index_select(1, order) for k in range(per_dir)]
         out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, num_layers,
                           drop, drop > 0, bidirectional)
         out, _ = pad_packed_sequence(type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps)
+        if empty is not None:   # (the output is zero in the padding: an empty entry's one frame too)
+            out = out.masked_fill(empty, 0)
         results = [out.reshape(steps, *shape, out.shape[-1])]
+        finals = [f.index_select(1, unorder) for f in finals]
         for d in range(num_layers * n_dirs):
             for k in range(per_dir):
-                final = finals[k].index_select(1, unorder)[d]
+                final = finals[k][d]
                 if empty is not None:
                     final = torch.where(empty[0], states[d * per_dir + k], final)
                 results.append(final.reshape(*shape, final.shape[-1]))
@@ -150,10 +157,12 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
 
     outputs = [((axis,) + batch + (out_dim,), x.dtype, None)]
     outputs += [(batch + (hidden,), x.dtype, None)] * len(initial)
+    # (the output is zero in the padding of `axis`, as pad_packed_sequence leaves it: a dot over it need not
+    # mask it; the final states have no `axis`)
     return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
                             "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop,
-                            "random": drop > 0})
+                            "random": drop > 0, "zero_padding": (axis,) if axis.is_dynamic else ()})
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them

@@ -137,6 +137,9 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     dynamic = [d for d in axes if d.is_dynamic]
 
     def gathered(env, parts):
+        lead = parts[0].shape[:n_common]
+        if all(p.shape[:n_common] == lead and p.dtype == dtype for p in parts):
+            return torch.cat(parts, dim=pos)   # (nothing to broadcast or cast)
         shape = list(broadcast_shapes(*(p.shape[:n_common] for p in parts)))
         parts = [p.expand(*shape, p.shape[-1]).to(dtype) for p in parts]
         return torch.cat(parts, dim=pos)

@@ -147,6 +147,16 @@ class Env:
             self._masks[key] = m
         return m
 
+    def padding(self, dims: Sequence[Dim], layout: Sequence[Dim]) -> torch.Tensor:
+        """``~mask(dims, layout)``: True at the padding positions (kept, as the masks are)."""
+        key = ("padding", tuple(dims), tuple(layout))
+        p = self._masks.get(key)
+        if p is None and self.parent is not None and all(self._same_as_parent(d) for d in dims):
+            p = self._masks[key] = self.parent.padding(dims, layout)
+        if p is None:
+            p = self._masks[key] = ~self.mask(dims, layout)
+        return p
+
     def _same_as_parent(self, dim: Dim) -> bool:
         """Whether `dim` has the same size and lengths here as in the parent env (a loop step's env): known
         there, not made in this step, not along a dim this step selects, not a history that grows."""
