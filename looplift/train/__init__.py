@@ -1,6 +1,8 @@
-"""Training support: checkpoints and the training driver."""
+"""Training support: checkpoints, batches and the training driver."""
 
+from .batches import bucketed_batches
 from .checkpoint import load, save
-from .driver import Trainer, bucketed_batches, load_model
+from .driver import Trainer
+from .trainer_state import load_model
 
 __all__ = ["load", "save", "Trainer", "bucketed_batches", "load_model"]

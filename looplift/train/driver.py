@@ -38,84 +38,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
 from ..errors import CheckpointError
 from .checkpoint import atomic_write, copy_into, mismatches, state_of
+from .distributed import LossFn, LossOfModel, init_distributed
+from .trainer_state import (FORMAT, LAST_CHECKPOINT, MODEL_FILE, PREFIX, class_name, decode, encode, read_file,
+                            rng_state, set_rng_state)
 
-__all__ = ["Trainer", "bucketed_batches", "load_model"]
-
-LAST_CHECKPOINT = "last.safetensors"
-MODEL_FILE = "model.safetensors"
-_PREFIX = "trainer/"        # names and metadata keys of everything in a checkpoint that is not the model
-_FORMAT = "1"
-_CHUNK_BATCHES = 50          # bucketed_batches sorts by length within chunks of this many batches
-
-
-# -- batches --------------------------------------------------------------------------------------
-
-def bucketed_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
-                     world_size: int = 1, rank: int = 0) -> list[list[int]]:
-    """Batches of example indices with similar lengths, in an order fixed by `seed` and `epoch`.
-
-    With `shuffle`, the indices are shuffled, sorted by length within chunks
-    of ``50 * batch_size``, cut into batches of `batch_size` (the last one may
-    be smaller) and the batches shuffled. Without it, the indices are sorted
-    by length (stable) and cut in order: for evaluation. The random order
-    comes from a private generator seeded from ``(seed, epoch)``; the global
-    RNGs are neither used nor changed.
-
-    With ``world_size > 1``, every rank computes the same global batches and
-    keeps its part of each: rank ``r`` the contiguous slice
-    ``batch[len(batch) * r // world_size : len(batch) * (r + 1) // world_size]``,
-    so the parts differ in size by at most one. A global batch with fewer
-    examples than ranks (only the last one can be) is dropped, so every rank
-    takes the same number of steps and none gets an empty part; at most
-    ``world_size - 1`` examples, different ones each epoch, are left out.
-
-    Raises:
-        ValueError: `batch_size` is below 1 or below `world_size`, or `rank`
-            is not in ``range(world_size)``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in range(world_size), got rank={rank}, world_size={world_size}")
-    if batch_size < world_size:
-        raise ValueError(f"batch_size {batch_size} is smaller than world_size {world_size}: each global batch "
-                         f"is split among the ranks, so it needs at least one example per rank")
-    lengths = [int(n) for n in lengths]
-    order = list(range(len(lengths)))
-    if shuffle:
-        rng = random.Random(f"bucketed_batches/{seed}/{epoch}")
-        rng.shuffle(order)
-        chunk = _CHUNK_BATCHES * batch_size
-        order = [i for start in range(0, len(order), chunk)
-                 for i in sorted(order[start:start + chunk], key=lengths.__getitem__)]
-    else:
-        order.sort(key=lengths.__getitem__)
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-    if world_size == 1:
-        return batches
-    return [b[len(b) * rank // world_size:len(b) * (rank + 1) // world_size] for b in batches if len(b) >= world_size]
-
-
-# -- the trainer ----------------------------------------------------------------------------------
-
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int | float | torch.Tensor]]
+__all__ = ["Trainer", "LossFn"]
 
 
 @dataclass
@@ -172,9 +112,9 @@ class Trainer:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
             raise ValueError(f"metadata must map strings to strings; not so for the keys {bad!r}")
-        reserved = [k for k in metadata if k.startswith(_PREFIX)]
+        reserved = [k for k in metadata if k.startswith(PREFIX)]
         if reserved:
-            raise ValueError(f"metadata keys starting with {_PREFIX!r} are the trainer's own: {reserved!r}")
+            raise ValueError(f"metadata keys starting with {PREFIX!r} are the trainer's own: {reserved!r}")
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise TypeError("ReduceLROnPlateau needs a metric to step; the trainer steps its scheduler after "
                             "every optimizer step without one: use a step-based scheduler")
@@ -190,7 +130,7 @@ class Trainer:
         self.clip_norm = clip_norm
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.metadata = metadata
-        self.rank, self.world_size = _init_distributed(model)
+        self.rank, self.world_size = init_distributed(model)
         if progress not in (True, False, "epochs"):
             raise ValueError(f"progress is True, False or 'epochs', got {progress!r}")
         self.progress = progress is True and self.rank == 0
@@ -201,7 +141,7 @@ class Trainer:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
             self._forward = DistributedDataParallel(
-                _LossOfModel(model, loss_fn), device_ids=[self._device] if self._device.type == "cuda" else None,
+                LossOfModel(model, loss_fn), device_ids=[self._device] if self._device.type == "cuda" else None,
                 **dict(ddp_options or {}))
         else:
             self._forward = lambda batch: loss_fn(model, batch)
@@ -395,14 +335,14 @@ class Trainer:
         self._save()
 
     def _evaluate(self, evaluate: Callable) -> dict[str, float]:
-        rng = _rng_state()
+        rng = rng_state()
         self.model.eval()
         try:
             with torch.no_grad():
                 results = evaluate(self.model)
         finally:
             self.model.train()
-            _set_rng_state(rng)
+            set_rng_state(rng)
         return {str(k): float(v) for k, v in results.items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -412,7 +352,7 @@ class Trainer:
         if self.checkpoint_dir is None:
             return
         self.elapsed_seconds = self._elapsed()
-        rng = {self.rank: _rng_state()}
+        rng = {self.rank: rng_state()}
         if collective and self.world_size > 1:
             states: list = [None] * self.world_size
             dist.all_gather_object(states, rng[self.rank])
@@ -429,21 +369,21 @@ class Trainer:
             dist.barrier()
 
     def _checkpoint_bytes(self, tensors: dict[str, torch.Tensor], rng: dict[int, dict]) -> bytes:
-        clashing = [name for name in tensors if name.startswith(_PREFIX)]
+        clashing = [name for name in tensors if name.startswith(PREFIX)]
         if clashing:
-            raise CheckpointError(f"model entries named {clashing!r} clash with the trainer's {_PREFIX!r} entries")
+            raise CheckpointError(f"model entries named {clashing!r} clash with the trainer's {PREFIX!r} entries")
         position = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                     "elapsed_seconds": self.elapsed_seconds, "epoch_batches": self._epoch_batches,
                     "totals": asdict(self._totals), "world_size": self.world_size}
-        optimizer = {"class": _class_name(self.optimizer), "param_names": self._param_names,
-                     "state": _encode(self.optimizer.state_dict(), f"{_PREFIX}optimizer", tensors)}
+        optimizer = {"class": class_name(self.optimizer), "param_names": self._param_names,
+                     "state": encode(self.optimizer.state_dict(), f"{PREFIX}optimizer", tensors)}
         scheduler = None if self.scheduler is None else {
-            "class": _class_name(self.scheduler),
-            "state": _encode(self.scheduler.state_dict(), f"{_PREFIX}scheduler", tensors)}
-        metadata = {**self.metadata, f"{_PREFIX}format": _FORMAT, f"{_PREFIX}position": json.dumps(position),
-                    f"{_PREFIX}optimizer": json.dumps(optimizer), f"{_PREFIX}scheduler": json.dumps(scheduler),
-                    f"{_PREFIX}rng": json.dumps(_encode(rng, f"{_PREFIX}rng", tensors)),
-                    f"{_PREFIX}history": json.dumps(self.history)}
+            "class": class_name(self.scheduler),
+            "state": encode(self.scheduler.state_dict(), f"{PREFIX}scheduler", tensors)}
+        metadata = {**self.metadata, f"{PREFIX}format": FORMAT, f"{PREFIX}position": json.dumps(position),
+                    f"{PREFIX}optimizer": json.dumps(optimizer), f"{PREFIX}scheduler": json.dumps(scheduler),
+                    f"{PREFIX}rng": json.dumps(encode(rng, f"{PREFIX}rng", tensors)),
+                    f"{PREFIX}history": json.dumps(self.history)}
         return _save_bytes(tensors, metadata=metadata)
 
     def _save_after_interrupt(self) -> None:
@@ -491,28 +431,28 @@ class Trainer:
 
     def _read_checkpoint(self, path: str) -> dict[str, Any]:
         """Everything in the checkpoint at `path`, checked against this trainer; nothing is changed yet."""
-        tensors, metadata = _read_file(path)
-        if metadata.get(f"{_PREFIX}format") != _FORMAT:
+        tensors, metadata = read_file(path)
+        if metadata.get(f"{PREFIX}format") != FORMAT:
             raise CheckpointError(f"{path!r} is not a training checkpoint (it has no trainer state); a model-only "
                                   f"file loads with looplift.load or looplift.train.load_model")
         try:
-            position = json.loads(metadata[f"{_PREFIX}position"])
-            optimizer = json.loads(metadata[f"{_PREFIX}optimizer"])
-            scheduler = json.loads(metadata[f"{_PREFIX}scheduler"])
-            rng = _decode(json.loads(metadata[f"{_PREFIX}rng"]), tensors)
-            history = json.loads(metadata[f"{_PREFIX}history"])
-            optimizer_state = _decode(optimizer["state"], tensors)
-            scheduler_state = None if scheduler is None else _decode(scheduler["state"], tensors)
+            position = json.loads(metadata[f"{PREFIX}position"])
+            optimizer = json.loads(metadata[f"{PREFIX}optimizer"])
+            scheduler = json.loads(metadata[f"{PREFIX}scheduler"])
+            rng = decode(json.loads(metadata[f"{PREFIX}rng"]), tensors)
+            history = json.loads(metadata[f"{PREFIX}history"])
+            optimizer_state = decode(optimizer["state"], tensors)
+            scheduler_state = None if scheduler is None else decode(scheduler["state"], tensors)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"the checkpoint {path!r} is damaged: {type(e).__name__}: {e}") from e
-        problems = mismatches(self.model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
-        if optimizer["class"] != _class_name(self.optimizer):
+        problems = mismatches(self.model, {k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
+        if optimizer["class"] != class_name(self.optimizer):
             problems.append(f"optimizer: the checkpoint's is {optimizer['class']}, this one is "
-                            f"{_class_name(self.optimizer)}")
+                            f"{class_name(self.optimizer)}")
         elif optimizer["param_names"] != self._param_names:
             problems.append(f"optimizer: the checkpoint's parameter groups hold {optimizer['param_names']}, "
                             f"this one's {self._param_names}")
-        mine = None if self.scheduler is None else _class_name(self.scheduler)
+        mine = None if self.scheduler is None else class_name(self.scheduler)
         theirs = None if scheduler is None else scheduler["class"]
         if mine != theirs:
             problems.append(f"scheduler: the checkpoint's is {theirs}, this one is {mine}")
@@ -532,7 +472,7 @@ class Trainer:
         copy_into(self.model, restored["model"])
         position = restored["position"]
         if restored["rng"] is not None:
-            _set_rng_state(restored["rng"])
+            set_rng_state(restored["rng"])
         if restored["rng"] is None:
             _note(self.rank, f"the checkpoint has no RNG state for rank {self.rank} (it was written after an "
                              f"interrupt, or by fewer ranks): random numbers will differ from an uninterrupted run")
@@ -548,125 +488,7 @@ class Trainer:
         self.history = restored["history"]
 
 
-class _LossOfModel(torch.nn.Module):
-    """What DDP wraps: ``forward(batch)`` is ``loss_fn(model, batch)``, however `loss_fn` uses the parameters."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any):
-        return self.loss_fn(self.model, batch)
-
-
-def _init_distributed(model: torch.nn.Module) -> tuple[int, int]:
-    """(rank, world size), initializing the process group when the environment asks for more than one process."""
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return 0, 1
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
 
 def _note(rank: int, message: str) -> None:
     if rank == 0:
         print(message, file=sys.stderr)
-
-
-def _class_name(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-# -- model entries --------------------------------------------------------------------------------
-
-def load_model(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
-    """Load the model's parameters from `path`, a training checkpoint or a model-only file; return its metadata.
-
-    Entries under ``trainer/`` (optimizer, scheduler, RNG states) are
-    ignored; the others must match the model exactly, as for
-    ``looplift.load``. Returns the user metadata stored with them.
-
-    Raises:
-        CheckpointError: the file is unreadable or its model entries do not
-            match: every missing, unexpected and mis-shaped entry is listed.
-            Nothing is changed then.
-    """
-    path = os.fspath(path)
-    tensors, metadata = _read_file(path)
-    problems = mismatches(model, {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)})
-    if problems:
-        raise CheckpointError(f"the checkpoint {path!r} does not match the model ({len(problems)} problems):\n  "
-                              + "\n  ".join(problems))
-    copy_into(model, tensors)
-    return {k: v for k, v in metadata.items() if not k.startswith(_PREFIX)}
-
-
-def _read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises plain errors for some corrupt files
-        raise CheckpointError(f"cannot read the checkpoint {path!r}: {type(e).__name__}: {e}") from e
-
-
-# -- state that is not the model: tensors as entries, the rest as JSON ----------------------------
-
-def _encode(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """`value` as JSON, its tensors moved into `tensors` under names from `name` and the path to them.
-
-    Dicts become ``{"dict": [[key, value], ...]}`` (keys may be ints),
-    tuples ``{"tuple": [...]}``, tensors ``{"tensor": entry name}``; lists,
-    numbers, strings and None stay as they are.
-    """
-    if isinstance(value, torch.Tensor):
-        if name in tensors:
-            raise CheckpointError(f"two values would be stored as the checkpoint entry {name!r}")
-        tensors[name] = value.detach().to("cpu").contiguous()
-        return {"tensor": name}
-    if isinstance(value, dict):
-        bad = [k for k in value if not isinstance(k, (str, int, float, bool, type(None)))]
-        if bad:
-            raise CheckpointError(f"cannot store {name!r}: its keys {bad!r} are not numbers or strings")
-        return {"dict": [[k, _encode(v, f"{name}/{k}", tensors)] for k, v in value.items()]}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise CheckpointError(f"cannot store {name!r}: a {type(value).__name__} (a checkpoint holds tensors, numbers, "
-                          f"strings, None, and lists, tuples and dicts of them)")
-
-
-def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        (tag, body), = value.items()
-        if tag == "tensor":
-            return tensors[body]
-        if tag == "tuple":
-            return tuple(_decode(v, tensors) for v in body)
-        if tag == "dict":
-            return {k: _decode(v, tensors) for k, v in body}
-        raise ValueError(f"unknown tag {tag!r}")
-    return value
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "python": random.getstate()}
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])

@@ -13,7 +13,7 @@ import torch
 import looplift as ll
 from looplift.errors import CheckpointError
 from looplift.train.checkpoint import load as load_params
-from looplift.train.driver import MODEL_FILE
+from looplift.train.trainer_state import MODEL_FILE
 
 from . import data, metrics
 from .model import EOS, G2P, Config
