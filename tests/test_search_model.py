@@ -89,7 +89,7 @@ def brute_force(m: Decoder, enc_b: torch.Tensor) -> list[tuple[float, tuple[int,
         state, label, total = start(m), EOS, 0.0
         for y in seq:
             lp, state = by_hand_step(m, enc_b, state, label)
-            total += float(lp[y])
+            total += float(lp[y].detach())
             label = y
         scored.append((total, seq))
     return sorted(scored, reverse=True)
