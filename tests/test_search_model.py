@@ -105,8 +105,8 @@ def nbest(out, b: int):
     labels, chosen, scores, lengths, valid = out
     beam = next(d for d in scores.dims if d is not B)
     t = next(d for d in labels.dims if d not in (B, beam))
-    lab, ch = labels.align(B, beam, t), chosen.align(B, beam, t)
-    sc, ln, va = scores.align(B, beam), lengths.align(B, beam), valid.align(B, beam)
+    lab, ch = labels.align(B, beam, t), chosen.align(B, beam, t).detach()
+    sc, ln, va = scores.align(B, beam).detach(), lengths.align(B, beam), valid.align(B, beam)
     return [(float(sc[b, k]), tuple(int(v) for v in lab[b, k, :int(ln[b, k])]), float(ch[b, k, :int(ln[b, k])].sum()))
             for k in range(beam.size) if va[b, k]]
 
