@@ -337,24 +337,31 @@ def attention_program(dec: AttentionDecoder, beam: int, max_len: int, threshold=
     return ll.compile(run, mode="search")
 
 
-def test_batch_entries_are_independent():
-    """The n-best of a batch of 3 (encoder lengths 4, 1, 3; large garbage in the padding) equals that of
-    each entry run alone (batch of 1, no padding), and the plain beam search with the same attention."""
+def check_entries_independent(beam: int, threshold=None):
+    """A batch of 3 (encoder lengths 4, 1, 3; large garbage in the padding): each entry's n-best equals that
+    of the entry run alone (batch of 1, no padding) and the plain beam search's. Returns the batch's."""
     dec = AttentionDecoder(4, 3, eos_bias=-1.0)
     lengths = torch.tensor([4, 1, 3])
     g = torch.Generator().manual_seed(3)
     enc = torch.randn(3, 4, H.size, generator=g, dtype=DT)
     pad = torch.arange(4)[None, :, None] >= lengths[:, None, None]
     enc = torch.where(pad, 1e3 * torch.randn(enc.shape, generator=g, dtype=DT), enc)
-    prog = attention_program(dec, beam=3, max_len=4)
+    prog = attention_program(dec, beam=beam, max_len=4, threshold=threshold)
     together = nbest(*prog(ll.Named(enc, (B, ENC_T, H), {ENC_T: lengths})))
     for b in range(3):
         n = int(lengths[b])
         alone = nbest(*prog(ll.Named(enc[b:b + 1, :n], (B, ENC_T, H), {ENC_T: lengths[b:b + 1]})))
         assert_same_nbest([together[b]], alone)
         valid = enc[b, :n]
-        want = py_beam_search(dec.torch_step_on(valid), valid.mean(0), 4, 3, 4)
+        want = py_beam_search(dec.torch_step_on(valid), valid.mean(0), 4, beam, 4, threshold=threshold)
         assert_same_nbest(alone, [want])
+    return together
+
+
+def test_batch_entries_are_independent():
+    """The n-best of a batch of 3 (encoder lengths 4, 1, 3; large garbage in the padding) equals that of
+    each entry run alone (batch of 1, no padding), and the plain beam search with the same attention."""
+    together = check_entries_independent(3)
     assert together[0] != together[2]   # (the entries do differ)
 
 
@@ -622,23 +629,8 @@ def test_threshold_with_attention_batch_entries_are_independent():
     """choice(threshold=...) in the attention decoder over encoder inputs of lengths 4, 1, 3 (garbage in the
     padding): each entry's n-best is the same in the batch as alone (where its beam has its own widths),
     and the plain beam search's."""
-    dec = AttentionDecoder(4, 3, eos_bias=-1.0)
-    lengths = torch.tensor([4, 1, 3])
-    g = torch.Generator().manual_seed(3)
-    enc = torch.randn(3, 4, H.size, generator=g, dtype=DT)
-    pad = torch.arange(4)[None, :, None] >= lengths[:, None, None]
-    enc = torch.where(pad, 1e3 * torch.randn(enc.shape, generator=g, dtype=DT), enc)
-    prog = attention_program(dec, beam=5, max_len=4, threshold=1.0)
-    together = nbest(*prog(ll.Named(enc, (B, ENC_T, H), {ENC_T: lengths})))
+    together = check_entries_independent(5, threshold=1.0)
     assert any(len(entry) < 5 for entry in together)
-    for b in range(3):
-        n = int(lengths[b])
-        alone = nbest(*prog(ll.Named(enc[b:b + 1, :n], (B, ENC_T, H), {ENC_T: lengths[b:b + 1]})))
-        assert_same_nbest([together[b]], alone)
-        valid = enc[b, :n]
-        want = py_beam_search(dec.torch_step_on(valid), valid.mean(0), 4, 5, 4, threshold=1.0)
-        assert_same_nbest(alone, [want])
-
 
 def test_threshold_with_masked_computation():
     """A search whose state `slow` advances only where the previous label is not 1 (a MaskedComputation)
