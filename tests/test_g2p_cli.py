@@ -82,6 +82,26 @@ def test_convert_prints_nbest_with_scores(trained, capsys):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_threshold_in_eval_and_convert(trained, capsys):
+    """``--threshold``: eval prints the counts of ``recipe.evaluate(threshold=...)``; convert prints the
+    hypotheses ``recipe.decode(threshold=...)`` keeps (threshold 0: only the best); a negative one is an
+    error before anything is decoded."""
+    d, _ = trained
+    out = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3", "--threshold", "0.5").out
+    m = re.search(r"PER (\S+)% \((\d+)/(\d+) phonemes\), WER (\S+)% \((\d+) words", out)
+    assert m and "threshold 0.5" in out, out
+    model, vocabs = recipe.load_model(d)
+    want = recipe.evaluate(model, data.split(data.load())["dev"][:20], vocabs, beam=3, threshold=0.5)
+    assert (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
+    lines = run(capsys, "convert", "--dir", d, "hello", "--beam", "3", "--nbest", "3", "--threshold", "0").out
+    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=1)[0]
+    assert len(lines.strip().splitlines()) == len(best) == 1
+    assert lines.split()[3:] == vocabs.phonemes.decode(best[0][0])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", "--dir", d, "hello", "--threshold", "-1"])
+    assert "--threshold" in str(e.value.code)
+
+
 def test_unknown_characters_are_named(trained, capsys):
     d, _ = trained
     with pytest.raises(SystemExit) as e:

@@ -85,9 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
     p.add_argument("--beam", type=int, default=5, help="beam size")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="keep only hypotheses within this log-probability of the best (at most --beam): the beam "
-                        "shrinks where the model is sure (default: off)")
+    _add_threshold(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N words of the split")
     p.add_argument("--batch", type=int, default=256, help="words decoded at once")
 
@@ -96,8 +94,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("words", nargs="+", metavar="WORD", help="words to convert (case is ignored)")
     p.add_argument("--beam", type=int, default=5, help="beam size")
+    _add_threshold(p)
     p.add_argument("--nbest", type=int, default=3, help="pronunciations printed per word")
     return parser
+
+
+def _add_threshold(p) -> None:
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep only hypotheses within this log-probability of the best (at most --beam): the beam "
+                        "shrinks where the model is sure (default: off)")
+
+
+def _threshold(args) -> float | None:
+    threshold = getattr(args, "threshold", None)   # (`run` has none)
+    if threshold is not None and not threshold >= 0:
+        raise SystemExit(f"looplift-g2p: --threshold must be >= 0, got {threshold}")
+    return threshold
 
 
 def _positive(args, *names) -> None:
@@ -170,9 +182,7 @@ def evaluate(args) -> None:
     if args.limit is not None:
         entries = entries[:args.limit]
     start = time.perf_counter()
-    threshold = getattr(args, "threshold", None)
-    if threshold is not None and not threshold >= 0:
-        raise SystemExit(f"looplift-g2p: --threshold must be >= 0, got {threshold}")
+    threshold = _threshold(args)
     s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=getattr(args, "batch", 256),
                         threshold=threshold)
     seconds = time.perf_counter() - start
@@ -187,7 +197,7 @@ def convert(args) -> None:
     model, vocabs = recipe.load_model(args.dir)
     words = [w.lower() for w in args.words]
     encoded = [vocabs.chars.encode(w) for w in words]   # (an unknown character: an error naming it)
-    for word, hyps in zip(words, recipe.decode(model, encoded, beam=args.beam)):
+    for word, hyps in zip(words, recipe.decode(model, encoded, beam=args.beam, threshold=_threshold(args))):
         for rank, (ids, score) in enumerate(hyps[:args.nbest]):
             label = word if rank == 0 else " " * len(word)
             print(f"{label}  {score:8.3f}  p={math.exp(score):.3f}  {' '.join(vocabs.phonemes.decode(ids))}")
