@@ -432,7 +432,8 @@ class Loop:
             state_names=[f"{slot.name}" + (f"[{i}]" if len(slot.tensor_leaves) > 1 else "")
                          for slot in self._slots.values() for i in slot.tensor_leaves],
             stop_at_max_len=searching,
-            beam=(self._search.beam, self._search.next) if searching and self._search.dynamic else None)
+            beam=(self._search.beam, self._search.next) if searching and self._search.dynamic else None,
+            also_steps=self.axis if steps is not self.axis else None)
         initial = [slot.initial[i] for slot in self._slots.values() for i in slot.tensor_leaves]
         # (a search's stacks are backtracked into the user's tensors after the loop)
         node = spec.add_node(self._parent, initial, None if searching else [out for _, out in self._stacks])
@@ -459,6 +460,11 @@ class Loop:
             raise TraceError(f"loop.search is read after a loop whose body runs a search step "
                              f"(loop at {self.source}, at {_graph.user_source_line()})")
         return self._result
+
+    def _beam_pair(self) -> tuple[Dim, Dim] | None:
+        """(the beam, the pruned beam) of this loop's search, once known (the trace after the first), else None."""
+        beam, nxt = self._hints.get(("search", "beam")), self._hints.get(("search", "next"))
+        return None if beam is None or nxt is None else (beam, nxt)
 
     def _slot_of(self, placeholder: Tensor) -> _Slot:
         return next(s for s in self._slots.values() if s.placeholders and s.placeholders[0] is placeholder)
@@ -675,6 +681,9 @@ class LoopSpec:
     #: a search whose beam size changes per step: (the loop's beam, the pruned beam). Each step runs with
     #: the beam as wide as the previous step's prune kept (the first with 1)
     beam: tuple[Dim, Dim] | None = None
+    #: a search over a dim of its own steps over `axis`, a dim of its own too: the loop's dim (whose history
+    #: ``cum_concat`` keeps) is stepped alongside
+    also_steps: Dim | None = None
 
     def sized_per_step(self, dim: Dim) -> bool:
         """Whether `dim`'s size is set anew at each step (a changing beam, or a dim sized like it)."""
@@ -837,7 +846,7 @@ class _LoopRun:
                         f"with entries not yet ended; raise max_seq_len or check the loop.end condition")
                     err.node = spec.node  # the error names its line already
                     raise err
-            step_env = env.child({axis: t}, scratch)
+            step_env = env.child({axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
             results = run_body(step_env, captured + state)

@@ -51,6 +51,7 @@ from .ops import math as _math
 from .ops import reduce as _reduce
 from .ops import shape as _shape
 from .ops._core import as_tensor, emit_many
+from .ops.history import note_sources
 from .ops.index import gather
 from .tensor import Tensor
 
@@ -280,6 +281,7 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
             env.sizes[nxt] = width
         n = n_labels if n_labels is not None else v.shape[-1]
         src = idx // n if has_beam else torch.zeros_like(idx)
+        note_sources(env, src, batch + (nxt,))   # (histories follow the hypotheses)
         return src, idx % n, top, idx
 
     src, labels, top, index = emit_many(

@@ -1094,6 +1094,85 @@ def test_max_seq_len_per_entry():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# self-attention over the history (cum_concat) in a search
+
+class HistoryDecoder(Decoder):
+    """The RNN decoder plus self-attention over its own past states (``cum_concat`` of h, before the prune)
+    and, fed back, the mean embedding of the labels chosen so far (``cum_concat`` over the pruned beam, after
+    the prune): both histories must follow the hypotheses."""
+
+    def step_with_history(self, loop):
+        h = ll.tanh(self.emb(loop.state.label) + self.rec(loop.state.h) + loop.state.summary)
+        keys = ll.cum_concat(h)
+        (past,) = [d for d in keys.dims if d not in h.dims]
+        ctx = ll.dot(ll.softmax(ll.dot(h, keys, reduce=H), axis=past), keys, reduce=past)
+        return h, ll.log_softmax(self.out(h + ctx), axis=self.V)
+
+    def summary_after(self, labels):
+        chosen = ll.cum_concat(self.emb(labels))
+        (past,) = [d for d in chosen.dims if d is not H and d not in labels.dims]
+        return ll.mean(chosen, axis=past)
+
+    def torch_step(self, prev: int, state):
+        h, states, labels = state
+        with torch.no_grad():
+            if states:   # (prev is the label chosen at the last step; the first step's is BOS)
+                labels = labels + (self.emb.weight[prev],)
+            summary = torch.stack(labels).mean(0) if labels else torch.zeros_like(h)
+            h = torch.tanh(self.emb.weight[prev] + F.linear(h, self.rec.weight, self.rec.bias) + summary)
+            keys = torch.stack(states + (h,))
+            ctx = torch.softmax(keys @ h, 0) @ keys
+            return (h, states + (h,), labels), torch.log_softmax(F.linear(h + ctx, self.out.weight, self.out.bias), -1)
+
+
+def history_program(dec: HistoryDecoder, *, beam: int, max_len: int, threshold=None):
+    V = dec.V
+
+    def run(x):
+        loop = ll.Loop(max_seq_len=max_len)
+        loop.state.label = ll.full(0, sparse_dim=V)
+        loop.state.h = x
+        loop.state.summary = ll.zeros([H], dtype=DT)
+        loop.state.score = ll.zeros([])
+        with loop:
+            h, lp = dec.step_with_history(loop)
+            loop.state.h = h
+            pruned = ll.search.prune(ll.search.expand(loop.state.score, lp, axis=V), beam_size=beam, axis=V,
+                                     threshold=threshold)
+            loop.state.score = pruned.scores
+            loop.state.label = pruned.labels
+            loop.state.summary = dec.summary_after(pruned.labels)
+            loop.end(pruned.labels == 0, include_eos=True)
+            ys = loop.stack(pruned.labels)
+        return ys, loop.state.score, loop.search.lengths, loop.search.valid
+
+    return ll.compile(run, mode="search")
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["optimized", "reference"])
+def test_histories_follow_the_hypotheses(reference):
+    """``cum_concat`` in a search (of a value over the beam before the prune, and of one over the pruned
+    beam after it): each hypothesis sees its own past. With a beam >= all outcomes the n-best is brute force
+    with per-sequence histories; with beams 2 and 3, and with a threshold that changes the beam size, it is
+    the plain beam search of the same step in PyTorch."""
+    n_vocab, max_len = 3, 4
+    dec = HistoryDecoder(n_vocab, 7, eos_bias=-1.0)
+    x = initial_states(2, 7)
+
+    def start(b):
+        return x[b], (), ()
+
+    prog = history_program(dec, beam=n_outcomes(n_vocab, max_len), max_len=max_len)
+    want = [brute_force_nbest(enumerate_outcomes(dec.torch_step, start(b), n_vocab, max_len)) for b in range(2)]
+    assert_same_nbest(run_nbest(prog, x, reference=reference), want)
+    for beam, threshold in ((2, None), (3, None), (5, 1.0)):
+        prog = history_program(dec, beam=beam, max_len=max_len, threshold=threshold)
+        want = [py_beam_search(dec.torch_step, start(b), n_vocab, beam, max_len, threshold=threshold)
+                for b in range(2)]
+        assert_same_nbest(run_nbest(prog, x, reference=reference), want)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # errors
 
 OTHER = ll.Dim("other", 3)

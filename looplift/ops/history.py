@@ -13,6 +13,10 @@ itself with `T` renamed to the history dim, whose lengths run over `T`:
 frame t sees a history of length t + 1, so reductions and softmax over the
 history dim are causal (they mask by those lengths, which brings `T` in).
 Nothing is copied.
+
+In a beam search, the history follows the hypotheses: after each prune, the
+frames kept so far are reordered by the source hypotheses (as the loop
+reorders its states), so each hypothesis attends over its own past.
 """
 
 from __future__ import annotations
@@ -20,13 +24,24 @@ from __future__ import annotations
 import torch
 
 from .. import graph as _graph
+from .._align import aligner
 from ..dims import Dim
-from ..errors import DimError, TraceError
+from ..errors import DimError, ExecutionError, TraceError
 from ..tensor import Tensor
-from ._core import as_tensor, emit
+from ._core import as_tensor, dims_str, emit
 from .shape import expand, replace_dim
 
 __all__ = ["cum_concat", "shift_in"]
+
+#: In a search loop's run memory: (source hypotheses, their dims) of each prune so far, the last dim the
+#: pruned beam (see :func:`note_sources`).
+SOURCES = "search:sources"
+
+
+def note_sources(env, src: torch.Tensor, dims: tuple[Dim, ...]) -> None:
+    """Record a prune's source hypotheses `src` (over `dims`, the pruned beam last) in the loop run's memory,
+    so histories (:func:`cum_concat`) follow the hypotheses."""
+    env.scratch.setdefault(SOURCES, []).append((src, dims))
 
 
 def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
@@ -48,11 +63,23 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
             raise DimError(f"cum_concat inside the loop over {axis.name!r}: the {x.describe()} has the loop's "
                            f"dim (use a frame, e.g. loop.unstack(x)) (at {_graph.user_source_line()})")
         key = object()  # this node's history in the loop run's memory
+        loop = next((lp for lp in reversed(ctx.loops) if lp.axis.canonical() is axis), None)
+        pair = loop._beam_pair() if loop is not None else None
+        beam = next((d for d in (pair or ()) if d in x.dims), None)
+        if beam is not None:   # (a search: the history follows the hypotheses, over the loop's batch dims)
+            missing = [d for d in loop._batch_dims() if d not in x.dims]
+            if missing:
+                x = expand(x, missing)
+        follow = None if beam is None else _follower(x.dims, beam, after_prune=beam is pair[1], axis=axis)
 
         def kernel(env, v):
-            frames = env.scratch.setdefault(key, [])
-            frames.append(v)
-            return torch.stack(frames, 0)
+            history = env.scratch.get(key)
+            if history is None:
+                history = env.scratch[key] = _History()
+            if follow is not None:
+                follow(env, history)
+            history.frames.append(v)
+            return torch.stack(history.frames, 0)
 
         return emit("cum_concat", (x,), kernel, (history,) + x.dims, x.dtype, sparse_dim=x.sparse_dim,
                     attrs={"axis": axis.name})
@@ -60,6 +87,40 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
         x = expand(x, [axis])
     # x with `axis` renamed: the history dim's lengths run over `axis`, so frame t sees t + 1 frames
     return replace_dim(x, axis, history)
+
+
+class _History:
+    """One ``cum_concat``'s frames so far in a loop run, and how many prunes of a search they followed."""
+
+    __slots__ = ("frames", "followed")
+
+    def __init__(self):
+        self.frames: list = []
+        self.followed = 0
+
+
+def _follower(dims: tuple[Dim, ...], beam: Dim, *, after_prune: bool, axis: Dim):
+    """``follow(env, history)``: the `history`'s frames (each over `dims`, a search's beam among them)
+    reordered by the source hypotheses of the prunes it has not followed yet: those of the steps before this
+    one, and this step's own if the frames are over the pruned beam (`after_prune`)."""
+    pos = dims.index(beam)
+
+    def follow(env, history: _History) -> None:
+        sources = env.scratch.get(SOURCES, ())
+        frames = history.frames
+        target = len(sources) if after_prune else env.step(axis)
+        for src, src_dims in sources[history.followed:target]:
+            src_dims = src_dims[:-1] + (beam,)
+            if any(d not in dims for d in src_dims):
+                raise ExecutionError(f"cum_concat in a search: the history over {dims_str(dims)} lacks dims of "
+                                     f"the hypotheses' sources {dims_str(src_dims)}")
+            index = aligner(src_dims, dims)(src)
+            for i, f in enumerate(frames):
+                shape = [n if k != pos else index.shape[pos] for k, n in enumerate(f.shape)]
+                frames[i] = f.gather(pos, index.expand(shape))
+        history.followed = max(history.followed, target)
+
+    return follow
 
 
 cum_concat = _graph.replayable(cum_concat)

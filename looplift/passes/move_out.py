@@ -897,7 +897,7 @@ class _LoopMove:
             freeze=self.freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)),
             freeze_past_length=self.freeze or spec.freeze_past_length and not (spec.end is not None
                                                                               and not spec.own_dim),
-            stop_at_max_len=spec.stop_at_max_len, beam=spec.beam)
+            stop_at_max_len=spec.stop_at_max_len, beam=spec.beam, also_steps=spec.also_steps)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)
