@@ -631,6 +631,11 @@ class Loop:
                     f"looplift.identity(value)), which holds its value where the mask is False "
                     f"(loop at {self.source}, at {_graph.user_source_line()})")
             value = held
+        if self._search is not None and any(d in value.dims for d in (self._search.beam, self._search.next)):
+            raise TraceError(f"loop.last of the {value.describe()} in a search: a value over the beam at an entry's "
+                             f"last step belongs to hypotheses that the last prune reorders; keep it as a loop "
+                             f"state (loop.state.NAME = value), whose final value follows each final hypothesis "
+                             f"(loop at {self.source}, at {_graph.user_source_line()})")
         for v, out in self._lasts:
             if v is value:
                 return out

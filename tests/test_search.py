@@ -1238,3 +1238,27 @@ def test_misuse_raises_a_looplift_error_naming_the_line(body, marker, cls, words
     assert marked_line(__file__, marker) in msg, msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_last_of_a_beam_value_is_an_error_naming_the_line():
+    """loop.last of a value over the beam in a search: a TraceError naming the user's line and the fix (a
+    loop state)."""
+    dec = Decoder(3, 30)
+    V = dec.V
+
+    def run(x):
+        loop = ll.Loop(max_seq_len=3)
+        loop.state.label = ll.full(0, sparse_dim=V)
+        loop.state.h = x
+        with loop:
+            h, lp = dec.step(loop.state.label, loop.state.h)
+            loop.state.h = h
+            label = ll.choice(lp, beam_size=2, axis=V)
+            loop.state.label = label
+            loop.end(label == 0, include_eos=True)
+        return loop.last(h)  # <last-beam>
+
+    with pytest.raises(ll.errors.TraceError) as info:
+        ll.compile(run, mode="search")(ll.Named(initial_states(2, 0), (B, H)))
+    msg = str(info.value)
+    assert marked_line(__file__, "last-beam") in msg and "loop.state" in msg and "beam" in msg, msg
