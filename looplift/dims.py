@@ -172,6 +172,18 @@ class Dim:
             raise ValueError(f"{self!r}.ceildiv({k}): the divisor must be >= 1")
         return self._derive(("//", k), lambda: _affine(self, "//", k))
 
+    def alias(self) -> Dim:
+        """Another axis of this dim's size and lengths (derived: the same object each time), e.g. the keys
+        of self-attention over a sequence, so queries and keys are two dims of one score tensor."""
+        def make() -> Dim:
+            base = self.canonical()
+            dim = Dim(f"{self.name}_alias", base._size, batch=base.batch)
+            dim.origin = ("alias", (base,))
+            dim._size_rule = lambda size: size
+            dim._lengths_rule = lambda n: n
+            return dim
+        return self._derive(("alias",), make)
+
     def history(self) -> Dim:
         """The history dim of ``cum_concat`` over this dim: at step t of a loop over it, length t + 1.
 

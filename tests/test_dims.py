@@ -91,3 +91,25 @@ def test_bad_static_size_is_rejected(bad):
 def test_negative_derived_static_size_is_rejected():
     with pytest.raises(ValueError, match="negative size"):
         Dim("x", 2) - 3
+
+
+def test_alias_is_another_axis_of_the_same_size_and_lengths():
+    """``T.alias()`` is one derived dim (the same object each time, not T) with T's size rule and lengths:
+    self-attention over a padded sequence with keys on it equals plain PyTorch on each entry's valid
+    frames, NaN in the padding."""
+    T, F = Dim("time"), Dim("f", 3)
+    K = T.alias()
+    assert K is T.alias() and K is not T and K.is_dynamic and K.length_dims == T.length_dims
+    assert Dim("s", 5).alias().size == 5
+
+    def attend(x):
+        keys = ll.replace_dim(x, T, K)
+        return ll.dot(ll.softmax(ll.dot(x, keys, reduce=F), axis=K), keys, reduce=K)
+
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    n = torch.tensor([4, 2])
+    x[1, 2:] = float("nan")
+    out = ll.compile(attend, mode="eval")(ll.Named(x, (ll.batch_dim, T, F), {T: n})).align(ll.batch_dim, T, F)
+    for b in range(2):
+        v = x[b, :n[b]]
+        torch.testing.assert_close(out[b, :n[b]], torch.softmax(v @ v.T, -1) @ v)

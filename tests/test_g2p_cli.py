@@ -12,6 +12,7 @@ import torch
 
 from looplift.recipes.g2p import cli, data, recipe
 from looplift.recipes.g2p.model import G2P, Config
+from looplift.recipes.g2p.transformer import TransformerG2P
 
 TINY = ["--words", "120", "--emb", "8", "--enc", "16", "--dec", "16", "--batch", "32", "--eval-words", "16",
         "--minutes", "0", "--no-progress", "--seed", "3"]
@@ -155,3 +156,26 @@ def test_help_explains_every_option(capsys):
             line = next(ln for ln in out.splitlines() if ln.strip().startswith(option))
             block = out[out.index(line):].split("\n  -")[0]
             assert len(block.split(option, 1)[1].strip()) > 5, (command, option)
+
+
+def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys):
+    """``--arch transformer``: the checkpoint records the architecture (load_model builds a TransformerG2P of
+    the trained sizes); 1 epoch resumed to 2 equals 2 straight; eval prints the recipe's counts; convert
+    prints the recipe's best hypothesis."""
+    tiny = [*TINY, "--arch", "transformer", "--model-dim", "8", "--heads", "2", "--ff", "12", "--layers", "1"]
+    d, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    cli.main(["train", "--dir", d, "--epochs", "1", *tiny])
+    cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *tiny])
+    cli.main(["train", "--dir", straight, "--epochs", "2", *tiny])
+    capsys.readouterr()
+    model, vocabs = recipe.load_model(d)
+    assert isinstance(model, TransformerG2P) and (model.config.model, model.config.layers) == (8, 1)
+    for (n, a), (_, b) in zip(model.named_parameters(), recipe.load_model(straight)[0].named_parameters()):
+        assert torch.equal(a, b), n
+    out = run(capsys, "eval", "--dir", d, "--limit", "10", "--beam", "2").out
+    m = re.search(r"PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
+    want = recipe.evaluate(model, data.split(data.load())["dev"][:10], vocabs, beam=2)
+    assert m and (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
+    line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
+    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
+    assert line.split()[3:] == vocabs.phonemes.decode(best[0])

@@ -1,6 +1,8 @@
-"""The G2P recipe's model: its training loss and gradients equal the same architecture written by hand in
-plain PyTorch (``benchmarks/g2p_training.py``'s ``HandG2P``, the benchmark's baseline), on real CMUdict
-words with padding; label smoothing; the loop keeps only the recurrent core."""
+"""The G2P recipe's models. The LSTM model's training loss and gradients equal the same architecture written
+by hand in plain PyTorch (``benchmarks/g2p_training.py``'s ``HandG2P``, the benchmark's baseline), on real
+CMUdict words with padding; label smoothing; the loop keeps only the recurrent core; decoding with a
+threshold. The Transformer variant trains without a loop, equal to the step-by-step reference, and its
+search scores are its own log-probabilities."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import looplift as ll
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import G2P, Config
+from looplift.recipes.g2p.transformer import TransformerConfig, TransformerG2P
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,3 +136,54 @@ def test_decode_with_a_threshold(words):
     assert min(sizes) >= 1 and max(sizes) <= 6 and len(set(sizes)) > 1
     for hyps in some:
         assert all(s >= hyps[0][1] - 2.0 - 1e-9 for _, s in hyps)
+
+
+# -- the Transformer variant -----------------------------------------------------------------------
+
+def _transformer(vocabs, seed: int = 0):
+    torch.manual_seed(seed)
+    config = TransformerConfig(len(vocabs.chars), len(vocabs.phonemes), model=8, heads=2, ff=12, layers=2)
+    return TransformerG2P(config).double()
+
+
+def test_transformer_training_equals_the_step_by_step_decoder_and_has_no_loop(words):
+    """The Transformer in train mode: the loop optimizer removes the decoder loop (its self-attention
+    histories become the whole sequence with a causal history dim), and the loss and every parameter's
+    gradient equal the reference interpreter's, which runs the decoder step by step (padded CMUdict words,
+    float64)."""
+    entries, vocabs = words
+    model = _transformer(vocabs)
+    examples = recipe.Examples(entries, vocabs)
+    batch = list(range(len(examples)))
+    x = recipe.char_batch(model, [examples.chars[i] for i in batch])
+    y = recipe.phoneme_batch(model, [examples.prons[i] for i in batch])
+    train = ll.compile(model, mode="train")
+    loss = train(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = train.reference(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+    explained = train.explain()
+    assert "it is gone" in explained and "cum_concat as the whole sequence" in explained, explained
+
+
+def test_transformer_search_scores_are_the_model_s_log_probabilities(words):
+    """The same Transformer definition decodes by beam search (its histories following the hypotheses):
+    every hypothesis's score equals the log-probability the model gives its phonemes (and EOS) when they are
+    fed as targets in eval mode, and the n-best is in descending order."""
+    entries, vocabs = words
+    model = _transformer(vocabs, seed=1)
+    with torch.no_grad():   # (hypotheses end well before max_seq_len)
+        model.readout.bias[0] += 2.0
+    encoded = [vocabs.chars.encode(e.word) for e in entries[:6]]
+    nbest = recipe.decode(model, encoded, beam=4)
+    score_of = ll.compile(model, mode="eval")
+    for word, hyps in zip(encoded, nbest):
+        assert len(hyps) == 4 and [s for _, s in hyps] == sorted((s for _, s in hyps), reverse=True)
+        for ids, score in hyps:
+            assert len(ids) < 2 * len(word) + 3   # (ended by EOS, not cut)
+            nll = score_of(recipe.char_batch(model, [word]), recipe.phoneme_batch(model, [ids]),
+                           src=recipe.SRC, tgt=recipe.TGT).tensor
+            assert float(nll.detach()) == pytest.approx(-score, abs=1e-9)

@@ -21,6 +21,7 @@ from looplift.errors import LoopliftError
 
 from . import data, recipe
 from .model import G2P, Config
+from .transformer import TransformerConfig
 
 DEFAULT_DIR = "g2p-run"
 EXAMPLE_WORDS = ["looplift", "transducer", "phoneme", "beam", "pytorch"]
@@ -43,10 +44,17 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--clip", type=float, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--arch", choices=["lstm", "transformer"], default="lstm",
+                   help="the model: BiLSTM encoder + attention LSTM decoder, or a Transformer (the --emb ... --dec "
+                        "sizes are the LSTM's, --model-dim ... --layers the Transformer's)")
     p.add_argument("--emb", type=int, default=64, help="character and phoneme embedding size")
     p.add_argument("--enc", type=int, default=256, help="encoder size per layer (both directions)")
     p.add_argument("--enc-layers", type=int, default=2, help="bidirectional LSTM encoder layers")
     p.add_argument("--dec", type=int, default=256, help="decoder LSTM size")
+    p.add_argument("--model-dim", type=int, default=128, help="Transformer width")
+    p.add_argument("--heads", type=int, default=4, help="Transformer attention heads")
+    p.add_argument("--ff", type=int, default=512, help="Transformer feed-forward size")
+    p.add_argument("--layers", type=int, default=2, help="Transformer encoder layers, and as many decoder layers")
     p.add_argument("--stress", action="store_true", help="keep stress markers (default: stripped, 39 phonemes)")
     p.add_argument("--words", type=int, default=None,
                    help="train on only the first N training words (by the split's order), for quick runs")
@@ -121,7 +129,10 @@ def _positive(args, *names) -> None:
 
 def train(args) -> G2P:
     from looplift.train import Trainer, bucketed_batches
-    _positive(args, "batch", "lr", "epochs", "max_steps", "emb", "enc", "enc_layers", "dec")
+    _positive(args, "batch", "lr", "epochs", "max_steps", "emb", "enc", "enc_layers", "dec", "model_dim", "heads",
+              "ff", "layers")
+    if args.arch == "transformer" and args.model_dim % (2 * args.heads):
+        raise SystemExit(f"looplift-g2p: --model-dim ({args.model_dim}) must be a multiple of 2 * --heads")
     if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
         raise SystemExit("looplift-g2p: --dropout and --label-smoothing are in [0, 1)")
     splits = data.split(data.load(stress=args.stress))
@@ -129,11 +140,14 @@ def train(args) -> G2P:
     if not train_entries:
         raise SystemExit("looplift-g2p: no training words (--words must be positive)")
     vocabs = recipe.build_vocabs(splits["train"], stress=args.stress)
-    config = Config(n_chars=len(vocabs.chars), n_phonemes=len(vocabs.phonemes), emb=args.emb, enc=args.enc,
-                    enc_layers=args.enc_layers, dec=args.dec, dropout=args.dropout,
-                    label_smoothing=args.label_smoothing)
+    sizes = dict(n_chars=len(vocabs.chars), n_phonemes=len(vocabs.phonemes), dropout=args.dropout,
+                 label_smoothing=args.label_smoothing)
+    if args.arch == "transformer":
+        config = TransformerConfig(**sizes, model=args.model_dim, heads=args.heads, ff=args.ff, layers=args.layers)
+    else:
+        config = Config(**sizes, emb=args.emb, enc=args.enc, enc_layers=args.enc_layers, dec=args.dec)
     torch.manual_seed(args.seed)
-    model = G2P(config)
+    model = recipe.build_model(config)
     examples = recipe.Examples(train_entries, vocabs)
     lengths = examples.lengths()
     n_params = sum(p.numel() for p in model.parameters())

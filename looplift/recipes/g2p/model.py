@@ -32,6 +32,7 @@ class Config:
     dec: int = 256
     dropout: float = 0.0      # on embeddings, between encoder layers and on the readout input
     label_smoothing: float = 0.0
+    arch = "lstm"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -17,6 +17,10 @@ from looplift.train.trainer_state import MODEL_FILE
 
 from . import data, metrics
 from .model import EOS, G2P, Config
+from .transformer import TransformerConfig, TransformerG2P
+
+#: the model classes by their config's ``arch``
+ARCHS = {"lstm": (Config, G2P), "transformer": (TransformerConfig, TransformerG2P)}
 
 SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
 
@@ -27,9 +31,14 @@ class Vocabs:
     phonemes: data.Vocab
     stress: bool
 
-    def metadata(self, config: Config) -> dict[str, str]:
-        return {"looplift-g2p": "1", "config": config.to_json(), "chars": self.chars.to_json(),
-                "phonemes": self.phonemes.to_json(), "stress": json.dumps(self.stress)}
+    def metadata(self, config: Config | TransformerConfig) -> dict[str, str]:
+        return {"looplift-g2p": "1", "arch": config.arch, "config": config.to_json(),
+                "chars": self.chars.to_json(), "phonemes": self.phonemes.to_json(), "stress": json.dumps(self.stress)}
+
+
+def build_model(config: Config | TransformerConfig) -> G2P | TransformerG2P:
+    """The model of `config`'s architecture."""
+    return ARCHS[config.arch][1](config)
 
 
 def build_vocabs(entries: Sequence[data.Entry], *, stress: bool) -> Vocabs:
@@ -140,12 +149,13 @@ def load_model(path: str | os.PathLike) -> tuple[G2P, Vocabs]:
     if meta.get("looplift-g2p") != "1":
         raise CheckpointError(f"{path!r} is not a looplift G2P model (its metadata lacks the model config)")
     try:
-        config = Config.from_json(meta["config"])
+        config_cls, _ = ARCHS[meta.get("arch", "lstm")]
+        config = config_cls.from_json(meta["config"])
         vocabs = Vocabs(data.Vocab.from_json(meta["chars"]), data.Vocab.from_json(meta["phonemes"]),
                         json.loads(meta["stress"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint {path!r} has broken G2P metadata: {e}") from e
-    model = G2P(config)
+    model = build_model(config)
     load_params(model, path)
     model.eval()
     return model, vocabs
