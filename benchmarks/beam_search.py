@@ -366,7 +366,8 @@ def compare_threshold(model: Seq2Seq, inputs, src_time, tgt_time, args, labels, 
     med = {k: statistics.median(v) for k, v in times.items()}
     width = t_sc.shape[1]
     valid = int((t_sc > float("-inf")).sum())
-    print(f"threshold {args.threshold}: median {med['threshold'] * 1e3:.1f} ms vs full beam {med['full'] * 1e3:.1f} ms; "
+    print(f"threshold {args.threshold}: median {med['threshold'] * 1e3:.1f} ms vs full beam "
+          f"{med['full'] * 1e3:.1f} ms; "
           f"final beam {width} slots ({valid / args.batch:.1f} hypotheses per utterance), best hypothesis the same "
           f"on {same_best}/{args.batch}")
     return {"threshold": args.threshold, "threshold_vs_full": round(med["threshold"] / med["full"], 3),

@@ -83,17 +83,31 @@ class G2P(ll.Module):
             loop.state.ctx = ll.dot(att, enc, reduce=src)
             readout_in = self.dropout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, self.enc_dim]))
             log_probs = ll.log_softmax(self.readout(readout_in), axis=self.phonemes)
-            label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=self.phonemes, threshold=threshold)
-            loop.state.label = label
-            loop.end(ll.eq(label, EOS), include_eos=True)
-            if ll.is_search():
-                labels = loop.stack(label)
-            else:
-                nll = -ll.gather(log_probs, index=label, axis=self.phonemes)
-                if self.config.label_smoothing:
-                    eps = self.config.label_smoothing
-                    nll = (1 - eps) * nll - eps * ll.mean(log_probs, axis=self.phonemes)
-                losses = loop.stack(nll)
-        if ll.is_search():
-            return labels, loop.search.scores, loop.search.lengths, loop.search.valid
-        return ll.sum(losses, axis=[ll.batch_dim, loop.axis])
+            stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
+                                   label_smoothing=self.config.label_smoothing)
+        return result(loop, stacked)
+
+
+def next_phoneme(loop: ll.Loop, log_probs, phonemes, *, axis: ll.Dim, beam: int, threshold: float | None,
+                 label_smoothing: float):
+    """The end of a decoder step, shared by the models: ``choice`` of the next phoneme (fed back as
+    ``loop.state.label``; the reference in train/eval mode), the end at EOS, and what is stacked: the chosen
+    phonemes in search mode, else each step's (label-smoothed) negative log-likelihood. `axis`: the
+    phoneme dim of `log_probs`."""
+    label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=axis, threshold=threshold)
+    loop.state.label = label
+    loop.end(ll.eq(label, EOS), include_eos=True)
+    if ll.is_search():
+        return loop.stack(label)
+    nll = -ll.gather(log_probs, index=label, axis=axis)
+    if label_smoothing:
+        nll = (1 - label_smoothing) * nll - label_smoothing * ll.mean(log_probs, axis=axis)
+    return loop.stack(nll)
+
+
+def result(loop: ll.Loop, stacked):
+    """The model's result after the decoder loop: ``(labels, scores, lengths, valid)`` of the n-best in search
+    mode, else the loss summed over the batch."""
+    if ll.is_search():
+        return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
+    return ll.sum(stacked, axis=[ll.batch_dim, loop.axis])

@@ -22,7 +22,7 @@ import torch
 import looplift as ll
 from looplift import nn
 
-from .model import EOS
+from .model import EOS, next_phoneme, result
 
 
 @dataclass
@@ -144,17 +144,6 @@ class TransformerG2P(ll.Module):
             for layer in self.decoder:
                 x = layer.decode_step(x, enc, src=src)
             log_probs = ll.log_softmax(self.readout(self.dec_norm(x)), axis=self.phonemes)
-            label = ll.choice(log_probs, target=phonemes, beam_size=beam, axis=self.phonemes, threshold=threshold)
-            loop.state.label = label
-            loop.end(ll.eq(label, EOS), include_eos=True)
-            if ll.is_search():
-                labels = loop.stack(label)
-            else:
-                nll = -ll.gather(log_probs, index=label, axis=self.phonemes)
-                if self.config.label_smoothing:
-                    eps = self.config.label_smoothing
-                    nll = (1 - eps) * nll - eps * ll.mean(log_probs, axis=self.phonemes)
-                losses = loop.stack(nll)
-        if ll.is_search():
-            return labels, loop.search.scores, loop.search.lengths, loop.search.valid
-        return ll.sum(losses, axis=[ll.batch_dim, loop.axis])
+            stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
+                                   label_smoothing=self.config.label_smoothing)
+        return result(loop, stacked)
