@@ -124,7 +124,8 @@ class TransformerG2P(ll.Module):
         return ll.concat(ll.sin(angle), cos, axis=[self.half_sin, self.half_cos], out_dim=self.model_dim)
 
     def embed(self, emb: nn.Embedding, labels, index):
-        return self.dropout(emb(labels) * math.sqrt(self.config.model) + self.position(index))
+        # (the embeddings start standard normal, as large as the positions' sin and cos: not scaled up)
+        return self.dropout(emb(labels) + self.position(index))
 
     def encode(self, chars, *, src: ll.Dim):
         x = self.embed(self.char_emb, chars, ll.range_over_dim(src))
