@@ -20,8 +20,21 @@ from looplift import nn
 EOS = 0
 
 
+class JsonConfig:
+    """A config dataclass stored in checkpoints as JSON (its ``arch`` says which model it builds)."""
+
+    arch = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls(**json.loads(text))
+
+
 @dataclass
-class Config:
+class Config(JsonConfig):
     """The model's sizes and regularization (stored in checkpoints as JSON)."""
 
     n_chars: int
@@ -33,13 +46,6 @@ class Config:
     dropout: float = 0.0      # on embeddings, between encoder layers and on the readout input
     label_smoothing: float = 0.0
     arch = "lstm"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Config":
-        return cls(**json.loads(text))
 
 
 class G2P(ll.Module):

@@ -13,20 +13,19 @@ Positions are sinusoidal (``sin`` and ``cos`` of position / 10000 ** (2i / d)), 
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 import looplift as ll
 from looplift import nn
 
-from .model import EOS, next_phoneme, result
+from .model import EOS, JsonConfig, next_phoneme, result
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(JsonConfig):
     """The Transformer's sizes and regularization (stored in checkpoints as JSON)."""
 
     n_chars: int
@@ -38,13 +37,6 @@ class TransformerConfig:
     dropout: float = 0.0      # on the embeddings and every block's output
     label_smoothing: float = 0.0
     arch = "transformer"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TransformerConfig":
-        return cls(**json.loads(text))
 
 
 class _Attention(ll.Module):
