@@ -1204,17 +1204,9 @@ def recombine_first(loop, lp, V):
     return ll.choice(scores, beam_size=2, axis=V)
 
 
-@pytest.mark.parametrize("body,marker,cls,words", [
-    (bad_prune_axis, "prune-axis", ll.errors.DimError, ["other", "prune"]),
-    (bad_expand_axis, "expand-axis", ll.errors.DimError, ["other", "expand"]),
-    (bad_beam_size, "beam-size", ll.errors.DimError, ["beam_size"]),
-    (bad_threshold, "threshold", ll.errors.DimError, ["threshold", "-1.0"]),
-    (two_prunes, "two-prunes", ll.errors.TraceError, ["prune"]),
-    (recombine_first, "recombine-first", ll.errors.TraceError, ["recombine", "prune"]),
-])
-def test_misuse_raises_a_looplift_error_naming_the_line(body, marker, cls, words):
-    """Each misuse raises a LoopliftError (of the expected kind) while tracing, whose message names the
-    user's line (this file, the marked line) and what is wrong."""
+def search_error(body, after=None) -> ll.errors.LoopliftError:
+    """The error of tracing a search loop whose label comes from `body(loop, log_probs, V)`; its result is
+    the stacked labels, or `after(loop, h)` after the loop."""
     dec = Decoder(3, 30)
     V = dec.V
 
@@ -1229,12 +1221,27 @@ def test_misuse_raises_a_looplift_error_naming_the_line(body, marker, cls, words
             loop.state.label = label
             loop.end(label == 0, include_eos=True)
             ys = loop.stack(label)
-        return ys
+        return ys if after is None else after(loop, h)
 
     with pytest.raises(ll.errors.LoopliftError) as info:
         ll.compile(run, mode="search")(ll.Named(initial_states(2, 0), (B, H)))
-    assert isinstance(info.value, cls), f"{type(info.value).__name__}: {info.value}"
-    msg = str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("body,marker,cls,words", [
+    (bad_prune_axis, "prune-axis", ll.errors.DimError, ["other", "prune"]),
+    (bad_expand_axis, "expand-axis", ll.errors.DimError, ["other", "expand"]),
+    (bad_beam_size, "beam-size", ll.errors.DimError, ["beam_size"]),
+    (bad_threshold, "threshold", ll.errors.DimError, ["threshold", "-1.0"]),
+    (two_prunes, "two-prunes", ll.errors.TraceError, ["prune"]),
+    (recombine_first, "recombine-first", ll.errors.TraceError, ["recombine", "prune"]),
+])
+def test_misuse_raises_a_looplift_error_naming_the_line(body, marker, cls, words):
+    """Each misuse raises a LoopliftError (of the expected kind) while tracing, whose message names the
+    user's line (this file, the marked line) and what is wrong."""
+    error = search_error(body)
+    assert isinstance(error, cls), f"{type(error).__name__}: {error}"
+    msg = str(error)
     assert marked_line(__file__, marker) in msg, msg
     for w in words:
         assert w in msg, (w, msg)
@@ -1243,22 +1250,10 @@ def test_misuse_raises_a_looplift_error_naming_the_line(body, marker, cls, words
 def test_last_of_a_beam_value_is_an_error_naming_the_line():
     """loop.last of a value over the beam in a search: a TraceError naming the user's line and the fix (a
     loop state)."""
-    dec = Decoder(3, 30)
-    V = dec.V
+    def choose(loop, lp, V):
+        return ll.choice(lp, beam_size=2, axis=V)
 
-    def run(x):
-        loop = ll.Loop(max_seq_len=3)
-        loop.state.label = ll.full(0, sparse_dim=V)
-        loop.state.h = x
-        with loop:
-            h, lp = dec.step(loop.state.label, loop.state.h)
-            loop.state.h = h
-            label = ll.choice(lp, beam_size=2, axis=V)
-            loop.state.label = label
-            loop.end(label == 0, include_eos=True)
-        return loop.last(h)  # <last-beam>
-
-    with pytest.raises(ll.errors.TraceError) as info:
-        ll.compile(run, mode="search")(ll.Named(initial_states(2, 0), (B, H)))
-    msg = str(info.value)
+    error = search_error(choose, after=lambda loop, h: loop.last(h))  # <last-beam>
+    assert isinstance(error, ll.errors.TraceError), f"{type(error).__name__}: {error}"
+    msg = str(error)
     assert marked_line(__file__, "last-beam") in msg and "loop.state" in msg and "beam" in msg, msg

@@ -76,10 +76,7 @@ class G2P(ll.Module):
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
         enc = self.encode(chars, src=src)
-        # decoding stops at the end of every hypothesis, at the latest after 2 phonemes per character + 3
-        limit = ll.length(src) * 2 + 3 if max_len is None else max_len
-        loop = ll.Loop(axis=tgt, max_seq_len=limit)
-        loop.state.label = ll.full(EOS, sparse_dim=self.phonemes)
+        loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
         loop.state.lstm = self.cell.default_initial_state()
         loop.state.ctx = ll.zeros([self.enc_dim])
         with loop:
@@ -92,6 +89,14 @@ class G2P(ll.Module):
             stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
                                    label_smoothing=self.config.label_smoothing)
         return result(loop, stacked)
+
+
+def decoder_loop(phonemes: ll.Dim, *, src: ll.Dim, tgt: ll.Dim, max_len: int | None) -> ll.Loop:
+    """The decoder's loop over `tgt`, shared by the models, its ``label`` state starting at EOS. Decoding stops
+    at the end of every hypothesis, at the latest after 2 phonemes per character + 3 (or `max_len`)."""
+    loop = ll.Loop(axis=tgt, max_seq_len=ll.length(src) * 2 + 3 if max_len is None else max_len)
+    loop.state.label = ll.full(EOS, sparse_dim=phonemes)
+    return loop
 
 
 def next_phoneme(loop: ll.Loop, log_probs, phonemes, *, axis: ll.Dim, beam: int, threshold: float | None,

@@ -21,7 +21,7 @@ import torch
 import looplift as ll
 from looplift import nn
 
-from .model import EOS, JsonConfig, next_phoneme, result
+from .model import JsonConfig, decoder_loop, next_phoneme, result
 
 
 @dataclass
@@ -129,9 +129,7 @@ class TransformerG2P(ll.Module):
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
         enc = self.encode(chars, src=src)
-        limit = ll.length(src) * 2 + 3 if max_len is None else max_len
-        loop = ll.Loop(axis=tgt, max_seq_len=limit)
-        loop.state.label = ll.full(EOS, sparse_dim=self.phonemes)
+        loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
         with loop:
             x = self.embed(self.emb, loop.state.label, loop.index)
             for layer in self.decoder:
