@@ -126,7 +126,6 @@ def search_by_hand(m: Seq2Seq, src, src_len):
     enc, _ = torch.nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=src.shape[1])
     n_batch, dec = src.shape[0], m.dec_dim.size
     src_mask = (torch.arange(src.shape[1])[None, :] < src_len[:, None])[:, None, :]   # (batch, 1, src)
-    keys = enc[:, None]                                                                  # (batch, 1, src, enc)
     h = torch.zeros(n_batch, k, dec, dtype=enc.dtype)
     c = torch.zeros_like(h)
     ctx = torch.zeros(n_batch, k, enc.shape[-1], dtype=enc.dtype)
@@ -140,6 +139,11 @@ def search_by_hand(m: Seq2Seq, src, src_len):
     srcs, labels = [], []
     w_ih, w_hh = w["cell.weight_ih_l0"], w["cell.weight_hh_l0"]
     bias = w["cell.bias_ih_l0"] + w["cell.bias_hh_l0"]
+
+    def pick(new, old, src_beam, ended_src):
+        ix = src_beam[..., None].expand(-1, -1, new.shape[-1])
+        return torch.where(ended_src[..., None], old.gather(1, ix), new.gather(1, ix))
+
     for _ in range(m.max_len):
         xin = torch.cat([F.embedding(label, w["emb.weight"]), ctx], -1)
         gates = xin @ w_ih.T + h @ w_hh.T + bias
@@ -154,12 +158,8 @@ def search_by_hand(m: Seq2Seq, src, src_len):
         top, idx = (score[..., None] + logp).reshape(n_batch, -1).topk(k, -1)
         src_beam, lab = idx // n_vocab, idx % n_vocab
         ended_src = ended.gather(1, src_beam)
-
-        def pick(new, old):
-            ix = src_beam[..., None].expand(-1, -1, new.shape[-1])
-            return torch.where(ended_src[..., None], old.gather(1, ix), new.gather(1, ix))
-
-        h, c, ctx = pick(h_new, h), pick(c_new, c), pick(ctx_new, ctx)
+        h, c, ctx = (pick(h_new, h, src_beam, ended_src), pick(c_new, c, src_beam, ended_src),
+                     pick(ctx_new, ctx, src_beam, ended_src))
         label = torch.where(ended_src, label.gather(1, src_beam), lab)
         length = length.gather(1, src_beam) + (~ended_src).long()
         ended = ended_src | (lab == EOS) | (top == float("-inf"))

@@ -180,14 +180,16 @@ def transformer_by_hand(m: TransformerDecoder, enc, src_len, tgt, tgt_len):
         ctx = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ split(v)
         return ctx.transpose(1, 2).reshape(q.shape[0], q.shape[1], heads * head)
 
+    def norm(v, name):
+        return F.layer_norm(v, (v.shape[-1],), w[f"{name}.weight"], w[f"{name}.bias"])
+
     for i in range(len(m.layers)):
         p = f"layers.{i}"
-        norm = lambda v, k: F.layer_norm(v, (v.shape[-1],), w[f"{p}.{k}.weight"], w[f"{p}.{k}.bias"])  # noqa: E731
-        h = norm(x, "norm1")
+        h = norm(x, f"{p}.norm1")
         x = x + lin(attend(lin(h, f"{p}.q1"), lin(h, f"{p}.k1"), lin(h, f"{p}.v1"), causal), f"{p}.o1")
-        h = norm(x, "norm2")
+        h = norm(x, f"{p}.norm2")
         x = x + lin(attend(lin(h, f"{p}.q2"), lin(enc, f"{p}.k2"), lin(enc, f"{p}.v2"), src_mask), f"{p}.o2")
-        h = norm(x, "norm3")
+        h = norm(x, f"{p}.norm3")
         x = x + lin(torch.relu(lin(h, f"{p}.ff.up")), f"{p}.ff.down")
     x = F.layer_norm(x, (x.shape[-1],), w["norm.weight"], w["norm.bias"])
     logits = lin(x, "readout")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lines(path: str) -> list[str]:
     return Path(path).read_text().splitlines()
 

@@ -18,8 +18,9 @@ Everything runs in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -243,7 +244,7 @@ def check_invariance(case: Case, lengths: dict, extra: int = 2, seed: int = 0,
     ref, ref_grads, _ = run(case, base_raws, lengths_t, reference=True)
     for name in base:
         assert_same_valid(base[name], ref[name], f"{case}: output {name!r}, executor vs reference")
-    for inp, g, m in zip(case.inputs, base_grads, masks):
+    for _inp, g, m in zip(case.inputs, base_grads, masks):
         if g is not None:
             assert torch.isfinite(g[m]).all(), f"{case}: non-finite gradient at valid input positions"
     for kind in fills:
@@ -260,18 +261,19 @@ def check_invariance(case: Case, lengths: dict, extra: int = 2, seed: int = 0,
             what = f"{case}: gradient w.r.t. input {i} with padding {kind!r}"
             assert torch.isfinite(g[m]).all(), f"{what}: not finite at valid positions"
             torch.testing.assert_close(g[m], g0[m], rtol=1e-7, atol=1e-7,
-                                       msg=lambda s: f"{what}: differs at valid positions: {s}")
+                                       msg=lambda s, what=what: f"{what}: differs at valid positions: {s}")
             if case.pad_grad == "zero" or (case.pad_grad == "finite_zero" and kind == "large"):
                 bad = g[~m] != 0
                 assert not bad.any(), (f"{what}: the padding gets the gradient {g[~m][bad][:5].tolist()} "
                                        f"(expected exactly 0)")
         if kind in case.param_pad_grad_fills:
-            for p, g0, g in zip(case.params, base_pgrads, pgrads):
+            for _p, g0, g in zip(case.params, base_pgrads, pgrads):
                 if g0 is None:
                     assert g is None
                     continue
-                torch.testing.assert_close(g, g0, rtol=1e-7, atol=1e-7,
-                                           msg=lambda s: f"{case}: parameter gradient with padding {kind!r}: {s}")
+                torch.testing.assert_close(
+                    g, g0, rtol=1e-7, atol=1e-7,
+                    msg=lambda s, kind=kind: f"{case}: parameter gradient with padding {kind!r}: {s}")
 
 
 def _alone_input(inp: Inp, raw: torch.Tensor, i: int, lengths: dict) -> torch.Tensor:
@@ -323,7 +325,7 @@ def check_batch_vs_alone(case: Case, lengths: dict, extra: int = 1, seed: int = 
             vb, mb = _front(vb, va.shape), _front(mb, va.shape)
             assert torch.equal(ma, mb), what
             torch.testing.assert_close(vb[ma], va[ma], equal_nan=True, rtol=1e-7, atol=1e-7,
-                                       msg=lambda s: f"{what}: {s}")
+                                       msg=lambda s, what=what: f"{what}: {s}")
         for k, (inp, gb, ga, m) in enumerate(zip(case.inputs, grads, a_grads, masks)):
             if gb is None or B not in inp.dims:
                 continue
@@ -333,4 +335,4 @@ def check_batch_vs_alone(case: Case, lengths: dict, extra: int = 1, seed: int = 
             assert torch.isfinite(ga_i).all(), f"{what}: not finite alone"
             m_i = _front(_entry(m, inp.dims, i), ga_i.shape)
             assert m_i.all()
-            torch.testing.assert_close(gb_i, ga_i, rtol=1e-7, atol=1e-7, msg=lambda s: f"{what}: {s}")
+            torch.testing.assert_close(gb_i, ga_i, rtol=1e-7, atol=1e-7, msg=lambda s, what=what: f"{what}: {s}")

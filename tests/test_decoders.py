@@ -17,10 +17,10 @@ import math
 
 import pytest
 import torch
+from loop_helpers import assert_same_named
 from torch.testing import assert_close
 
 import looplift as ll
-from loop_helpers import assert_same_named
 
 B = ll.batch_dim
 ENC_T = ll.Dim("enc_time")
@@ -67,7 +67,7 @@ def check_against_reference(prog, model, enc, targets):
     names = ["enc", *(n for n, _ in model.named_parameters())]
     for name, a, b in zip(names, grads, ref_grads):
         assert torch.isfinite(a).all(), name
-        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s: f"gradient w.r.t. {name}: {s}")
+        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s, name=name: f"gradient w.r.t. {name}: {s}")
     return outs, grads
 
 
@@ -79,7 +79,7 @@ def check_against_torch(outs, grads, torch_loss, torch_ce, torch_log_probs, torc
     assert_close(torch.where(m[..., None], log_probs.align(B, TGT_T, V), 0.0),
                  torch.where(m[..., None], torch_log_probs, 0.0), rtol=1e-9, atol=1e-10)
     for i, (a, b) in enumerate(zip(grads, torch_grads)):
-        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s: f"gradient {i} vs plain PyTorch: {s}")
+        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s, i=i: f"gradient {i} vs plain PyTorch: {s}")
 
 
 def explain_sections(prog) -> dict[str, list[str]]:

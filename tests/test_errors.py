@@ -9,14 +9,12 @@ that calls the program.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from error_helpers import check_error, marked_line
 
 import looplift as ll
-from looplift.errors import (DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError,
-                             TraceError)
+from looplift.errors import DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError, TraceError
 
 B = ll.batch_dim
 T = ll.Dim("time")

@@ -16,10 +16,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loop_helpers import DTYPE, B, align_to, masked, run_both
 from torch.testing import assert_close
 
 import looplift as ll
-from loop_helpers import DTYPE, B, align_to, masked, run_both
 
 T = ll.Dim("time")
 F = ll.Dim("feat", 3)
@@ -343,7 +343,7 @@ def test_nested_structure_state_last_and_index():
 def test_last_of_loop_ended_by_end():
     """`last` is the value at each entry's last counted step (include_eos decides which step that is)."""
     for include_eos in (True, False):
-        def f(k):
+        def f(k, include_eos=include_eos):
             loop = ll.Loop(max_seq_len=10)
             loop.state.i = 0
             with loop:

@@ -26,18 +26,17 @@ valid positions only.
 
 from __future__ import annotations
 
-import functools
-
 import ast
+import functools
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loop_helpers import assert_same_named, masked, named_leaves
 from torch.testing import assert_close
 
 import looplift as ll
-from loop_helpers import assert_same_named, masked, named_leaves
 
 B = ll.batch_dim
 F = ll.Dim("feat", 3)
@@ -117,7 +116,7 @@ def check_equivalent(prog: ll.Program, inputs: list[ll.Named], params) -> list[l
         assert_same_named(a, b)
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert torch.isfinite(g).all(), f"gradient {i} not finite"
-        assert_close(g, r, rtol=1e-9, atol=1e-11, msg=lambda s: f"gradient {i}: {s}")
+        assert_close(g, r, rtol=1e-9, atol=1e-11, msg=lambda s, i=i: f"gradient {i}: {s}")
     return outs
 
 
@@ -238,9 +237,10 @@ def test_example_in_loop_semantics_match_a_hand_written_torch_loop(held):
             y, acc, h, c = fn(*inputs)
             assert y.lengths[time].tolist() == LENGTHS.tolist()
             assert_close(torch.where(m, y.align(B, time, H), 0.0), torch.where(m, want_y, 0.0),
-                         rtol=1e-9, atol=1e-12, msg=lambda s: f"{how}, y: {s}")
+                         rtol=1e-9, atol=1e-12, msg=lambda s, how=how: f"{how}, y: {s}")
             for name, got, want in [("acc", acc, want_acc), ("h", h, want_h), ("c", c, want_c)]:
-                assert_close(got.align(B, H), want, rtol=1e-9, atol=1e-12, msg=lambda s: f"{how}, {name}: {s}")
+                assert_close(got.align(B, H), want, rtol=1e-9, atol=1e-12,
+                             msg=lambda s, how=how, name=name: f"{how}, {name}: {s}")
     assert_block_moved_out(optimized, time)
     assert "masked computations moved out" not in unoptimized.explain()
 
@@ -337,7 +337,7 @@ def test_transducer_optimized_equals_reference_with_the_slow_lstm_fused_over_the
     names = ["x", *(n for n, _ in model.named_parameters())]
     for name, g, r in zip(names, grads, ref_grads):
         assert torch.isfinite(g).all(), name
-        assert_close(g, r, rtol=1e-9, atol=1e-12, msg=lambda s: f"gradient w.r.t. {name}: {s}")
+        assert_close(g, r, rtol=1e-9, atol=1e-12, msg=lambda s, name=name: f"gradient w.r.t. {name}: {s}")
 
     loops = explain_loops(prog)
     assert set(loops) == {"time", "time'"}, prog.explain()
@@ -747,12 +747,13 @@ def test_unmask_repeats_the_last_true_frame_with_the_initial_value_before_the_fi
         hx, hi = x.clone().requires_grad_(True), initial.clone().requires_grad_(True)
         want = unmask_by_hand([torch.tanh(e) for e in compress_by_hand(hx, OP_MASK)], OP_MASK, hi)
         want_grads = torch.autograd.grad((want * w).sum(), [hx, hi])
-        assert_close(got, want, rtol=1e-12, atol=0, msg=lambda s: f"{how}: {s}")
+        assert_close(got, want, rtol=1e-12, atol=0, msg=lambda s, how=how: f"{how}: {s}")
         # (tanh's gradient at the inf/NaN padding is 0 * nan: it stays in the padding, see test_padding.py)
         valid = valid_mask(OP_LENGTHS, OP_PADDED)
         assert_close(grads[0][valid], want_grads[0][valid], rtol=1e-12, atol=0,
-                     msg=lambda s: f"{how}, gradient w.r.t. x: {s}")
-        assert_close(grads[1], want_grads[1], rtol=1e-12, atol=0, msg=lambda s: f"{how}, gradient w.r.t. initial: {s}")
+                     msg=lambda s, how=how: f"{how}, gradient w.r.t. x: {s}")
+        assert_close(grads[1], want_grads[1], rtol=1e-12, atol=0,
+                     msg=lambda s, how=how: f"{how}, gradient w.r.t. initial: {s}")
 
 
 def test_unmask_of_an_empty_t_prime_is_the_initial_value():
@@ -794,9 +795,10 @@ def test_t_prime_tensor_meeting_a_t_tensor_is_unmasked(op):
         want = {"add": held + ho, "mul": held * ho, "where": torch.where(ho > 0, held, ho)}[op]
         want = torch.where(valid_mask(OP_LENGTHS, OP_PADDED)[..., None], want, 0.0)
         want_grads = torch.autograd.grad((want * w).sum(), [hx, ho])
-        assert_close(got, want, rtol=1e-12, atol=0, msg=lambda s: f"{how}: {s}")
+        assert_close(got, want, rtol=1e-12, atol=0, msg=lambda s, how=how: f"{how}: {s}")
         for name, g, wg in zip(["x", "other"], grads, want_grads):
-            assert_close(g, wg, rtol=1e-12, atol=0, msg=lambda s: f"{how}, gradient w.r.t. {name}: {s}")
+            assert_close(g, wg, rtol=1e-12, atol=0,
+                         msg=lambda s, how=how, name=name: f"{how}, gradient w.r.t. {name}: {s}")
 
 
 # -- property: random masks, lengths and batch sizes ----------------------------------------------------------
@@ -857,7 +859,7 @@ def test_frames_and_step_index_read_inside_the_block_move_out_with_it():
 
 @pytest.mark.parametrize("case", ["float mask", "mask without the axis", "x without the axis", "unmask a plain dim"])
 def test_compress_and_unmask_errors_name_the_line_and_dims(case):
-    time, other = new_time(), ll.Dim("other")
+    time = new_time()
 
     def model(x, m):
         if case == "float mask":

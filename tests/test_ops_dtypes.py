@@ -13,7 +13,7 @@ import torch.nn.functional as tF
 import looplift as ll
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_ops_support import B, assert_valid_close, randint, randn, run, seq_mask  # noqa: E402
+from test_ops_support import B, assert_valid_close, randint, randn, run, seq_mask
 
 T = ll.Dim("d_time")
 F = ll.Dim("d_feat", 4)

@@ -12,8 +12,17 @@ import torch.nn.functional as tF
 import looplift as ll
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_ops_support import (B, TOL, assert_valid_close, masked_weighted_sum, randint, randn, run,  # noqa: E402
-                              seq_mask, with_garbage)
+from test_ops_support import (
+    TOL,
+    B,
+    assert_valid_close,
+    masked_weighted_sum,
+    randint,
+    randn,
+    run,
+    seq_mask,
+    with_garbage,
+)
 
 T = ll.Dim("i_time")
 F = ll.Dim("i_feat", 4)

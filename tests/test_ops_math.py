@@ -12,7 +12,7 @@ import torch.nn.functional as tF
 import looplift as ll
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_ops_support import B, TOL, assert_valid_close, randint, randn, run  # noqa: E402
+from test_ops_support import TOL, B, assert_valid_close, randint, randn, run
 
 T = ll.Dim("m_time")
 F = ll.Dim("m_feat", 4)

@@ -12,8 +12,7 @@ import torch.nn.functional as tF
 import looplift as ll
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_ops_support import (B, TOL, assert_valid_close, masked_weighted_sum, randn, run,  # noqa: E402
-                              seq_mask, with_garbage)
+from test_ops_support import TOL, B, assert_valid_close, masked_weighted_sum, randn, run, seq_mask, with_garbage
 
 T = ll.Dim("n_time")
 F = ll.Dim("n_feat", 4)

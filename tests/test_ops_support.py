@@ -10,7 +10,7 @@ result shows up as a large error.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

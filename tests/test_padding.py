@@ -38,10 +38,20 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from padding_helpers import (
+    DTYPE,
+    B,
+    Case,
+    Inp,
+    Wrap,
+    check_batch_vs_alone,
+    check_invariance,
+    fill_padding,
+    run,
+    valid_data,
+)
 
 import looplift as ll
-from padding_helpers import (B, DTYPE, Case, Inp, Wrap, check_batch_vs_alone, check_invariance, fill_padding, run,
-                             valid_data)
 
 T = ll.Dim("time")
 T2 = ll.Dim("time2")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import looplift as ll
-from looplift import Dim, Named, batch_dim as B
+from looplift import Dim, Named
+from looplift import batch_dim as B
 
 T, F = Dim("time"), Dim("feat", 3)
 

@@ -16,5 +16,6 @@ def test_readme_python_example_runs_and_its_assertions_hold():
 def test_ci_runs_the_readme_test_command():
     readme = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_command = next(line.split("#")[0].strip() for line in readme.splitlines() if "pytest" in line and "pip install" in line)
+    test_command = next(line.split("#")[0].strip() for line in readme.splitlines()
+                        if "pytest" in line and "pip install" in line)
     assert test_command in ci

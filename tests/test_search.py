@@ -29,12 +29,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from error_helpers import marked_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_helpers import align_to
 
 import looplift as ll
-from error_helpers import marked_line
-from loop_helpers import align_to
 
 B = ll.batch_dim
 H = ll.Dim("hidden", 3)

@@ -17,10 +17,10 @@ import math
 
 import pytest
 import torch
+from loop_helpers import assert_same_named, masked, named_leaves
 from torch.testing import assert_close
 
 import looplift as ll
-from loop_helpers import assert_same_named, masked, named_leaves
 
 B = ll.batch_dim
 F = ll.Dim("feat", 3)
@@ -89,7 +89,7 @@ def check_equivalent(prog: ll.Program, args: list, params=()):
     assert len(opt_grads) == len(ref_grads)
     for i, (a, b) in enumerate(zip(opt_grads, ref_grads)):
         assert torch.isfinite(a).all(), f"gradient {i} not finite"
-        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s: f"gradient {i}: {s}")
+        assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s, i=i: f"gradient {i}: {s}")
     return out
 
 

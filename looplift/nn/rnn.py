@@ -15,8 +15,8 @@ mode) run as one fused kernel over a sequence; one step takes one layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .. import graph as _graph
 from ..dims import Dim

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as _save_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as _save_bytes
 
 from ..errors import CheckpointError
 

@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,8 +52,18 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from .checkpoint import atomic_write, copy_into, mismatches, state_of
 from .distributed import LossFn, LossOfModel, init_distributed
-from .trainer_state import (FORMAT, LAST_CHECKPOINT, MODEL_FILE, PREFIX, class_name, decode, encode, read_file,
-                            rng_state, set_rng_state)
+from .trainer_state import (
+    FORMAT,
+    LAST_CHECKPOINT,
+    MODEL_FILE,
+    PREFIX,
+    class_name,
+    decode,
+    encode,
+    read_file,
+    rng_state,
+    set_rng_state,
+)
 
 __all__ = ["Trainer", "LossFn"]
 
