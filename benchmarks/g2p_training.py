@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from looplift.loop import _LoopRun
+from looplift.runtime.loop_run import LoopRun
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import EOS, G2P, Config
 from looplift.train import bucketed_batches
@@ -85,7 +85,7 @@ class LoopTimer:
         self.forward = 0.0
         self.backward = 0.0
         self._grad_in = None
-        original = _LoopRun.__call__
+        original = LoopRun.__call__
         timer = self
 
         def timed(run, env, *raws):
@@ -101,7 +101,7 @@ class LoopTimer:
                 r.register_hook(timer._out)
             return out
 
-        _LoopRun.__call__ = timed
+        LoopRun.__call__ = timed
 
     def _in(self, grad):
         if self._grad_in is None:

@@ -5,7 +5,7 @@ The public API is collected here; see the README for the calling convention.
 
 from . import errors, nn, search
 from .dims import Dim, batch_dim
-from .graph import is_search, is_training, mode
+from .trace import is_search, is_training, mode
 from .cond import Cond
 from .loop import Loop
 from .masked import MaskedComputation

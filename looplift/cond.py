@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from . import graph as _graph
+from . import trace as _trace
+from .source import user_source_line
 from ._tree import flatten, unflatten
 from .errors import DimMismatchError, DTypeError, TraceError
+from .graph import Graph, Op
 from .ops._core import as_tensor, dims_str
 from .ops.shape import to_layout
+from .regions import CondSpec
 from .tensor import Tensor
 
 __all__ = ["Cond"]
@@ -39,15 +42,15 @@ class Cond:
     """Choose between two branches by the bool scalar `pred` (a tensor without dims)."""
 
     def __init__(self, pred):
-        ctx = _graph.current("Cond")
+        ctx = _trace.current("Cond")
         self._ctx = ctx
-        self.source = _graph.user_source_line()
+        self.source = user_source_line()
         self.pred = as_tensor(pred)
         if self.pred.dtype != torch.bool or self.pred.dims:
             raise TraceError(f"Cond needs a bool scalar (no dims) predicate, got the {self.pred.describe()}; "
                              f"for a choice per entry use looplift.where (at {self.source})")
         self._parent = ctx.graph
-        self._branches = {True: _graph.Graph(parent=ctx.graph), False: _graph.Graph(parent=ctx.graph)}
+        self._branches = {True: Graph(parent=ctx.graph), False: Graph(parent=ctx.graph)}
         self._values: dict[bool, tuple[list, object]] = {}
         self._phase = "before"
         self._result = None
@@ -67,7 +70,7 @@ class Cond:
     def true(self, value) -> None:
         if self._phase != "true":
             raise TraceError(f"cond.true is set once, first, inside the Cond block (Cond at {self.source}, "
-                             f"at {_graph.user_source_line()})")
+                             f"at {user_source_line()})")
         self._values[True] = self._convert(value)
         self._phase = "false"
         self._ctx.graph = self._branches[False]
@@ -80,7 +83,7 @@ class Cond:
     def false(self, value) -> None:
         if self._phase != "false" or False in self._values:
             raise TraceError(f"cond.false is set once, after cond.true, inside the Cond block (Cond at "
-                             f"{self.source}, at {_graph.user_source_line()})")
+                             f"{self.source}, at {user_source_line()})")
         self._values[False] = self._convert(value)
 
     def _convert(self, value):
@@ -122,16 +125,10 @@ class Cond:
             for t in g.captured(outs[branch]):
                 if not any(t is c for c in captured):
                     captured.append(t)
-        branches, n = self._branches, len(tensor_idx)
-
-        def kernel(env, pred, *raws):
-            branch = bool(pred)
-            result = env.run(branches[branch], captured, raws, outs[branch])
-            return result[0] if n == 1 else tuple(result)
-
         specs = [(t_leaves[i].dims, t_leaves[i].dtype, t_leaves[i].sparse_dim) for i in tensor_idx]
-        node = self._parent.add("cond", (self.pred, *captured), kernel, specs, attrs={"cond": self},
-                                source=self.source) if n else None
+        region = CondSpec(self._branches, captured, outs)
+        node = self._parent.add(Op.COND, (self.pred, *captured), None, specs, source=self.source,
+                                region=region) if tensor_idx else None
         leaves = list(t_leaves)
         for k, i in enumerate(tensor_idx):
             leaves[i] = node.outputs[k]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["Dim", "batch_dim"]
+__all__ = ["Dim", "batch_dim", "run_time_beam", "sized_like"]
 
 
 class Dim:
@@ -73,7 +73,7 @@ class Dim:
     @property
     def size(self) -> int | None:
         """The static size, or None for dynamic and batch dims."""
-        return self.canonical()._size
+        return self._size if self._same_as is None else self.canonical()._size
 
     @property
     def is_static(self) -> bool:
@@ -333,3 +333,22 @@ def _product_dim(a: Dim, b: Dim) -> Dim:
 
 #: The batch dim: the utterances of a mini-batch.
 batch_dim = Dim("batch", batch=True)
+
+
+def run_time_beam(name: str = "beam") -> Dim:
+    """The beam dim of a search whose number of hypotheses changes per step: a batch-like dim sized at run
+    time, 1 at the start (the loop sets its size at each step from the previous step's prune)."""
+    beam = Dim(name, batch=True)
+    beam.origin = ("beam", ())
+    beam._size_rule = lambda: 1
+    return beam
+
+
+def sized_like(name: str, dim: Dim) -> Dim:
+    """A dim of the size of `dim`: a static one if `dim` is static, else sized at run time as `dim` is."""
+    if dim.is_static:
+        return Dim(name, dim.size)
+    out = Dim(name, batch=True)
+    out.origin = ("sized_like", (dim,))
+    out._size_rule = lambda size: size
+    return out

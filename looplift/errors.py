@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "LoopliftError", "DimError", "DimMismatchError", "DTypeError", "TraceError",
-    "ModeError", "InputError", "ExecutionError", "CheckpointError",
+    "ModeError", "InputError", "ExecutionError", "CheckpointError", "GraphError",
 ]
 
 
@@ -47,3 +47,7 @@ class ExecutionError(LoopliftError, RuntimeError):
 
 class CheckpointError(LoopliftError):
     """A checkpoint could not be saved or does not match the model."""
+
+
+class GraphError(LoopliftError):
+    """A traced graph breaks the IR's contract (:meth:`looplift.graph.Graph.check`): a looplift bug."""

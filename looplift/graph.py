@@ -1,59 +1,62 @@
-"""The traced program: nodes, graphs, the tracing context and source lines.
+"""The traced program: nodes and graphs (the IR).
 
-The IR is deliberately small (in the spirit of ``torch.fx``): a :class:`Graph`
+The IR is deliberately small, in the spirit of ``torch.fx``: a :class:`Graph`
 is an ordered list of :class:`Node`\\ s; a node has symbolic input tensors, an
-op name, attributes (for humans: ``explain`` and error messages), a *kernel*
-and its output tensors. The kernel is a plain Python callable over torch
-tensors, built by the op when it is traced, with every dim-order decision
-already taken, so running a node costs one call.
+op name, a *kernel* and its output tensors. The kernel is a plain Python
+callable over torch tensors, built by the op when it is traced, with every
+dim-order decision already taken, so running a node costs one call.
 
-A node remembers the user source line that created it: the innermost stack
-frame outside the looplift package. Every error points there.
+The contract, which :meth:`Graph.check` verifies:
 
-Tracing state lives in a :class:`TraceContext` that exists only while
-:func:`looplift.compile` traces a function; there is no global graph.
+* a node's outputs point back at it (``t.node is node``, ``t.index`` its
+  position); its inputs are outputs of earlier nodes of its graph or of an
+  enclosing graph, never of a graph nested inside it (no value escapes its
+  region: it leaves a loop only by ``loop.stack``, ``loop.last`` or a state);
+* a region (a loop body, a branch of a Cond) is a graph whose ``parent`` is
+  the graph of the node that runs it; the values it returns are its own or
+  visible to it;
+* ordinary ops have a kernel; the structural ops of :class:`Op` are the only
+  other nodes, each with the one meaning listed there.
+
+What passes and the runtime rely on is in the typed fields of :class:`Node`
+(``region``, ``makes_dims``, ``random``, ...). ``attrs`` are for humans
+(``explain``, :meth:`Graph.format`, error messages), never read for meaning.
 """
 
 from __future__ import annotations
 
-import contextvars
-import functools
-import os
-import sys
+import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .errors import ModeError, TraceError
+from ._tree import flatten, tree_map
+from .dims import Dim
+from .errors import GraphError
+from .source import user_source_line
 from .tensor import Tensor
 
-__all__ = ["Node", "Graph", "Call", "replayable", "resolve_call", "SequenceForm", "sequence_form", "TraceContext", "current", "is_training", "is_search", "mode",
-           "user_source_line"]
+if TYPE_CHECKING:
+    from .regions import CondSpec, LoopSpec
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_RECIPES_DIR = os.path.join(_PACKAGE_DIR, "recipes") + os.sep
-# Frames of torch itself (``nn.Module.__call__`` between a user's call and a module) are skipped too.
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+__all__ = ["Op", "Node", "Graph", "Call", "Kernel"]
 
 
-def _is_internal(filename: str) -> bool:
-    if filename.startswith(_RECIPES_DIR):
-        return False
-    return filename.startswith(_PACKAGE_DIR) or filename.startswith(_TORCH_DIR)
+class Op(enum.StrEnum):
+    """The structural ops: every other node is an ordinary op whose kernel computes its outputs."""
+
+    INPUT = "input"            # a program input: no kernel, the caller feeds its value
+    PARAM = "param"            # a module parameter: its kernel returns the torch parameter
+    CONSTANT = "constant"      # a Python number: its kernel returns ``node.value``
+    STATE = "state"            # in a loop body: a state's value from the previous step; no kernel, the loop feeds it
+    UNSTACK = "unstack"        # in a loop body: frame t of a sequence along the loop's dim
+    LOOP_INDEX = "loop_index"  # in a loop body: the step counter t
+    LOOP = "loop"              # a loop: ``region`` is its LoopSpec, which the runtime runs step by step
+    COND = "cond"              # one of two branches: ``region`` is its CondSpec, which the runtime runs
 
 
-def user_source_line() -> str:
-    """``file:line`` of the innermost stack frame of user code (outside looplift and torch)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(os.path.abspath(filename) if not filename.startswith("/") else filename):
-            return f"{filename}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "<looplift internal>"
-
-
+#: ``kernel(env, *raw_inputs)``: the raw torch output, or a tuple of them for a node with several outputs.
 Kernel = Callable[..., Any]
 
 
@@ -61,22 +64,35 @@ Kernel = Callable[..., Any]
 class Node:
     """One traced operation.
 
-    ``kernel(env, *raw_inputs)`` returns the raw torch output (or a tuple of
-    them when the node has several outputs), with each output's storage order
-    equal to its symbolic tensor's ``dims``. A node without a kernel is a
-    placeholder whose value is fed by whoever runs the graph (a program input,
-    a loop state).
+    The kernel returns the raw output (each output's storage order equal to
+    its symbolic tensor's ``dims``). A node without a kernel is either a
+    placeholder fed by whoever runs its graph (:attr:`Op.INPUT`,
+    :attr:`Op.STATE`) or a region run by the runtime (:attr:`Op.LOOP`,
+    :attr:`Op.COND`).
     """
 
     op: str
     inputs: tuple[Tensor, ...]
     kernel: Kernel | None
+    #: for humans only: ``explain``, :meth:`Graph.format`, error messages
     attrs: dict[str, Any] = field(default_factory=dict)
     outputs: list[Tensor] = field(default_factory=list)
     source: str = "<unknown>"
     graph: Graph | None = None
     #: The user-level op call that emitted this node (for replaying it on other inputs), or None.
     call: Call | None = None
+    #: LOOP and COND: the region's record (its body or branches, what it captures and returns).
+    region: LoopSpec | CondSpec | None = None
+    #: Dims whose size and lengths this node sets when it runs (a compress sets its masked dim's).
+    makes_dims: tuple[Dim, ...] = ()
+    #: The node draws anew each time it runs (dropout, sampling): never computed once for several steps.
+    random: bool = False
+    #: Dims in whose padding the output is exactly zero (so a consumer need not mask it again).
+    zero_padding: tuple[Dim, ...] = ()
+    #: CONSTANT: the Python number.
+    value: bool | int | float | None = None
+    #: The ``looplift.MaskedComputation`` whose block traced this node, or None.
+    masked_block: Any = None
 
     def __repr__(self) -> str:
         ins = ", ".join("{" + ",".join(d.name for d in t.dims) + "}" for t in self.inputs)
@@ -96,7 +112,7 @@ class Graph:
         self.nodes: list[Node] = []
         #: (module, attribute name) -> the parameter's symbolic tensor.
         self.params: dict[tuple[int, str], Tensor] = parent.params if parent is not None else {}
-        #: What the runtime prepared for this graph (executors), kept across calls.
+        #: What the runtime prepared for this graph (executors, region runners), kept across calls.
         self.prepared: dict = {}
 
     def encloses(self, other: Graph) -> bool:
@@ -108,6 +124,10 @@ class Graph:
             g = g.parent
         return False
 
+    def is_inside(self, region: Graph) -> bool:
+        """Whether this graph is `region` or nested in it."""
+        return self.encloses(region)
+
     def captured(self, returned: Sequence[Tensor] = ()) -> list[Tensor]:
         """Tensors of enclosing graphs that the nodes of this graph (and of regions inside it) use, and
         those of `returned` (the region's results) that it passes on unchanged."""
@@ -117,22 +137,89 @@ class Graph:
                 seen.setdefault(id(t), t)
         return list(seen.values())
 
-    def is_inside(self, region: Graph) -> bool:
-        """Whether this graph is `region` or nested in it."""
-        return self is region or (self.parent is not None and self.parent.is_inside(region))
-
-    def add(self, op: str, inputs: tuple[Tensor, ...], kernel: Kernel,
-            outputs: list[tuple[tuple, torch.dtype, Any]], attrs: dict[str, Any] | None = None,
-            source: str | None = None) -> Node:
-        node = Node(op, inputs, kernel, attrs or {}, source=source or user_source_line(), graph=self)
+    def add(self, op: str, inputs: tuple[Tensor, ...], kernel: Kernel | None,
+            outputs: Sequence[tuple[tuple, torch.dtype, Any]], attrs: dict[str, Any] | None = None,
+            source: str | None = None, **fields) -> Node:
+        """Append a node computing `outputs` (``(dims, dtype, sparse_dim)`` each); `fields` are typed
+        :class:`Node` fields (``region``, ``makes_dims``, ``random``, ...)."""
+        node = Node(op, inputs, kernel, attrs or {}, source=source or user_source_line(), graph=self, **fields)
         node.outputs = [Tensor(dims, dtype, sparse_dim=sparse, node=node, index=i)
                         for i, (dims, dtype, sparse) in enumerate(outputs)]
         self.nodes.append(node)
-        ctx = _current.get()
-        if ctx is not None and ctx.call is not None:
-            node.call = ctx.call
-            ctx.call.nodes.append(node)
         return node
+
+    # -- the contract ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise :class:`looplift.errors.GraphError` where the graph breaks the contract of this module."""
+        _check(self, set())
+
+    def format(self) -> str:
+        """The graph as text, one line per node: ``%3 = add(%1, %2) {batch, time} float32  # file:line``,
+        with the regions of loops and Conds indented below their node."""
+        names: dict[int, str] = {}
+        lines: list[str] = []
+        _format(self, names, lines, "")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _check(graph: Graph, visible: set[int]) -> None:
+    """Check `graph`'s nodes in order; `visible` holds the ids of the tensors defined before it (in enclosing
+    graphs) and grows by its own."""
+    visible = set(visible)
+    for node in graph.nodes:
+        where = f"{node.op} node at {node.source}"
+        if node.graph is not graph:
+            raise GraphError(f"the {where} is listed in a graph it does not belong to")
+        for t in node.inputs:
+            if id(t) not in visible:
+                raise GraphError(f"the {where} uses the {t.describe()}, which is not defined before it in its graph "
+                                 f"or an enclosing one")
+        if node.kernel is None and node.region is None and node.op not in (Op.INPUT, Op.STATE):
+            raise GraphError(f"the {where} has no kernel and is no placeholder or region")
+        if node.op in (Op.LOOP, Op.COND) and node.region is None:
+            raise GraphError(f"the {where} has no region record")
+        if node.region is not None:
+            for body, returned in node.region.regions():
+                if body.parent is not graph:
+                    raise GraphError(f"a region of the {where} is not nested in the graph of its node")
+                _check(body, visible)
+                inside = {id(t) for n in body.nodes for t in n.outputs}
+                for t in returned:
+                    if id(t) not in inside and id(t) not in visible:
+                        raise GraphError(f"the {where} returns the {t.describe()}, which is not visible in it")
+        for i, t in enumerate(node.outputs):
+            if t.node is not node or t.index != i:
+                raise GraphError(f"output {i} of the {where} does not point back at it")
+            visible.add(id(t))
+
+
+def _format(graph: Graph, names: dict[int, str], lines: list[str], indent: str) -> None:
+    def name(t: Tensor) -> str:
+        return names.get(id(t), "%?")
+
+    for node in graph.nodes:
+        for t in node.outputs:
+            names[id(t)] = f"%{len(names)}"
+        outs = ", ".join(name(t) for t in node.outputs) or "()"
+        types = ", ".join("{" + ", ".join(d.name for d in t.dims) + "} " + str(t.dtype).removeprefix("torch.")
+                          for t in node.outputs)
+        label = node.op
+        if node.op == Op.CONSTANT:
+            label = f"constant[{node.value!r}]"
+        elif node.op == Op.STATE or node.op == Op.PARAM:
+            label = f"{node.op}[{node.attrs.get('state', node.attrs.get('name', ''))}]"
+        elif node.op in (Op.UNSTACK, Op.LOOP, Op.LOOP_INDEX) and "axis" in node.attrs:
+            label = f"{node.op}[{node.attrs['axis']}]"
+        lines.append(f"{indent}{outs} = {label}({', '.join(name(t) for t in node.inputs)})  {types}  # {node.source}")
+        if node.region is not None:
+            for k, (body, returned) in enumerate(node.region.regions()):
+                lines.append(f"{indent}  {node.region.region_names[k]}:")
+                _format(body, names, lines, indent + "    ")
+                lines.append(f"{indent}    return {', '.join(name(t) for t in returned)}")
 
 
 @dataclass(eq=False)
@@ -161,9 +248,14 @@ class Call:
 
         def sub(x):
             return self.substitutions.get(id(x), x) if isinstance(x, Tensor) else x
-        from ._tree import tree_map
-        return (tuple(tree_map(sub, a, lambda v: isinstance(v, Tensor)) for a in self.args),
-                {k: tree_map(sub, v, lambda v: isinstance(v, Tensor)) for k, v in self.kwargs.items()})
+
+        return (tuple(tree_map(sub, a, _is_tensor) for a in self.args),
+                {k: tree_map(sub, v, _is_tensor) for k, v in self.kwargs.items()})
+
+    def output_tensors(self) -> list[Tensor]:
+        """The tensors among the call's outputs."""
+        leaves, _ = flatten(self.outputs, _is_tensor)
+        return [t for t in leaves if isinstance(t, Tensor)]
 
     def resolve(self, **kwargs) -> None:
         """Record arguments the op inferred from its inputs (e.g. concat's axes), so a replay on inputs
@@ -171,166 +263,5 @@ class Call:
         self.kwargs.update(kwargs)
 
 
-def replayable(fn: Callable) -> Callable:
-    """Mark a public op: its outermost calls are recorded as :class:`Call`\\ s on the nodes they emit."""
-    @functools.wraps(fn)
-    def op(*args, **kwargs):
-        ctx = _current.get()
-        if ctx is None or ctx.call is not None:
-            return fn(*args, **kwargs)
-        call = ctx.call = Call(op, args, dict(kwargs))
-        try:
-            call.outputs = fn(*args, **kwargs)
-        finally:
-            ctx.call = None
-        ctx.last_call = call
-        return call.outputs
-    op.replayable = True
-    return op
-
-
-@dataclass(frozen=True)
-class SequenceForm:
-    """How an op that carries its own result from step to step runs over a whole sequence at once.
-
-    (An op whose sequence rule needs no carried state, like ``cum_concat``,
-    simply behaves differently when its loop's dim is not stepped, and names
-    that rule in its ``sequence_rule`` attribute for ``explain``.)
-
-    Declared beside the op (``sequence_form(op, SequenceForm(...))``), so the
-    loop optimizer needs no knowledge of particular ops. In a loop, a call of
-    the op matches when one of its `carried` arguments is exactly a set of loop
-    states whose next values are exactly the call's outputs (in order), its
-    `invariant` arguments do not vary per step, and the rest does not depend on
-    any carried state.
-
-    ``run(args, carried, axis)`` gets the call's bound arguments with the
-    carried one replaced by the states' initial values and every other one by
-    its value over the whole sequence, and returns ``(sequences, finals)``:
-    per output of the call, its value at every step (over `axis`) or None,
-    and its final value or None. `sequences` says, per output, whether a
-    sequence is returned; `finals_ignore_end` that the finals are only right
-    for a loop without ``loop.end``.
-    """
-
-    carried: tuple[str, ...]
-    run: Callable
-    sequences: tuple[bool, ...]
-    invariant: tuple[str, ...] = ()
-    finals_ignore_end: bool = False
-    name: str = ""
-
-
-def sequence_form(op: Callable, form: SequenceForm) -> None:
-    """Declare the sequence-level form of the public op `op` (see :class:`SequenceForm`)."""
-    op.sequence_form = form
-
-
-def resolve_call(op_name: str, **kwargs) -> None:
-    """Inside the op `op_name`: record inferred arguments on its call, if it is the call being traced
-    (not another op calling it); see :meth:`Call.resolve`."""
-    ctx = _current.get()
-    if ctx is not None and ctx.call is not None and ctx.call.fn.__name__ == op_name:
-        ctx.call.resolve(**kwargs)
-
-
-class Retrace(BaseException):
-    """Raised by a loop that found its states need more dims than their initial values have.
-
-    The program catches it and traces again; the loop then gives its state
-    placeholders those dims from the start. (A BaseException, so that user
-    code catching ``Exception`` does not swallow it.)
-    """
-
-
-class TraceContext:
-    """Everything that exists while one program is traced."""
-
-    def __init__(self, mode: str, graph: Graph, float_dtype: torch.dtype | None = None,
-                 loop_hints: dict | None = None):
-        self.mode = mode
-        self.graph = graph
-        #: The dtype of new floating-point values (that of the model's parameters).
-        self.float_dtype = float_dtype or torch.get_default_dtype()
-        #: The loops whose bodies are being traced, outermost first.
-        self.loops: list = []
-        #: Per loop (by creation order in the trace): dims its states need beyond their initial values',
-        #: learnt by an earlier attempt of the same trace.
-        self.loop_hints: dict = loop_hints if loop_hints is not None else {}
-        self._loop_count = 0
-        #: The outermost op call being traced, if any, and the last one finished.
-        self.call: Call | None = None
-        self.last_call: Call | None = None
-
-    def next_loop_ordinal(self) -> int:
-        self._loop_count += 1
-        return self._loop_count - 1
-
-    @property
-    def stepped_dims(self) -> tuple:
-        """The dims the active loops step over: inside a body, these are not dims of any value."""
-        return tuple(loop.axis for loop in self.loops)
-
-
-def length_dims(dim) -> tuple:
-    """The dims the lengths of `dim` run over, as seen in the region being traced.
-
-    Inside a loop over `T`, a dim whose lengths vary along `T` has, per step,
-    lengths over the remaining dims only.
-    """
-    ctx = _current.get()
-    dims = dim.length_dims
-    if ctx is None or not ctx.loops:
-        return dims
-    stepped = ctx.stepped_dims
-    return tuple(d for d in dims if d not in stepped)
-
-
-_current: contextvars.ContextVar[TraceContext | None] = contextvars.ContextVar("looplift_trace", default=None)
-
-
-def current(what: str = "") -> TraceContext:
-    """The active trace; outside of tracing, an error naming `what` was attempted (e.g. the op and its dims)."""
-    ctx = _current.get()
-    if ctx is None:
-        what = f": {what}" if what else ""
-        raise TraceError(
-            f"looplift ops run only while a program is traced{what} (at {user_source_line()}); "
-            "wrap the code in a function or Module and call looplift.compile(...)")
-    return ctx
-
-
-def tracing() -> TraceContext | None:
-    """The active trace, or None."""
-    return _current.get()
-
-
-def enter(ctx: TraceContext) -> contextvars.Token:
-    return _current.set(ctx)
-
-
-def leave(token: contextvars.Token) -> None:
-    _current.reset(token)
-
-
-def _mode() -> str:
-    ctx = _current.get()
-    if ctx is None:
-        raise ModeError(f"the mode is known only while a program is traced ({user_source_line()}); "
-                        "call this inside the model code that looplift.compile traces")
-    return ctx.mode
-
-
-def mode() -> str:
-    """The mode of the program being traced: "train", "eval" or "search"."""
-    return _mode()
-
-
-def is_training() -> bool:
-    """True while tracing a program compiled with ``mode="train"``."""
-    return _mode() == "train"
-
-
-def is_search() -> bool:
-    """True while tracing a program compiled with ``mode="search"``."""
-    return _mode() == "search"
+def _is_tensor(v) -> bool:
+    return isinstance(v, Tensor)

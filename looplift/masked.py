@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import graph as _graph
+from . import trace as _trace
+from .source import user_source_line
 from .errors import DTypeError, TraceError
 from .ops._core import as_tensor
 from .ops.math import where
@@ -36,8 +37,8 @@ class MaskedComputation:
     """Inside a loop: the block only advances at steps where the bool `mask` (per entry) is True."""
 
     def __init__(self, mask):
-        ctx = _graph.current("MaskedComputation")
-        self.source = _graph.user_source_line()
+        ctx = _trace.current("MaskedComputation")
+        self.source = user_source_line()
         if not ctx.loops or ctx.graph is not ctx.loops[-1].body:
             raise TraceError(f"MaskedComputation is used directly inside a loop's body (at {self.source})")
         self._ctx = ctx
@@ -59,7 +60,7 @@ class MaskedComputation:
         if self._ctx.graph is not body:
             raise TraceError(f"MaskedComputation is entered directly in the loop's body (at {self.source})")
         self._start = len(body.nodes)
-        self._before = {name: list(slot.current) for name, slot in self.loop._slots.items()}
+        self._before = {name: list(slot.current) for name, slot in self.loop.slots.items()}
         self._open = True
         return self
 
@@ -71,41 +72,43 @@ class MaskedComputation:
         block = body.nodes[self._start:]
         # states assigned in the block keep their previous value where the mask is False
         for name, before in self._before.items():
-            slot = self.loop._slots[name]
+            slot = self.loop.slots[name]
             for i in slot.tensor_leaves:
                 new = slot.current[i]
                 if new is not before[i]:
                     slot.current[i] = where(self.mask, new, before[i])
                     self.state_wheres.append((slot.current[i], new, before[i]))
         for node in block:
-            node.attrs["masked_block"] = self
+            node.masked_block = self
+
+    def held_value(self, value: Tensor) -> Tensor | None:
+        """The held value of `value` (computed in the block) once something after the block used it, else
+        None."""
+        return self._held.get(id(value))
 
     def outside(self, value: Tensor) -> Tensor:
         """`value` (computed in the block) as seen after it: held at steps where the mask is False."""
-        ctx = _graph.tracing()
-        if (self._open or self._holding or ctx is None or self.loop._phase != "inside"
+        ctx = _trace.tracing()
+        if (self._open or self._holding or ctx is None or self.loop.phase != "inside"
                 or not ctx.graph.is_inside(self.loop.body)):
             return value
         held = self._held.get(id(value))
         if held is None:
             self._holding = True
-            saved, saved_call = ctx.graph, ctx.call
-            ctx.call = None  # not part of the op call that uses the value
-            try:
-                ctx.graph = self.loop._parent
-                initial = zeros(value.dims, dtype=value.dtype)
-                ctx.graph = self.loop.body
-                previous = self.loop._add_hidden_state(
-                    f"<value {len(self.holds)} held by the MaskedComputation at {self.source}>", initial,
-                    value.sparse_dim)
-                held = where(self.mask, value, previous)
-                self.loop._set_hidden_state(previous, held)
+            try:   # (detached: not part of the op call that uses the value)
+                with ctx.inside(self.loop.parent, detached=True):
+                    initial = zeros(value.dims, dtype=value.dtype)
+                with ctx.inside(self.loop.body, detached=True):
+                    previous = self.loop.add_hidden_state(
+                        f"<value {len(self.holds)} held by the MaskedComputation at {self.source}>", initial,
+                        value.sparse_dim)
+                    held = where(self.mask, value, previous)
+                    self.loop.set_hidden_state(previous, held)
             finally:
-                ctx.graph, ctx.call = saved, saved_call
                 self._holding = False
             self._held[id(value)] = held
             self.holds.append((value, previous, held))
-        ctx = _graph.tracing()
+        ctx = _trace.tracing()
         if ctx.call is not None:
             ctx.call.substitutions[id(value)] = held
         return held

@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import graph as _graph
+from . import trace as _trace
+from .source import user_source_line
 from ._tree import flatten, unflatten
 from .dims import Dim
 from .errors import InputError, LoopliftError, ModeError, TraceError
@@ -130,7 +132,7 @@ class Program:
                 except TypeError:
                     raise InputError(f"argument {x!r} is neither a looplift.Named tensor nor hashable; "
                                      f"program arguments other than tensors must be constants "
-                                     f"(dims, numbers, strings) (call at {_graph.user_source_line()})") from None
+                                     f"(dims, numbers, strings) (call at {user_source_line()})") from None
                 parts.append(("const", type(x), x))
         return (spec, tuple(parts), self._float_dtype(leaves))
 
@@ -150,7 +152,7 @@ class Program:
             try:
                 graph, inputs, result = self._trace_once(leaves, spec, hints)
                 break
-            except _graph.Retrace:
+            except _trace.Retrace:
                 continue  # a loop learnt which dims its states need: trace again with that knowledge
         else:
             raise TraceError(f"the dims of the loop states did not settle after {_MAX_TRACE_ATTEMPTS} traces")
@@ -172,8 +174,8 @@ class Program:
 
     def _trace_once(self, leaves: list, spec, hints: dict):
         graph = _graph.Graph()
-        ctx = _graph.TraceContext(self.mode, graph, self._float_dtype(leaves), loop_hints=hints)
-        token = _graph.enter(ctx)
+        ctx = _trace.TraceContext(self.mode, graph, self._float_dtype(leaves), loop_hints=hints)
+        token = _trace.enter(ctx)
         try:
             symbolic, inputs = [], []
             for i, x in enumerate(leaves):
@@ -189,7 +191,7 @@ class Program:
             args, kwargs = unflatten(spec, symbolic)
             result = self.fn(*args, **kwargs)
         finally:
-            _graph.leave(token)
+            _trace.leave(token)
         return graph, inputs, result
 
     def _last_trace(self) -> Trace:
@@ -234,7 +236,6 @@ class Program:
                 raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
         named = [x for x in leaves if isinstance(x, Named)]
         env = _make_env(named, self._first_float_param(), _CALL_SITE)
-        env.reference = reference
         trace = self._trace(leaves, spec)
         raws = [x.tensor for x in named]
         if reference:
@@ -250,18 +251,18 @@ def _check_dims(dims: tuple, what: str) -> None:
     for d in dims:
         if not isinstance(d, Dim):
             raise InputError(f"{what}: dims must be looplift.Dim objects, got {d!r} "
-                             f"(call at {_graph.user_source_line()})")
+                             f"(call at {user_source_line()})")
     canon = [d.canonical() for d in dims]
     if len(set(canon)) != len(canon):
         raise InputError(f"{what}: a dim is given twice in {[str(d) for d in dims]} "
-                         f"(call at {_graph.user_source_line()})")
+                         f"(call at {user_source_line()})")
 
 
 class _CallSite:
     """The caller's source line, looked up only when an error message is formatted."""
 
     def __format__(self, spec: str) -> str:
-        return _graph.user_source_line()
+        return user_source_line()
 
     __str__ = lambda self: format(self)  # noqa: E731
 
@@ -356,10 +357,10 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
     interfere with each other.
     """
     if mode not in MODES:
-        raise ModeError(f"mode must be one of {MODES}, got {mode!r} (at {_graph.user_source_line()})")
+        raise ModeError(f"mode must be one of {MODES}, got {mode!r} (at {user_source_line()})")
     if not callable(model):
         raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r} "
-                            f"(at {_graph.user_source_line()})")
+                            f"(at {user_source_line()})")
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None

@@ -17,6 +17,7 @@ import torch
 
 from .dims import Dim
 from .errors import TraceError
+from .source import user_source_line
 
 if TYPE_CHECKING:
     from .graph import Node
@@ -63,18 +64,13 @@ class Tensor:
     def __bool__(self):
         raise TraceError(
             f"the truth value of a symbolic {self.describe()} is not known while tracing; "
-            f"use looplift.where(...) for values, or looplift.Cond for control flow (at {_here()})")
+            f"use looplift.where(...) for values, or looplift.Cond for control flow (at {user_source_line()})")
 
     def __iter__(self):
         raise TraceError(f"a symbolic {self.describe()} cannot be iterated; "
-                         f"ops name the dim they work on instead (at {_here()})")
+                         f"ops name the dim they work on instead (at {user_source_line()})")
 
     def __len__(self):
         raise TraceError(f"len() of a symbolic {self.describe()} is not defined; "
-                         f"use looplift.length(dim) for the length of a dim (at {_here()})")
+                         f"use looplift.length(dim) for the length of a dim (at {user_source_line()})")
 
-
-def _here() -> str:
-    """The user's source line (imported late: the graph module imports this one)."""
-    from .graph import user_source_line
-    return user_source_line()

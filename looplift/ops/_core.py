@@ -8,14 +8,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DimMismatchError, DTypeError, TraceError
+from ..graph import Op
 from ..tensor import Tensor
 
 __all__ = ["as_tensor", "emit", "emit_many", "broadcast_dims", "dims_str", "dim_list", "check_has",
-           "dims_to_mask", "expand_for_masks", "masker", "result_dtype", "require_float",
-           "require_int", "constant"]
+           "dims_to_mask", "masker", "result_dtype", "require_float",
+           "require_int", "constant", "to_dtype"]
 
 
 def dims_str(dims: Iterable[Dim]) -> str:
@@ -28,10 +30,10 @@ def dim_list(axis: Dim | Sequence[Dim], what: str = "axis") -> tuple[Dim, ...]:
     for d in dims:
         if not isinstance(d, Dim):
             raise DimError(f"{what} must be a Dim or a sequence of Dims, got {d!r} "
-                           f"(at {_graph.user_source_line()})")
+                           f"(at {user_source_line()})")
     canon = tuple(d.canonical() for d in dims)
     if len(set(canon)) != len(canon):
-        raise DimError(f"{what} names a dim twice: {dims_str(canon)} (at {_graph.user_source_line()})")
+        raise DimError(f"{what} names a dim twice: {dims_str(canon)} (at {user_source_line()})")
     return canon
 
 
@@ -43,7 +45,7 @@ def check_has(x: Tensor, dims: Iterable[Dim], op: str, what: str = "axis") -> No
                     "use the same Dim object (or Dim.declare_same_as)") if same_name else ""
             error = DimMismatchError if same_name else DimError
             raise error(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint} "
-                        f"(at {_graph.user_source_line()})")
+                        f"(at {user_source_line()})")
 
 
 def constant(value, dtype: torch.dtype | None = None) -> Tensor:
@@ -53,22 +55,22 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
     elif isinstance(value, numbers.Integral):
         dt = torch.int64
     elif isinstance(value, numbers.Real):
-        dt = _graph.current().float_dtype
+        dt = _trace.current().float_dtype
     else:
-        raise DTypeError(f"cannot use {value!r} as a looplift value (at {_graph.user_source_line()})")
+        raise DTypeError(f"cannot use {value!r} as a looplift value (at {user_source_line()})")
     dt = dtype or dt
     value = bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value))
-    return emit("constant", (), lambda env: value, (), dt, attrs={"value": value})
+    return emit(Op.CONSTANT, (), lambda env: value, (), dt, value=value)
 
 
 def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
     """A symbolic tensor from a Tensor, a Python number or a 0-d torch tensor."""
     if isinstance(value, Tensor):
-        ctx = _graph.current(value.describe())
+        ctx = _trace.current(value.describe())
         graph = value.node.graph if value.node is not None else None
         if graph is None or not ctx.graph.encloses(graph):
             raise TraceError(_foreign_value_message(value, graph, ctx.graph))
-        block = value.node.attrs.get("masked_block")
+        block = value.node.masked_block
         if block is not None:  # a value of a MaskedComputation used after it: held where the mask is False
             return block.outside(value)
         return value
@@ -80,16 +82,16 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
         raise TraceError(
             f"a torch.Tensor of shape {tuple(value.shape)} has no dims: pass it to the program as "
             f"looplift.Named(tensor, dims), or create parameters with looplift.Parameter(dims) "
-            f"(at {_graph.user_source_line()})")
+            f"(at {user_source_line()})")
     if isinstance(value, Dim):
         raise TraceError(f"got the dim {value!r} where a tensor was expected; "
-                         f"use looplift.length(dim) for its length (at {_graph.user_source_line()})")
+                         f"use looplift.length(dim) for its length (at {user_source_line()})")
     raise TraceError(f"cannot use {type(value).__name__} {value!r} as a looplift tensor "
-                     f"(at {_graph.user_source_line()})")
+                     f"(at {user_source_line()})")
 
 
 def _foreign_value_message(value: Tensor, graph, here) -> str:
-    at = _graph.user_source_line()
+    at = user_source_line()
     if graph is None:
         return (f"the {value.describe()} is the result of loop.stack(...), which exists only after the loop; "
                 f"inside the loop use the value itself (at {at})")
@@ -106,28 +108,31 @@ def _root(graph):
 
 
 def emit(op: str, inputs: tuple[Tensor, ...], kernel: Callable, dims: Sequence[Dim], dtype: torch.dtype,
-         *, sparse_dim: Dim | None = None, attrs: dict | None = None) -> Tensor:
-    """Add a node with one output to the current graph and return that output."""
+         *, sparse_dim: Dim | None = None, attrs: dict | None = None, **fields) -> Tensor:
+    """Add a node with one output to the current graph and return that output (`fields`: typed
+    :class:`looplift.graph.Node` fields, e.g. ``random=True``)."""
     _check_distinct(op, dims)
-    node = _graph.current(f"{op} over {dims_str(dims)}").graph.add(op, inputs, kernel,
-                                                                   [(tuple(dims), dtype, sparse_dim)], attrs)
+    ctx = _trace.current(f"{op} over {dims_str(dims)}")
+    node = ctx.graph.add(op, inputs, kernel, [(tuple(dims), dtype, sparse_dim)], attrs, **fields)
+    _trace.record(ctx, node)
     return node.outputs[0]
 
 
 def emit_many(op: str, inputs: tuple[Tensor, ...], kernel: Callable,
               outputs: Sequence[tuple[Sequence[Dim], torch.dtype, Dim | None]],
-              *, attrs: dict | None = None) -> list[Tensor]:
+              *, attrs: dict | None = None, **fields) -> list[Tensor]:
     """Add a node with several outputs (the kernel returns a tuple)."""
     for d, _, _ in outputs:
         _check_distinct(op, d)
-    ctx = _graph.current(f"{op} into {', '.join(dims_str(d) for d, _, _ in outputs)}")
-    node = ctx.graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs)
+    ctx = _trace.current(f"{op} into {', '.join(dims_str(d) for d, _, _ in outputs)}")
+    node = ctx.graph.add(op, inputs, kernel, [(tuple(d), t, s) for d, t, s in outputs], attrs, **fields)
+    _trace.record(ctx, node)
     return node.outputs
 
 
 def _check_distinct(op: str, dims) -> None:
     if len(set(dims)) != len(dims):
-        raise DimError(f"{op}: the result would have a dim twice: {dims_str(dims)} (at {_graph.user_source_line()})")
+        raise DimError(f"{op}: the result would have a dim twice: {dims_str(dims)} (at {user_source_line()})")
 
 
 def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...]:
@@ -152,13 +157,13 @@ def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...
                 f"{op}: two different dims are both named {d.name!r} ({other!r} and {d!r}); dims are "
                 f"matched by identity, so they would broadcast against each other. Use the same Dim "
                 f"object, Dim.declare_same_as, or different names. Operands: {'; '.join(owners)} "
-                f"(at {_graph.user_source_line()})")
+                f"(at {user_source_line()})")
     return tuple(out)
 
 
 def _dtype_sample(t: Tensor):
-    if t.node is not None and t.node.op == "constant":
-        return t.node.attrs["value"]
+    if t.node is not None and t.node.op == Op.CONSTANT:
+        return t.node.value
     return torch.empty((1,) if t.dims else (), dtype=t.dtype)
 
 
@@ -173,16 +178,30 @@ def result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
     return torch.result_type(sa, sb)
 
 
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+           "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16}
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype, or its name (``"int32"``), as a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise DTypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} (at {user_source_line()})")
+    return _DTYPES[dtype]
+
+
 def require_float(x: Tensor, op: str) -> None:
     if not x.dtype.is_floating_point:
         raise DTypeError(f"{op} needs a floating-point tensor, got the {x.describe()}; "
-                         f"use looplift.cast(x, 'float32') (at {_graph.user_source_line()})")
+                         f"use looplift.cast(x, 'float32') (at {user_source_line()})")
 
 
 def require_int(x: Tensor, op: str) -> None:
     if x.dtype.is_floating_point or x.dtype == torch.bool or x.dtype.is_complex:
         raise DTypeError(f"{op} needs an integer tensor of indices, got the {x.describe()} "
-                         f"(at {_graph.user_source_line()})")
+                         f"(at {user_source_line()})")
 
 
 # -- masking over dynamic dims -------------------------------------------------------------
@@ -194,20 +213,7 @@ def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
     vary along a reduced dim (summing over the batch mixes entries of different length).
     """
     reduced = set(reduced)
-    return tuple(d for d in x.dims if d.is_dynamic and (d in reduced or reduced.intersection(_graph.length_dims(d))))
-
-
-def expand_for_masks(x: Tensor, masked: Iterable[Dim]) -> Tensor:
-    """Broadcast `x` to the dims its masks need (the lengths dims of the masked dims)."""
-    missing: list[Dim] = []
-    for d in masked:
-        for ld in _graph.length_dims(d):
-            if ld not in x.dims and ld not in missing:
-                missing.append(ld)
-    if not missing:
-        return x
-    from .shape import expand
-    return expand(x, missing)
+    return tuple(d for d in x.dims if d.is_dynamic and (d in reduced or reduced.intersection(_trace.length_dims(d))))
 
 
 def masker(dims: tuple[Dim, ...], masked: tuple[Dim, ...], fill) -> Callable:

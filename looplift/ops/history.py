@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import graph as _graph
+from .. import rules as _rules
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, ExecutionError, TraceError
@@ -47,27 +49,27 @@ def note_sources(env, src: torch.Tensor, dims: tuple[Dim, ...]) -> None:
 def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
     """The history of `x` along the history dim of the loop over `axis` (default: the innermost loop)."""
     x = as_tensor(x)
-    ctx = _graph.current()
+    ctx = _trace.current()
     if axis is None:
         if not ctx.loops:
-            raise TraceError(f"cum_concat without axis= is used inside a loop (at {_graph.user_source_line()})")
+            raise TraceError(f"cum_concat without axis= is used inside a loop (at {user_source_line()})")
         axis = ctx.loops[-1].axis
     axis = axis.canonical()
-    _graph.resolve_call("cum_concat", axis=axis)
+    _trace.resolve_call(cum_concat, axis=axis)
     history = axis.history()
     if history in x.dims:
         raise DimError(f"cum_concat: the {x.describe()} already has the history dim {history.name!r} "
-                       f"(at {_graph.user_source_line()})")
+                       f"(at {user_source_line()})")
     if axis in ctx.stepped_dims:
         if axis in x.dims:
             raise DimError(f"cum_concat inside the loop over {axis.name!r}: the {x.describe()} has the loop's "
-                           f"dim (use a frame, e.g. loop.unstack(x)) (at {_graph.user_source_line()})")
+                           f"dim (use a frame, e.g. loop.unstack(x)) (at {user_source_line()})")
         key = object()  # this node's history in the loop run's memory
         loop = next((lp for lp in reversed(ctx.loops) if lp.axis.canonical() is axis), None)
-        pair = loop._beam_pair() if loop is not None else None
+        pair = loop.beam_pair() if loop is not None else None
         beam = next((d for d in (pair or ()) if d in x.dims), None)
         if beam is not None:   # (a search: the history follows the hypotheses, over the loop's batch dims)
-            missing = [d for d in loop._batch_dims() if d not in x.dims]
+            missing = [d for d in loop.batch_dims() if d not in x.dims]
             if missing:
                 x = expand(x, missing)
         follow = None if beam is None else _follower(x.dims, beam, after_prune=beam is pair[1], axis=axis)
@@ -123,8 +125,8 @@ def _follower(dims: tuple[Dim, ...], beam: Dim, *, after_prune: bool, axis: Dim)
     return follow
 
 
-cum_concat = _graph.replayable(cum_concat)
-cum_concat.sequence_rule = "cum_concat as the whole sequence with a causal history dim"
+cum_concat = _trace.replayable(cum_concat)
+_rules.sequence_rule(cum_concat, "cum_concat as the whole sequence with a causal history dim")
 
 
 def shift_in(window, frame, *, axis: Dim) -> Tensor:
@@ -144,11 +146,11 @@ def shift_in(window, frame, *, axis: Dim) -> Tensor:
     axis = axis.canonical()
     if axis not in window.dims or not axis.is_static:
         raise DimError(f"shift_in: the window {window.describe()} must have the static dim {axis.name!r} "
-                       f"(at {_graph.user_source_line()})")
+                       f"(at {user_source_line()})")
     extra = [d for d in frame.dims if d not in window.dims]
     if axis in frame.dims or extra:
         raise DimError(f"shift_in: the frame {frame.describe()} must have the window's dims but {axis.name!r}; "
-                       f"it has {[d.name for d in extra] or [axis.name]} besides (at {_graph.user_source_line()})")
+                       f"it has {[d.name for d in extra] or [axis.name]} besides (at {user_source_line()})")
     pos = window.dims.index(axis)
     frame_layout = tuple(d for d in window.dims if d is not axis)
     from .._align import aligner
@@ -177,7 +179,7 @@ def _windows(initial: Tensor, frames: Tensor, *, axis: Dim, over: Dim) -> Tensor
     extra = [d for d in frames.dims if d not in layout]
     if extra:
         raise DimError(f"shift_in over a sequence: the frames have dims {[d.name for d in extra]} "
-                       f"the window lacks (at {_graph.user_source_line()})")
+                       f"the window lacks (at {user_source_line()})")
     frames_al = aligner(frames.dims, layout)
     n = axis.size
 
@@ -197,7 +199,7 @@ def _shift_in_over_sequence(args: dict, carried: str, axis: Dim):
     return [_windows(args["window"], args["frame"], axis=args["axis"], over=axis)], [None]
 
 
-shift_in = _graph.replayable(shift_in)
-_graph.sequence_form(shift_in, _graph.SequenceForm(
+shift_in = _trace.replayable(shift_in)
+_rules.sequence_form(shift_in, _rules.SequenceForm(
     carried=("window",), sequences=(True,), run=_shift_in_over_sequence,
     name="window of the last frames as a windowing of the sequence"))

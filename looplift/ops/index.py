@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from .masking import PRUNED, meet_beams
-from ._core import as_tensor, broadcast_dims, check_has, emit, require_int
+from ._core import as_tensor, broadcast_dims, check_has, emit, require_int, to_dtype
 
 __all__ = ["gather", "embedding", "one_hot"]
 
@@ -28,14 +28,14 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     ``[0, size(axis) - 1]``.
     """
     x, index = as_tensor(x), as_tensor(index)
-    if axis not in (d for nxt, (beam, _) in PRUNED.items() for d in (beam, nxt)):
+    if axis not in (d for nxt, (beam, _) in _trace.current().pruned.items() for d in (beam, nxt)):
         x, index = meet_beams(x, index)
     check_has(x, (axis,), "gather")
     require_int(index, "gather")
     axis = axis.canonical()
     if axis in index.dims:
         raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
-                         f"(at {_graph.user_source_line()})")
+                         f"(at {user_source_line()})")
     rest = tuple(d for d in x.dims if d is not axis)
     out_dims = broadcast_dims("gather", rest, index.dims)
     # Raw layout for torch.gather: all out dims, then the gathered axis last for x.
@@ -64,7 +64,7 @@ def embedding(table, index) -> Tensor:
     require_int(index, "embedding")
     if index.sparse_dim is None:
         raise DTypeError(f"embedding needs label indices with a sparse_dim (the vocabulary), got the "
-                         f"{index.describe()} (at {_graph.user_source_line()})")
+                         f"{index.describe()} (at {user_source_line()})")
     check_has(table, (index.sparse_dim,), "embedding", "vocabulary dim")
     vocab = index.sparse_dim
     feat = tuple(d for d in table.dims if d is not vocab)
@@ -82,17 +82,16 @@ def embedding(table, index) -> Tensor:
 
 def one_hot(index, *, dtype: str | torch.dtype | None = None) -> Tensor:
     """A one-hot tensor over the label tensor's ``sparse_dim`` (float by default)."""
-    from .math import to_dtype
     index = as_tensor(index)
     require_int(index, "one_hot")
     if index.sparse_dim is None:
         raise DTypeError(f"one_hot needs label indices with a sparse_dim, got the {index.describe()} "
-                         f"(at {_graph.user_source_line()})")
+                         f"(at {user_source_line()})")
     vocab = index.sparse_dim
-    dt = to_dtype(dtype) if dtype is not None else _graph.current().float_dtype
+    dt = to_dtype(dtype) if dtype is not None else _trace.current().float_dtype
     n = vocab.size
     if n is None:
-        raise DTypeError(f"one_hot needs a static sparse_dim, got {vocab!r} (at {_graph.user_source_line()})")
+        raise DTypeError(f"one_hot needs a static sparse_dim, got {vocab!r} (at {user_source_line()})")
 
     def kernel(env, i):
         if not isinstance(i, torch.Tensor):
@@ -102,5 +101,21 @@ def one_hot(index, *, dtype: str | torch.dtype | None = None) -> Tensor:
     return emit("one_hot", (index,), kernel, index.dims + (vocab,), dt, attrs={"vocab": vocab.name})
 
 
+
+def meet_beams(*operands: Tensor) -> tuple[Tensor, ...]:
+    """`operands` with every tensor over a search's beam gathered onto the pruned beam where another operand
+    has the pruned beam: a value of the previous hypotheses meeting one of the hypotheses they became (the
+    search step being traced is in ``TraceContext.pruned``)."""
+    ctx = _trace.tracing()
+    if ctx is None or not ctx.pruned or len(operands) < 2:
+        return operands
+    out = list(operands)
+    for nxt, (beam, src) in list(ctx.pruned.items()):
+        if any(nxt in t.dims for t in operands):
+            for k, t in enumerate(operands):
+                if beam in t.dims and nxt not in t.dims:
+                    out[k] = gather(t, index=src, axis=beam)
+    return tuple(out)
+
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])

@@ -8,14 +8,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from .masking import meet_beams
-from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, \
-    result_dtype
+from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, masker, result_dtype
+from .index import meet_beams
 from .math import cast
+from .shape import expand_for_masks
 
 __all__ = ["dot", "matmul", "linear"]
 
@@ -35,7 +36,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     broadcast_dims("dot", a, b)
     dtype = result_dtype(a, b)
     if not dtype.is_floating_point:
-        dtype = _graph.current().float_dtype
+        dtype = _trace.current().float_dtype
     a, b = cast(a, dtype), cast(b, dtype)
     mask_a, mask_b = dims_to_mask(a, red), dims_to_mask(b, red)
     # Masking an operand whose masks need dims it lacks (a history dim, whose lengths run over the
@@ -95,17 +96,17 @@ def _clear_padding(x: Tensor, masked, finite: bool) -> Tensor:
         return x
     fill = masker(x.dims, masked, 0)
     return emit("clear_padding", (x,), fill, x.dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"zero_padding": tuple(masked)})
+                zero_padding=tuple(masked))
 
 
 def _zero_padded(x: Tensor, masked) -> bool:
     """Whether `x` is known to be zero in the padding of the dims `masked`."""
-    return x.node is not None and set(masked) <= set(x.node.attrs.get("zero_padding", ()))
+    return x.node is not None and set(masked) <= set(x.node.zero_padding)
 
 
 def _needs_dims(x: Tensor, masked) -> bool:
     """Whether masking `x` along the dims `masked` needs dims `x` lacks."""
-    return any(ld not in x.dims for d in masked for ld in _graph.length_dims(d))
+    return any(ld not in x.dims for d in masked for ld in _trace.length_dims(d))
 
 
 def _finite(env, v):
@@ -129,25 +130,25 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
     check_has(x, (in_dim,), "linear", "in dim")
     if weight.dims != (out_dim, in_dim):
         raise DimError(f"linear: the weight must be stored as ({out_dim.name}, {in_dim.name}), got the "
-                       f"{weight.describe()} (at {_graph.user_source_line()})")
+                       f"{weight.describe()} (at {user_source_line()})")
     if out_dim in x.dims and out_dim is not in_dim:
         raise DimError(f"linear: the input {x.describe()} already has the out dim {out_dim.name!r} "
-                       f"(at {_graph.user_source_line()})")
+                       f"(at {user_source_line()})")
     if not x.dtype.is_floating_point:
         raise DTypeError(f"linear needs a floating-point input, got the {x.describe()} "
-                         f"(at {_graph.user_source_line()})")
+                         f"(at {user_source_line()})")
     if weight.dtype != x.dtype:
         raise DTypeError(f"linear: the input {x.describe()} and the weight {weight.describe()} differ in dtype; "
-                         f"cast one (model.to(dtype) or looplift.cast) (at {_graph.user_source_line()})")
+                         f"cast one (model.to(dtype) or looplift.cast) (at {user_source_line()})")
     if in_dim.is_dynamic:
-        raise DimError(f"linear: the in dim {in_dim!r} must be static (at {_graph.user_source_line()})")
+        raise DimError(f"linear: the in dim {in_dim!r} must be static (at {user_source_line()})")
     rest = tuple(d for d in x.dims if d is not in_dim)
     perm = tuple(x.dims.index(d) for d in rest + (in_dim,))
     identity_perm = perm == tuple(range(len(perm)))
     inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
     if bias is not None and inputs[2].dims != (out_dim,):
         raise DimError(f"linear: the bias must have the dims ({out_dim.name},), got the {inputs[2].describe()} "
-                       f"(at {_graph.user_source_line()})")
+                       f"(at {user_source_line()})")
 
     def kernel(env, v, w, b=None):
         return F.linear(v if identity_perm else v.permute(perm), w, b)
@@ -157,4 +158,4 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])

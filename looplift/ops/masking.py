@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit
+from .index import meet_beams
 
 __all__ = ["compress", "unmask"]
 
@@ -38,7 +40,7 @@ def masked_length_dims(mask: Tensor, axis: Dim) -> tuple[Dim, ...]:
     """The dims the lengths of ``axis.masked(mask)`` run over: the mask's other dims, and those of `axis`'s
     lengths (an entry's frames beyond its length are never kept)."""
     dims = [d for d in mask.dims if d is not axis]
-    return tuple(dims + [d for d in _graph.length_dims(axis) if d not in dims])
+    return tuple(dims + [d for d in _trace.length_dims(axis) if d not in dims])
 
 
 def compress(x, mask, *, axis: Dim, out_dim: Dim | None = None) -> Tensor:
@@ -50,7 +52,7 @@ def compress(x, mask, *, axis: Dim, out_dim: Dim | None = None) -> Tensor:
     by ``axis.masked(mask)``). Running it gives ``T'`` its size and lengths.
     """
     x, mask = as_tensor(x), as_tensor(mask)
-    here = _graph.user_source_line()
+    here = user_source_line()
     if not isinstance(axis, Dim):
         raise DimError(f"compress takes a single Dim as axis, got {axis!r} (at {here})")
     axis = axis.canonical()
@@ -87,7 +89,7 @@ def compress(x, mask, *, axis: Dim, out_dim: Dim | None = None) -> Tensor:
         return to_out(torch.gather(v, n_l, index))
 
     return emit("compress", (x, mask), kernel, out_dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"axis": axis.name, "makes_dims": (new,)})
+                attrs={"axis": axis.name}, makes_dims=(new,))
 
 
 def unmask(x, *, axis: Dim, initial=0.0) -> Tensor:
@@ -97,7 +99,7 @@ def unmask(x, *, axis: Dim, initial=0.0) -> Tensor:
     the dims of a frame, or fewer). The result has `axis` replaced by ``T``.
     """
     x = as_tensor(x)
-    here = _graph.user_source_line()
+    here = user_source_line()
     origin = axis.masked_from if isinstance(axis, Dim) else None
     if origin is None:
         raise DimError(f"unmask: {axis!r} is not a masked dim (made by T.masked(mask), e.g. by compress) "
@@ -142,25 +144,6 @@ def unmask(x, *, axis: Dim, initial=0.0) -> Tensor:
                 attrs={"axis": axis.name})
 
 
-#: the pruned beam dim of the search step being traced -> (the beam it was pruned from, the source indices)
-PRUNED: dict = {}
-
-
-def meet_beams(*operands: Tensor) -> tuple[Tensor, ...]:
-    """`operands` with every tensor over a search's beam gathered onto the pruned beam where another operand
-    has the pruned beam: a value of the previous hypotheses meeting one of the hypotheses they became."""
-    if not PRUNED or len(operands) < 2:
-        return operands
-    out = list(operands)
-    for nxt, (beam, src) in list(PRUNED.items()):
-        if any(nxt in t.dims for t in operands):
-            for k, t in enumerate(operands):
-                if beam in t.dims and nxt not in t.dims:
-                    from .index import gather
-                    out[k] = gather(t, index=src, axis=beam)
-    return tuple(out)
-
-
 def meet_masked(*operands: Tensor) -> tuple[Tensor, ...]:
     """`operands` with every ``T'`` tensor unmasked where another operand has ``T``, and every tensor over a
     search's beam gathered onto the pruned beam where another has that (for elementwise ops)."""
@@ -177,4 +160,4 @@ def meet_masked(*operands: Tensor) -> tuple[Tensor, ...]:
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])

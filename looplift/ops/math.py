@@ -12,11 +12,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import graph as _graph
+from .. import rules as _rules
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner
 from ..errors import DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype
+from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype, to_dtype
 from .masking import meet_masked
 
 __all__ = [
@@ -138,7 +140,7 @@ def _logical(name: str, fn: Callable) -> Callable:
         for t in (a, b):
             if t.dtype != torch.bool:
                 raise DTypeError(f"{name} needs bool tensors, got the {t.describe()}; compare first, "
-                                 f"e.g. x != 0 (at {_graph.user_source_line()})")
+                                 f"e.g. x != 0 (at {user_source_line()})")
         return _binary(name, _scalar_safe(fn), a, b, out_dtype=torch.bool)
     logical.__name__ = name
     logical.__doc__ = f"Elementwise ``{name}`` of two bool tensors."
@@ -154,7 +156,7 @@ def logical_not(x) -> Tensor:
     """Elementwise not of a bool tensor."""
     x = as_tensor(x)
     if x.dtype != torch.bool:
-        raise DTypeError(f"logical_not needs a bool tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+        raise DTypeError(f"logical_not needs a bool tensor, got the {x.describe()} (at {user_source_line()})")
     return emit("logical_not", (x,), lambda env, v: torch.logical_not(v) if isinstance(v, torch.Tensor) else not v,
                 x.dims, torch.bool)
 
@@ -163,7 +165,7 @@ def where(cond, a, b) -> Tensor:
     """``a`` where `cond` is True, else ``b``; all three broadcast by dim identity."""
     cond, a, b = as_tensor(cond), as_tensor(a), as_tensor(b)
     if cond.dtype != torch.bool:
-        raise DTypeError(f"where needs a bool condition, got the {cond.describe()} (at {_graph.user_source_line()})")
+        raise DTypeError(f"where needs a bool condition, got the {cond.describe()} (at {user_source_line()})")
     cond, a, b = meet_masked(cond, a, b)
     dims = broadcast_dims("where", cond, a, b)
     dtype = result_dtype(a, b)
@@ -180,19 +182,6 @@ def where(cond, a, b) -> Tensor:
         return torch.where(torch.as_tensor(c, device=env.device), x, y)
 
     return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b))
-
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
-           "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16}
-
-
-def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise DTypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} (at {_graph.user_source_line()})")
-    return _DTYPES[dtype]
 
 
 def cast(x, dtype: str | torch.dtype) -> Tensor:
@@ -272,7 +261,7 @@ def _install_operators() -> None:
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])
 
 
 def _running_sum(args: dict, carried: str, axis):
@@ -287,7 +276,7 @@ def _running_sum(args: dict, carried: str, axis):
 
 # In a loop, a state that is its own previous value plus something that does not depend on any carried
 # state is a running sum: over the sequence, a cumulative sum.
-_graph.sequence_form(add, _graph.SequenceForm(carried=("a", "b"), sequences=(True,), run=_running_sum,
+_rules.sequence_form(add, _rules.SequenceForm(carried=("a", "b"), sequences=(True,), run=_running_sum,
                                               name="running sum as a cumulative sum"))
 
 

@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError
 from ..tensor import Tensor
@@ -25,8 +26,8 @@ def dropout(x, p: float, *, broadcast_over: Sequence[Dim] = ()) -> Tensor:
     """
     x = as_tensor(x)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p} (at {_graph.user_source_line()})")
-    if _graph.current().mode != "train" or p == 0.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p} (at {user_source_line()})")
+    if _trace.current().mode != "train" or p == 0.0:
         return x
     require_float(x, "dropout")
     shared = dim_list(broadcast_over, "broadcast_over")
@@ -39,8 +40,8 @@ def dropout(x, p: float, *, broadcast_over: Sequence[Dim] = ()) -> Tensor:
         noise = torch.empty(shape, dtype=v.dtype, device=v.device).bernoulli_(1.0 - p)
         return v * noise * scale
 
-    # ("random": a pass must not compute it once for several steps, which each draw their own mask)
-    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p, "random": True})
+    # (random: a pass must not compute it once for several steps, which each draw their own mask)
+    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p}, random=True)
 
 
 def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -52,7 +53,7 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
     check_has(x, dims, "layer_norm")
     if not all(d.is_static for d in dims):
         raise DimError(f"layer_norm normalizes over static dims; {[str(d) for d in dims if not d.is_static]} "
-                       f"are not (use looplift.mean over a dynamic dim instead) (at {_graph.user_source_line()})")
+                       f"are not (use looplift.mean over a dynamic dim instead) (at {user_source_line()})")
     rest = tuple(d for d in x.dims if d not in dims)
     out_dims = rest + dims
     perm = tuple(x.dims.index(d) for d in out_dims)
@@ -64,7 +65,7 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
             p = as_tensor(p)
             if p.dim_set != frozenset(dims):
                 raise DimError(f"layer_norm: weight and bias must have exactly the dims {[str(d) for d in dims]}, "
-                               f"got the {p.describe()} (at {_graph.user_source_line()})")
+                               f"got the {p.describe()} (at {user_source_line()})")
             params.append((p, tuple(p.dims.index(d) for d in dims)))
     has_w, has_b = weight is not None, bias is not None
     w_perm = params[0][1] if has_w else None
@@ -82,4 +83,4 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])

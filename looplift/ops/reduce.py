@@ -12,12 +12,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import graph as _graph
+from .. import trace as _trace
+from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import (as_tensor, check_has, dim_list, dims_to_mask, emit, expand_for_masks, masker, neutral,
+from ._core import (as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral,
                     require_float)
+from .shape import expand_for_masks
 
 __all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax", "cumsum"]
 
@@ -90,10 +92,10 @@ def mean(x, axis: Dim | Sequence[Dim]) -> Tensor:
 def argmax(x, axis: Dim) -> Tensor:
     """The index of the maximum along `axis`; the result's ``sparse_dim`` is `axis`."""
     if not isinstance(axis, Dim):
-        raise DimError(f"argmax takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+        raise DimError(f"argmax takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
     x, dims, masked, axes, out_dims = _prepare(x, axis, "argmax")
     if x.dtype == torch.bool:
-        raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+        raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()} (at {user_source_line()})")
     fill = masker(x.dims, masked, neutral(x.dtype, "max"))
     return emit("argmax", (x,), lambda env, v: _argmax(fill(env, v), axes), out_dims, torch.int64,
                 sparse_dim=dims[0], attrs={"axis": axis.name})
@@ -110,10 +112,10 @@ def cumsum(x, axis: Dim) -> Tensor:
     """
     x = as_tensor(x)
     if not isinstance(axis, Dim):
-        raise DimError(f"cumsum takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+        raise DimError(f"cumsum takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
     check_has(x, (axis,), "cumsum")
     if x.dtype == torch.bool:
-        raise DTypeError(f"cumsum needs a numeric tensor, got the {x.describe()} (at {_graph.user_source_line()})")
+        raise DTypeError(f"cumsum needs a numeric tensor, got the {x.describe()} (at {user_source_line()})")
     pos = x.dims.index(axis.canonical())
     dtype = x.dtype if x.dtype.is_floating_point else torch.int64
     return emit("cumsum", (x,), lambda env, v: torch.cumsum(v, dim=pos), x.dims, dtype,
@@ -123,7 +125,7 @@ def cumsum(x, axis: Dim) -> Tensor:
 def _normalize(name: str, torch_fn: Callable) -> Callable:
     def normalize(x, axis: Dim) -> Tensor:
         if not isinstance(axis, Dim):
-            raise DimError(f"{name} takes a single Dim as axis, got {axis!r} (at {_graph.user_source_line()})")
+            raise DimError(f"{name} takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
         x, dims, masked, axes, _ = _prepare(x, axis, name)
         require_float(x, name)
         ax = axes[0]
@@ -143,7 +145,7 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
             return out.masked_fill(pad, 0.0)
 
         # (the padding of the result is zero: a dot over it need not mask it again)
-        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name, "zero_padding": masked})
+        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name}, zero_padding=masked)
     normalize.__name__ = name
     normalize.__doc__ = (f"``{name}`` over `axis`; padding positions do not take part in the "
                          "normalization, and the result there is 0.")
@@ -160,4 +162,4 @@ log_softmax = _normalize("log_softmax", lambda v, ax: torch.log_softmax(v, dim=a
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])

@@ -15,12 +15,15 @@ from typing import Sequence
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .. import graph as _graph
+from .. import rules as _rules
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, emit_many, expand_for_masks
+from ._core import as_tensor, broadcast_dims, check_has, emit_many
+from .shape import expand_for_masks
 
 __all__ = ["lstm_cell", "gru_cell", "rnn_sequence"]
 
@@ -28,7 +31,7 @@ __all__ = ["lstm_cell", "gru_cell", "rnn_sequence"]
 def _check_float(op: str, x: Tensor, weight: Tensor) -> None:
     if not x.dtype.is_floating_point or x.dtype != weight.dtype:
         raise DTypeError(f"{op}: the input {x.describe()} must be floating point with the weights' dtype "
-                         f"{weight.dtype} (at {_graph.user_source_line()})")
+                         f"{weight.dtype} (at {user_source_line()})")
 
 
 def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden: Dim) -> list[Tensor]:
@@ -100,7 +103,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     weights = [as_tensor(w) for w in weights]
     check_has(x, (axis, in_dim), kind)
     if axis.is_static is False and not axis.is_dynamic:
-        raise DimError(f"{kind}: cannot run over the batch-like dim {axis!r} (at {_graph.user_source_line()})")
+        raise DimError(f"{kind}: cannot run over the batch-like dim {axis!r} (at {user_source_line()})")
     _check_float(kind, x, weights[0])
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())
     batch = broadcast_dims(kind, tuple(d for d in x.dims if d not in (axis, in_dim)),
@@ -109,8 +112,8 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     s_al = [aligner(s.dims, batch + (hidden,)) for s in initial]
     n_dirs = 2 if bidirectional else 1
     per_dir = len(initial) // (n_dirs * num_layers)
-    drop = float(dropout) if _graph.is_training() and num_layers > 1 else 0.0
-    len_al = aligner(_graph.length_dims(axis), batch) if axis.is_dynamic else None
+    drop = float(dropout) if _trace.is_training() and num_layers > 1 else 0.0
+    len_al = aligner(_trace.length_dims(axis), batch) if axis.is_dynamic else None
     out_dim = hidden if not bidirectional else hidden * 2
     n = len(batch)
     fn = torch._VF.lstm if kind == "lstm" else torch._VF.gru
@@ -161,12 +164,12 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     # mask it; the final states have no `axis`)
     return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
-                            "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop,
-                            "random": drop > 0, "zero_padding": (axis,) if axis.is_dynamic else ()})
+                            "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop},
+                     random=drop > 0, zero_padding=(axis,) if axis.is_dynamic else ())
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
+    globals()[_name] = _trace.replayable(globals()[_name])
 
 
 def _lstm_over_sequence(args: dict, carried: str, axis: Dim):
@@ -185,9 +188,9 @@ def _gru_over_sequence(args: dict, carried: str, axis: Dim):
 # In a loop, an LSTM/GRU step whose state is its own previous output runs as PyTorch's fused kernel over
 # the whole sequence. The LSTM's cell state exists only as a final value there (the fused kernel does not
 # return it per step), so that form applies when nothing else reads the cell state and the loop has no end.
-_graph.sequence_form(lstm_cell, _graph.SequenceForm(
+_rules.sequence_form(lstm_cell, _rules.SequenceForm(
     carried=("state",), invariant=("weights",), sequences=(True, False), run=_lstm_over_sequence,
     finals_ignore_end=True, name="fused LSTM over the sequence"))
-_graph.sequence_form(gru_cell, _graph.SequenceForm(
+_rules.sequence_form(gru_cell, _rules.SequenceForm(
     carried=("h",), invariant=("weights",), sequences=(True,), run=_gru_over_sequence,
     name="fused GRU over the sequence"))

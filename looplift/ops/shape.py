@@ -9,25 +9,34 @@ sequence whose frames are the 3 then the 2, whatever the padding in between.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .. import graph as _graph
+from .. import rules as _rules
+from .. import trace as _trace
+from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import (as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, expand_for_masks,
-                    masker)
+from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, masker, to_dtype
 
 __all__ = ["expand", "concat", "split", "slice", "pad", "split_dims", "merge_dims", "full", "zeros", "ones",
            "range_over_dim", "length", "replace_dim", "shift_right"]
 
 
-def _here() -> str:
-    return _graph.user_source_line()
+def expand_for_masks(x: Tensor, masked: Iterable[Dim]) -> Tensor:
+    """Broadcast `x` to the dims its masks need (the lengths dims of the masked dims)."""
+    missing: list[Dim] = []
+    for d in masked:
+        for ld in _trace.length_dims(d):
+            if ld not in x.dims and ld not in missing:
+                missing.append(ld)
+    if not missing:
+        return x
+    return expand(x, missing)
 
 
 def _sizes(env, dims: Sequence[Dim]) -> list[int]:
@@ -77,9 +86,9 @@ def replace_dim(x, axis: Dim, new: Dim) -> Tensor:
     x = as_tensor(x)
     check_has(x, (axis,), "replace_dim")
     if new.is_static and axis.is_static and new.size != axis.size:
-        raise DimError(f"replace_dim: {axis!r} and {new!r} differ in size (at {_here()})")
+        raise DimError(f"replace_dim: {axis!r} and {new!r} differ in size (at {user_source_line()})")
     if new.is_dynamic != axis.is_dynamic:
-        raise DimError(f"replace_dim: {axis!r} and {new!r} are of different kinds (at {_here()})")
+        raise DimError(f"replace_dim: {axis!r} and {new!r} are of different kinds (at {user_source_line()})")
     dims = tuple(new if d is axis.canonical() else d for d in x.dims)
     broadcast_dims("replace_dim", dims)
     return emit("replace_dim", (x,), lambda env, v: v, dims, x.dtype, sparse_dim=x.sparse_dim,
@@ -102,7 +111,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
         xs = tuple(xs[0])
     xs = tuple(as_tensor(x) for x in xs)
     if len(xs) < 1:
-        raise DimError(f"concat needs at least one tensor (at {_here()})")
+        raise DimError(f"concat needs at least one tensor (at {user_source_line()})")
     if axis is None:
         axes = []
         for i, x in enumerate(xs):
@@ -110,22 +119,22 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
             if len(own) != 1 or len(xs) == 1:
                 raise DimError(
                     f"concat: cannot tell which dim of the {x.describe()} to concatenate along "
-                    f"(dims not shared by all inputs: {dims_str(own)}); pass axis=... (at {_here()})")
+                    f"(dims not shared by all inputs: {dims_str(own)}); pass axis=... (at {user_source_line()})")
             axes.append(own[0])
     elif isinstance(axis, Dim):
         axes = [axis.canonical()] * len(xs)
     else:
         axes = [d.canonical() for d in axis]
         if len(axes) != len(xs):
-            raise DimError(f"concat: got {len(xs)} tensors but {len(axes)} axes (at {_here()})")
+            raise DimError(f"concat: got {len(xs)} tensors but {len(axes)} axes (at {user_source_line()})")
     for x, d in zip(xs, axes):
         check_has(x, (d,), "concat")
     result = out_dim.canonical() if out_dim is not None else sum(axes[1:], axes[0]) if len(axes) > 1 else axes[0]
-    _graph.resolve_call("concat", axis=list(axes), out_dim=result)
+    _trace.resolve_call(concat, axis=list(axes), out_dim=result)
     if len(xs) == 1:
         return replace_dim(xs[0], axes[0], result) if result is not axes[0] else xs[0]
     if all(d.is_static for d in axes) and result.is_static and result.size != sum(d.size for d in axes):
-        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)} (at {_here()})")
+        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)} (at {user_source_line()})")
     common = broadcast_dims("concat", *(tuple(e for e in x.dims if e is not d) for x, d in zip(xs, axes)))
     out_dims = common + (result,)
     dtype = xs[0].dtype
@@ -150,11 +159,11 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     else:
         length_dims: list[Dim] = []
         for d in dynamic:
-            length_dims += [e for e in _graph.length_dims(d) if e not in length_dims]
+            length_dims += [e for e in _trace.length_dims(d) if e not in length_dims]
         missing = [e for e in length_dims if e not in common]
         if missing:
             raise DimError(f"concat along dynamic dims needs the dims their lengths run over "
-                           f"({dims_str(missing)}) in every input (at {_here()})")
+                           f"({dims_str(missing)}) in every input (at {user_source_line()})")
         len_al = aligner(length_dims, out_dims[:-1])
 
         def kernel(env, *vs):
@@ -200,14 +209,14 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
     axis = axis.canonical()
     if parts is None:
         if axis.origin is None or axis.origin[0] != "concat":
-            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] (at {_here()})")
+            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] (at {user_source_line()})")
         parts = axis.origin[1]
     parts = tuple(d.canonical() for d in parts)
     if not axis.is_static or not all(p.is_static for p in parts):
-        raise DimError(f"split works along static dims only; {dims_str((axis, *parts))} (at {_here()})")
+        raise DimError(f"split works along static dims only; {dims_str((axis, *parts))} (at {user_source_line()})")
     if sum(p.size for p in parts) != axis.size:
         raise DimError(f"split: the parts {dims_str(parts)} have total size {sum(p.size for p in parts)}, "
-                       f"but {axis!r} has size {axis.size} (at {_here()})")
+                       f"but {axis!r} has size {axis.size} (at {user_source_line()})")
     pos = x.dims.index(axis)
     sizes = [p.size for p in parts]
     outputs = [(tuple(p if d is axis else d for d in x.dims), x.dtype, x.sparse_dim) for p in parts]
@@ -236,7 +245,7 @@ def slice(x, axis: Dim, start: int = 0, end: int | None = None) -> Tensor:  # no
                     sparse_dim=x.sparse_dim, attrs={"axis": axis.name, "start": lo, "end": hi})
     if start < 0 or (end is not None and end >= 0):
         raise DimError(f"slice along the dynamic dim {axis.name!r} takes start >= 0 and end None or < 0 "
-                       f"(per sequence from its end), got start={start}, end={end} (at {_here()})")
+                       f"(per sequence from its end), got start={start}, end={end} (at {user_source_line()})")
     cut = start + (-end if end is not None else 0)
     new = axis - cut
     index = (builtins_slice(None),) * pos + (builtins_slice(start, None),)
@@ -275,7 +284,7 @@ def pad(x, axis: Dim, left: int = 0, right: int = 0, value: float = 0.0) -> Tens
     check_has(x, (axis,), "pad")
     axis = axis.canonical()
     if left < 0 or right < 0:
-        raise DimError(f"pad: left and right must be >= 0, got {left}, {right} (at {_here()})")
+        raise DimError(f"pad: left and right must be >= 0, got {left}, {right} (at {user_source_line()})")
     new = axis + (left + right)
     pos = x.dims.index(axis)
     after = len(x.dims) - 1 - pos
@@ -287,9 +296,9 @@ def pad(x, axis: Dim, left: int = 0, right: int = 0, value: float = 0.0) -> Tens
     if not axis.is_dynamic or right == 0:
         return emit("pad", (x,), lambda env, v: padded(v), dims, x.dtype, sparse_dim=x.sparse_dim,
                     attrs={"axis": axis.name, "left": left, "right": right})
-    for ld in _graph.length_dims(axis):
+    for ld in _trace.length_dims(axis):
         check_has(x, (ld,), "pad", "lengths dim")
-    len_al = aligner(_graph.length_dims(axis), tuple(d for d in dims if d is not new))
+    len_al = aligner(_trace.length_dims(axis), tuple(d for d in dims if d is not new))
 
     def kernel(env, v):
         out = padded(v)
@@ -315,16 +324,16 @@ def split_dims(x, axis: Dim, dims: Sequence[Dim | None]) -> Tensor:
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the zeros completing the last frame
     inner = [d.canonical() for d in dims[1:]]
     if not all(isinstance(d, Dim) and d.is_static for d in inner):
-        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} (at {_here()})")
+        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} (at {user_source_line()})")
     k = math.prod(d.size for d in inner)
     outer = dims[0].canonical() if dims[0] is not None else axis.ceildiv(k)
     if axis.is_static:
         if outer.size is None or outer.size * k != axis.size:
             raise DimError(f"split_dims: {axis!r} cannot be split into {dims_str([outer, *inner])} "
-                           f"(sizes do not multiply to {axis.size}) (at {_here()})")
+                           f"(sizes do not multiply to {axis.size}) (at {user_source_line()})")
     elif outer is not axis.ceildiv(k):
         raise DimError(f"split_dims of the dynamic {axis!r}: the first part must be None or "
-                       f"{axis.name}.ceildiv({k}) (at {_here()})")
+                       f"{axis.name}.ceildiv({k}) (at {user_source_line()})")
     pos = x.dims.index(axis)
     out_dims = x.dims[:pos] + (outer, *inner) + x.dims[pos + 1:]
     inner_sizes = [d.size for d in inner]
@@ -353,11 +362,11 @@ def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
     check_has(x, dims, "merge_dims")
     x = expand_for_masks(x, dims[:1] if dims[0].is_dynamic else ())  # the padding to zero differs per batch entry
     if any(d.is_dynamic for d in dims[1:]):
-        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} (at {_here()})")
+        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} (at {user_source_line()})")
     result = out_dim.canonical() if out_dim is not None else math.prod(dims[1:], start=dims[0])
     if all(d.is_static for d in dims) and result.size != math.prod(d.size for d in dims):
         raise DimError(f"merge_dims: out_dim {result!r} does not have size {math.prod(d.size for d in dims)} "
-                       f"(at {_here()})")
+                       f"(at {user_source_line()})")
     rest = tuple(d for d in x.dims if d not in dims)
     out_dims = rest + (result,)
     perm = tuple(x.dims.index(d) for d in rest + dims)
@@ -380,7 +389,6 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
     its model's parameters, else of its first float input), by the type of
     `value`; ``sparse_dim`` marks label indices (e.g. a BOS label).
     """
-    from .math import to_dtype
     dims = dim_list(dims, "dims")
     if dtype is None:
         if isinstance(value, bool):
@@ -388,11 +396,11 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
         elif isinstance(value, int):
             dt = torch.int64
         else:
-            dt = _graph.current(f"full over {dims_str(dims)}").float_dtype
+            dt = _trace.current(f"full over {dims_str(dims)}").float_dtype
     else:
         dt = to_dtype(dtype)
     if sparse_dim is not None and (dt.is_floating_point or dt == torch.bool):
-        raise DTypeError(f"full: sparse_dim needs an integer dtype, got {dt} (at {_here()})")
+        raise DTypeError(f"full: sparse_dim needs an integer dtype, got {dt} (at {user_source_line()})")
     return emit("full", (), lambda env: torch.full(_sizes(env, dims), value, dtype=dt, device=env.device),
                 dims, dt, sparse_dim=sparse_dim, attrs={"value": value})
 
@@ -418,7 +426,7 @@ def shift_right(x, *, axis: Dim, initial) -> Tensor:
     axis = axis.canonical()
     if axis in initial.dims:
         raise DimError(f"shift_right: the initial value {initial.describe()} must not have {axis.name!r} "
-                       f"(at {_here()})")
+                       f"(at {user_source_line()})")
     dims = broadcast_dims("shift_right", x.dims, initial.dims)
     x = expand(x, [d for d in dims if d not in x.dims])
     pos = x.dims.index(axis)
@@ -437,7 +445,6 @@ def shift_right(x, *, axis: Dim, initial) -> Tensor:
 
 def range_over_dim(axis: Dim, *, dtype: str | torch.dtype = torch.int64) -> Tensor:
     """``0, 1, ..., size - 1`` over `axis`; its ``sparse_dim`` is `axis`."""
-    from .math import to_dtype
     axis = dim_list(axis)[0]
     dt = to_dtype(dtype)
     return emit("range_over_dim", (), lambda env: torch.arange(env.size(axis), dtype=dt, device=env.device),
@@ -456,7 +463,7 @@ def length(axis: Dim) -> Tensor:
     if not axis.is_dynamic:
         return emit("length", (), lambda env: torch.tensor(env.size(axis), device=env.device), (), torch.int64,
                     attrs={"axis": axis.name})
-    ldims = _graph.length_dims(axis)
+    ldims = _trace.length_dims(axis)
 
     def kernel(env):
         n = env.lengths(axis)
@@ -466,5 +473,6 @@ def length(axis: Dim) -> Tensor:
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
-    globals()[_name] = _graph.replayable(globals()[_name])
-to_layout = _graph.replayable(to_layout)
+    globals()[_name] = _trace.replayable(globals()[_name])
+to_layout = _trace.replayable(to_layout)
+_rules.layout_only(to_layout)

@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import graph as _graph
+from .. import trace as _trace
 from .._tree import flatten
 from ..dims import Dim
 from ..errors import LoopliftError
-from ..loop import LoopSpec, emit_unstack
+from ..regions import LoopSpec, emit_unstack, is_history_of
+from ..rules import rules_of
 from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
@@ -83,8 +85,8 @@ def optimize(graph: _graph.Graph, inputs: list[Tensor], outputs: list[Tensor], *
              float_dtype: torch.dtype) -> Optimized:
     """A new graph computing the same `outputs` with loops optimized; `graph` is left unchanged."""
     new = _graph.Graph()
-    ctx = _graph.TraceContext(mode, new, float_dtype)
-    token = _graph.enter(ctx)
+    ctx = _trace.TraceContext(mode, new, float_dtype)
+    token = _trace.enter(ctx)
     try:
         rewriter = _Rewriter(ctx)
         rewriter.used = _used_tensors(graph) | {id(t) for t in outputs}
@@ -92,7 +94,7 @@ def optimize(graph: _graph.Graph, inputs: list[Tensor], outputs: list[Tensor], *
         new_inputs = [rewriter.map[id(t)] for t in inputs]
         new_outputs = [rewriter.value(t) for t in outputs]
     finally:
-        _graph.leave(token)
+        _trace.leave(token)
     return Optimized(new, new_inputs, new_outputs, rewriter.reports)
 
 
@@ -101,7 +103,7 @@ class _CannotMove(LoopliftError):
 
 
 class _Rewriter:
-    def __init__(self, ctx: _graph.TraceContext):
+    def __init__(self, ctx: _trace.TraceContext):
         self.ctx = ctx
         #: id(old tensor) -> its value in the new graph (for body tensors: in the new body)
         self.map: dict[int, Tensor] = {}
@@ -116,7 +118,7 @@ class _Rewriter:
 
     def copy_graph(self, old: _graph.Graph, new: _graph.Graph) -> None:
         for node in old.nodes:
-            if node.op == "loop" and node.kernel is not None:
+            if node.op == "loop":
                 self.transform_loop(node, new)
             else:
                 self.copy_node(node, new)
@@ -125,14 +127,16 @@ class _Rewriter:
         """`node` added to `graph` unchanged but for its inputs (mapped by `value`, default: the map)."""
         value = value or self.value
         new = graph.add(node.op, tuple(value(t) for t in node.inputs), node.kernel,
-                        [(t.dims, t.dtype, t.sparse_dim) for t in node.outputs], dict(node.attrs), node.source)
+                        [(t.dims, t.dtype, t.sparse_dim) for t in node.outputs], dict(node.attrs), node.source,
+                        region=node.region, makes_dims=node.makes_dims, random=node.random,
+                        zero_padding=node.zero_padding, value=node.value, masked_block=node.masked_block)
         new.call = node.call
         for old_t, new_t in zip(node.outputs, new.outputs):
             self.map[id(old_t)] = new_t
         return new
 
     def transform_loop(self, node: _graph.Node, parent: _graph.Graph) -> None:
-        spec: LoopSpec = node.attrs["loop"]
+        spec: LoopSpec = node.region
         report = LoopReport(spec.source, spec.axis.name, spec=spec)
         start, n_reports = len(parent.nodes), len(self.reports)
         saved_graph, saved_loops = self.ctx.graph, list(self.ctx.loops)
@@ -264,7 +268,7 @@ class _LoopMove:
         values) becomes one unit of kind "masked"."""
         blocks: dict[int, tuple] = {}
         for unit in self.units:
-            mc = unit.nodes[0].attrs.get("masked_block")
+            mc = unit.nodes[0].masked_block
             if mc is not None:
                 blocks.setdefault(id(mc), (mc, []))[1].append(unit)
         for mc, block in blocks.values():
@@ -370,7 +374,7 @@ class _LoopMove:
         self.moved, self.constant = moved, constant
         #: states whose values exist only as a final value of a sequence form (no value per step)
         self.seqless = {k for unit in self.units if unit.form is not None
-                        for i, k in enumerate(unit.form[1]) if not unit.call.fn.sequence_form.sequences[i]}
+                        for i, k in enumerate(unit.form[1]) if not rules_of(unit.call.fn).sequence_form.sequences[i]}
 
     def _unit_class(self, unit: _Unit, moved: set[int], constant: set[int]) -> int:
         if unit.form is not None:
@@ -383,9 +387,9 @@ class _LoopMove:
         if unit.kind == "masked":   # never invariant: it carries its own states (over T')
             return SEQUENCE if max((self.cls(t) for t in unit.inputs), default=INVARIANT) <= SEQUENCE else CORE
         worst = max((self.cls(t) for t in unit.inputs), default=INVARIANT)
-        if worst == INVARIANT and any(n.attrs.get("random") for n in unit.nodes):
+        if worst == INVARIANT and any(n.random for n in unit.nodes):
             return CORE   # each step draws anew (dropout of a loop-invariant value): it stays in the loop
-        if worst == INVARIANT and any(_is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
+        if worst == INVARIANT and any(is_history_of(d, self.axis) for t in unit.outputs() for d in t.dims):
             worst = SEQUENCE  # over the loop's history dim (e.g. a range over it): its size is the step's
         if worst == INVARIANT and any(self.spec.sized_per_step(d) for t in unit.outputs() for d in t.dims):
             return CORE   # over a beam whose size changes per step (e.g. a range over it)
@@ -399,8 +403,8 @@ class _LoopMove:
         """Whether the nested loop `unit` can run before this loop over the whole sequence (this loop's dim one
         more batch dim): a loop over an axis whose body is made of op calls, frames, the step index and states."""
         node = unit.nodes[0]
-        inner = node.attrs.get("loop")
-        if node.op != "loop" or not isinstance(inner, LoopSpec) or inner.own_dim or _is_history_of(inner.axis, self.axis):
+        inner = node.region
+        if node.op != "loop" or inner.own_dim or is_history_of(inner.axis, self.axis):
             return False
         return all(n.op in ("state", "unstack", "loop_index") or n.call is not None for n in inner.body.nodes)
 
@@ -410,7 +414,7 @@ class _LoopMove:
             return "(a Cond runs per step)"
         if self.spec.own_dim:
             return f"(the loop around it has no axis to run it over: {self.axis.name!r} is made by loop.end)"
-        inner = node.attrs["loop"]
+        inner = node.region
         if inner.own_dim:
             return "(its own dim, made by loop.end, differs per step)"
         return "(its body has a region or a computation it cannot run over the whole sequence)"
@@ -419,13 +423,13 @@ class _LoopMove:
         """The value assigned to state k, before the loop's own re-layout of it."""
         t = self.spec.new_states[k]
         unit = self.producer.get(id(t))
-        if unit is not None and unit.kind == "call" and unit.call.fn.__name__ == "to_layout":
+        if unit is not None and unit.kind == "call" and rules_of(unit.call.fn).layout_only:
             return unit.call.args[0]
         return t
 
     def _match_form(self, unit: _Unit, moved: set[int], constant: set[int]):
         """(carried argument, states) if the call and the states it carries can run as the op's sequence form."""
-        form = getattr(unit.call.fn, "sequence_form", None)
+        form = rules_of(unit.call.fn).sequence_form
         spec = self.spec
         if form is None or spec.own_dim or spec.end is not None:   # (loop.end: see the moved states above)
             return None
@@ -462,7 +466,8 @@ class _LoopMove:
         if any(out is t for t in [*spec.stacks, *spec.lasts, *([spec.end] if spec.end is not None else [])]):
             return False
         users = [u for u in self.consumers.get(id(out), [])
-                 if not (u.kind == "call" and u.call.fn.__name__ == "to_layout" and u.outputs()[0] is spec.new_states[k])]
+                 if not (u.kind == "call" and rules_of(u.call.fn).layout_only
+                         and u.outputs()[0] is spec.new_states[k])]
         readers = [u for u in self.consumers.get(id(spec.placeholders[k]), []) if u is not unit]
         return not users and not readers
 
@@ -565,7 +570,7 @@ class _LoopMove:
                 report.moved_states.append(self.spec.state_names[k])
             else:
                 self._replay(unit, self.seq, memo)
-                rule = getattr(unit.call.fn, "sequence_rule", None)
+                rule = rules_of(unit.call.fn).sequence_rule
                 if rule is not None:
                     report.forms.append(f"{rule}: {unit.describe()}")
                 else:
@@ -592,7 +597,7 @@ class _LoopMove:
 
     def _run_form(self, unit: _Unit) -> None:
         """Compute the outputs of a call run by its op's sequence form (over the whole sequence)."""
-        form = unit.call.fn.sequence_form
+        form = rules_of(unit.call.fn).sequence_form
         name, ks = unit.form
         call_args, call_kwargs = unit.call.arguments()
         bound = inspect.signature(unit.call.fn).bind(*call_args, **call_kwargs).arguments
@@ -669,14 +674,14 @@ class _LoopMove:
         seq_states = [(i, where_out) for i, (k, where_out, _) in enumerate(region.states)
                       if self.consumers.get(id(self.spec.placeholders[k])) or id(where_out) in loose
                       or id(self.spec.placeholders[k]) in loose or any(
-                          u.kind != "call" or u.call.fn.__name__ != "to_layout" or u.outputs()[0] is not
+                          u.kind != "call" or not rules_of(u.call.fn).layout_only or u.outputs()[0] is not
                           self.spec.new_states[k] for u in self.consumers.get(id(where_out), []))]
         stacked = [values[id(region.states[i][2])] for i, _ in seq_states] + \
             [values[id(v)] for _, v, _ in region.holds]
         sub = LoopSpec(axis=masked, own_dim=False, source=mc.source, body=body,
                        captured=body.captured([*new_states, *stacked]), placeholders=placeholders,
                        new_states=new_states, stacks=stacked, end=None, include_eos=True, max_len=None,
-                       length_dims=_graph.length_dims(masked),
+                       length_dims=_trace.length_dims(masked),
                        state_names=[self.spec.state_names[k] for k in ks], freeze=True)
         node = sub.add_node(scratch, [self.initial[k] for k in ks])
         for t in node.inputs:
@@ -699,11 +704,11 @@ class _LoopMove:
         loop: its body is replayed with this loop's dim as one more batch dim, and the new loop is optimized in
         turn (e.g. a fused cell over the inner axis, for all steps of this loop at once)."""
         old = unit.nodes[0]
-        inner: LoopSpec = old.attrs["loop"]
+        inner: LoopSpec = old.region
         axis = self.axis
         nc, ns = len(inner.captured), len(inner.placeholders)
         with self._in(self.parent):
-            length_dims = _graph.length_dims(inner.axis) if inner.axis.is_dynamic else ()
+            length_dims = _trace.length_dims(inner.axis) if inner.axis.is_dynamic else ()
             if inner.end is not None:
                 length_dims = tuple(dict.fromkeys([*inner.length_dims, *length_dims, axis]))
 
@@ -748,7 +753,7 @@ class _LoopMove:
                 continue
             elif id(n.call) not in replayed:
                 replayed.add(id(n.call))
-                if n.call.fn.__name__ == "to_layout":   # (a layout is no part of the meaning; the new one has more dims)
+                if rules_of(n.call.fn).layout_only:   # (a layout is no part of the meaning; the new one has more dims)
                     values[id(n.call.outputs)] = value_of(n.call.args[0])
                     continue
                 self._replay(_Unit([n], n.call, "call"), value_of, values, graph=body, loop=sub)
@@ -908,7 +913,7 @@ class _LoopMove:
     def _hoistable(self, n: _graph.Node) -> bool:
         """Whether the body node `n` (of a call that stays in the loop) reads only values from outside the
         loop: it is computed once, before the loop."""
-        if n.kernel is None or n.op in ("state", "unstack", "loop_index", "loop", "cond") or n.attrs.get("random"):
+        if n.kernel is None or n.op in ("state", "unstack", "loop_index", "loop", "cond") or n.random:
             return False
         if any(self.spec.sized_per_step(d) for t in n.outputs for d in t.dims):
             return False   # (over a beam whose size changes per step)
@@ -1065,23 +1070,11 @@ def _used_tensors(graph: _graph.Graph) -> set[int]:
     used: set[int] = set()
     for node in graph.nodes:
         used.update(id(t) for t in node.inputs)
-        region = node.attrs.get("loop")
-        if isinstance(region, LoopSpec):
-            used.update(_used_tensors(region.body))
-            used.update(id(t) for t in [*region.new_states, *region.stacks, *region.lasts])
-            if region.end is not None:
-                used.add(id(region.end))
-        cond = node.attrs.get("cond")
-        if cond is not None:
-            for branch in cond._branches.values():
-                used.update(_used_tensors(branch))
-            used.update(id(t) for branch_outs in getattr(cond, "_outs", {}).values() for t in branch_outs)
+        if node.region is not None:
+            for body, returned in node.region.regions():
+                used.update(_used_tensors(body))
+                used.update(id(t) for t in returned)
     return used
-
-
-def _is_history_of(d: Dim, axis: Dim) -> bool:
-    """Whether `d` is ``axis.history()`` (t + 1 frames at step t of the loop over `axis`)."""
-    return d.origin is not None and d.origin[0] == "history" and d.origin[1][0] is axis
 
 
 def _tensors(value) -> list[Tensor]:

@@ -26,10 +26,10 @@ __all__ = ["Env"]
 class Env:
     """Sizes, lengths and masks for one program call (or one step of a loop in it)."""
 
-    __slots__ = ("device", "sizes", "lengths_of", "_masks", "parent", "steps", "reference", "scratch")
+    __slots__ = ("device", "sizes", "lengths_of", "_masks", "parent", "steps", "scratch")
 
     def __init__(self, device: torch.device, sizes: dict[Dim, int], lengths: dict[Dim, torch.Tensor], *,
-                 reference: bool = False, parent: Env | None = None, steps: dict[Dim, int] | None = None):
+                 parent: Env | None = None, steps: dict[Dim, int] | None = None):
         self.device = device
         self.sizes = sizes
         self.lengths_of = lengths
@@ -37,14 +37,12 @@ class Env:
         self.parent = parent
         #: Current step of each enclosing loop, by the loop's dim.
         self.steps: dict[Dim, int] = steps or {}
-        #: Run regions with the reference interpreter (else with prepared executors).
-        self.reference = reference
         #: Memory of ops that accumulate over the steps of the enclosing loop run (cum_concat).
         self.scratch: dict = parent.scratch if parent is not None else {}
 
     def child(self, steps: dict[Dim, int], scratch: dict | None = None) -> Env:
         """The environment of one loop step inside this one (`scratch`: the loop run's memory)."""
-        env = Env(self.device, {}, {}, reference=self.reference, parent=self, steps={**self.steps, **steps})
+        env = Env(self.device, {}, {}, parent=self, steps={**self.steps, **steps})
         if scratch is not None:
             env.scratch = scratch
         return env
@@ -62,8 +60,9 @@ class Env:
 
     def size(self, dim: Dim) -> int:
         """The padded size of `dim` in this call."""
-        if dim._size is not None:
-            return dim._size
+        static = dim.size
+        if static is not None:
+            return static
         size = self.sizes.get(dim)
         if size is None and dim.origin is not None and dim.origin[0] == "history":
             axis = dim.origin[1][0]
@@ -164,20 +163,3 @@ class Env:
         return (dim not in self.lengths_of and dim not in self.sizes and parent.knows_lengths(dim)
                 and (dim.origin is None or dim.origin[0] != "history")
                 and not any(d in self.steps and d not in parent.steps for d in dim.length_dims))
-
-    def run(self, graph, inputs: Sequence, raws: Sequence, outputs: Sequence) -> list:
-        """Run a region (a loop body, a branch): `inputs` are its fed tensors with values `raws`."""
-        return self.runner(graph, inputs, outputs)(self, raws)
-
-    def runner(self, graph, inputs: Sequence, outputs: Sequence):
-        """``run(env, raws)`` for a region, to call once per loop step: the reference interpreter, or
-        an executor prepared once per graph."""
-        if self.reference:
-            from .reference import run_reference
-            return lambda env, raws: run_reference(graph, env, dict(zip(inputs, raws)), outputs)
-        key = ("executor", tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
-        runner = graph.prepared.get(key)
-        if runner is None:
-            from .executor import Executor
-            runner = graph.prepared[key] = Executor(graph, inputs, outputs)
-        return runner

@@ -2,8 +2,10 @@
 
 At build time it drops the nodes the outputs do not need and resolves every
 input of every node to a slot number, so a call is a loop over prepared
-``(kernel, input slots, output slots)`` steps. It must agree exactly with the
-reference interpreter (:mod:`looplift.runtime.reference`).
+``(kernel, input slots, output slots)`` steps. Loops and Conds get their
+kernels here too, running their graphs with executors of their own
+(:func:`executor_runner`). It must agree exactly with the reference
+interpreter (:mod:`looplift.runtime.reference`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import LoopliftError
-from ..graph import Graph, Node
+from ..graph import Graph, Node, Op
 from ..tensor import Tensor
 from .env import Env
 from .reference import is_placed, node_error
+from .regions import region_kernel
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "executor_runner", "live_nodes"]
 
 
 def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
@@ -28,10 +31,7 @@ def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
     """
     makers = {}   # dim -> the node that makes it when it runs
     for node in graph.nodes:
-        spec = node.attrs.get("loop")
-        if getattr(spec, "own_dim", False):
-            makers[spec.axis] = node
-        for d in node.attrs.get("makes_dims", ()):
+        for d in node.makes_dims:
             makers.setdefault(d, node)
     needed: set[int] = set()
     stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
@@ -43,7 +43,7 @@ def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
         stack.extend(t.node for t in node.inputs if t.node is not None)
         if makers:
             stack.extend(_makers_of([*node.inputs, *node.outputs], makers))
-            spec = node.attrs.get("loop")
+            spec = node.region if node.op == Op.LOOP else None
             if spec is not None and spec.axis in makers and makers[spec.axis] is not node:
                 stack.append(makers[spec.axis])   # a loop over a dim made by another node (a masked dim)
     return [n for n in graph.nodes if id(n) in needed]
@@ -74,14 +74,17 @@ class Executor:
             slot[id(t)] = len(slot)
         self._steps = []
         for node in live_nodes(graph, outputs):
-            if node.kernel is None:
-                continue
+            kernel = node.kernel
+            if node.region is not None:
+                kernel = region_kernel(node, executor_runner)
+            elif kernel is None:
+                continue   # a placeholder: fed through `inputs`
             ins = tuple(slot[id(t)] for t in node.inputs)
             outs = []
             for t in node.outputs:
                 slot[id(t)] = len(slot)
                 outs.append(slot[id(t)])
-            self._steps.append((node, node.kernel, ins, outs[0] if len(outs) == 1 else tuple(outs)))
+            self._steps.append((node, kernel, ins, outs[0] if len(outs) == 1 else tuple(outs)))
         self._n_slots = len(slot)
         self._n_inputs = len(inputs)
         self._outputs = tuple(slot[id(t)] for t in outputs)
@@ -107,3 +110,12 @@ class Executor:
                 for i, v in zip(out, result):
                     values[i] = v
         return [values[i] for i in self._outputs]
+
+
+def executor_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:
+    """The executor of a region's graph, prepared once per graph and kept in ``graph.prepared``."""
+    key = ("executor", tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
+    runner = graph.prepared.get(key)
+    if runner is None:
+        runner = graph.prepared[key] = Executor(graph, inputs, outputs)
+    return runner

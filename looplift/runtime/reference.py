@@ -2,7 +2,8 @@
 
 It is the semantic oracle for every optimization: whatever an optimized
 executor does, its results must equal this interpreter's. It is kept as plain
-as possible on purpose.
+as possible on purpose. Loops and Conds run their graphs with it too, loops
+step by step (:mod:`looplift.runtime.loop_run`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from ..errors import ExecutionError, LoopliftError
 from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
+from .regions import region_kernel
 
-__all__ = ["run_reference", "run_node", "node_error", "is_placed"]
+__all__ = ["run_reference", "reference_runner", "run_node", "node_error", "is_placed"]
 
 
 def node_error(node, e: Exception) -> ExecutionError:
@@ -32,10 +34,10 @@ def is_placed(e: LoopliftError) -> bool:
     return not isinstance(e, ExecutionError) or getattr(e, "node", None) is not None
 
 
-def run_node(node, env: Env, args):
-    """Run one node's kernel, turning a torch failure into an error naming the node's source line."""
+def run_node(node, kernel, env: Env, args):
+    """Run one node's `kernel`, turning a torch failure into an error naming the node's source line."""
     try:
-        return node.kernel(env, *args)
+        return kernel(env, *args)
     except LoopliftError as e:
         if is_placed(e):
             raise
@@ -48,12 +50,20 @@ def run_reference(graph: Graph, env: Env, inputs: dict[Tensor, object], outputs:
     """Run every node of `graph` in order and return the raw values of `outputs`."""
     values: dict[int, object] = {id(t): v for t, v in inputs.items()}
     for node in graph.nodes:
-        if node.kernel is None:
-            continue
-        result = run_node(node, env, [values[id(t)] for t in node.inputs])
+        kernel = node.kernel
+        if node.region is not None:
+            kernel = region_kernel(node, reference_runner)
+        elif kernel is None:
+            continue   # a placeholder: fed through `inputs`
+        result = run_node(node, kernel, env, [values[id(t)] for t in node.inputs])
         if len(node.outputs) == 1:
             values[id(node.outputs[0])] = result
         else:
             for t, v in zip(node.outputs, result):
                 values[id(t)] = v
     return [values[id(t)] for t in outputs]
+
+
+def reference_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]):
+    """``run(env, raws)`` of a region's graph with the reference interpreter."""
+    return lambda env, raws: run_reference(graph, env, dict(zip(inputs, raws)), outputs)

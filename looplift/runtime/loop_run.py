@@ -1,0 +1,299 @@
+"""Running a loop node: its body step by step, with the per-entry bookkeeping of the loop's semantics.
+
+This is the literal semantics of :class:`looplift.regions.LoopSpec`, for both
+the reference interpreter and the executor (they differ only in how they run
+the body: node by node, or with a prepared executor; see `runner`). Per step:
+
+* the body runs on the captured values and the states (frame t of the
+  step's environment: ``env.step(axis) == t``);
+* an entry that has ended (past its length along the axis, or by the end
+  condition) keeps its states frozen; its stacked frames beyond its length
+  are padding;
+* a search whose beam changes its size per step runs each step as wide as
+  the previous step's prune kept;
+* a loop that makes its own dim stops when every entry ended, and gives the
+  dim its size and lengths; ``max_seq_len`` stops a search, and is an error
+  for any other loop that reaches it with entries not yet ended.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .._align import aligner
+from ..dims import Dim
+from ..errors import ExecutionError
+from ..graph import Graph
+from ..regions import LoopSpec
+from ..tensor import Tensor
+
+__all__ = ["LoopRun", "Runner"]
+
+#: ``runner(graph, inputs, outputs)`` -> ``run(env, raws) -> raw outputs``: how a region's graph is run
+Runner = Callable[[Graph, Sequence[Tensor], Sequence[Tensor]], Callable]
+
+
+class LoopRun:
+    """The kernel of one loop node: ``run(env, *captured, *initial_states[, max_len])``."""
+
+    def __init__(self, spec: LoopSpec, runner: Runner):
+        self.spec = spec
+        self.runner = runner
+        length_dims = spec.length_dims
+        self.axis_lengths = None
+        if spec.axis.is_dynamic and not spec.own_dim:
+            self.axis_lengths = aligner(spec.axis_length_dims, length_dims)
+        self.end_align = aligner(spec.end.dims, length_dims) if spec.end is not None else None
+        self.max_align = aligner(spec.max_len.dims, length_dims) if isinstance(spec.max_len, Tensor) else None
+        self.state_align = [aligner(length_dims, p.dims) for p in spec.placeholders]
+        self.last_align = [aligner(length_dims, v.dims) for v in spec.lasts]
+        src = _frame_source(spec) if self.axis_lengths is not None else None
+        #: (the captured sequence, the position of the loop's axis in it, its aligner to (axis, length dims))
+        self.cond_seq = None if src is None else (
+            src, src.dims.index(spec.axis), aligner((spec.axis,) + spec.end.dims, (spec.axis,) + tuple(length_dims)))
+        beam = spec.beam[0] if spec.beam is not None else None
+        #: per state, the position of a changing beam in it (None: it has none)
+        self.beam_pos = [p.dims.index(beam) if beam is not None and beam in p.dims else None
+                         for p in spec.placeholders]
+        # per-entry bookkeeping only where something depends on it
+        self.track = spec.freeze or bool(spec.lasts) or spec.end is not None or spec.own_dim
+
+    def __call__(self, env, *raws):
+        spec = self.spec
+        axis = spec.axis
+        nc, ns = len(spec.captured), len(spec.placeholders)
+        captured, state = list(raws[:nc]), list(raws[nc:nc + ns])
+        max_len = raws[nc + ns] if self.max_align is not None else spec.max_len
+        stacks, lasts = spec.stacks, spec.lasts
+        outputs = spec.new_states + stacks + lasts + ([spec.end] if spec.end is not None else [])
+        run_body = self.runner(spec.body, spec.captured + spec.placeholders, outputs)
+
+        n_steps = None if spec.own_dim else env.size(axis)
+        axis_len = None
+        if self.axis_lengths is not None:
+            axis_len = self.axis_lengths(env.lengths(axis))
+            n_steps = min(n_steps, int(axis_len.max())) if axis_len.numel() else 0
+        # (an end condition computed before the loop that ends no entry before its length: nothing to track)
+        untracked = axis_len is not None and self._ends_only_at_length(captured, axis_len, n_steps)
+        track = self.track and not untracked
+        alive = None        # entries that have not ended (by loop.end), over length_dims
+        counted = None      # steps counted per entry
+        frames: list[list] = [[] for _ in stacks]
+        last_vals: list = [None] * len(lasts)
+        inner: dict[Dim, list] = {}
+        scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
+        width = env.size(spec.beam[0]) if spec.beam is not None else None   # (the beam's, this step)
+        t = 0
+        while n_steps is None or t < n_steps:
+            if spec.own_dim:
+                if alive is not None and not bool(alive.any()):
+                    break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
+                if max_len is not None:
+                    alive, stop = self._at_max_len(env, t, max_len, alive)
+                    if stop:
+                        break
+            step_env = env.child({axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
+            if width is not None:
+                step_env.sizes[spec.beam[0]] = width
+            results = run_body(step_env, captured + state)
+            new_state = results[:ns]
+            if width is not None:
+                width = step_env.sizes.get(spec.beam[1], width)
+                state = [_to_width(old, new, pos) for old, new, pos in zip(state, new_state, self.beam_pos)]
+            active = None if axis_len is None or not track else (t < axis_len)
+            if spec.end is not None and not untracked:
+                cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
+                if alive is None:
+                    alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool, device=env.device)
+                if active is not None:
+                    alive = alive & active
+                step_counts = alive if spec.include_eos else alive & ~cond
+                alive = alive & ~cond
+                active = step_counts
+            state = self._next_states(env, t, state, new_state, active, axis_len)
+            if active is not None and spec.own_dim:
+                counted = active.long() if counted is None else counted + active.long()
+            for k, v in enumerate(results[ns:ns + len(stacks)]):
+                frames[k].append(v)
+            self._keep_lasts(env, results[ns + len(stacks):ns + len(stacks) + len(lasts)], active, last_vals)
+            _collect_inner_dims(step_env, axis, inner)
+            t += 1
+        if width is not None:
+            env.sizes[spec.beam[0]] = width   # (the final states' beam)
+        self._set_dims(env, t, counted, inner)
+        size = env.size(axis)
+        stacked = [_stack_frames(fr, size, env.device, value.dtype, [_size_or_zero(env, d) for d in value.dims])
+                   for value, fr in zip(stacks, frames)]
+        finals = [v if v is not None else torch.zeros([_size_or_zero(env, d) for d in value.dims],
+                                                      dtype=value.dtype, device=env.device)
+                  for value, v in zip(lasts, last_vals)]
+        result = tuple(state + stacked + finals)
+        return result[0] if len(result) == 1 else result
+
+    def _ends_only_at_length(self, captured: list, axis_len: torch.Tensor, n_steps: int) -> bool:
+        """Whether the loop can run without per-entry bookkeeping: a loop over an axis whose end condition
+        is a frame of a sequence computed before it, where no entry ends before its last frame (so no state
+        is ever frozen within an entry's length), and nothing past an entry's length is kept frozen."""
+        spec = self.spec
+        if spec.own_dim or spec.lasts or (spec.freeze and spec.freeze_past_length):
+            return False
+        if self.cond_seq is None:
+            return False
+        src, pos, align = self.cond_seq
+        seq = captured[next(i for i, c in enumerate(spec.captured) if c is src)]
+        if not isinstance(seq, torch.Tensor) or seq.dtype != torch.bool:
+            return False
+        cond = align(seq.movedim(pos, 0)[:n_steps])
+        steps = torch.arange(cond.shape[0], device=cond.device).view(-1, *([1] * (cond.dim() - 1)))
+        inside = steps < axis_len
+        hit = (cond & inside).long()
+        frozen = (hit.cumsum(0) - hit) > 0   # (a step after the entry's end)
+        if not spec.include_eos:
+            frozen = frozen | hit.bool()        # (the ending step itself does not count)
+        return not bool((frozen & inside).any())
+
+    def _at_max_len(self, env, t: int, max_len, alive):
+        """Before step `t` of a loop that makes its own dim: ``(alive, stop)``. A search ends an entry at its
+        max_seq_len (its hypotheses cut there); any other loop reaching it with live entries is an error."""
+        spec = self.spec
+        over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
+        if spec.stop_at_max_len:
+            if not isinstance(over, torch.Tensor):
+                return alive, over
+            if alive is None:
+                alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool, device=env.device)
+            alive = alive & ~over
+            return alive, not bool(alive.any())
+        if isinstance(over, torch.Tensor):
+            over = bool((over & (alive if alive is not None else True)).any())
+        if over:
+            err = ExecutionError(
+                f"the loop at {spec.source} ran past max_seq_len ({_describe_max(max_len)}) "
+                f"with entries not yet ended; raise max_seq_len or check the loop.end condition")
+            err.node = spec.node  # the error names its line already
+            raise err
+        return alive, False
+
+    def _next_states(self, env, t: int, state: list, new_state: list, active, axis_len) -> list:
+        """The states for the next step: the new ones, but the old ones for entries not `active` (frozen)."""
+        spec = self.spec
+        if active is None or not spec.freeze:
+            return new_state
+        if not spec.freeze_past_length and axis_len is not None and bool((active | (t >= axis_len)).all()):
+            return new_state   # (no entry ended before its length: only padding frames would differ)
+        return [torch.where(al(active), _raw(new, p.dtype, env), _raw(old, p.dtype, env))
+                for al, new, old, p in zip(self.state_align, new_state, state, self.spec.placeholders)]
+
+    def _keep_lasts(self, env, values, active, last_vals: list) -> None:
+        """Update each ``loop.last`` value with this step's, for the entries `active` at it."""
+        for k, v in enumerate(values):
+            v = _raw(v, self.spec.lasts[k].dtype, env)
+            if active is None or last_vals[k] is None:
+                last_vals[k] = v if active is None else torch.where(self.last_align[k](active), v,
+                                                                    torch.zeros_like(v))
+            else:
+                last_vals[k] = torch.where(self.last_align[k](active), v, last_vals[k])
+
+    def _set_dims(self, env, n_run: int, counted, inner: dict) -> None:
+        """After `n_run` steps: the sizes and lengths of the dims the loop makes (its own dim, the dims inner
+        loops made per step)."""
+        spec, axis = self.spec, self.spec.axis
+        if spec.own_dim:
+            env.sizes[axis] = n_run
+            if counted is None:
+                counted = torch.full([env.size(d) for d in spec.length_dims], n_run, dtype=torch.int64,
+                                     device=env.device)
+            env.lengths_of[axis] = counted
+        for d, per_step in inner.items():
+            sizes = [s for s, _ in per_step]
+            env.sizes[d] = max(sizes) if sizes else 0
+            # padded to the loop's size (the steps not run, beyond every entry's length, have length 0)
+            env.lengths_of[d] = _stack_frames([n for _, n in per_step], env.size(axis), env.device, torch.int64)
+        if n_run == 0:
+            # no step ran: the dims the body creates (inner loops' own dims, varying along `axis`) are empty
+            for value in spec.stacks + spec.lasts:
+                for d in value.dims:
+                    if d.is_dynamic and d.origin is None and axis in d.length_dims and not env.knows_lengths(d):
+                        env.sizes[d] = 0
+                        env.lengths_of[d] = torch.zeros([env.size(e) for e in env.length_dims(d)],
+                                                        dtype=torch.int64, device=env.device)
+
+
+def _to_width(old, new, pos: int | None):
+    """The state `old` cut or widened to the beam of `new` (at `pos`), for keeping entries that ended: their
+    hypotheses are the first slots of both (a prune keeps them all), the slots beyond are `new`'s (empty)."""
+    if pos is None or not isinstance(old, torch.Tensor) or not isinstance(new, torch.Tensor):
+        return old
+    have, want = old.shape[pos], new.shape[pos]
+    if have > want:
+        return old.narrow(pos, 0, want)
+    if have < want:
+        return torch.cat([old, new.narrow(pos, have, want - have)], pos)
+    return old
+
+
+def _frame_source(spec: LoopSpec) -> Tensor | None:
+    """The captured sequence whose frame is the loop's end condition (a condition computed before the loop,
+    over the loop's axis), or None."""
+    end = spec.end
+    node = end.node if end is not None else None
+    if node is None or node.op != "unstack" or not any(node.inputs[0] is c for c in spec.captured):
+        return None
+    src = node.inputs[0]
+    if len(src.dims) != len(end.dims) + 1 or any(d.origin is not None and d.origin[0] == "history" for d in end.dims):
+        return None
+    return src
+
+
+def _raw(v, dtype: torch.dtype, env):
+    """The raw value `v` as a torch tensor; a Python number (a constant) of the value's `dtype`, not torch's
+    default (float32 would lose the precision of a float64 program)."""
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device)
+
+
+def _size_or_zero(env, d: Dim) -> int:
+    try:
+        return env.size(d)
+    except ExecutionError:
+        return 0
+
+
+def _describe_max(max_len) -> str:
+    if isinstance(max_len, torch.Tensor):
+        return f"per entry, up to {int(max_len.max()) if max_len.numel() else 0}"
+    return str(max_len)
+
+
+def _collect_inner_dims(step_env, axis: Dim, inner: dict) -> None:
+    """Sizes and lengths of dims created in this step (by inner loops) whose lengths vary along `axis`."""
+    for d, n in step_env.lengths_of.items():
+        # Dims whose lengths come from outside the loop (inputs, e.g. words over (batch, sent)) only were
+        # cached here, selected at this step: their lengths are known already, over all steps.
+        if step_env.parent is not None and step_env.parent.knows_lengths(d):
+            continue
+        if d.origin is None and axis in d.length_dims and d in step_env.sizes:
+            inner.setdefault(d, []).append((step_env.sizes[d], n))
+
+
+def _stack_frames(frames: list, size: int, device, dtype, frame_shape: list[int] | None = None):
+    """Stack per-step raw values along a new first axis of `size` (padding with zeros), padding
+    frames of different shapes (dims created per step) to the largest."""
+    if not frames:
+        return torch.zeros([size] + list(frame_shape or []), dtype=dtype, device=device)
+    frames = [f if isinstance(f, torch.Tensor) else torch.tensor(f, dtype=dtype, device=device) for f in frames]
+    shape = [max(s) for s in zip(*(f.shape for f in frames))] if frames[0].dim() else []
+    padded = []
+    for f in frames:
+        if list(f.shape) != shape:
+            pad = []
+            for have, want in reversed(list(zip(f.shape, shape))):
+                pad += [0, want - have]
+            f = F.pad(f, pad)
+        padded.append(f)
+    out = torch.stack(padded, 0)
+    if size > out.shape[0]:
+        out = torch.cat([out, out.new_zeros((size - out.shape[0],) + out.shape[1:])], 0)
+    return out
