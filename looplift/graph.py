@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -37,10 +37,7 @@ from .errors import GraphError
 from .source import user_source_line
 from .tensor import Tensor
 
-if TYPE_CHECKING:
-    from .regions import CondSpec, LoopSpec
-
-__all__ = ["Op", "Node", "Graph", "Call", "Kernel"]
+__all__ = ["Op", "Node", "Graph", "Call", "Kernel", "Region"]
 
 
 class Op(enum.StrEnum):
@@ -54,6 +51,16 @@ class Op(enum.StrEnum):
     LOOP_INDEX = "loop_index"  # in a loop body: the step counter t
     LOOP = "loop"              # a loop: ``region`` is its LoopSpec, which the runtime runs step by step
     COND = "cond"              # one of two branches: ``region`` is its CondSpec, which the runtime runs
+
+
+class Region(Protocol):
+    """The record of a region node (``looplift.regions.LoopSpec``, ``CondSpec``): its graphs."""
+
+    #: a name per graph, for :meth:`Graph.format` ("body"; "true", "false")
+    region_names: tuple[str, ...]
+
+    def regions(self) -> list[tuple[Graph, list[Tensor]]]:
+        """Each graph of the region with the values it returns."""
 
 
 #: ``kernel(env, *raw_inputs)``: the raw torch output, or a tuple of them for a node with several outputs.
@@ -82,7 +89,7 @@ class Node:
     #: The user-level op call that emitted this node (for replaying it on other inputs), or None.
     call: Call | None = None
     #: LOOP and COND: the region's record (its body or branches, what it captures and returns).
-    region: LoopSpec | CondSpec | None = None
+    region: Region | None = None
     #: Dims whose size and lengths this node sets when it runs (a compress sets its masked dim's).
     makes_dims: tuple[Dim, ...] = ()
     #: The node draws anew each time it runs (dropout, sampling): never computed once for several steps.

@@ -11,16 +11,13 @@ installed by :mod:`looplift.ops.math`, so this module stays free of op logic.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from .dims import Dim
 from .errors import TraceError
 from .source import user_source_line
-
-if TYPE_CHECKING:
-    from .graph import Node
 
 __all__ = ["Tensor"]
 
@@ -31,10 +28,11 @@ class Tensor:
     __slots__ = ("dims", "dtype", "sparse_dim", "node", "index", "__weakref__")
 
     def __init__(self, dims: tuple[Dim, ...], dtype: torch.dtype, *, sparse_dim: Dim | None = None,
-                 node: Node | None = None, index: int = 0):
+                 node: Any = None, index: int = 0):
         self.dims = tuple(d.canonical() for d in dims)
         self.dtype = dtype
         self.sparse_dim = sparse_dim.canonical() if sparse_dim is not None else None
+        #: the :class:`looplift.graph.Node` that computes this tensor (its output `index`), None before it is made
         self.node = node
         self.index = index
 

@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -24,9 +24,7 @@ from .dims import Dim
 from .errors import ModeError, TraceError
 from .graph import Call, Graph, Node
 from .source import user_source_line
-
-if TYPE_CHECKING:
-    from .tensor import Tensor
+from .tensor import Tensor
 
 __all__ = ["TraceContext", "LoopHints", "Retrace", "current", "tracing", "enter", "leave", "mode",
            "is_training", "is_search", "replayable", "resolve_call", "length_dims", "record"]

@@ -863,7 +863,7 @@ def check(spec: Program, data: Data, seed: int = 0) -> ll.Program:
     assert_equivalent(prog, params, data.make(), data.named)
     if moveable(spec):
         report = next(r for r in prog.traces[-1].optimized.reports if r.source == model.source)
-        moved = [*report.hoisted, *report.moved_in, *report.moved_states, *report.moved_out, *report.forms,
+        moved = [*report.hoisted, *report.before_loop, *report.moved_states, *report.after_loop, *report.sequence_forms,
                  *report.masked]
         assert [m for m in moved if not m.startswith("to_layout")], prog.explain()
     return prog

@@ -86,12 +86,12 @@ def test_char_lstm_in_a_word_loop_runs_once_for_all_words_as_the_fused_lstm():
     prog = _check_char_words([3, 1, 2], [[2, 4, 1], [3], [1, 2]])
     rep = reports(prog)
     word, char = rep["word"], rep["char"]
-    assert any("loop over 'char'" in m for m in word.moved_in), prog.explain()
+    assert any("loop over 'char'" in m for m in word.before_loop), prog.explain()
     assert not any(s.startswith("loop ") for s, _ in word.stayed), prog.explain()
     # the moved inner loop became the fused LSTM over the characters of all words at once
-    assert char.loop_removed and any("fused LSTM" in f for f in char.forms), prog.explain()
+    assert char.loop_removed and any("fused LSTM" in f for f in char.sequence_forms), prog.explain()
     # and the word LSTM, carrying only its own state, is the fused LSTM over the words: nothing is left
-    assert word.loop_removed and any("fused LSTM" in f and "'word[0]'" in f for f in word.forms), prog.explain()
+    assert word.loop_removed and any("fused LSTM" in f and "'word[0]'" in f for f in word.sequence_forms), prog.explain()
 
 
 def test_the_fused_char_lstm_runs_once_over_the_characters_of_all_words(monkeypatch):
@@ -167,7 +167,7 @@ def test_inner_loop_variants_move_and_agree(variant):
     assert_equivalent(prog, params, {"x": x, "y": y},
                       lambda t: [ll.Named(t["x"], (B, T, F), {T: lengths}), ll.Named(t["y"], (B, S, F))])
     time = reports(prog)["time"]
-    assert any("loop over 'sub'" in m for m in time.moved_in), prog.explain()
+    assert any("loop over 'sub'" in m for m in time.before_loop), prog.explain()
     assert not any(s.startswith("loop ") for s, _ in time.stayed), prog.explain()
 
 
@@ -200,4 +200,4 @@ def test_inner_loop_reading_a_carried_state_stays_and_agrees():
     time = reports(prog)["time"]
     stayed = [(s, chain) for s, chain in time.stayed if s.startswith("loop ")]
     assert stayed and "state 'h'" in stayed[0][1][-1], prog.explain()
-    assert not time.moved_in, prog.explain()
+    assert not time.before_loop, prog.explain()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .move_out import LoopReport
+from .report import LoopReport
 
 __all__ = ["explain", "to_dot"]
 
@@ -25,11 +25,11 @@ def explain(reports: list[LoopReport]) -> str:
             continue
         sections = [
             ("computed once before the loop (loop-invariant)", _user(r.hoisted)),
-            ("moved in: computed over the whole sequence before the loop", _user(r.moved_in)),
-            ("replaced by sequence forms", r.forms),
+            ("moved in: computed over the whole sequence before the loop", _user(r.before_loop)),
+            ("replaced by sequence forms", r.sequence_forms),
             ("masked computations moved out (run over T' as a loop of their own, then unmasked)", r.masked),
             ("states moved out (the previous step's value is the sequence shifted by one)", r.moved_states),
-            ("moved out: computed after the loop on the stacked sequence", _user(r.moved_out)),
+            ("moved out: computed after the loop on the stacked sequence", _user(r.after_loop)),
         ]
         for title, items in sections:
             if items:
@@ -65,13 +65,13 @@ def to_dot(reports: list[LoopReport]) -> str:
         ids = {}
         for k, node in enumerate(spec.body.nodes):
             ids[id(node)] = f"n{i}_{k}"
-            cls = r.node_class.get(id(node), "core")
+            place = r.node_place.get(id(node), "core")
             name = node.call.fn.__name__ if node.call is not None else node.op
             if node.op == "state":
                 name = f"state {node.attrs.get('state')}"
             dims = ",".join(d.name for d in node.outputs[0].dims) if node.outputs else ""
             out.append(f'    {ids[id(node)]} [label="{_escape(name)}\\n{{{_escape(dims)}}}", '
-                       f'fillcolor={_COLORS.get(cls, "white")}];')
+                       f'fillcolor={_COLORS.get(place, "white")}];')
         for node in spec.body.nodes:
             for t in node.inputs:
                 if t.node is not None and id(t.node) in ids:

@@ -18,8 +18,6 @@ see :mod:`looplift.loop`), and the loop calls back two methods:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from .. import trace as _trace
@@ -27,6 +25,7 @@ from .._align import aligner
 from .._tree import flatten
 from ..dims import Dim, sized_like
 from ..errors import DimError
+from ..loop import Loop
 from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
@@ -34,9 +33,6 @@ from ..ops._core import as_tensor
 from ..ops.index import gather
 from ..source import user_source_line
 from ..tensor import Tensor
-
-if TYPE_CHECKING:
-    from ..loop import Loop
 
 __all__ = ["BeamSearch", "Result", "normalized"]
 
