@@ -164,10 +164,12 @@ class Program:
                                      f"Cond; get it out with loop.stack(...), loop.last(...), a loop state or the "
                                      f"Cond result")
                 raise TraceError(f"the model returned the {v.describe()}, which belongs to another program")
+        graph.check()   # (the IR's contract: a failure here is a looplift bug, named with its node)
         optimized = None
         if self.optimize:
             optimized = optimize_loops(graph, inputs, [x for x in out_leaves if isinstance(x, Tensor)],
                                        mode=self.mode, float_dtype=self._float_dtype(leaves))
+            optimized.graph.check()
         trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized)
         self._traces[key] = trace
         return trace
