@@ -26,9 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from looplift.runtime.loop_run import LoopRun
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import EOS, G2P, Config
+from looplift.runtime.loop_run import LoopRun
 from looplift.train import bucketed_batches
 
 

@@ -7,7 +7,7 @@ one indexing (which inserts size-1 axes for dims the source lacks).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .dims import Dim
 

@@ -7,7 +7,8 @@ state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["flatten", "unflatten", "tree_map"]
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 
 from . import trace as _trace
-from .source import user_source_line
 from ._tree import flatten, unflatten
 from .errors import DimMismatchError, DTypeError, TraceError
 from .graph import Graph, Op
 from .ops._core import as_tensor, dims_str
 from .ops.shape import to_layout
 from .regions import CondSpec
+from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["Cond"]
@@ -100,7 +100,7 @@ class Cond:
         if t_spec != f_spec:
             raise TraceError(f"the branches of the Cond return values of different structure (at {self.source})")
         tensor_idx = [i for i, v in enumerate(t_leaves) if isinstance(v, Tensor)]
-        for i, (a, b) in enumerate(zip(t_leaves, f_leaves)):
+        for a, b in zip(t_leaves, f_leaves):
             if isinstance(a, Tensor) != isinstance(b, Tensor) or (not isinstance(a, Tensor) and a != b):
                 raise TraceError(f"the branches of the Cond return different values {a!r} and {b!r} "
                                  f"(at {self.source})")

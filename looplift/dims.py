@@ -28,7 +28,7 @@ or name silently computes nonsense. Identity makes every axis unambiguous.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 __all__ = ["Dim", "batch_dim", "run_time_beam", "sized_like"]
 

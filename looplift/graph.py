@@ -26,8 +26,9 @@ What passes and the runtime rely on is in the typed fields of :class:`Node`
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 
 from . import trace as _trace
-from .source import user_source_line
 from .errors import DTypeError, TraceError
 from .ops._core import as_tensor
 from .ops.math import where
 from .ops.shape import zeros
+from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["MaskedComputation"]

@@ -15,16 +15,16 @@ name of the first; calling a module twice uses the same parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from numbers import Real
-from typing import Callable, Sequence
 
 import torch
 
 from . import graph as _graph
 from . import trace as _trace
-from .source import user_source_line
 from .dims import Dim
 from .errors import DimError, TraceError
+from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["Module", "Parameter"]

@@ -18,23 +18,26 @@ from ``Named`` or :class:`Spec` arguments.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import graph as _graph
 from . import trace as _trace
-from .source import user_source_line
 from ._tree import flatten, unflatten
 from .dims import Dim
 from .errors import InputError, LoopliftError, ModeError, TraceError
-from .passes.explain import explain as explain_reports, to_dot as loops_to_dot
-from .passes.move_out import Optimized, optimize as optimize_loops
+from .passes.explain import explain as explain_reports
+from .passes.explain import to_dot as loops_to_dot
+from .passes.move_out import Optimized
+from .passes.move_out import optimize as optimize_loops
 from .runtime.env import Env
 from .runtime.executor import Executor
 from .runtime.named import Named
 from .runtime.reference import run_reference
+from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["compile", "Program", "Spec", "Trace"]

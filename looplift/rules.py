@@ -12,8 +12,8 @@ The passes ask :func:`rules_of` (``rules_of(call.fn).sequence_form``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 __all__ = ["SequenceForm", "OpRules", "rules_of", "sequence_form", "sequence_rule", "layout_only"]
 

@@ -52,7 +52,8 @@ class Tensor:
     def describe(self) -> str:
         """One line for error messages: dims, dtype and where it was created."""
         sparse = f", sparse_dim={self.sparse_dim.name}" if self.sparse_dim is not None else ""
-        return f"tensor {{{', '.join(d.name for d in self.dims)}}} {str(self.dtype).removeprefix('torch.')}{sparse} (created at {self.source})"
+        dims = ", ".join(d.name for d in self.dims)
+        return f"tensor {{{dims}}} {str(self.dtype).removeprefix('torch.')}{sparse} (created at {self.source})"
 
     def __repr__(self) -> str:
         return f"<looplift.Tensor {self.describe()}>"

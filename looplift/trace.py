@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 

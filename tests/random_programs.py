@@ -379,14 +379,15 @@ def programs(draw, loop: str, end: bool | None = None, masked: bool | None = Non
         elif leaf.update in ("input", "any"):
             updates.append(gen.value_of_type(leaf.type, leaf.update == "input"))
         elif leaf.update == "accum":
-            other = gen.pick(lambda i: i.type in (leaf.type, SCALAR))
+            other = gen.pick(lambda i, leaf=leaf: i.type in (leaf.type, SCALAR))
             updates.append(gen.add(Op("binary", (read, other), ("add",))))
         else:  # self: a nonlinearity of itself (mixed with another value)
             if leaf.type == SCALAR:
                 mixed = gen.add(Op("binary", (read, gen.pick(lambda i: i.type == SCALAR)), ("mul",)))
             else:
                 lin = gen.add(Op("linear", (read,), (leaf.type, draw(st.booleans()))))
-                mixed = gen.add(Op("binary", (lin, gen.pick(lambda i: i.type in (leaf.type, SCALAR))), ("add",)))
+                same = gen.pick(lambda i, leaf=leaf: i.type in (leaf.type, SCALAR))
+                mixed = gen.add(Op("binary", (lin, same), ("add",)))
             updates.append(gen.add(Op("unary", (mixed,), (draw(st.sampled_from(("tanh", "sigmoid"))),))))
     for _ in range(draw(st.integers(0, 3))):   # readouts: ops that feed no state (only stacks, lasts, the end)
         gen.random_op()

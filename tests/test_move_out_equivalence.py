@@ -24,13 +24,13 @@ hand-written program.
 from __future__ import annotations
 
 import pytest
+import random_programs as rp
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_programs import DTYPE, FDIMS, B, T, W
 
 import looplift as ll
-import random_programs as rp
-from random_programs import B, DTYPE, FDIMS, T, W
 
 F, H = FDIMS["F"], FDIMS["H"]
 

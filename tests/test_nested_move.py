@@ -20,9 +20,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_programs import assert_equivalent
 
 import looplift as ll
-from random_programs import assert_equivalent
 
 DTYPE = torch.float64
 B = ll.batch_dim
@@ -91,7 +91,8 @@ def test_char_lstm_in_a_word_loop_runs_once_for_all_words_as_the_fused_lstm():
     # the moved inner loop became the fused LSTM over the characters of all words at once
     assert char.loop_removed and any("fused LSTM" in f for f in char.sequence_forms), prog.explain()
     # and the word LSTM, carrying only its own state, is the fused LSTM over the words: nothing is left
-    assert word.loop_removed and any("fused LSTM" in f and "'word[0]'" in f for f in word.sequence_forms), prog.explain()
+    assert word.loop_removed and any("fused LSTM" in f and "'word[0]'" in f
+                                     for f in word.sequence_forms), prog.explain()
 
 
 def test_the_fused_char_lstm_runs_once_over_the_characters_of_all_words(monkeypatch):

@@ -19,7 +19,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import looplift as ll
 
@@ -174,6 +173,6 @@ def test_a_small_beam_keeps_the_best_hypotheses_in_order(model):
         assert len(got) == 2 and got[0][0] >= got[1][0]
         best = brute_force(small, enc[b, :int(n_src[b])])[0]
         # beam search may miss the global best, but what it returns is scored exactly
-        for score, seq, chosen in got:
+        for score, _seq, chosen in got:
             assert chosen == pytest.approx(score, abs=1e-9)
             assert score <= best[0] + 1e-9

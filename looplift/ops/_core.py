@@ -4,15 +4,16 @@ emitting nodes, broadcasting by dim identity, masking and dim checks."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from .. import trace as _trace
-from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DimMismatchError, DTypeError, TraceError
 from ..graph import Op
+from ..source import user_source_line
 from ..tensor import Tensor
 
 __all__ = ["as_tensor", "emit", "emit_many", "broadcast_dims", "dims_str", "dim_list", "check_has",
@@ -98,7 +99,8 @@ def _foreign_value_message(value: Tensor, graph, here) -> str:
     if graph.is_inside(_root(here)) and not here.encloses(graph):
         return (f"the {value.describe()} was computed inside a loop or Cond and is used outside of it; "
                 f"get it out with loop.stack(...), loop.last(...), a loop state or the Cond result (at {at})")
-    return f"the {value.describe()} belongs to another traced program; values cannot be shared between programs (at {at})"
+    return (f"the {value.describe()} belongs to another traced program; values cannot be shared between programs "
+            f"(at {at})")
 
 
 def _root(graph):

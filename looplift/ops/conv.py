@@ -13,9 +13,9 @@ import math
 import torch.nn.functional as F
 
 from .. import trace as _trace
-from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, emit, masker, require_float
 from .shape import expand_for_masks

@@ -25,10 +25,10 @@ import torch
 
 from .. import rules as _rules
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, ExecutionError, TraceError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, dims_str, emit
 from .shape import expand, replace_dim

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit, require_int, to_dtype
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import trace as _trace
-from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, masker, result_dtype
 from .index import meet_beams

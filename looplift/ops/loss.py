@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, emit, masker, require_float, require_int
 from .index import gather

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit
 from .index import meet_beams

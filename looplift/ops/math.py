@@ -7,16 +7,16 @@ operands' dims. They never need masking: padding stays padding.
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .. import rules as _rules
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner
 from ..errors import DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype, to_dtype
 from .masking import meet_masked

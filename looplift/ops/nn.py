@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import trace as _trace
-from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, dim_list, emit, require_float
 

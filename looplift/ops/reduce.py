@@ -8,17 +8,16 @@ so results never depend on padding values.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import trace as _trace
-from ..source import user_source_line
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
-from ._core import (as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral,
-                    require_float)
+from ._core import as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral, require_float
 from .shape import expand_for_masks
 
 __all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax", "cumsum"]

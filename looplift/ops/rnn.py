@@ -10,17 +10,17 @@ each entry's own end; padding frames never take part.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .. import rules as _rules
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit_many
 from .shape import expand_for_masks

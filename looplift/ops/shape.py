@@ -9,17 +9,17 @@ sequence whose frames are the 3 then the 2, whatever the padding in between.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import rules as _rules
 from .. import trace as _trace
-from ..source import user_source_line
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
+from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, masker, to_dtype
 
@@ -134,7 +134,8 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     if len(xs) == 1:
         return replace_dim(xs[0], axes[0], result) if result is not axes[0] else xs[0]
     if all(d.is_static for d in axes) and result.is_static and result.size != sum(d.size for d in axes):
-        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)} (at {user_source_line()})")
+        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)} "
+                       f"(at {user_source_line()})")
     common = broadcast_dims("concat", *(tuple(e for e in x.dims if e is not d) for x, d in zip(xs, axes)))
     out_dims = common + (result,)
     dtype = xs[0].dtype
@@ -209,7 +210,8 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
     axis = axis.canonical()
     if parts is None:
         if axis.origin is None or axis.origin[0] != "concat":
-            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] (at {user_source_line()})")
+            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] "
+                           f"(at {user_source_line()})")
         parts = axis.origin[1]
     parts = tuple(d.canonical() for d in parts)
     if not axis.is_static or not all(p.is_static for p in parts):
@@ -324,7 +326,8 @@ def split_dims(x, axis: Dim, dims: Sequence[Dim | None]) -> Tensor:
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the zeros completing the last frame
     inner = [d.canonical() for d in dims[1:]]
     if not all(isinstance(d, Dim) and d.is_static for d in inner):
-        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} (at {user_source_line()})")
+        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} "
+                       f"(at {user_source_line()})")
     k = math.prod(d.size for d in inner)
     outer = dims[0].canonical() if dims[0] is not None else axis.ceildiv(k)
     if axis.is_static:
@@ -362,7 +365,8 @@ def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
     check_has(x, dims, "merge_dims")
     x = expand_for_masks(x, dims[:1] if dims[0].is_dynamic else ())  # the padding to zero differs per batch entry
     if any(d.is_dynamic for d in dims[1:]):
-        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} (at {user_source_line()})")
+        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} "
+                       f"(at {user_source_line()})")
     result = out_dim.canonical() if out_dim is not None else math.prod(dims[1:], start=dims[0])
     if all(d.is_static for d in dims) and result.size != math.prod(d.size for d in dims):
         raise DimError(f"merge_dims: out_dim {result!r} does not have size {math.prod(d.size for d in dims)} "

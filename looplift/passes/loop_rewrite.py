@@ -23,8 +23,8 @@ leaves the whole loop as it was (:mod:`.move_out`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

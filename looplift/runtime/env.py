@@ -12,7 +12,7 @@ dim has, in the body, the lengths of the current step.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

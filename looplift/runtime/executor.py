@@ -10,7 +10,7 @@ interpreter (:mod:`looplift.runtime.reference`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import LoopliftError
 from ..graph import Graph, Node, Op

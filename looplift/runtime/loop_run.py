@@ -18,7 +18,7 @@ the body: node by node, or with a prepared executor; see `runner`). Per step:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

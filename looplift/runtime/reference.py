@@ -8,7 +8,7 @@ step by step (:mod:`looplift.runtime.loop_run`).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import ExecutionError, LoopliftError
 from ..graph import Graph

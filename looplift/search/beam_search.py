@@ -18,6 +18,7 @@ see :mod:`looplift.loop`), and the loop calls back two methods:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from .. import trace as _trace
