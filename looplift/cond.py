@@ -115,11 +115,8 @@ class Cond:
                                      f"and {b.describe()} (Cond at {self.source})")
         outs = {True: [], False: []}
         for branch, leaves in ((True, t_leaves), (False, f_leaves)):
-            self._ctx.graph = self._branches[branch]
-            try:
+            with self._ctx.inside(self._branches[branch]):
                 outs[branch] = [to_layout(leaves[i], t_leaves[i].dims) for i in tensor_idx]
-            finally:
-                self._ctx.graph = self._parent
         captured = []
         for branch, g in self._branches.items():
             for t in g.captured(outs[branch]):

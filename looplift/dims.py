@@ -129,7 +129,9 @@ class Dim:
 
     # -- derived dims ---------------------------------------------------------
 
-    def _derive(self, key, make: Callable[[], Dim]) -> Dim:
+    def derived(self, key, make: Callable[[], Dim]) -> Dim:
+        """The dim derived from this one under `key` (e.g. ``("//", 2)``), made by ``make()`` the first time:
+        a derived dim is the same object each time it is asked for."""
         c = self.canonical()
         dim = c._derived.get(key)
         if dim is None:
@@ -142,7 +144,7 @@ class Dim:
         n = _int(other, "+")
         if n == 0:
             return self
-        return self._derive(("+", n), lambda: _affine(self, "+", n))
+        return self.derived(("+", n), lambda: _affine(self, "+", n))
 
     def __radd__(self, other: int) -> Dim:
         return self + other
@@ -158,7 +160,7 @@ class Dim:
             return self
         if k < 1:
             raise ValueError(f"{self!r} * {k}: the factor must be >= 1")
-        return self._derive(("*", k), lambda: _affine(self, "*", k))
+        return self.derived(("*", k), lambda: _affine(self, "*", k))
 
     def __rmul__(self, other: int) -> Dim:
         return self * other
@@ -170,7 +172,7 @@ class Dim:
             return self
         if k < 1:
             raise ValueError(f"{self!r}.ceildiv({k}): the divisor must be >= 1")
-        return self._derive(("//", k), lambda: _affine(self, "//", k))
+        return self.derived(("//", k), lambda: _affine(self, "//", k))
 
     def alias(self) -> Dim:
         """Another axis of this dim's size and lengths (derived: the same object each time), e.g. the keys
@@ -182,7 +184,7 @@ class Dim:
             dim._size_rule = lambda size: size
             dim._lengths_rule = lambda n: n
             return dim
-        return self._derive(("alias",), make)
+        return self.derived(("alias",), make)
 
     def history(self) -> Dim:
         """The history dim of ``cum_concat`` over this dim: at step t of a loop over it, length t + 1.
@@ -196,7 +198,7 @@ class Dim:
             dim._size_rule = lambda size: size
             dim._lengths_rule = None  # computed by the runtime from the step (see Env)
             return dim
-        return self._derive(("history",), make)
+        return self.derived(("history",), make)
 
     def masked(self, mask, length_dims: Sequence[Dim]) -> Dim:
         """``T'``: the frames of this dim where the bool tensor `mask` (over this dim and `length_dims`) is True.
@@ -211,7 +213,7 @@ class Dim:
             dim.origin = ("masked", (self.canonical(), mask))
             dim._size_rule = dim._lengths_rule = None   # set by the compress that makes it (see Env)
             return dim
-        return self._derive(("masked", id(mask)), make)
+        return self.derived(("masked", id(mask)), make)
 
     @property
     def masked_from(self) -> tuple[Dim, object] | None:
@@ -318,7 +320,7 @@ def _composite(op: str, parts: tuple[Dim, ...], sep: str, combine: Callable) -> 
         dim._lengths_rule = lambda *lengths: combine(lengths)
         return dim
 
-    return first._derive((op, rest), make)
+    return first.derived((op, rest), make)
 
 
 def _sum_dim(a: Dim, b: Dim) -> Dim:

@@ -241,7 +241,7 @@ def slice(x, axis: Dim, start: int = 0, end: int | None = None) -> Tensor:  # no
     if axis.is_static:
         lo, hi, _ = builtins_slice(start, end).indices(axis.size)
         hi = max(hi, lo)
-        new = axis._derive(("slice", lo, hi), lambda: _static_slice_dim(axis, lo, hi))
+        new = axis.derived(("slice", lo, hi), lambda: _static_slice_dim(axis, lo, hi))
         index = (builtins_slice(None),) * pos + (builtins_slice(lo, hi),)
         return emit("slice", (x,), lambda env, v: v[index], _swap(x.dims, axis, new), x.dtype,
                     sparse_dim=x.sparse_dim, attrs={"axis": axis.name, "start": lo, "end": hi})
