@@ -6,11 +6,10 @@ from .report import LoopReport
 
 __all__ = ["explain", "to_dot"]
 
-_INTERNAL = ("to_layout",)  # bookkeeping of loop states, not user calls
 
-
-def _user(items):
-    return [x for x in items if not x.startswith(_INTERNAL)]
+def _user(items, report: LoopReport):
+    """`items` without the calls that only change a layout (bookkeeping of loop states, not user calls)."""
+    return [x for x in items if x not in report.layout_only]
 
 
 def explain(reports: list[LoopReport]) -> str:
@@ -24,25 +23,25 @@ def explain(reports: list[LoopReport]) -> str:
             lines.append(f"  not optimized (runs step by step as written): {r.not_optimized}")
             continue
         sections = [
-            ("computed once before the loop (loop-invariant)", _user(r.hoisted)),
-            ("moved in: computed over the whole sequence before the loop", _user(r.before_loop)),
+            ("computed once before the loop (loop-invariant)", _user(r.hoisted, r)),
+            ("moved in: computed over the whole sequence before the loop", _user(r.before_loop, r)),
             ("replaced by sequence forms", r.sequence_forms),
             ("masked computations moved out (run over T' as a loop of their own, then unmasked)", r.masked),
             ("states moved out (the previous step's value is the sequence shifted by one)", r.moved_states),
-            ("moved out: computed after the loop on the stacked sequence", _user(r.after_loop)),
+            ("moved out: computed after the loop on the stacked sequence", _user(r.after_loop, r)),
         ]
         for title, items in sections:
             if items:
                 lines.append(f"  {title}:")
                 lines += [f"    {x}" for x in items]
-        stayed = [(u, chain) for u, chain in r.stayed if not u.startswith(_INTERNAL)]
+        stayed = [(u, chain) for u, chain in r.stayed if u not in r.layout_only]
         if r.loop_removed:
             lines.append("  nothing left in the loop: it is gone")
         elif stayed:
             lines.append("  stayed in the loop (each kept by its dependency on a carried state):")
             for unit, chain in stayed:
                 lines.append(f"    {unit}")
-                lines.append(f"      kept by: {' <- '.join(_user(chain[1:]) or chain[1:])}")
+                lines.append(f"      kept by: {' <- '.join(_user(chain[1:], r) or chain[1:])}")
         else:
             lines.append("  stayed in the loop: only the carried states")
     return "\n".join(lines)

@@ -253,6 +253,8 @@ class LoopRewrite:
         after_inputs = [t for u in plan.units if u.after for t in u.inputs
                         if plan.place(t) == Place.CORE and not plan.producer[id(t)].after]
         self.report.node_place.update(plan.node_places())
+        self.report.layout_only.update(u.describe() for u in plan.units
+                                       if u.call is not None and rules_of(u.call.fn).layout_only)
         stacked_core: dict[int, Tensor] = {}
         new_node = None
         if core or carried or spec.own_dim:

@@ -31,6 +31,9 @@ class LoopReport:
     not_optimized: str | None = None
     #: per body node (by id): "invariant", "sequence", "core", "after" or "masked" (for pictures)
     node_place: dict[int, str] = field(default_factory=dict)
+    #: the descriptions of calls that only change the storage order (a state's layout): bookkeeping, which
+    #: ``explain`` leaves out
+    layout_only: set[str] = field(default_factory=set)
     spec: LoopSpec | None = None
 
 
