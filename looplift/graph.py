@@ -179,30 +179,33 @@ def _check(graph: Graph, visible: set[int]) -> None:
     graphs) and grows by its own."""
     visible = set(visible)
     for node in graph.nodes:
-        where = f"{node.op} node at {node.source}"
         if node.graph is not graph:
-            raise GraphError(f"the {where} is listed in a graph it does not belong to")
+            _broken(node, "is listed in a graph it does not belong to")
         for t in node.inputs:
             if id(t) not in visible:
-                raise GraphError(f"the {where} uses the {t.describe()}, which is not defined before it in its graph "
-                                 f"or an enclosing one")
+                _broken(node, f"uses the {t.describe()}, which is not defined before it in its graph or an "
+                              f"enclosing one")
         if node.kernel is None and node.region is None and node.op not in (Op.INPUT, Op.STATE):
-            raise GraphError(f"the {where} has no kernel and is no placeholder or region")
+            _broken(node, "has no kernel and is no placeholder or region")
         if node.op in (Op.LOOP, Op.COND) and node.region is None:
-            raise GraphError(f"the {where} has no region record")
+            _broken(node, "has no region record")
         if node.region is not None:
             for body, returned in node.region.regions():
                 if body.parent is not graph:
-                    raise GraphError(f"a region of the {where} is not nested in the graph of its node")
+                    _broken(node, "has a region that is not nested in the graph of its node")
                 _check(body, visible)
                 inside = {id(t) for n in body.nodes for t in n.outputs}
                 for t in returned:
                     if id(t) not in inside and id(t) not in visible:
-                        raise GraphError(f"the {where} returns the {t.describe()}, which is not visible in it")
+                        _broken(node, f"returns the {t.describe()}, which is not visible in it")
         for i, t in enumerate(node.outputs):
             if t.node is not node or t.index != i:
-                raise GraphError(f"output {i} of the {where} does not point back at it")
+                _broken(node, f"has an output {i} that does not point back at it")
             visible.add(id(t))
+
+
+def _broken(node: Node, what: str):
+    raise GraphError(f"the {node.op} node at {node.source} {what}")
 
 
 def _format(graph: Graph, names: dict[int, str], lines: list[str], indent: str) -> None:

@@ -128,9 +128,9 @@ class Loop:
             raise DimError(f"Loop(axis=...) takes a Dim, got {axis!r} (at {self.source})")
         #: What an earlier attempt of this trace learnt about this loop (see looplift.trace.LoopHints).
         self.hints: LoopHints = ctx.next_loop_hints()
-        # In search mode a loop with a max_seq_len runs until its end: the search makes the lengths (the
-        # reference labels' dim `axis`, which training loops over, is not known there).
-        #: The loop makes its own dim, whose lengths :meth:`end` sets.
+        #: The loop makes its own dim, whose lengths :meth:`end` sets. (So does a loop with a max_seq_len in
+        #: search mode: the search makes the lengths; the reference labels' dim `axis`, which training loops
+        #: over, is not known there.)
         self.own_dim = axis is None or (max_seq_len is not None and ctx.mode == "search")
         #: The dim the loop steps over: `axis`, or a new dynamic dim whose lengths are set by :meth:`end`.
         self.axis: Dim = axis.canonical() if not self.own_dim else Dim(name if axis is None else axis.name)
@@ -155,9 +155,9 @@ class Loop:
         #: (the end condition, include_eos) once :meth:`end` was called.
         self.ending: tuple[Tensor, bool] | None = None
         self._index: Tensor | None = None
-        #: The beam search of this loop (``looplift.search.BeamSearch``), once a search step ran in its body;
-        #: after the loop, its n-best list.
+        #: The beam search of this loop (``looplift.search.BeamSearch``), once a search step ran in its body.
         self.searcher = None
+        #: After a loop that searched: its n-best list (``looplift.search.Result``, see :attr:`search`).
         self.search_result = None
         #: The IR record of the traced loop, once its block ended.
         self.spec: LoopSpec | None = None
