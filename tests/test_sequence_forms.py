@@ -229,14 +229,25 @@ def test_lstm_cell_state_read_elsewhere_keeps_the_step(reader):
     assert "lstm_cell" in names(loop[STAYED]), prog.explain()
 
 
+@pytest.mark.parametrize("threshold", [0.8, 1e9], ids=["some-end-early", "none-ends-early"])
 @pytest.mark.parametrize("include_eos", [True, False])
 @pytest.mark.parametrize("finals", [True, False], ids=["finals-read", "only-stacked"])
-def test_lstm_step_in_a_loop_with_end_keeps_the_step(include_eos, finals):
-    """With loop.end, entries that end freeze their state; the fused kernel cannot do that: not used.
-    Over an axis, an entry's frames after its end are still stacked, from its frozen state (whether or
-    not anything reads the final states)."""
+def test_lstm_step_in_a_loop_with_end_is_fused_where_no_entry_ends_early(include_eos, finals, threshold,
+                                                                         monkeypatch):
+    """With loop.end, entries that end freeze their state; the fused kernel cannot do that. The end moves out,
+    so each entry's length is known before the loop: where no entry ends before its length along the axis, the
+    fused kernel runs; where one does, the loop runs as traced. Over an axis, an entry's frames after its end
+    are still stacked, from its frozen state (whether or not anything reads the final states)."""
     T = new_time()
     lstm, ref = _lstm_pair()
+    fused_calls = []
+    fused = torch._VF.lstm
+
+    def recording(*args):
+        fused_calls.append(1)
+        return fused(*args)
+
+    monkeypatch.setattr(torch._VF, "lstm", recording)
 
     def model(x):
         loop = ll.Loop(axis=T)
@@ -245,15 +256,22 @@ def test_lstm_step_in_a_loop_with_end_keeps_the_step(include_eos, finals):
             x_t = loop.unstack(x)
             h, loop.state.s = lstm(x_t, state=loop.state.s)
             y = loop.stack(h)
-            loop.end(ll.sum(x_t, axis=F) > 0.8, include_eos=include_eos)
+            loop.end(ll.sum(x_t, axis=F) > threshold, include_eos=include_eos)
         return (y, loop.state.s.h, loop.state.s.c) if finals else (y,)
 
     prog = ll.compile(model)
     x = seq_input(T)
     y, *hc = check_equivalent(prog, [x], lstm.parameters())
     loop = only_loop(prog)
-    assert not any("LSTM" in f for f in loop.get(FORMS, [])), prog.explain()
-    assert "lstm_cell" in names(loop[STAYED]), prog.explain()
+    assert any("fused LSTM" in f for f in loop.get(FORMS, [])), prog.explain()
+    assert "checked at run time: it runs as traced, step by step, for a batch where an entry ends (loop.end) " \
+           f"before its length along '{T.name}'" in prog.explain(), prog.explain()
+    ends_early = any(bool((x.tensor[b, :n].sum(-1) > threshold)[:n - 1 if include_eos else n].any())
+                     for b, n in enumerate(LENGTHS.tolist()))
+    assert ends_early == (threshold < 1)
+    fused_calls.clear()
+    prog(x)
+    assert bool(fused_calls) == (not ends_early)   # the fused kernel, or the loop step by step
 
     # plain PyTorch: each entry steps until its end condition; its state stays frozen from then on
     cell = torch.nn.LSTMCell(F.size, H.size).to(DTYPE)
@@ -265,7 +283,7 @@ def test_lstm_step_in_a_loop_with_end_keeps_the_step(include_eos, finals):
             xt = x.tensor[b, t][None]
             nh, nc = cell(xt, (hb, cb))
             assert_close(y.align(B, T, H)[b, t], nh[0], rtol=1e-9, atol=1e-10)
-            ended = bool(xt.sum() > 0.8)
+            ended = bool(xt.sum() > threshold)
             if alive and (include_eos or not ended):
                 hb, cb = nh, nc
             alive = alive and not ended

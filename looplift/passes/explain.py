@@ -44,6 +44,8 @@ def explain(reports: list[LoopReport]) -> str:
                 lines.append(f"      kept by: {' <- '.join(_user(chain[1:], r) or chain[1:])}")
         else:
             lines.append("  stayed in the loop: only the carried states")
+        if r.checked_end:
+            lines.append(f"  checked at run time: {r.checked_end}")
     return "\n".join(lines)
 
 

@@ -112,6 +112,9 @@ class LoopPlan:
         self.spec = spec
         self.axis = spec.axis
         self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
+        #: A loop over an axis with loop.end may run sequence forms and masked blocks as if no entry ended
+        #: before its axis length (see `full_length`), as long as the end condition moves out.
+        self.end_forms = spec.end is not None and not spec.own_dim
         self._units()
         self._classify()
         self._mark_after()
@@ -187,8 +190,10 @@ class LoopPlan:
     def _masked_block(self, mc, units: list[Unit]) -> MaskedBlock | None:
         """The block of `mc` as one that can run as a loop over T', or None where it cannot."""
         spec = self.spec
-        # (with loop.end, an ended entry's block still runs on its frozen states: it stays in the loop)
-        if spec.own_dim or spec.end is not None or any(u.kind not in ("call", "unstack", "index") for u in units):
+        # (with loop.end, an ended entry's block still runs on its frozen states: it moves out only where no
+        # entry ends before its axis length, see `full_length`)
+        if spec.own_dim or (spec.end is not None and not self.end_forms) or \
+                any(u.kind not in ("call", "unstack", "index") for u in units):
             return None
         block = MaskedBlock(mc, units)
         outs_of = {id(t) for u in units for t in u.outputs()}
@@ -232,11 +237,22 @@ class LoopPlan:
         unit = self.producer.get(id(t))
         return Place.INVARIANT if unit is None else unit.place
 
+    @property
+    def full_length(self) -> bool:
+        """Whether the plan assumes that no entry ends (by loop.end) before its axis length: in a loop over an
+        axis with loop.end, a sequence form or a masked block runs over the whole axis. Past an entry's end its
+        states are frozen, which neither knows; the rewrite checks the assumption at run time (the end moves
+        out, so the lengths are known before the loop) and runs the loop as traced where it fails."""
+        return self.end_forms and any(u.form is not None or u.kind == "masked" for u in self.units)
+
     def _classify(self) -> None:
         while True:
             self._classify_once()
-            stuck = [u for u in self.units if u.kind == "masked" and u.place == Place.CORE]
-            if not stuck:
+            retry = self.full_length and self.place(self.spec.end) > Place.SEQUENCE
+            if retry:   # the end stays in the loop: no lengths before it, so no forms or masked blocks with it
+                self.end_forms = False
+            stuck = [u for u in self.units if u.kind == "masked" and (retry or u.place == Place.CORE)]
+            if not stuck and not retry:
                 return
             for unit in stuck:   # the block depends on a carried state: its calls stay in the loop one by one
                 at = self.units.index(unit)
@@ -324,8 +340,8 @@ class LoopPlan:
         """(carried argument, states) if the call and the states it carries can run as the op's sequence form."""
         form = rules_of(unit.call.fn).sequence_form
         spec = self.spec
-        if form is None or spec.own_dim or spec.end is not None:   # (loop.end: see the moved states above)
-            return None
+        if form is None or spec.own_dim or (spec.end is not None and not self.end_forms):
+            return None   # (loop.end: see full_length)
         try:
             bound = bound_arguments(unit.call)
         except TypeError:
@@ -347,8 +363,6 @@ class LoopPlan:
                 continue
             if not all(self._only_feeds_state(unit, outs[i], k)
                        for i, k in enumerate(ks) if not form.sequences[i]):
-                continue
-            if form.finals_ignore_end and spec.end is not None:
                 continue
             return name, ks
         return None

@@ -36,7 +36,7 @@ from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
 from ..ops.index import gather
-from ..regions import LoopSpec, emit_unstack
+from ..regions import CondSpec, LoopSpec, emit_unstack
 from ..rules import rules_of
 from ..tensor import Tensor
 from . import masked_blocks, nested_loops
@@ -174,7 +174,7 @@ class LoopRewrite:
                 k = plan.state_index[id(t)]
                 new = self.with_axis(self.sequence(self.spec.new_states[k]))
                 value = _shape.shift_right(new, axis=self.axis, initial=self.initial[k])
-                if self.spec.end is not None and not self._unfrozen:
+                if self.spec.end is not None and not self._unfrozen and not plan.full_length:
                     # frozen after the entry's last step: its final value
                     final = self.last_frame(new, initial=self.initial[k])
                     value = _math.where(_math.le(_shape.range_over_dim(self.axis), self.lengths()), value, final)
@@ -247,14 +247,22 @@ class LoopRewrite:
         nc, ns = len(spec.captured), len(spec.placeholders)
         #: the states' initial values in the new graph
         self.initial = [self.rw.value(t) for t in node.inputs[nc:nc + ns]]
+        self.report.node_place.update(plan.node_places())
+        self.report.layout_only.update(u.describe() for u in plan.units
+                                       if u.call is not None and rules_of(u.call.fn).layout_only)
+        if plan.full_length:
+            self._checked(self._rewrite)
+        else:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        spec, node, plan = self.spec, self.node, self.plan
+        nc, ns = len(spec.captured), len(spec.placeholders)
         max_len = self.rw.value(node.inputs[nc + ns]) if isinstance(spec.max_len, Tensor) else spec.max_len
         core = [u for u in plan.units if u.place == Place.CORE and not u.after and u.kind != "state"]
         carried = [k for k in range(ns) if k not in plan.moved and k not in plan.constant]
         after_inputs = [t for u in plan.units if u.after for t in u.inputs
                         if plan.place(t) == Place.CORE and not plan.producer[id(t)].after]
-        self.report.node_place.update(plan.node_places())
-        self.report.layout_only.update(u.describe() for u in plan.units
-                                       if u.call is not None and rules_of(u.call.fn).layout_only)
         stacked_core: dict[int, Tensor] = {}
         new_node = None
         if core or carried or spec.own_dim:
@@ -264,6 +272,34 @@ class LoopRewrite:
         self._map_outputs(new_node, stacked_core)
         for unit in core:
             self.report.stayed.append((unit.describe(), plan.chain(unit)))
+
+    def _checked(self, rewrite) -> None:
+        """Run `rewrite` (which assumes that no entry ends before its axis length, see
+        :attr:`LoopPlan.full_length`) in one branch of a Cond, and the loop as traced in the other, chosen at
+        run time by whether some entry ends early. The lengths come from the end condition, computed before
+        the loop."""
+        outer, outs = self.parent, self.node.outputs
+        with self.inside(outer):
+            early = _math.lt(self.lengths(), _shape.length(self.axis))
+            if early.dims:
+                early = _math.gt(_reduce.max(_math.cast(early, torch.int64), axis=list(early.dims)), 0)
+        branches = {True: Graph(parent=outer), False: Graph(parent=outer)}
+        self.parent = branches[False]
+        try:
+            rewrite()
+        finally:
+            self.parent = outer
+        returned = [o for o in outs if id(o) in self.rw.map]
+        values = {False: [self.rw.map[id(o)] for o in returned]}
+        self.rw.copy_node(self.node, branches[True])   # (as traced: step by step, ended entries frozen)
+        values[True] = [self.rw.map[id(o)] for o in returned]
+        captured = list({id(t): t for b in (True, False) for t in branches[b].captured(values[b])}.values())
+        node = outer.add(Op.COND, (early, *captured), None, [(o.dims, o.dtype, o.sparse_dim) for o in returned],
+                         source=self.spec.source, region=CondSpec(branches, captured, values))
+        for old, new in zip(returned, node.outputs):
+            self.rw.map[id(old)] = new
+        self.report.checked_end = (f"it runs as traced, step by step, for a batch where an entry ends (loop.end) "
+                                   f"before its length along {self.axis.name!r}")
 
     def _build_loop(self, core: list[Unit], after_inputs: list[Tensor], max_len):
         spec, rw, plan = self.spec, self.rw, self.plan

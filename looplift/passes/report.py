@@ -29,6 +29,8 @@ class LoopReport:
     masked: list[str] = field(default_factory=list)          # MaskedComputation blocks run over T'
     loop_removed: bool = False
     not_optimized: str | None = None
+    #: when the rewrite holds only where no entry ends (loop.end) before its axis length: what happens then
+    checked_end: str | None = None
     #: per body node (by id): "invariant", "sequence", "core", "after" or "masked" (for pictures)
     node_place: dict[int, str] = field(default_factory=dict)
     #: the descriptions of calls that only change the storage order (a state's layout): bookkeeping, which
