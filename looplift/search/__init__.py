@@ -38,10 +38,13 @@ chosen while a valid candidate is left.
 
 The atomic ops and ``choice`` are in :mod:`looplift.search.step`; the
 bookkeeping of a step's end and the backtracking after the loop in
-:mod:`looplift.search.beam_search`.
+:mod:`looplift.search.beam_search`; the keys and the per-frame limit of an
+alignment-synchronous (transducer) search in :mod:`looplift.search.transducer`.
 """
 
 from .beam_search import Result
 from .step import Pruned, best, choice, expand, prune, recombine
+from .transducer import HISTORY, label_history, label_history_start, labels_since_blank, limit_labels_per_frame, merge
 
-__all__ = ["expand", "prune", "Pruned", "recombine", "best", "Result", "choice"]
+__all__ = ["expand", "prune", "Pruned", "recombine", "best", "Result", "choice", "HISTORY", "label_history",
+           "label_history_start", "labels_since_blank", "limit_labels_per_frame", "merge"]

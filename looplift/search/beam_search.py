@@ -166,7 +166,7 @@ class BeamSearch:
             if self.scores:
                 running, alpha = self.scores[0]
                 scores = normalized(finals[id(running)], final_length, alpha)
-                if alpha is not None:   # (unnormalized, the beam is in order already)
+                if alpha is not None or self.recombined:   # (else the last prune left the beam in order)
                     rank = _shape.to_layout(_math.where(valid, scores, float("-inf")), batch + (beam,))
             index, order = self._backtrack_node(src_seq, n_steps, flen, rank, tmp)
             for (_, out), seq in zip(loop.stacks[:-1], stacked[:-1]):

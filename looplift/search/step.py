@@ -196,14 +196,16 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     each group keeps the group's max (``mode="max"``) or log-sum-exp (``"logsumexp"``) of the scores, the
     others get -inf (and are invalid from then on).
 
-    `scores` and `keys` are over the pruned beam (``Pruned.beam``); `keys` may have further dims (all are
-    compared). Call it after :func:`prune`, before assigning the scores to the loop's state."""
+    `scores` and `keys` are over the pruned beam (``Pruned.beam``); `keys` is a tensor or a sequence of them
+    (hypotheses merge where all are equal), and a key may have further dims (all are compared). Call it after
+    :func:`prune`, before assigning the scores to the loop's state."""
     search = _current_search("looplift.search.recombine")
-    scores, keys = as_tensor(scores), as_tensor(keys)
+    scores = as_tensor(scores)
+    keys = [as_tensor(k) for k in (keys if isinstance(keys, (list, tuple)) else [keys])]
     nxt = search.next
     if mode not in ("max", "logsumexp"):
         raise ValueError(f"looplift.search.recombine: mode is 'max' or 'logsumexp', got {mode!r}")
-    for t, what in ((scores, "scores"), (keys, "keys")):
+    for t, what in ((scores, "scores"), *((k, "keys") for k in keys)):
         if nxt not in t.dims:
             raise DimError(f"looplift.search.recombine: the {what} {t.describe()} are not over the pruned beam "
                            f"{nxt.name!r} (at {user_source_line()})")
@@ -211,12 +213,14 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     if hints.other_beam is None:
         hints.other_beam = sized_like(f"{nxt.name}_other", nxt)
     other = hints.other_beam
-    keys_o = _shape.replace_dim(keys, nxt, other)
     scores_o = _shape.replace_dim(scores, nxt, other)
-    key_dims = [d for d in keys.dims if d is not nxt and d not in scores.dims]
-    same = _math.eq(keys, keys_o)
-    if key_dims:
-        same = _math.eq(_reduce.sum(_math.cast(_math.logical_not(same), torch.int64), axis=key_dims), 0)
+    same = None
+    for key in keys:
+        equal = _math.eq(key, _shape.replace_dim(key, nxt, other))
+        key_dims = [d for d in key.dims if d is not nxt and d not in scores.dims]
+        if key_dims:
+            equal = _math.eq(_reduce.sum(_math.cast(_math.logical_not(equal), torch.int64), axis=key_dims), 0)
+        same = equal if same is None else _math.logical_and(same, equal)
     alive = _math.gt(scores_o, NEG_INF)
     same = _math.logical_and(same, alive)
     members = _math.where(same, scores_o, NEG_INF)
