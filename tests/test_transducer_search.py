@@ -299,3 +299,53 @@ def test_the_same_module_trains_with_the_loop_gone():
             hyp = hand[b].extend(hyp, hyp.score + lp[symbol], symbol)
         expected -= hyp.score
     assert loss.tensor.item() == pytest.approx(expected, abs=1e-9)
+
+
+# -- misuse ----------------------------------------------------------------------------------------------------
+
+
+def misuse(case: str):
+    """A search loop with one mistake in it (marked with a comment naming `case`)."""
+    enc, enc_time = encoder([2], seed=0)
+    model = Transducer(seed=0)
+
+    def fn(x):
+        loop = ll.Loop(axis=Dim("align"), max_seq_len=4)
+        loop.state.t = ll.zeros([], dtype="int64")
+        loop.state.history = ll.search.label_history_start()
+        loop.state.wrong = ll.zeros([], dtype="int64")
+        with loop:
+            log_probs = ll.log_softmax(model.readout(model.from_frame(ll.gather(x, index=loop.state.t,
+                                                                                axis=enc_time))), axis=V)
+            if case == "merge-before-choice":
+                ll.search.merge([loop.state.t])  # <merge-before-choice>
+            limit = ll.search.limit_labels_per_frame
+            if case == "negative-limit":
+                limit(log_probs, loop.state.t, limit=-1, blank=BLANK, axis=V)  # <negative-limit>
+            if case == "limit-without-label-dim":
+                limit(loop.state.t, loop.state.t, limit=1, blank=BLANK, axis=V)  # <limit-without-label-dim>
+            label = ll.choice(log_probs, beam_size=2)
+            if case == "history-of-a-plain-tensor":
+                ll.search.label_history(loop.state.wrong, label, ignore=BLANK)  # <history-of-a-plain-tensor>
+            if case == "history-of-a-float-label":
+                ll.search.label_history(loop.state.history, ll.cast(label, "float64"))  # <history-of-a-float-label>
+            loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
+            loop.end(loop.state.t >= ll.length(enc_time), include_eos=True)
+        return loop.search.scores
+
+    return ll.compile(fn, mode="search"), enc
+
+
+@pytest.mark.parametrize("case, cls, names", [
+    ("merge-before-choice", ll.errors.TraceError, ()),
+    ("negative-limit", ll.errors.DimError, ()),
+    ("limit-without-label-dim", ll.errors.DimError, ("vocab",)),
+    ("history-of-a-plain-tensor", ll.errors.DimError, ()),
+    ("history-of-a-float-label", ll.errors.DimError, ()),
+])
+def test_misuse_names_the_line(case, cls, names):
+    from error_helpers import check_error
+    prog, enc = misuse(case)
+    with pytest.raises(cls) as info:
+        prog(enc)
+    check_error(__file__, info, cls, case, *names)
