@@ -29,6 +29,29 @@ is the loop body ::
     loop.stack(v8)                                        # held: v8 of the last step where x2_t > 0
 
 (a slow RNN stepping only where ``x2_t > 0``; the optimizer runs it over ``T'``).
+In the align kind (pool 0-8 below; pool 9 ``h``), ::
+
+    Program(loop='align', groups=(Group('single', (Leaf('F', 'zeros', 'self'),)),),
+            ops=(Op('linear', (6,), ('F', False)), Op('linear', (9,), ('F', False)),
+                 Op('binary', (11, 8), ('add',)), Op('unary', (12,), ('tanh',))),
+            updates=(13,), stacks=(10, 13), lasts=(), end=End('counter', True, bound='enc'),
+            masked=Masked(first=1, last=4, mask_arg=8, thr=0.0, assign_inside=True), align=Align('blank'))
+
+is the seeds' transducer in small ::
+
+    t, prev, h = loop.state.counter, loop.state.label, loop.state.g0
+    label_t = loop.unstack(labels)
+    v10 = linear(ll.gather(enc, index=t, axis=enc_time))
+    with ll.MaskedComputation(mask=prev != 0):
+        v11 = linear(h); v12 = v11 + ll.cast(prev, DTYPE); v13 = tanh(v12)
+        loop.state.g0 = v13
+    loop.state.label = label_t
+    loop.state.counter = t + ll.cast(label_t == 0, "int64")
+    loop.end(loop.state.counter >= ll.length(enc_time), include_eos=True)
+    loop.stack(v10); loop.stack(v13)
+
+(the optimizer removes the loop: the counter a cumulative sum, the gather over
+the whole sequence, the block over ``T'``; checked at run time).
 
 The pool of values a body op may use:
 
@@ -37,14 +60,48 @@ The pool of values a body op may use:
   of ``x2`` (a scalar per frame), the step index (cast to float), the captured
   input ``u`` (over ``h``, from outside the loop), and if the program has one,
   an int counter state ``counter = counter + 1`` (cast to float);
+* loops of the ``align`` kind (``Loop(axis=T)``, like a transducer's loop over
+  its alignment, :class:`Align`): those five (the counter always there), then
+
+  5. ``acc``, a float state (initially 0.0) advanced by ``acc = acc + pool[a]``
+     (a scalar, most often one of frames, labels or the step index: a running
+     sum of a sequence value), if the program has it;
+  6. ``ll.gather(enc, index=counter, axis=enc_time)``: the encoder frame (over
+     ``h``) at the counter, a position in ``enc_time`` (with `clamp`, at
+     ``ll.minimum(counter, ll.length(enc_time) - 1)``; else past an entry's
+     encoder length it reads the padding, the same in both runs);
+  7. ``label_t``: the frame of the int input ``labels`` over (batch, time),
+     with ``sparse_dim`` ``vocab`` (0 is the blank), cast to float;
+  8. ``prev_label``: the state ``label`` (initially ``FIRST_LABEL``, then
+     assigned ``label_t`` each step: the previous frame's label), cast to float.
+
+  The counter is advanced by a sequence-dependent increment,
+  ``counter = counter + ll.cast(label_t == BLANK, "int64")`` or
+  ``ll.cast(pool[i] > thr, "int64")``, after the states' assignments (the
+  counter of the other kinds by 1); the end (:class:`End`) mostly compares it,
+  ``loop.end(counter >= bound, include_eos=...)`` with the bound
+  ``ll.length(enc_time)``, ``lim`` or ``END_CONST``, else the accumulator
+  (``acc > thr``) or a value; a masked
+  block's mask is half the time ``label_t != 0`` or ``prev_label != 0`` (the
+  transducer's slow LSTM steps on the previous label where it is no blank).
+  Where the increments and the end depend on inputs only, the optimizer makes
+  the counter a cumulative sum, the gather a sequence op, the end a sequence
+  value and the masked block a loop over ``T'``, assuming no entry ends before
+  its length along ``time``; it checks that at run time (a ``Cond`` runs the
+  loop as traced where one does). Its data (:func:`align_data`) has labels per
+  entry, half of them an alignment of the encoder (a counter of blanks then
+  ends at the last frame), so batches where some entry ends early and batches
+  where none does both come (:func:`ends_early` says which, from the data);
 * loops ended by ``loop.end`` (``Loop(max_seq_len=...)``): the step index, the
   counter, ``u``;
 * then each state leaf as read at the start of the step, then each op's result.
 
-A program may have a masked block (:class:`Masked`, one program in three):
-some consecutive ops run inside ``with ll.MaskedComputation(mask=pool[m] > thr):``
-(the mask from an input frame ``x2_t``, the step index, the counter, a state
-or an earlier op), optionally with the state assignments too. The pool is
+A program may have a masked block (:class:`Masked`, one program in three; in the
+align kind two in three): some consecutive ops run inside
+``with ll.MaskedComputation(mask=pool[m] > thr):`` (the mask from an input
+frame ``x2_t``, the step index, the counter, a state or an earlier op; in the
+align kind also ``label_t != 0`` or ``prev_label != 0``, the pool index 7 or 8
+naming the label), optionally with the state assignments too. The pool is
 unchanged: a block value used after the block is the held one (looplift holds
 it), so the same index names both (``loop.last`` of a block value used nowhere
 else after the block is taken of ``ll.identity(value)``, which holds it). Where
@@ -79,6 +136,11 @@ SCALAR = "s"
 DTYPE = torch.float64
 X_TYPE, ENC_TYPE, U_TYPE = "F", "H", "H"   # the feature dims of x, of the encoder and of u
 MAX_LEN = 8                                 # Loop(max_seq_len=...) as an int; limits are below it
+V = ll.Dim("vocab", 3)   # the labels of the `align` kind: 0 (blank), 1, 2
+BLANK, FIRST_LABEL = 0, 1   # the blank label; the initial value of the previous label (as a transducer's BOS)
+END_CONST = 2               # End(bound="const"): counter >= 2
+# the `align` kind's pool entries after x_t, x2_t, index, u
+COUNTER_AT, ACC_AT, GATHER_AT, LABEL_AT, PREV_AT = 4, 5, 6, 7, 8
 
 UNARY = ("tanh", "sigmoid", "relu", "exp_small")
 BINARY = ("add", "mul")
@@ -125,13 +187,36 @@ class Op:
 @dataclass(frozen=True)
 class End:
     """The end condition: for ``value``: ``pool[arg] > thr``; for ``index``: ``loop.index >= lim``;
-    for ``counter``: ``counter >= lim`` (the counter after its increment), or'ed with ``pool[arg] > thr``
-    if `arg`."""
+    for ``counter``: ``counter >= lim`` (the counter after its increment; `bound` ``enc``: ``counter >=
+    ll.length(enc_time)``, ``const``: ``counter >= END_CONST``), or'ed with ``pool[arg] > thr`` if `arg`;
+    for ``acc`` (the ``align`` kind): ``acc > thr`` (the accumulator after its increment)."""
 
     kind: str
     include_eos: bool
     arg: int | None = None
     thr: float = 0.0
+    bound: str = "lim"
+
+
+@dataclass(frozen=True)
+class Align:
+    """What a loop of the ``align`` kind has of a transducer's alignment loop (see the module docstring).
+
+    The counter's increment, after the states' assignments: ``step`` ``blank``: ``ll.cast(label_t == BLANK,
+    "int64")``; ``value``: ``ll.cast(pool[step_arg] > step_thr, "int64")``. With `acc`, the float state ``acc``
+    (initially 0.0) gets ``acc + pool[acc]`` there too. `clamp`: the gather's index is ``ll.minimum(counter,
+    ll.length(enc_time) - 1)`` (else the counter: past an entry's encoder length it reads the padding).
+    `init`: the counter and the accumulator start as Python numbers (``number``: 0 and 0.0) or as tensors
+    (``tensor``: ``ll.zeros([], dtype="int64")`` and ``ll.zeros([])``). With `stack_counter`, the counter after
+    its increment is stacked too (cast to float), and its ``loop.last`` taken."""
+
+    step: str
+    step_arg: int | None = None
+    step_thr: float = 0.0
+    acc: int | None = None
+    clamp: bool = False
+    init: str = "number"
+    stack_counter: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,8 +239,8 @@ class Masked:
 
 @dataclass(frozen=True)
 class Program:
-    loop: str                          # "axis" (Loop(axis=T)), "static" (Loop(axis=W)) or "max_len"
-                                       # (Loop(max_seq_len=...))
+    loop: str                          # "axis" (Loop(axis=T)), "static" (Loop(axis=W)), "max_len"
+                                       # (Loop(max_seq_len=...)) or "align" (Loop(axis=T), see `align`)
     groups: tuple[Group, ...]
     ops: tuple[Op, ...]
     updates: tuple[int | None, ...]    # per leaf (in order): the pool index of its new value, None: never set
@@ -171,10 +256,21 @@ class Program:
     stack_index: bool = False          # loop.index (int) is stacked
     axis_max_len: bool = False         # a loop over an axis gets a max_seq_len too (lim + 10)
     masked: Masked | None = None       # a MaskedComputation block in the body
+    align: Align | None = None         # the `align` kind: the counter's increment, the accumulator, the gather
+
+    def __post_init__(self):
+        assert (self.loop == "align") == (self.align is not None), "the align kind, and only it, has `align`"
+        if self.loop == "align":   # (its counter is always there)
+            object.__setattr__(self, "counter", True)
 
     @property
     def leaves(self) -> list[Leaf]:
         return [leaf for g in self.groups for leaf in g.leaves]
+
+    @property
+    def label_mask(self) -> bool:
+        """Whether the masked block's mask is ``label != 0`` (of the frame's label or the previous one)."""
+        return self.loop == "align" and self.masked is not None and self.masked.mask_arg in (LABEL_AT, PREV_AT)
 
 
 @dataclass(frozen=True)
@@ -194,15 +290,26 @@ class Info:
         return not self.states and not self.core
 
 
-COUNTER = -1   # the counter, among the states a value depends on
+COUNTER, ACC = -1, -2   # the counter and the accumulator, among the states a value depends on
 
 
-def _base_infos(loop: str, counter: bool) -> list[Info]:
-    """axis: x_t, x2_t, index, u, counter; max_len: index, counter, u."""
+def _base_infos(loop: str, counter: bool, acc: bool = False) -> list[Info]:
+    """axis: x_t, x2_t, index, u, counter; align: those, acc, the gather at the counter, label_t,
+    prev_label; max_len: index, counter, u. (The counter, and what reads it, counts as a state even where
+    its increment depends on inputs only and the optimizer makes it a cumulative sum.)"""
     if loop != "max_len":
-        return [Info(X_TYPE, seq=True), Info(SCALAR, seq=True), Info(SCALAR, seq=True),
+        base = [Info(X_TYPE, seq=True), Info(SCALAR, seq=True), Info(SCALAR, seq=True),
                 Info(U_TYPE, captured=True), Info(SCALAR, frozenset([COUNTER]), usable=counter)]
+        if loop == "align":
+            base += [Info(SCALAR, frozenset([ACC]), usable=acc),
+                     Info(ENC_TYPE, frozenset([COUNTER]), parents=(COUNTER_AT,)),
+                     Info(SCALAR, seq=True), Info(SCALAR, seq=True)]   # (prev_label: a moved state)
+        return base
     return [Info(SCALAR, core=True), Info(SCALAR, frozenset([COUNTER]), core=True), Info(U_TYPE, captured=True)]
+
+
+def _base_of(prog: Program) -> list[Info]:
+    return _base_infos(prog.loop, prog.counter, prog.align is not None and prog.align.acc is not None)
 
 
 def _combine(op: Op, kind_type: str, infos: list[Info]) -> Info:
@@ -231,7 +338,7 @@ def op_type(op: Op, infos: list[Info]) -> str:
 
 def infos_of(prog: Program) -> list[Info]:
     """The generator's view of every pool value of `prog`."""
-    infos = _base_infos(prog.loop, prog.counter)
+    infos = _base_of(prog)
     for k, leaf in enumerate(prog.leaves):
         infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
     for op in prog.ops:
@@ -245,11 +352,12 @@ def _block_values(prog: Program) -> set[int]:
     block = prog.masked
     if block is None:
         return set()
-    base = _base_infos(prog.loop, prog.counter)
+    base = _base_of(prog)
     n_pre = len(base) + len(prog.leaves)
     made = set(range(n_pre + block.first, n_pre + block.last))
-    if block.frames_inside:
-        before = {a for op in prog.ops[:block.first] for a in op.args} | {block.mask_arg}
+    if block.frames_inside:   # (a label mask reads the label itself, not its pool value)
+        before = {a for op in prog.ops[:block.first] for a in op.args}
+        before |= set() if prog.label_mask else {block.mask_arg}
         used = {a for op in prog.ops[block.first:block.last] for a in op.args}
         used |= {i for i in prog.updates if i is not None} if block.assign_inside else set()
         made |= {i for i in used - before if i < len(base) and not base[i].captured}
@@ -263,6 +371,8 @@ def _used_after_block(prog: Program) -> set[int]:
         return set()
     used = {a for op in prog.ops[block.last:] for a in op.args} | set(prog.stacks)
     used |= {prog.end.arg} if prog.end is not None and prog.end.arg is not None else set()
+    if prog.align is not None:   # the counter's increment and the accumulator's come after the block
+        used |= {i for i in (prog.align.step_arg, prog.align.acc) if i is not None}
     return used | (set() if block.assign_inside else {i for i in prog.updates if i is not None})
 
 
@@ -288,9 +398,9 @@ def groups(draw) -> Group:
 class _Gen:
     """Draws ops onto a growing pool, keeping `infos` (one per pool value) in step."""
 
-    def __init__(self, draw, loop: str, counter: bool, leaves_: list[Leaf]):
+    def __init__(self, draw, loop: str, counter: bool, leaves_: list[Leaf], acc: bool = False):
         self.draw, self.loop = draw, loop
-        self.infos = _base_infos(loop, counter)
+        self.infos = _base_infos(loop, counter, acc)
         self.n_base = len(self.infos)
         for k, leaf in enumerate(leaves_):
             self.infos.append(Info(leaf.type, frozenset() if leaf.update == "never" else frozenset([k])))
@@ -363,12 +473,14 @@ class _Gen:
 
 @st.composite
 def programs(draw, loop: str, end: bool | None = None, masked: bool | None = None) -> Program:
-    """A random loop program; `loop`: ``axis``, ``static`` or ``max_len``; `end`: whether a loop over an axis
-    calls ``loop.end``; `masked`: whether the body has a masked block (None: drawn, one program in three)."""
+    """A random loop program; `loop`: ``axis``, ``static``, ``max_len`` or ``align``; `end`: whether a loop
+    over an axis calls ``loop.end``; `masked`: whether the body has a masked block (None: drawn, one program in
+    three, in the align kind two in three)."""
     gs = tuple(draw(st.lists(groups(), min_size=0, max_size=3)))
     leaves_ = [leaf for g in gs for leaf in g.leaves]
-    counter = loop == "max_len" or draw(st.booleans())
-    gen = _Gen(draw, loop, counter, leaves_)
+    counter = loop in ("max_len", "align") or draw(st.booleans())
+    acc = loop == "align" and draw(st.booleans())
+    gen = _Gen(draw, loop, counter, leaves_, acc)
     for _ in range(draw(st.integers(0, 10))):
         gen.random_op()
     updates: list[int | None] = []
@@ -397,8 +509,12 @@ def programs(draw, loop: str, end: bool | None = None, masked: bool | None = Non
     lasts = tuple(draw(st.lists(st.sampled_from([i for i in usable if not gen.infos[i].captured]), max_size=2)))
     scalars = [i for i in usable if gen.infos[i].type == SCALAR]
     thresholds = st.sampled_from((-0.5, 0.0, 0.5, 1.0))
+    align = _align(draw, gen, acc) if loop == "align" else None
     end_spec = None
-    if loop == "max_len":
+    if loop == "align":
+        if end if end is not None else draw(st.booleans()):
+            end_spec = _align_end(draw, scalars, acc)
+    elif loop == "max_len":
         end_spec = End("counter", draw(st.booleans()), draw(st.one_of(st.none(), st.sampled_from(scalars))),
                        draw(thresholds))
     elif end if end is not None else draw(st.booleans()):
@@ -414,10 +530,42 @@ def programs(draw, loop: str, end: bool | None = None, masked: bool | None = Non
                    max_len=draw(st.sampled_from(("int", "tensor"))) if loop == "max_len" else "int",
                    keys_inside=draw(st.booleans()), counter=counter, stack_new=stack_new,
                    second=draw(st.booleans()), finals=draw(st.booleans()), stack_index=draw(st.booleans()),
-                   axis_max_len=loop != "max_len" and draw(st.booleans()))
-    if draw(st.integers(0, 2)) == 2 if masked is None else masked:
+                   axis_max_len=loop != "max_len" and draw(st.booleans()), align=align)
+    if masked is None:   # (one program in three; in the align kind, two in three)
+        masked = draw(st.integers(0, 2)) == 2 if loop != "align" else draw(st.integers(0, 2)) > 0
+    if masked:
         prog = replace(prog, masked=_masked_block(draw, prog))
     return prog
+
+
+def _frame_scalar(draw, gen: _Gen) -> int:
+    """A scalar pool value for an increment: three times in four one on inputs only (frames, labels, the step
+    index: the increment is then a sequence value), else any."""
+    inputs_only = draw(st.integers(0, 3)) < 3
+    found = gen.pick(lambda i: i.type == SCALAR and (i.input_only() or not inputs_only))
+    return found if found is not None else gen.pick(lambda i: i.type == SCALAR)
+
+
+def _align(draw, gen: _Gen, acc: bool) -> Align:
+    """The counter's increment (on the frame's label, or a comparison of a scalar), the accumulator's."""
+    step = draw(st.sampled_from(("blank", "value")))
+    arg, thr = (_frame_scalar(draw, gen), draw(st.sampled_from((-0.5, 0.0, 0.5)))) if step == "value" else (None, 0.0)
+    return Align(step, arg, thr, _frame_scalar(draw, gen) if acc else None, draw(st.booleans()),
+                 draw(st.sampled_from(("number", "tensor"))), draw(st.booleans()))
+
+
+def _align_end(draw, scalars: list[int], acc: bool) -> End:
+    """Mostly on the counter (against the encoder length, a limit from the inputs, or a constant); else on the
+    accumulator or a scalar value."""
+    eos = draw(st.booleans())
+    kind = draw(st.sampled_from(("counter",) * 4 + (("acc",) if acc else ()) + ("value",)))
+    if kind == "value":
+        return End("value", eos, draw(st.sampled_from(scalars)), draw(st.sampled_from((-0.5, 0.0, 0.5, 1.0))))
+    if kind == "acc":
+        return End("acc", eos, thr=draw(st.sampled_from((0.0, 0.5, 1.0, 2.0))))
+    arg = draw(st.sampled_from(scalars)) if draw(st.integers(0, 3)) == 3 else None
+    return End("counter", eos, arg, draw(st.sampled_from((0.0, 0.5, 1.0))),
+               bound=draw(st.sampled_from(("enc", "enc", "lim", "const"))))
 
 
 def _masked_block(draw, prog: Program) -> Masked:
@@ -445,9 +593,15 @@ def _masked_block(draw, prog: Program) -> Masked:
                                   spans) if tier)
     first, last = draw(st.sampled_from(best if draw(st.integers(0, 3)) < 3 else spans))
     scalars = [i for i, info in enumerate(infos[:n_pre + first]) if info.usable and info.type == SCALAR]
-    # Often the frame x2_t, an input: a block on inputs and its own states then runs over T'.
-    mask_arg = 1 if prog.loop != "max_len" and draw(st.booleans()) else draw(st.sampled_from(scalars))
-    return Masked(first, last, mask_arg, draw(st.sampled_from((-0.5, 0.0, 0.5))), assign_inside,
+    # Often the frame x2_t, an input: a block on inputs and its own states then runs over T'. In the align kind,
+    # half the time the label of the frame or the previous one (the mask is then `label != 0`).
+    if prog.loop == "align" and draw(st.booleans()):
+        mask_arg = draw(st.sampled_from((LABEL_AT, PREV_AT)))
+    else:
+        mask_arg = 1 if prog.loop != "max_len" and draw(st.booleans()) else draw(st.sampled_from(scalars))
+    thr = draw(st.sampled_from((-0.5, 0.0, 0.5)))
+    label = prog.loop == "align" and mask_arg in (LABEL_AT, PREV_AT)   # (label != 0: no threshold)
+    return Masked(first, last, mask_arg, 0.0 if label else thr, assign_inside,
                   frames_inside=draw(st.integers(0, 3)) == 3)
 
 
@@ -461,7 +615,7 @@ class Model:
         torch.manual_seed(seed)
         self.modules: dict = {}
         self.op_module: dict[int, ll.nn.Linear] = {}
-        infos = _base_infos(prog.loop, prog.counter) + [Info(leaf.type) for leaf in prog.leaves]
+        infos = _base_of(prog) + [Info(leaf.type) for leaf in prog.leaves]
         for j, op in enumerate(prog.ops):
             if op.kind == "linear":
                 din, dout = infos[op.args[0]].type, op.param[0]
@@ -503,7 +657,7 @@ class Model:
             return ll.full(0.25, [d])
         return ll.tanh(self.modules[("init", leaf.type)](u))
 
-    def __call__(self, x, x2, enc, u, lim):
+    def __call__(self, x, x2, enc, u, lim, labels=None):
         prog = self.prog
         if prog.loop != "max_len":
             loop = ll.Loop(axis=W if prog.loop == "static" else T, max_seq_len=lim + 10 if prog.axis_max_len else None)
@@ -515,13 +669,18 @@ class Model:
             inits = [self._initial(leaf, u) for leaf in group.leaves]
             setattr(loop.state, f"g{g}", _structure(group.structure, inits))
             names += [(f"g{g}", j) for j in range(len(group.leaves))]
+        numbers = prog.align is None or prog.align.init == "number"
         if prog.counter:
-            loop.state.counter = 0
+            loop.state.counter = 0 if numbers else ll.zeros([], dtype="int64")
+        if prog.align is not None:
+            loop.state.label = ll.full(FIRST_LABEL, sparse_dim=V)
+            if prog.align.acc is not None:
+                loop.state.acc = 0.0 if numbers else ll.zeros([])
         keys = {}
         if not prog.keys_inside:
             keys = {j: m(enc) for j, m in self.op_module.items() if prog.ops[j].kind == "attention"}
         with loop:
-            pool = _Pool(self, loop, x, x2, enc, u, keys, names)
+            pool = _Pool(self, loop, x, x2, enc, u, keys, names, labels)
             block = prog.masked
             first, last = (block.first, block.last) if block is not None else (len(prog.ops),) * 2
             pool.emit_ops(0, first)
@@ -533,14 +692,19 @@ class Model:
             pool.emit_ops(last, len(prog.ops))
             if block is None or not block.assign_inside:
                 self._assign_states(loop, pool)
-            if prog.counter:
+            if prog.align is not None:
+                pool.advance()
+            elif prog.counter:
                 loop.state.counter = loop.state.counter + 1
             end = prog.end
             if end is not None:
                 if end.kind == "counter":
-                    cond = loop.state.counter >= lim
+                    bound = {"lim": lim, "enc": ll.length(S), "const": END_CONST}[end.bound]
+                    cond = loop.state.counter >= bound
                     if end.arg is not None:
                         cond = cond | (pool[end.arg] > end.thr)
+                elif end.kind == "acc":
+                    cond = loop.state.acc > end.thr
                 else:
                     cond = loop.index >= lim if end.kind == "index" else pool[end.arg] > end.thr
                 loop.end(cond, include_eos=end.include_eos)
@@ -554,6 +718,10 @@ class Model:
             # (loop.last of a block value takes its held value, which exists only if it is used after the block)
             unheld = _block_values(prog) - _used_after_block(prog)
             last_values = [ll.identity(pool[i]) if i in unheld else pool[i] for i in prog.lasts]
+            if prog.align is not None and prog.align.stack_counter:
+                new_counter = ll.cast(loop.state.counter, DTYPE)
+                stacks.append(loop.stack(new_counter))
+                last_values.append(new_counter)
         lasts = [loop.last(v) for v in last_values]
         finals = tuple(getattr(loop.state, f"g{g}") for g in range(len(prog.groups))) if prog.finals else ()
         loss = ll.zeros([])
@@ -563,6 +731,9 @@ class Model:
             for leaf in _leaves_of_tree(g):
                 loss = loss + loss_term(leaf) * 0.5
         counter = (loop.state.counter,) if prog.counter and prog.finals else ()
+        if prog.align is not None and prog.align.acc is not None and prog.finals:
+            counter += (loop.state.acc,)
+            loss = loss + loss_term(loop.state.acc) * 0.5
         second = self._second_loop(loop.axis, stacks[0]) if prog.second else ()
         for y in second:
             loss = loss + loss_term(y)
@@ -626,14 +797,20 @@ def _leaves_of_tree(value) -> list:
 class _Pool:
     """The body's values, made when first used (so unused inputs make no nodes)."""
 
-    def __init__(self, model: Model, loop: ll.Loop, x, x2, enc, u, keys: dict, names: list):
+    def __init__(self, model: Model, loop: ll.Loop, x, x2, enc, u, keys: dict, names: list, labels=None):
         self.model, self.loop, self.enc, self.keys = model, loop, enc, keys
         prog = model.prog
         counter = loop.state.counter if prog.counter else None   # read now, before its assignment
+        self.counter = counter
         count = lambda: ll.cast(counter, DTYPE)  # noqa: E731
         if prog.loop != "max_len":
             makers = [lambda: loop.unstack(x), lambda: loop.unstack(x2),
                       lambda: ll.cast(loop.index, DTYPE), lambda: u, count]
+            if prog.align is not None:   # the label and the states are read now (the label before any block)
+                self.label, self.prev = loop.unstack(labels), loop.state.label
+                self.acc = loop.state.acc if prog.align.acc is not None else None
+                makers += [lambda: self.acc, self._gather,
+                           lambda: ll.cast(self.label, DTYPE), lambda: ll.cast(self.prev, DTYPE)]
         else:
             makers = [lambda: ll.cast(loop.index, DTYPE), count, lambda: u]
         self.makers = makers
@@ -643,6 +820,24 @@ class _Pool:
             self.values[len(makers)] = self._read(name, j)
             makers.append(None)
         self.n_ops = 0
+
+    def _gather(self):
+        index = self.counter
+        if self.model.prog.align.clamp:
+            index = ll.minimum(index, ll.length(S) - 1)
+        return ll.gather(self.enc, index=index, axis=S)
+
+    def advance(self) -> None:
+        """The align kind's assignments after the body's: the previous label, the counter, the accumulator."""
+        align, loop = self.model.prog.align, self.loop
+        loop.state.label = self.label
+        if align.step == "blank":
+            step = ll.cast(self.label == BLANK, "int64")
+        else:
+            step = ll.cast(_as_float(self[align.step_arg]) > align.step_thr, "int64")
+        loop.state.counter = self.counter + step
+        if align.acc is not None:
+            loop.state.acc = self.acc + _as_float(self[align.acc])
 
     def _read(self, name: str, j: int):
         structure = self.model.prog.groups[int(name[1:])].structure
@@ -673,6 +868,8 @@ class _Pool:
             for i in used:
                 if i < self.n_base:
                     self[i]
+        if prog.label_mask:
+            return (self.label if block.mask_arg == LABEL_AT else self.prev) != BLANK
         return _as_float(self[block.mask_arg]) > block.thr
 
 
@@ -731,7 +928,9 @@ def _emit(op: Op, args: list, module, keys, enc):
 @dataclass
 class Data:
     """The inputs of one call: per-entry lengths of ``time`` and of the encoder, limits, a seed; with
-    `static`, ``x`` and ``x2`` are over ``window`` (all of it valid) instead of ``time``."""
+    `static`, ``x`` and ``x2`` are over ``window`` (all of it valid) instead of ``time``; with `labels` (the
+    align kind: per entry, its labels over ``time``, as many as its length), the int input ``labels`` over
+    (batch, time) with sparse dim ``vocab`` (its padding random)."""
 
     lengths: list[int]
     enc_lengths: list[int]
@@ -739,6 +938,7 @@ class Data:
     pad: int = 0
     seed: int = 0
     static: bool = False
+    labels: list[list[int]] | None = None
 
     def make(self) -> dict:
         g = torch.Generator().manual_seed(self.seed)
@@ -758,7 +958,17 @@ class Data:
         axis, lengths = (W, {}) if self.static else (T, {T: n_t})
         return [ll.Named(t["x"], (B, axis, FDIMS[X_TYPE]), lengths), ll.Named(t["x2"], (B, axis), lengths),
                 ll.Named(t["enc"], (B, S, FDIMS[ENC_TYPE]), {S: n_s}), ll.Named(t["u"], (B, FDIMS[U_TYPE])),
-                ll.Named(torch.tensor(self.limits, dtype=torch.int64), (B,))]
+                ll.Named(torch.tensor(self.limits, dtype=torch.int64), (B,))] + self.named_labels()
+
+    def named_labels(self) -> list[ll.Named]:
+        if self.labels is None:
+            return []
+        assert [len(a) for a in self.labels] == self.lengths, (self.labels, self.lengths)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        padded = torch.randint(0, V.size, (len(self.lengths), max(self.lengths, default=0) + self.pad), generator=g)
+        for b, a in enumerate(self.labels):
+            padded[b, :len(a)] = torch.tensor(a, dtype=torch.int64)
+        return [ll.Named(padded, (B, T), {T: torch.tensor(self.lengths, dtype=torch.int64)}, sparse_dim=V)]
 
 
 def named_leaves(value) -> list[ll.Named]:
@@ -825,15 +1035,21 @@ def assert_equivalent(prog: ll.Program, params: dict, tensors: dict, named) -> N
 def _live(prog: Program) -> set[int]:
     """The pool values of `prog` that its outputs need."""
     infos = infos_of(prog)
-    n_base = len(_base_infos(prog.loop, prog.counter))
+    n_base = len(_base_of(prog))
     todo = [*prog.stacks, *prog.lasts, *(prog.updates[k] for k in prog.stack_new)]
+    todo += [COUNTER_AT] if prog.align is not None and prog.align.stack_counter else []
     if prog.finals:
         todo += prog.updates
+        todo += [COUNTER_AT, ACC_AT] if prog.loop == "align" else []   # (the counter and the accumulator)
     # (In a loop over an axis, the end condition decides only the lasts and the final states that change.)
     changing = [k for k, u in enumerate(prog.updates) if u is not None and u != n_base + k]
     end_needed = prog.loop == "max_len" or prog.lasts or (prog.finals and (changing or prog.counter))
-    if prog.end is not None and prog.end.arg is not None and end_needed:
+    if prog.end is not None and end_needed:
         todo.append(prog.end.arg)
+        if prog.loop == "align":   # (the counter or the accumulator it compares)
+            todo.append({"counter": COUNTER_AT, "acc": ACC_AT}.get(prog.end.kind))
+    # In the align kind, the counter and the accumulator (pool values here: as read) need their increments.
+    feeds = {COUNTER_AT: prog.align.step_arg, ACC_AT: prog.align.acc} if prog.align is not None else {}
     live: set[int] = set()
     while todo:
         i = todo.pop()
@@ -843,6 +1059,7 @@ def _live(prog: Program) -> set[int]:
         todo += infos[i].parents
         if n_base <= i < n_base + len(prog.updates):   # a state read: its new value is needed
             todo.append(prog.updates[i - n_base])
+        todo.append(feeds.get(i))
     return live
 
 
@@ -858,22 +1075,81 @@ def check(spec: Program, data: Data, seed: int = 0) -> ll.Program:
     """Build `spec` (parameters from `seed`) and :func:`assert_equivalent` on `data`; if its body computes
     something from inputs only, the optimizer moved something out of the loop (a masked block run over T'
     counts). Returns the program."""
+    return check_report(spec, data, seed)[0]
+
+
+def check_report(spec: Program, data: Data, seed: int = 0):
+    """:func:`check`, returning the program and the report (``LoopReport``) of its loop (the first one)."""
     model = Model(spec, seed)
     prog = ll.compile(model)
     params = {f"{key}.{n}": p for key, m in model.modules.items() for n, p in m.named_parameters()}
     assert_equivalent(prog, params, data.make(), data.named)
+    report = next(r for r in prog.traces[-1].optimized.reports if r.source == model.source)
     if moveable(spec):
-        report = next(r for r in prog.traces[-1].optimized.reports if r.source == model.source)
         moved = [*report.hoisted, *report.before_loop, *report.moved_states, *report.after_loop, *report.sequence_forms,
                  *report.masked]
         assert [m for m in moved if not m.startswith("to_layout")], prog.explain()
-    return prog
+    return prog, report
+
+
+def ends_early(spec: Program, data: Data) -> bool | None:
+    """Whether some entry of `data` ends (by loop.end) before its length along ``time``, in a loop of the align
+    kind whose end follows from the data alone (the counter or the accumulator, with increments of frames,
+    labels or the step index, compared with a bound); None where it does not (it needs the ops' values)."""
+    align, end = spec.align, spec.end
+    if align is None or end is None:
+        return None
+    known = (1, 2, COUNTER_AT, LABEL_AT, PREV_AT)   # x2_t, the step index, the counter as read, the labels
+    if any(i is not None and i not in known for i in (end.arg, align.step_arg, align.acc)):
+        return None
+    x2 = data.make()["x2"]
+    for b, labels in enumerate(data.labels):
+        counter, acc, prev = 0, 0.0, FIRST_LABEL
+        for t, label in enumerate(labels):
+            pool = {1: float(x2[b, t]), 2: float(t), COUNTER_AT: float(counter), LABEL_AT: float(label),
+                    PREV_AT: float(prev)}
+            step = label == BLANK if align.step == "blank" else pool[align.step_arg] > align.step_thr
+            counter, prev = counter + int(step), label
+            acc += pool[align.acc] if align.acc is not None else 0.0
+            if end.kind == "counter":
+                bound = {"lim": data.limits[b], "enc": data.enc_lengths[b], "const": END_CONST}[end.bound]
+                ended = counter >= bound or (end.arg is not None and pool[end.arg] > end.thr)
+            elif end.kind == "acc":
+                ended = acc > end.thr
+            else:
+                ended = pool[end.arg] > end.thr if end.kind == "value" else t >= data.limits[b]
+            if ended:
+                if t + end.include_eos < len(labels):
+                    return True
+                break
+    return False
 
 
 @st.composite
 def data(draw, loop: str) -> Data:
+    if loop == "align":
+        return draw(align_data())
     n = draw(st.integers(1, 4))
     lengths = draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
     enc = draw(st.lists(st.integers(1, 4), min_size=n, max_size=n))
     limits = draw(st.lists(st.integers(0, MAX_LEN - 2 if loop == "max_len" else 6), min_size=n, max_size=n))
     return Data(lengths, enc, limits, draw(st.integers(0, 2)), draw(st.integers(0, 2**16)), loop == "static")
+
+
+@st.composite
+def align_data(draw) -> Data:
+    """Data for the align kind: per entry an encoder length and labels over ``time``, half the time an
+    alignment of the encoder (its length in blanks, the last one last, and up to two other labels: a counter of
+    blanks ends the entry at its last frame), else any labels (of lengths 0 to 5)."""
+    n = draw(st.integers(1, 4))
+    enc, labels = [], []
+    for _ in range(n):
+        enc.append(draw(st.integers(1, 4)))
+        if draw(st.booleans()):
+            symbols = [BLANK] * (enc[-1] - 1) + draw(st.lists(st.integers(1, V.size - 1), max_size=2))
+            labels.append(list(draw(st.permutations(symbols))) + [BLANK])
+        else:
+            labels.append(draw(st.lists(st.integers(0, V.size - 1), max_size=5)))
+    limits = draw(st.lists(st.integers(0, 6), min_size=n, max_size=n))
+    return Data([len(a) for a in labels], enc, limits, draw(st.integers(0, 2)), draw(st.integers(0, 2**16)),
+                labels=labels)

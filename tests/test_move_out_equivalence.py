@@ -12,6 +12,15 @@ on inputs only. Masked blocks on inputs run over ``T'`` (the frames where the
 mask is True) in a fair share of the drawn programs (checked below, so that
 path cannot silently stop being exercised).
 
+The ``align`` kind is a loop over ``time`` shaped like a transducer's loop over
+its alignment: a counter advanced by a sequence-dependent increment (a blank
+label, a frame's value), a float accumulator, the encoder gathered at the
+counter, ``loop.end`` on the counter (against the encoder's length, a limit or
+a constant) and masked blocks keyed on the labels (``label != 0``, of the frame
+or the previous one). Its lengths follow from sequence values, so the optimizer
+moves the loop out assuming no entry ends early and checks that at run time; a
+fair share of its programs take each branch of that check (checked below).
+
 The CI run draws a fixed set of programs (``derandomize``); ``pytest
 --runslow`` draws eight times as many others. A failure prints the shrunk
 program and data, plain dataclasses that read as the recipe of the loop body;
@@ -31,12 +40,14 @@ from hypothesis import strategies as st
 from random_programs import DTYPE, FDIMS, B, T, W
 
 import looplift as ll
+from looplift.runtime.regions import CondRun
 
 F, H = FDIMS["F"], FDIMS["H"]
 
 # (loop kind, whether a loop over an axis calls loop.end): each drawn separately, so that each is covered
 KINDS = [pytest.param("axis", False, id="axis"), pytest.param("axis", True, id="axis-end"),
-         pytest.param("static", None, id="static-axis"), pytest.param("max_len", None, id="max_len-end")]
+         pytest.param("static", None, id="static-axis"), pytest.param("max_len", None, id="max_len-end"),
+         pytest.param("align", True, id="align-end")]
 CI_EXAMPLES = 100     # per kind
 SLOW_EXAMPLES = 800   # per kind, with --runslow
 
@@ -118,6 +129,86 @@ def test_random_masked_blocks_often_run_over_the_masked_dim():
 
     draw()
     assert sum(moved) >= 10, f"{sum(moved)} of {len(moved)}"
+
+
+@pytest.fixture
+def cond_branches(monkeypatch) -> list[bool]:
+    """The branch each Cond took, as the optimized programs run (the only Conds of the random programs are
+    those of a checked end: True where some entry ends before its length, the loop then runs as traced)."""
+    taken, call = [], CondRun.__call__
+
+    def recording(self, env, pred, *raws):
+        taken.append(bool(pred))
+        return call(self, env, pred, *raws)
+
+    monkeypatch.setattr(CondRun, "__call__", recording)
+    return taken
+
+
+def test_random_alignment_loops_run_their_sequence_forms_and_both_branches_of_the_check(cond_branches):
+    """Of 100 random programs of the align kind (a counter advanced by the frames' labels or values, the
+    encoder gathered at it, loop.end on it, masked blocks keyed on labels), a fair share run the counter as a
+    cumulative sum or lose the loop altogether (97 do; 75 lose it), gather the encoder over the whole
+    sequence before the loop (18), run a masked block over T' (10: most blocks read states of the loop, or
+    have nothing live), and go through the end's run-time check (97; explain() says so) both for a batch
+    where some entry ends early by its counter (the loop as traced: 35) and for one where none does (62).
+    Where the data alone say whether an entry ends early (78), the check took that branch. The thresholds
+    are about half of that."""
+    seen = []
+
+    @_settings(100)
+    @given(data=st.data())
+    def draw(data):
+        spec = data.draw(rp.programs("align", True), label="program")
+        inputs = data.draw(rp.data("align"), label="data")
+        cond_branches.clear()
+        prog, report = rp.check_report(spec, inputs)
+        reports = prog.traces[-1].optimized.reports
+        assert (report.checked_end is not None) == ("checked at run time" in prog.explain()), prog.explain()
+        assert len(cond_branches) == (report.checked_end is not None), (cond_branches, prog.explain())
+        early = rp.ends_early(spec, inputs)
+        if cond_branches and early is not None:
+            assert cond_branches == [early], (spec, inputs, prog.explain())
+        seen.append({"cumsum": report.loop_removed or any("running sum as a cumulative sum" in f
+                                                          for f in report.sequence_forms),
+                     "gather": any(f.startswith("gather ") for f in report.before_loop),
+                     "masked": any(r.masked for r in reports), "checked": report.checked_end is not None,
+                     "early": cond_branches == [True], "not early": cond_branches == [False],
+                     "known": bool(cond_branches) and early is not None})
+
+    draw()
+    counts = {key: sum(s[key] for s in seen) for key in seen[0]}
+    least = {"cumsum": 50, "gather": 8, "masked": 5, "checked": 50, "early": 15, "not early": 30, "known": 40}
+    assert all(counts[key] >= n for key, n in least.items()), f"{counts} of {len(seen)}"
+
+
+# the seeds' transducer in small, as a program of the align kind (random_programs' docstring reads it)
+TRANSDUCER = rp.Program("align", groups=(rp.Group("single", (rp.Leaf("F", "zeros", "self"),)),),
+                        ops=(rp.Op("linear", (6,), ("F", False)), rp.Op("linear", (9,), ("F", False)),
+                             rp.Op("binary", (11, 8), ("add",)), rp.Op("unary", (12,), ("tanh",))),
+                        updates=(13,), stacks=(10, 13), lasts=(), end=rp.End("counter", True, bound="enc"),
+                        masked=rp.Masked(first=1, last=4, mask_arg=8, thr=0.0, assign_inside=True),
+                        align=rp.Align("blank"))
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["none-ends-early", "one-ends-early"])
+def test_transducer_program_takes_the_branch_its_data_says(early, cond_branches):
+    """A counter of blanks, the encoder gathered at it, loop.end when it reaches the encoder length, a slow RNN
+    on the previous label where it is no blank: the loop is gone (a cumulative sum, the gather over the whole
+    sequence, the block over time'), checked at run time. Alignments of the encoder (entries of length 0 and 1
+    among them) take the rewritten branch; one blank too many (the first entry ends a frame before its length)
+    runs the loop as traced. Both equal the reference."""
+    labels = [[0, 1, 0, 0], [2, 0], [], [0]]
+    if early:
+        labels[0] = labels[0] + [0]
+    data = rp.Data([len(a) for a in labels], [3, 1, 2, 1], [0, 0, 0, 0], seed=3, labels=labels)
+    prog, report = rp.check_report(TRANSDUCER, data)
+    assert rp.ends_early(TRANSDUCER, data) == early
+    assert cond_branches == [early]
+    assert report.loop_removed and any("running sum as a cumulative sum" in f for f in report.sequence_forms)
+    assert any(f.startswith("gather ") for f in report.before_loop), prog.explain()
+    assert report.masked and "time'" in [r.axis for r in prog.traces[-1].optimized.reports], prog.explain()
+    assert "checked at run time" in prog.explain()
 
 
 # -- the bugs found by the random programs, pinned --------------------------------------------------------
