@@ -6,6 +6,8 @@ tensor hold arbitrary values, and must not crash the valid positions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -37,23 +39,34 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
                          f"(at {user_source_line()})")
     rest = tuple(d for d in x.dims if d is not axis)
-    out_dims = broadcast_dims("gather", rest, index.dims)
-    # Raw layout for torch.gather: all out dims, then the gathered axis last for x.
-    x_al = aligner(rest + (axis,), out_dims + (axis,))
-    x_perm = tuple(x.dims.index(d) for d in rest + (axis,))
-    i_al = aligner(index.dims, out_dims)
+    broadcast_dims("gather", rest, index.dims)   # (two different dims named alike: an error)
+    # Raw layout for torch.gather: x as (shared, axis, x only), the index as (shared, index only, x only);
+    # x is never expanded over the index's own dims (its gradient would be as large as the result times axis)
+    shared = tuple(d for d in rest if d in index.dims)
+    x_only = tuple(d for d in rest if d not in index.dims)
+    index_only = tuple(d for d in index.dims if d not in rest)
+    out_dims = shared + index_only + x_only
+    x_perm = tuple(x.dims.index(d) for d in shared + (axis,) + x_only)
+    i_al = aligner(index.dims, shared + index_only)
+    n_shared, n_x = len(shared), len(x_only)
     sparse = x.sparse_dim
 
     def kernel(env, v, i):
-        v = x_al(v.permute(x_perm))
+        v = v.permute(x_perm)
         if not isinstance(i, torch.Tensor):
             i = torch.as_tensor(i, device=v.device)
         i = i_al(i)
-        shape = broadcast_shapes(v.shape[:-1], i.shape)
-        if v.shape[-1] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
-            return v.new_zeros(shape)
-        i = i.clamp(0, v.shape[-1] - 1).long()
-        return torch.gather(v.expand(*shape, v.shape[-1]), -1, i.expand(shape).unsqueeze(-1)).squeeze(-1)
+        lead = tuple(broadcast_shapes(v.shape[:n_shared], i.shape[:n_shared]))   # (a size-1 raw: broadcast)
+        if tuple(v.shape[:n_shared]) != lead:
+            v = v.expand(*lead, *v.shape[n_shared:])
+        picked = tuple(i.shape[n_shared:])
+        out_shape = (*lead, *picked, *v.shape[n_shared + 1:])
+        if v.shape[n_shared] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
+            return v.new_zeros(out_shape)
+        i = i.clamp(0, v.shape[n_shared] - 1).long().expand(lead + picked)
+        k = math.prod(picked)
+        i = i.reshape(*lead, k, *[1] * n_x).expand(*lead, k, *v.shape[n_shared + 1:])
+        return torch.gather(v, n_shared, i).reshape(out_shape)
 
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name})
 
