@@ -15,8 +15,9 @@ utterance (about 130 alignment steps). Trained (forward + backward) three ways w
   alignment steps by index, positions by a cumulative sum, the frames by ``gather``.
 
 Losses and gradients of the three are asserted equal. The last line is one JSON object:
-``{"transducer_optimized_vs_handwritten": ..., "transducer_reference_vs_optimized": ...}`` (ratios of median
-step times; the goal for the first is <= 1.10).
+``{"transducer_optimized_vs_handwritten": ..., "transducer_reference_vs_optimized": ...}``: the medians over
+rounds of the ratio of step times within a round (each round runs each way once, the order reversed every
+other round, so the machine's drift cancels); the goal for the first is <= 1.10.
 
 Run: ``python benchmarks/transducer_training.py [--batch 32 --frames 100 --repeats 11]``.
 """
@@ -124,18 +125,19 @@ def data(args, vocab: int):
     return x, x_len, align, align_len
 
 
-def timed(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median time of forward + backward per function, interleaved, after `warmup` untimed rounds."""
+def timed(fns: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Forward + backward times per function, `repeats` rounds after `warmup` untimed ones; in each round
+    every function runs once, the order reversed every other round (so drift hits all alike)."""
     times = {k: [] for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn().backward()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
             start = time.perf_counter()
-            fn().backward()
+            fns[name]().backward()
             times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def main() -> None:
@@ -172,12 +174,16 @@ def main() -> None:
     print(prog.explain())
     print(f"alignment steps: {int(align_len.min())}-{int(align_len.max())}, frames {int(x_len.min())}-"
           f"{int(x_len.max())}; losses and gradients equal (optimized, reference, hand-written)")
-    med = timed({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup)
-    med.update(timed({"reference": fns["reference"]}, args.reference_repeats, 0))
+    paired = timed({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup)
+    reference = timed({"reference": fns["reference"], "optimized": fns["optimized"]}, args.reference_repeats, 0)
+    med = {k: statistics.median(v) for k, v in {**paired, "reference": reference["reference"]}.items()}
     print(f"median step: optimized {med['optimized'] * 1e3:.1f} ms, reference {med['reference'] * 1e3:.1f} ms, "
           f"hand-written {med['handwritten'] * 1e3:.1f} ms")
-    print(json.dumps({"transducer_optimized_vs_handwritten": round(med["optimized"] / med["handwritten"], 3),
-                      "transducer_reference_vs_optimized": round(med["reference"] / med["optimized"], 3)}))
+    # the ratios: medians over rounds of the ratio within a round (the machine's drift cancels in each)
+    vs_hand = statistics.median(o / h for o, h in zip(paired["optimized"], paired["handwritten"]))
+    ref_vs = statistics.median(r / o for r, o in zip(reference["reference"], reference["optimized"]))
+    print(json.dumps({"transducer_optimized_vs_handwritten": round(vs_hand, 3),
+                      "transducer_reference_vs_optimized": round(ref_vs, 3)}))
 
 
 if __name__ == "__main__":
