@@ -101,6 +101,9 @@ class Node:
     value: bool | int | float | None = None
     #: The ``looplift.MaskedComputation`` whose block traced this node, or None.
     masked_block: Any = None
+    #: Nodes that looplift adds on behalf of a construct of the user's (the search's bookkeeping, a masked
+    #: block's held values): that construct, in the user's words (e.g. "looplift.choice"), for reports.
+    on_behalf_of: str | None = None
 
     def __repr__(self) -> str:
         ins = ", ".join("{" + ",".join(d.name for d in t.dims) + "}" for t in self.inputs)

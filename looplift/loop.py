@@ -212,7 +212,8 @@ class Loop:
             with self._ctx.inside(self.parent):
                 init = slot.initial[0] = to_layout(expand(init, extra), [*extra, *init.dims])
         node = self.body.add(Op.STATE, (), None, [(init.dims, init.dtype, sparse_dim)],
-                             attrs={"state": name, "leaf": 0}, source=slot.source)
+                             attrs={"state": name, "leaf": 0}, source=slot.source,
+                             on_behalf_of=self._ctx.on_behalf_of)
         slot.placeholders = [node.outputs[0]]
         slot.current = [node.outputs[0]]
         self.slots[name] = slot

@@ -71,13 +71,14 @@ class MaskedComputation:
         body = self.loop.body
         block = body.nodes[self._start:]
         # states assigned in the block keep their previous value where the mask is False
-        for name, before in self._before.items():
-            slot = self.loop.slots[name]
-            for i in slot.tensor_leaves:
-                new = slot.current[i]
-                if new is not before[i]:
-                    slot.current[i] = where(self.mask, new, before[i])
-                    self.state_wheres.append((slot.current[i], new, before[i]))
+        with self._ctx.acting_for(f"the MaskedComputation at {self.source}"):
+            for name, before in self._before.items():
+                slot = self.loop.slots[name]
+                for i in slot.tensor_leaves:
+                    new = slot.current[i]
+                    if new is not before[i]:
+                        slot.current[i] = where(self.mask, new, before[i])
+                        self.state_wheres.append((slot.current[i], new, before[i]))
         for node in block:
             node.masked_block = self
 
@@ -96,9 +97,11 @@ class MaskedComputation:
         if held is None:
             self._holding = True
             try:   # (detached: not part of the op call that uses the value)
-                with ctx.inside(self.loop.parent, detached=True):
+                with ctx.acting_for(f"the MaskedComputation at {self.source}"), \
+                        ctx.inside(self.loop.parent, detached=True):
                     initial = zeros(value.dims, dtype=value.dtype)
-                with ctx.inside(self.loop.body, detached=True):
+                with ctx.acting_for(f"the MaskedComputation at {self.source}"), \
+                        ctx.inside(self.loop.body, detached=True):
                     previous = self.loop.add_hidden_state(
                         f"<value {len(self.holds)} held by the MaskedComputation at {self.source}>", initial,
                         value.sparse_dim)

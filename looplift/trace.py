@@ -27,7 +27,7 @@ from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["TraceContext", "LoopHints", "Retrace", "current", "tracing", "enter", "leave", "mode",
-           "is_training", "is_search", "replayable", "resolve_call", "length_dims", "record"]
+           "is_training", "is_search", "replayable", "resolve_call", "length_dims", "record", "acting_for"]
 
 
 @dataclass
@@ -83,6 +83,8 @@ class TraceContext:
         #: The search step being traced: pruned beam -> (the beam it was pruned from, the source hypotheses).
         #: Elementwise ops bring a value over the beam onto the pruned beam where they meet (``ops.index``).
         self.pruned: dict[Dim, tuple[Dim, Tensor]] = {}
+        #: The construct of the user's that the nodes traced now implement (see :meth:`acting_for`), or None.
+        self.on_behalf_of: str | None = None
 
     def next_loop_hints(self) -> LoopHints:
         """The hints of the next loop created in this trace."""
@@ -93,6 +95,18 @@ class TraceContext:
     def stepped_dims(self) -> tuple:
         """The dims the active loops step over: inside a body, these are not dims of any value."""
         return tuple(loop.axis for loop in self.loops)
+
+    @contextlib.contextmanager
+    def acting_for(self, construct: str) -> Iterator[None]:
+        """Trace nodes on behalf of the user's `construct` (e.g. "looplift.choice"): reports name that, not the
+        ops it is made of. The outermost construct wins (``choice`` calls ``prune``)."""
+        saved = self.on_behalf_of
+        if saved is None:
+            self.on_behalf_of = construct
+        try:
+            yield
+        finally:
+            self.on_behalf_of = saved
 
     @contextlib.contextmanager
     def inside(self, graph: Graph, *, loops: list | None = None, detached: bool = False) -> Iterator[None]:
@@ -152,7 +166,9 @@ def leave(token: contextvars.Token) -> None:
 
 
 def record(ctx: TraceContext, node: Node) -> None:
-    """Attach `node` to the op call being traced, if any (ops call this for every node they emit)."""
+    """Attach `node` to the op call being traced, if any, and to the construct it is traced on behalf of (ops
+    call this for every node they emit)."""
+    node.on_behalf_of = ctx.on_behalf_of
     if ctx.call is not None:
         node.call = ctx.call
         ctx.call.nodes.append(node)
@@ -175,6 +191,21 @@ def replayable(fn: Callable) -> Callable:
         return call.outputs
     op.replayable = True
     return op
+
+
+def acting_for(construct: str) -> Callable[[Callable], Callable]:
+    """Decorate a user-facing construct (``choice``, ``search.prune``): the nodes it traces are reported as
+    `construct` (see :meth:`TraceContext.acting_for`)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            ctx = _current.get()
+            if ctx is None:
+                return fn(*args, **kwargs)
+            with ctx.acting_for(construct):
+                return fn(*args, **kwargs)
+        return traced
+    return wrap
 
 
 def resolve_call(op: Callable, **kwargs) -> None:

@@ -127,8 +127,24 @@ def meet_beams(*operands: Tensor) -> tuple[Tensor, ...]:
         if any(nxt in t.dims for t in operands):
             for k, t in enumerate(operands):
                 if beam in t.dims and nxt not in t.dims:
-                    out[k] = gather(t, index=src, axis=beam)
+                    out[k] = _gathered_by_sources(ctx, t, src, beam)
     return tuple(out)
+
+
+def _gathered_by_sources(ctx, t: Tensor, src: Tensor, beam: Dim) -> Tensor:
+    """``gather(t, index=src, axis=beam)`` as an op call of its own, which the op call being traced (if any)
+    records as used in place of `t`: replayed after the loop on stacked sequences, outside the step that
+    knows the pruned beam, the call then gets the gathered value (its sources followed), as in the loop."""
+    call = ctx.call
+    ctx.call = None
+    try:
+        with ctx.acting_for("the previous hypotheses' values taken onto the pruned ones"):
+            gathered = gather(t, index=src, axis=beam)
+    finally:
+        ctx.call = call
+    if call is not None:
+        call.substitutions[id(t)] = gathered
+    return gathered
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
     globals()[_name] = _trace.replayable(globals()[_name])

@@ -8,8 +8,19 @@ __all__ = ["explain", "to_dot"]
 
 
 def _user(items, report: LoopReport):
-    """`items` without the calls that only change a layout (bookkeeping of loop states, not user calls)."""
-    return [x for x in items if x not in report.layout_only]
+    """`items` without the calls that only change a layout (bookkeeping of loop states, not user calls), each
+    once (the calls looplift makes on behalf of one construct of the user's are named as that construct)."""
+    return list(dict.fromkeys(x for x in items if x not in report.layout_only))
+
+
+def _chain(chain: list[str], report: LoopReport) -> list[str]:
+    """The chain that keeps the call ``chain[0]`` in the loop, in the user's terms: without layout-only calls,
+    each link once (a construct of the user's kept by its own parts: by its own state)."""
+    out = [chain[0]]
+    for link in chain[1:]:
+        if link not in report.layout_only and out[-1] != link:
+            out.append(link)
+    return out[1:] or ["its own state from the previous step"]
 
 
 def explain(reports: list[LoopReport]) -> str:
@@ -34,14 +45,14 @@ def explain(reports: list[LoopReport]) -> str:
             if items:
                 lines.append(f"  {title}:")
                 lines += [f"    {x}" for x in items]
-        stayed = [(u, chain) for u, chain in r.stayed if u not in r.layout_only]
+        stayed = list({u: chain for u, chain in reversed(r.stayed) if u not in r.layout_only}.items())[::-1]
         if r.loop_removed:
             lines.append("  nothing left in the loop: it is gone")
         elif stayed:
             lines.append("  stayed in the loop (each kept by its dependency on a carried state):")
             for unit, chain in stayed:
                 lines.append(f"    {unit}")
-                lines.append(f"      kept by: {' <- '.join(_user(chain[1:], r) or chain[1:])}")
+                lines.append(f"      kept by: {' <- '.join(_chain(chain, r))}")
         else:
             lines.append("  stayed in the loop: only the carried states")
         if r.checked_end:

@@ -72,6 +72,9 @@ class Unit:
         node = self.nodes[0]
         if self.kind == "masked":
             return f"MaskedComputation block at {node.source}"
+        construct = self.construct()
+        if construct is not None:   # (traced on behalf of the user's construct: named as that)
+            return f"{construct} at {node.source}"
         name = self.call.fn.__name__ if self.call is not None else node.op
         if self.kind == "state":
             name = f"state {node.attrs.get('state')!r}"
@@ -83,6 +86,11 @@ class Unit:
         if self.call is not None:
             return self.call.output_tensors()
         return [t for n in self.nodes for t in n.outputs]
+
+    def construct(self) -> str | None:
+        """The user's construct this unit implements (its nodes traced on behalf of it), else None."""
+        constructs = {n.on_behalf_of for n in self.nodes}
+        return constructs.pop() if len(constructs) == 1 else None
 
     @property
     def place_name(self) -> str:

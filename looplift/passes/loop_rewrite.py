@@ -316,7 +316,7 @@ class LoopRewrite:
             for k in self.kept:
                 p = spec.placeholders[k]
                 new = body.add(Op.STATE, (), None, [(p.dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
-                               p.node.source).outputs[0]
+                               p.node.source, on_behalf_of=p.node.on_behalf_of).outputs[0]
                 rw.map[id(p)] = new
                 placeholders.append(new)
             for unit in core:
@@ -332,7 +332,8 @@ class LoopRewrite:
                         if self._hoistable(n):   # a part of the call that depends on nothing of the step
                             with self.inside(self.parent):
                                 rw.copy_node(n, self.parent, self._outer_value)
-                            self.report.hoisted.append(f"{n.op} (part of {unit.describe()})")
+                            if n.op != Op.CONSTANT:   # (a number: nothing to tell)
+                                self.report.hoisted.append(f"{n.op} (part of {unit.describe()})")
                         else:
                             rw.copy_node(n, body, self.body_value)
             new_states = [self.body_value(spec.new_states[k]) for k in self.kept]

@@ -44,7 +44,7 @@ def run(rewrite, block: MaskedBlock) -> None:
     for k in ks:
         p = spec.placeholders[k]
         new = body.add(Op.STATE, (), None, [(p.dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
-                       p.node.source).outputs[0]
+                       p.node.source, on_behalf_of=p.node.on_behalf_of).outputs[0]
         values[id(p)] = new
         placeholders.append(new)
 

@@ -55,7 +55,7 @@ def run(rewrite, unit: Unit) -> None:
             init = _shape.to_layout(_shape.expand(init, [d for d in dims if d not in init.dims]), dims)
         initials.append(init)
         new = body.add(Op.STATE, (), None, [(dims, p.dtype, p.sparse_dim)], dict(p.node.attrs),
-                       p.node.source).outputs[0]
+                       p.node.source, on_behalf_of=p.node.on_behalf_of).outputs[0]
         values[id(p)] = new
         placeholders.append(new)
 

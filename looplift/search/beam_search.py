@@ -86,6 +86,7 @@ class BeamSearch:
 
     # -- the end of a step ----------------------------------------------------------------------------
 
+    @_trace.acting_for("the beam search's bookkeeping at the end of each step")
     def end_of_step(self) -> None:
         """States and stacks move onto the pruned hypotheses (reordered by their sources, those of ended
         hypotheses kept), the search's own states are updated, and the loop ends when every hypothesis of
@@ -140,6 +141,7 @@ class BeamSearch:
 
     # -- after the loop -------------------------------------------------------------------------------
 
+    @_trace.acting_for("the beam search's backtracking")
     def after_loop(self) -> None:
         """The stacked values of each final hypothesis, found by following the source hypotheses back from
         the last step; the loop's dim gets the hypotheses' lengths; ``loop.search`` the n-best list."""

@@ -85,6 +85,7 @@ def _search_of(loop: Loop, beam_size: int, dynamic: bool = False) -> BeamSearch:
     return loop.searcher
 
 
+@_trace.acting_for("looplift.search.expand")
 def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     """The scores of all extensions: running `scores` (over the beam) plus `label_scores` (over the beam and
     the label dim `axis`).
@@ -107,6 +108,7 @@ def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     return _math.add(scores, extend)
 
 
+@_trace.acting_for("looplift.search.prune")
 def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
           sample: bool = False) -> Pruned:
     """Keep the `beam_size` best candidates of `scores` (over the current beam, if any, and the label dim
@@ -191,6 +193,7 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     return Pruned(nxt, src, labels, top, index)
 
 
+@_trace.acting_for("looplift.search.recombine")
 def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     """Merge hypotheses of the (next) beam whose `keys` are equal (e.g. the last n labels): the best of
     each group keeps the group's max (``mode="max"``) or log-sum-exp (``"logsumexp"``) of the scores, the
@@ -239,12 +242,14 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     return out
 
 
+@_trace.acting_for("looplift.search.best")
 def best(x, scores, *, beam: Dim) -> Tensor:
     """`x` of the best hypothesis per batch entry (by `scores` over `beam`): `beam` is gone."""
     x, scores = as_tensor(x), as_tensor(scores)
     return gather(x, index=_reduce.argmax(scores, axis=beam), axis=beam)
 
 
+@_trace.acting_for("looplift.choice")
 def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, score_type: str = "log_prob",
            length_normalization: bool | float = False, threshold: float | None = None) -> Tensor:
     """The label of this step.

@@ -67,6 +67,7 @@ def label_history_start() -> Tensor:
     return _shape.zeros([HISTORY], dtype=torch.int64)
 
 
+@_trace.acting_for("looplift.search.label_history")
 def label_history(history, label, *, ignore: int | None = None) -> Tensor:
     """In a search: `history` (a hash over :data:`HISTORY`) extended by `label`, unchanged where `label` is
     `ignore` (the blank). Outside a search: `history` itself."""
@@ -88,6 +89,7 @@ def label_history(history, label, *, ignore: int | None = None) -> Tensor:
     return _math.where(_math.eq(label, ignore), history, extended)
 
 
+@_trace.acting_for("looplift.search.labels_since_blank")
 def labels_since_blank(count, label, *, blank: int) -> Tensor:
     """In a search: the number of labels since the last `blank` (`count` the previous one), for
     :func:`limit_labels_per_frame`. Outside a search: `count` itself."""
@@ -97,6 +99,7 @@ def labels_since_blank(count, label, *, blank: int) -> Tensor:
     return _math.where(_math.eq(label, blank), 0, _math.add(count, 1))
 
 
+@_trace.acting_for("looplift.search.limit_labels_per_frame")
 def limit_labels_per_frame(scores, count, *, limit: int, blank: int, axis: Dim) -> Tensor:
     """In a search: `scores` (over the label dim `axis`) with every label but `blank` set to -inf where
     `count` (:func:`labels_since_blank`) has reached `limit`: at most `limit` labels per frame. Outside a
@@ -114,6 +117,7 @@ def limit_labels_per_frame(scores, count, *, limit: int, blank: int, axis: Dim) 
     return _math.where(full, NEG_INF, scores)
 
 
+@_trace.acting_for("looplift.search.merge")
 def merge(keys: Tensor | Sequence[Tensor], *, mode: Literal["logsumexp", "max"] = "logsumexp") -> None:
     """In a search: merge the hypotheses this step's ``choice`` kept whose `keys` are all equal (e.g. the
     frame and the label history): the best of each group keeps the group's log-sum-exp (or max) of the
