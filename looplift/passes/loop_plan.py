@@ -116,8 +116,11 @@ class MaskedBlock:
 class LoopPlan:
     """The place of every unit of one loop's body, and which states move out."""
 
-    def __init__(self, spec: LoopSpec):
+    def __init__(self, spec: LoopSpec, *, kept: dict[tuple[str, int], str] | None = None):
         self.spec = spec
+        #: parts that stay in the loop whatever they depend on, with why: ("part", id of a call's first node)
+        #: or ("block", id of a MaskedComputation) -> the reason (see report.CannotMove)
+        self.kept = kept or {}
         self.axis = spec.axis
         self.state_index = {id(p): k for k, p in enumerate(spec.placeholders)}
         #: A loop over an axis with loop.end may run sequence forms and masked blocks as if no entry ended
@@ -200,6 +203,8 @@ class LoopPlan:
         spec = self.spec
         # (with loop.end, an ended entry's block still runs on its frozen states: it moves out only where no
         # entry ends before its axis length, see `full_length`)
+        if ("block", id(mc)) in self.kept:
+            return None
         if spec.own_dim or (spec.end is not None and not self.end_forms) or \
                 any(u.kind not in ("call", "unstack", "index") for u in units):
             return None
@@ -305,6 +310,8 @@ class LoopPlan:
                            for i, k in enumerate(unit.form[1]) if not rules_of(unit.call.fn).sequence_form.sequences[i]}
 
     def _place_of(self, unit: Unit, moved: set[int], constant: set[int]) -> Place:
+        if ("part", id(unit.nodes[0])) in self.kept:
+            return Place.CORE
         if unit.form is not None:
             return Place.SEQUENCE
         if unit.kind == "state":
@@ -393,7 +400,7 @@ class LoopPlan:
         if spec.end is not None:
             pinned.add(id(spec.end))
         for unit in reversed(self.units):
-            if unit.place != Place.CORE or unit.kind != "call":
+            if unit.place != Place.CORE or unit.kind != "call" or ("part", id(unit.nodes[0])) in self.kept:
                 continue
             outs = [t for n in unit.nodes for t in n.outputs]
             if any(id(t) in pinned for t in outs):
@@ -412,6 +419,12 @@ class LoopPlan:
     def chain(self, unit: Unit) -> list[str]:
         """The calls that keep `unit` in the loop: a path back to a carried state."""
         chain, seen = [unit.describe()], {id(unit)}
+        reason = self.kept.get(("part", id(unit.nodes[0])))
+        block = unit.nodes[0].masked_block
+        if reason is None and block is not None and ("block", id(block)) in self.kept:
+            reason = f"its MaskedComputation block cannot run over T': {self.kept[('block', id(block))]}"
+        if reason is not None:
+            return chain + [f"(it cannot run over the whole sequence: {reason})"]
         while unit.kind != "state":
             nxt = next((self.producer[id(t)] for t in unit.inputs
                         if self.place(t) == Place.CORE and id(t) in self.producer), None)

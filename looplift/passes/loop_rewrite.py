@@ -58,8 +58,11 @@ class LoopRewrite:
     """The rewrite of one loop (`node`, whose record is `spec`) into `parent`; `rw` is the pass's rewriter
     (:class:`.move_out.Rewriter`: the map from old tensors to new ones, the loops' reports)."""
 
-    def __init__(self, rw, spec: LoopSpec, node: Node, parent: Graph, report: LoopReport):
+    def __init__(self, rw, spec: LoopSpec, node: Node, parent: Graph, report: LoopReport,
+                 kept: dict | None = None):
         self.rw, self.spec, self.node, self.parent, self.report = rw, spec, node, parent, report
+        #: the parts kept in the loop because they could not move (see :class:`.report.CannotMove`)
+        self.kept_parts = kept or {}
         self.ctx = rw.ctx
         self.axis: Dim = spec.axis
         self.plan: LoopPlan | None = None
@@ -108,7 +111,8 @@ class LoopRewrite:
             try:
                 result = call.fn(*args, **kwargs)
             except LoopliftError as e:
-                raise CannotMove(f"{unit.describe()} cannot run over the whole sequence: {e}") from e
+                raise CannotMove(f"{unit.describe()} cannot run over the whole sequence: {e}",
+                                 part=id(unit.nodes[0])) from e
         source = unit.nodes[0].source
         for n in self.ctx.last_call.nodes:
             n.source = source
@@ -188,7 +192,8 @@ class LoopRewrite:
                     report.before_loop.append(unit.describe())
                 value = memo[id(t)]
                 if not self._varies_along_axis(value):
-                    raise CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence")
+                    raise CannotMove(f"{unit.describe()} loses the loop's dim when run over the sequence",
+                                     part=id(unit.nodes[0]))
         memo[id(t)] = value
         return value
 
@@ -243,7 +248,7 @@ class LoopRewrite:
 
     def run(self) -> None:
         spec, node = self.spec, self.node
-        plan = self.plan = LoopPlan(spec)
+        plan = self.plan = LoopPlan(spec, kept=self.kept_parts)
         nc, ns = len(spec.captured), len(spec.placeholders)
         #: the states' initial values in the new graph
         self.initial = [self.rw.value(t) for t in node.inputs[nc:nc + ns]]

@@ -20,6 +20,7 @@ from ..regions import LoopSpec, emit_unstack
 from ..rules import rules_of
 from ..tensor import Tensor
 from .loop_plan import MaskedBlock, Place
+from .report import CannotMove
 
 __all__ = ["run"]
 
@@ -27,7 +28,16 @@ __all__ = ["run"]
 def run(rewrite, block: MaskedBlock) -> None:
     """Run `block` as a loop over T' before the loop of `rewrite` (a :class:`.loop_rewrite.LoopRewrite`):
     its held values and states' sequences go to ``rewrite.sequences``, its states' finals to
-    ``rewrite.finals``."""
+    ``rewrite.finals``. Where a call of the block cannot run over T', the whole block stays in the loop."""
+    try:
+        _run(rewrite, block)
+    except CannotMove as e:
+        if e.part not in {id(n) for u in block.block for n in u.nodes}:
+            raise   # (a value before the block)
+        raise CannotMove(f"{e}", block=id(block.mc)) from e
+
+
+def _run(rewrite, block: MaskedBlock) -> None:
     plan, spec, rw = rewrite.plan, rewrite.spec, rewrite.rw
     mc, axis, parent = block.mc, rewrite.axis, rewrite.parent
     with rewrite.inside(parent):

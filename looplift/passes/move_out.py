@@ -29,11 +29,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import trace as _trace
+from ..errors import LoopliftError
 from ..graph import Graph, Node, Op
 from ..regions import CondSpec, LoopSpec
 from ..tensor import Tensor
 from .loop_rewrite import LoopRewrite
-from .report import LoopReport
+from .report import CannotMove, LoopReport
 
 __all__ = ["optimize", "Optimized", "Rewriter"]
 
@@ -138,21 +139,45 @@ class Rewriter:
     def transform_loop(self, node: Node, parent: Graph) -> None:
         """Rewrite the loop `node` into `parent`; if that fails, copy it unchanged."""
         spec: LoopSpec = node.region
-        report = LoopReport(spec.source, spec.axis.name, spec=spec)
         start, n_reports = len(parent.nodes), len(self.reports)
         saved_graph, saved_loops = self.ctx.graph, list(self.ctx.loops)
-        try:
-            LoopRewrite(self, spec, node, parent, report).run()
-        except Exception as e:  # noqa: BLE001 - any failure leaves the loop as traced, which is correct
-            self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
-            del parent.nodes[start:]
-            del self.reports[n_reports:]   # (of loops made or rewritten by the attempt)
-            report = LoopReport(spec.source, spec.axis.name, spec=spec,
-                                not_optimized=f"{type(e).__name__}: {e}")
-            self.copy_node(node, parent)
-        finally:
-            self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
+        kept: dict[tuple[str, int], str] = {}   # parts that could not move, kept in the loop: the next attempt's
+        while True:
+            report = LoopReport(spec.source, spec.axis.name, spec=spec)
+            try:
+                LoopRewrite(self, spec, node, parent, report, kept=kept).run()
+                break
+            except Exception as e:  # noqa: BLE001 - any failure leaves the part or the loop as traced (correct)
+                self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
+                del parent.nodes[start:]
+                del self.reports[n_reports:]   # (of loops made or rewritten by the attempt)
+                key = _part(e)
+                if key is not None and key not in kept:
+                    kept[key] = str(e)   # that part stays in the loop; plan the rest again
+                    continue
+                report = LoopReport(spec.source, spec.axis.name, spec=spec, not_optimized=_why(e))
+                self.copy_node(node, parent)
+                break
+            finally:
+                self.ctx.graph, self.ctx.loops[:] = saved_graph, saved_loops
         self.reports.append(report)
+
+
+def _part(e: Exception) -> tuple[str, int] | None:
+    """The part of a loop that a failed rewrite names (see :class:`.report.CannotMove`), or None."""
+    if isinstance(e, CannotMove):
+        if e.part is not None:
+            return ("part", e.part)
+        if e.block is not None:
+            return ("block", e.block)
+    return None
+
+
+def _why(e: Exception) -> str:
+    """Why a loop was left as traced, in words."""
+    if isinstance(e, LoopliftError):
+        return str(e)
+    return f"looplift failed to rewrite it ({type(e).__name__}: {e}); please report this as a bug"
 
 
 def _used_tensors(graph: Graph) -> set[int]:

@@ -39,7 +39,8 @@ def run(rewrite, unit: Unit) -> None:
     def outer(x: Tensor) -> Tensor:   # a value of the outer body (or from outside it), over the sequence
         place = plan.place(x)
         if place == Place.CORE:
-            raise CannotMove(f"internal: the nested loop at {inner.source} reads a value of the loop's core")
+            raise CannotMove(f"the nested loop at {inner.source} reads a value of the loop's core",
+                             part=id(unit.nodes[0]))
         return rewrite.sequence(x) if place == Place.SEQUENCE else rewrite.invariant(x)
 
     scratch = Graph(parent=parent)

@@ -40,5 +40,11 @@ class LoopReport:
 
 
 class CannotMove(LoopliftError):
-    """A part of the loop cannot be computed where the plan puts it: the loop is left as it was traced
-    (always correct), and ``explain`` says why."""
+    """A part of the loop cannot be computed where the plan puts it. Where that part is one op call (`part`:
+    the id of its first node) or one MaskedComputation block (`block`: the id of the block), it stays in the
+    loop and the rest is planned again; otherwise the loop is left as it was traced (always correct).
+    ``explain`` says why, in the message's words."""
+
+    def __init__(self, message: str, *, part: int | None = None, block: int | None = None):
+        super().__init__(message)
+        self.part, self.block = part, block
