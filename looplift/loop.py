@@ -471,9 +471,14 @@ class Loop:
     @property
     def search(self):
         """After a loop that searches: its :class:`looplift.search.Result` (the n-best list's lengths,
-        validity and ``choice`` scores; the states and stacks are over ``loop.beam``)."""
+        validity, ``choice`` scores and score components; the states and stacks are over ``loop.beam``).
+        Inside the body, after this step's ``choice`` or ``prune``: a :class:`looplift.search.Step` (whether
+        each hypothesis had ended before this step, is valid, its length so far)."""
+        if self.phase == "inside" and self.searcher is not None:
+            return self.searcher.step()
         if self.phase != "after" or self.search_result is None:
-            raise TraceError(f"loop.search is read after a loop whose body runs a search step "
+            where = "inside the body after this step's choice or prune, or " if self.phase == "inside" else ""
+            raise TraceError(f"loop.search is read {where}after a loop whose body runs a search step "
                              f"(loop at {self.source}, at {user_source_line()})")
         return self.search_result
 

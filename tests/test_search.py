@@ -754,42 +754,50 @@ class BigramLM(ll.Module):
 
 def py_recombination(step, h0, n_vocab: int, beam: int, max_len: int, mode: str, threshold=None):
     """The plain beam search plus, after each prune, recombination of the kept hypotheses with the same last
-    label (an ended hypothesis's last label is its EOS, 0): the group's best (its labels and state) stays,
-    with the group's max or logsumexp score; the others are dropped. For an exhaustive beam (nothing is
-    pruned by the beam size, asserted); with a threshold, those more than it below the best are dropped
-    before the merge. Returns [(labels, score)]."""
-    hyps = [(0.0, (), False, h0, 0)]
+    label (an ended hypothesis's last label is its EOS, 0) and the same ended status before the step (one that
+    had ended never merges with one that had not: those ending at this step merge with the ended ones at the
+    next): the group's best (its labels and state) stays, with the group's max or logsumexp score; the others
+    are dropped. For an exhaustive beam (nothing is pruned by the beam size, asserted); with a threshold,
+    those more than it below the best are dropped before the merge. Returns [(labels, score)]."""
+    hyps = [(0.0, (), False, h0, 0, False)]
     for _ in range(max_len):
-        if all(e for _, _, e, _, _ in hyps):
+        if all(e for _, _, e, _, _, _ in hyps):
             break
-        cands = []
-        for s, q, ended, h, prev in hyps:
+        cands = []   # (score, labels, ended after the step, state, last label, ended before it)
+        for s, q, ended, h, prev, _ in hyps:
             if ended:
-                cands.append((s, q, True, h, prev))
+                cands.append((s, q, True, h, prev, True))
                 continue
             h2, lp = step(prev, h)
-            cands += [(s + float(lp[v]), q + (v,), v == 0, h2, v) for v in range(n_vocab)]
+            cands += [(s + float(lp[v]), q + (v,), v == 0, h2, v, False) for v in range(n_vocab)]
         assert len(cands) <= beam
         cands.sort(key=lambda c: -c[0])
         if threshold is not None:
             cands = [c for c in cands if c[0] >= cands[0][0] - threshold]
-        groups: dict[int, list] = {}
+        groups: dict[tuple, list] = {}
         for c in cands:
-            groups.setdefault(c[4], []).append(c)
+            groups.setdefault((c[4], c[5]), []).append(c)
         hyps = []
         for members in groups.values():
             best = members[0]
             scores = torch.tensor([m[0] for m in members], dtype=DT)
             merged = float(scores.max() if mode == "max" else torch.logsumexp(scores, 0))
             hyps.append((merged,) + best[1:])
-    return [(q, s) for s, q, _, _, _ in hyps]
+    return [(q, s) for s, q, _, _, _, _ in hyps]
 
 
-def recombination_groups(outcomes):
-    """The brute-force outcomes by their last label (0: all that ended, at any step)."""
-    groups: dict[int, list] = {}
+def recombination_group(labels: tuple, max_len: int):
+    """The group of recombination (keyed on the last label) an outcome ends in: its last label, where an
+    outcome that ended before the last step is in the group "ended" (an ended hypothesis merges only with
+    those ended before the step: one that ends at the last step has no step left to join them)."""
+    return "ended" if labels[-1] == 0 and len(labels) < max_len else labels[-1]
+
+
+def recombination_groups(outcomes, max_len: int):
+    """The brute-force outcomes by their recombination group."""
+    groups: dict = {}
     for q, _, s in outcomes:
-        groups.setdefault(q[-1], []).append((s, q))
+        groups.setdefault(recombination_group(q, max_len), []).append((s, q))
     return groups
 
 
@@ -802,26 +810,26 @@ def bigram_recombination(mode: str):
     lm = BigramLM(ll.Dim("vocab", n_vocab), 19)
     x = initial_states(2, 19)
     got = run_nbest(atomic_program(lm, beam=n_vocab * n_vocab, max_len=max_len, recombine=mode), x)
-    return got, recombination_groups(enumerate_outcomes(lm.torch_step, None, n_vocab, max_len))
+    return got, recombination_groups(enumerate_outcomes(lm.torch_step, None, n_vocab, max_len), max_len)
 
 
 @pytest.mark.parametrize("mode", ["max", "logsumexp"])
 def test_recombination_of_a_label_only_model_is_exact(mode):
     """recombine(keys=last label) on a bigram model with a beam >= V * V (nothing pruned): the final
-    hypotheses are one per last label -- 0 for all that ended (at any step), v for those cut at max_seq_len
-    ending in v. With "max" each score is the max over the brute-force outcomes of its group (Viterbi) and
-    its labels are that best outcome; with "logsumexp" the score of a cut group is the logsumexp over its
-    outcomes (the forward algorithm; the EOS group: see the next test) and its labels one of them."""
+    hypotheses are one per recombination group -- one for all that ended before the last step, one for
+    those ending at it (0), v for those cut at max_seq_len ending in v. With "max" each score is the max over
+    the brute-force outcomes of its group (Viterbi) and its labels are that best outcome; with "logsumexp"
+    the score of a group is the logsumexp over its outcomes (the forward algorithm) and its labels one of
+    them."""
     got, groups = bigram_recombination(mode)
+    max_len = 4
     for entry in got:   # (the same for both entries: the model ignores x)
-        assert sorted(q[-1] for q, _ in entry) == sorted(groups)
+        assert sorted(map(str, (recombination_group(q, max_len) for q, _ in entry))) == sorted(map(str, groups))
         for q, s in entry:
-            members = groups[q[-1]]
+            members = groups[recombination_group(q, max_len)]
             if mode == "max":
                 want_s, want_q = max(members)
                 assert q == want_q
-            elif q[-1] == 0:
-                continue
             else:
                 want_s = lse([m[0] for m in members])
                 assert q in [m[1] for m in members]
@@ -829,12 +837,13 @@ def test_recombination_of_a_label_only_model_is_exact(mode):
 
 
 def test_logsumexp_recombination_keeps_the_mass_of_ended_hypotheses():
-    """With "logsumexp" the EOS group's score is the log-probability of ending within max_seq_len (all
-    ended outcomes), so the final hypotheses' probabilities sum to 1."""
+    """With "logsumexp" the ended hypotheses' scores together are the log-probability of ending within
+    max_seq_len (all ended outcomes), so the final hypotheses' probabilities sum to 1."""
     got, groups = bigram_recombination("logsumexp")
+    ended = [m[0] for key in ("ended", 0) for m in groups[key]]
     for entry in got:
-        ((s0,),) = [(s,) for q, s in entry if q[-1] == 0]
-        assert abs(s0 - lse([m[0] for m in groups[0]])) <= TOL, (s0, lse([m[0] for m in groups[0]]))
+        s0 = lse([s for q, s in entry if q[-1] == 0])
+        assert abs(s0 - lse(ended)) <= TOL, (s0, lse(ended))
         assert abs(sum(math.exp(s) for _, s in entry) - 1) < 1e-9
 
 
@@ -848,8 +857,9 @@ def test_recombination_of_a_decoder_equals_the_step_by_step_merge(mode):
     x = initial_states(2, 21)
     got = run_nbest(atomic_program(dec, beam=n_vocab * n_vocab, max_len=max_len, recombine=mode), x)
     want = [py_recombination(dec.torch_step, x[b], n_vocab, n_vocab * n_vocab, max_len, mode) for b in range(2)]
-    for entry in got:
-        assert len({q[-1] for q, _ in entry}) == len(entry) == n_vocab   # one per last label
+    for entry in got:   # one per group: per last label, the ended ones as ended before the last step or at it
+        groups = [recombination_group(q, max_len) for q, _ in entry]
+        assert len(set(groups)) == len(entry) and set(groups) - {"ended"} == set(range(n_vocab)), groups
     assert_same_nbest(got, want, ordered=False)
 
 

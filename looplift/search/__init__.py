@@ -42,9 +42,9 @@ bookkeeping of a step's end and the backtracking after the loop in
 alignment-synchronous (transducer) search in :mod:`looplift.search.transducer`.
 """
 
-from .beam_search import Result
+from .beam_search import Result, Step
 from .step import Pruned, best, choice, expand, prune, recombine
 from .transducer import HISTORY, label_history, label_history_start, labels_since_blank, limit_labels_per_frame, merge
 
-__all__ = ["expand", "prune", "Pruned", "recombine", "best", "Result", "choice", "HISTORY", "label_history",
+__all__ = ["expand", "prune", "Pruned", "recombine", "best", "Result", "Step", "choice", "HISTORY", "label_history",
            "label_history_start", "labels_since_blank", "limit_labels_per_frame", "merge"]

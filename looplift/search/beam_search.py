@@ -17,7 +17,7 @@ see :mod:`looplift.loop`), and the loop calls back two methods:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,7 +35,7 @@ from ..ops.index import gather
 from ..source import user_source_line
 from ..tensor import Tensor
 
-__all__ = ["BeamSearch", "Result", "normalized"]
+__all__ = ["BeamSearch", "Result", "Step", "normalized"]
 
 
 @dataclass
@@ -46,6 +46,19 @@ class Result:
     lengths: Tensor           # each hypothesis's length (the loop's dim has these lengths)
     valid: Tensor             # False for beam slots without a hypothesis (fewer than the beam size)
     scores: Tensor | None     # the total score of ``choice`` (length-normalized if asked), else None
+    #: with score components in ``choice``: each component's total per hypothesis (not normalized)
+    components: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """``loop.search`` inside a loop's body, after this step's ``choice`` or ``prune``: the hypotheses as they
+    were before this step, over the loop's ``beam``."""
+
+    beam: Dim
+    ended: Tensor             # the hypothesis had ended (loop.end) before this step
+    valid: Tensor             # the slot holds a hypothesis
+    lengths: Tensor           # the hypothesis's length so far
 
 
 class BeamSearch:
@@ -72,8 +85,14 @@ class BeamSearch:
         self.src: Tensor | None = None
         self.new_valid: Tensor | None = None
         self.scores: list[tuple[Tensor, float | None]] = []   # choice's running score placeholders
+        #: choice's score components: name -> the running total's placeholder
+        self.components: dict[str, Tensor] = {}
         #: ids of recombined scores: a state assigned them takes them for ended hypotheses too (merged)
         self.recombined: set[int] = set()
+
+    def step(self) -> Step:
+        """What ``loop.search`` is inside the body."""
+        return Step(self.beam, self.ended, self.valid, self.length)
 
     @property
     def pruned(self) -> bool:
@@ -164,6 +183,7 @@ class BeamSearch:
                 loop.hints.final_beam = sized_like(f"{beam.name}_final", beam)
             tmp = loop.hints.final_beam
             valid = finals[id(self.valid)]
+            components = {k: finals[id(p)] for k, p in self.components.items()}
             scores, rank = None, None
             if self.scores:
                 running, alpha = self.scores[0]
@@ -185,11 +205,12 @@ class BeamSearch:
                 def reorder(v: Tensor) -> Tensor:
                     return _shape.replace_dim(gather(v, index=order, axis=beam), tmp, beam) if beam in v.dims else v
                 final_length, valid, scores = reorder(final_length), reorder(valid), reorder(scores)
+                components = {k: reorder(v) for k, v in components.items()}
                 for slot in loop.slots.values():
                     if slot.placeholders:
                         leaves, _ = flatten(slot.final, lambda v: isinstance(v, Tensor))
                         slot.final = slot.tree([reorder(v) if isinstance(v, Tensor) else v for v in leaves])
-            loop.search_result = Result(beam, final_length, valid, scores)
+            loop.search_result = Result(beam, final_length, valid, scores, components)
 
     def _backtrack_node(self, src_seq: Tensor, n_steps: Tensor, flen: Tensor, rank: Tensor | None, tmp: Dim):
         """The node following the source hypotheses back: ``(index, order)``, the source hypothesis of each

@@ -6,11 +6,13 @@ each step and after the loop is :mod:`looplift.search.beam_search`'s.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from .. import trace as _trace
+from .._align import aligner
 from ..dims import Dim, run_time_beam, sized_like
 from ..errors import DimError, TraceError
 from ..loop import Loop
@@ -110,7 +112,7 @@ def expand(scores, label_scores, *, axis: Dim) -> Tensor:
 
 @_trace.acting_for("looplift.search.prune")
 def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
-          sample: bool = False) -> Pruned:
+          sample: bool = False, generator: torch.Generator | None = None) -> Pruned:
     """Keep the `beam_size` best candidates of `scores` (over the current beam, if any, and the label dim
     `axis`), per batch entry.
 
@@ -120,8 +122,13 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
             The beam dim's size then changes per step (it is sized at run time, 1 before the first step).
         sample: draw the hypotheses instead (Gumbel top-k: without replacement, each in proportion to
             ``exp(score)``); the scores kept are the candidates' own.
+        generator: the ``torch.Generator`` the draws come from (for reproducible sampling; default: torch's
+            global one). It is used at run time: seed it before a call to repeat that call's draws.
     """
     loop = _loop("looplift.search.prune")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise DimError(f"looplift.search.prune: generator must be a torch.Generator, got {generator!r} "
+                       f"(at {user_source_line()})")
     scores = as_tensor(scores)
     if not isinstance(beam_size, int) or beam_size < 1:
         raise DimError(f"looplift.search.prune: beam_size must be a positive int, got {beam_size!r} "
@@ -159,7 +166,8 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
         k = min(beam_size, flat.shape[-1])
         key = flat
         if sample:
-            u = torch.rand_like(flat).clamp_min(torch.finfo(flat.dtype).tiny)
+            u = torch.rand(flat.shape, dtype=flat.dtype, device=flat.device, generator=generator)
+            u = u.clamp_min(torch.finfo(flat.dtype).tiny)
             key = flat - torch.log(-torch.log(u))
         _, idx = key.topk(k, dim=-1)
         top = flat.gather(-1, idx)
@@ -224,6 +232,9 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
         if key_dims:
             equal = _math.eq(_reduce.sum(_math.cast(_math.logical_not(equal), torch.int64), axis=key_dims), 0)
         same = equal if same is None else _math.logical_and(same, equal)
+    # (an ended hypothesis extends by label 0 only: whatever its keys, it never merges with a live one)
+    ended = search.ended_src()
+    same = _math.logical_and(same, _math.eq(ended, _shape.replace_dim(ended, nxt, other)))
     alive = _math.gt(scores_o, NEG_INF)
     same = _math.logical_and(same, alive)
     members = _math.where(same, scores_o, NEG_INF)
@@ -244,14 +255,49 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
 
 @_trace.acting_for("looplift.search.best")
 def best(x, scores, *, beam: Dim) -> Tensor:
-    """`x` of the best hypothesis per batch entry (by `scores` over `beam`): `beam` is gone."""
+    """`x` of the best hypothesis per batch entry (by `scores` over `beam`): `beam` is gone.
+
+    A dim of `x` whose lengths vary over the beam (the loop's dim after a search: each hypothesis has its
+    length) is replaced by a dim of the same name with the best hypotheses' lengths."""
     x, scores = as_tensor(x), as_tensor(scores)
-    return gather(x, index=_reduce.argmax(scores, axis=beam), axis=beam)
+    for t, what in ((x, "values"), (scores, "scores")):
+        if beam not in t.dims:
+            raise DimError(f"looplift.search.best: the {what} {t.describe()} are not over the beam {beam.name!r} "
+                           f"(at {user_source_line()})")
+    index = _reduce.argmax(scores, axis=beam)
+    out = gather(x, index=index, axis=beam)
+    for d in out.dims:
+        if d.is_dynamic and beam in _trace.length_dims(d):
+            out = _with_selected_lengths(out, d, index, beam)
+    return out
+
+
+def _with_selected_lengths(x: Tensor, dim: Dim, index: Tensor, beam: Dim) -> Tensor:
+    """`x` (the same values) with `dim` replaced by a dim whose lengths are those of `dim` at the hypothesis
+    `index` picks of `beam`."""
+    ldims = _trace.length_dims(dim)
+    kept = tuple(d for d in ldims if d is not beam)
+    picked = Dim(dim.name)
+    picked.set_length_dims([*_trace.current().stepped_dims, *kept])
+    pos = ldims.index(beam)
+    index_al = aligner(index.dims, kept)
+
+    def kernel(env, v, i):
+        n = env.lengths(dim)
+        i = index_al(torch.as_tensor(i, device=n.device)).expand(*[env.size(d) for d in kept])
+        env.sizes[picked] = env.size(dim)
+        env.lengths_of[picked] = n.gather(pos, i.unsqueeze(pos)).squeeze(pos)
+        return v
+
+    return emit_many("with_lengths", (x, index), kernel, [(tuple(picked if d is dim else d for d in x.dims),
+                                                           x.dtype, x.sparse_dim)], makes_dims=(picked,))[0]
 
 
 @_trace.acting_for("looplift.choice")
 def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, score_type: str = "log_prob",
-           length_normalization: bool | float = False, threshold: float | None = None) -> Tensor:
+           weights: Mapping[str, float] | None = None, length_normalization: bool | float = False,
+           threshold: float | None = None, sample: bool = False,
+           generator: torch.Generator | None = None) -> Tensor:
     """The label of this step.
 
     In train and eval mode: the reference label `target` (its frame at this step, if `target` has the
@@ -261,17 +307,24 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
 
     Args:
         scores: per-label scores, log-probabilities (``score_type="log_prob"``) or ``"logits"``
-            (log-softmax is taken).
+            (log-softmax is taken). Or several score components, a dict of them by name (an acoustic
+            model's and a language model's log-probs, a length bonus): the search prunes on their weighted
+            sum and keeps each one's running total, per hypothesis (``loop.search.components``).
         target: the reference labels (sparse, their ``sparse_dim`` is the label dim).
         beam_size: the number of hypotheses kept.
         axis: the label dim (default: `target`'s ``sparse_dim``, else the one static dim of `scores`).
+        weights: with score components: each one's weight in the sum (default 1.0 each); any may be negative
+            or 0. A candidate any component scores -inf is out.
         length_normalization: rank the final hypotheses by score / length (``True``) or / length ** alpha
             (a float alpha) in ``loop.search.scores``.
         threshold: keep only the hypotheses within this of the best (at most `beam_size`): the beam dim's
             size changes per step (see :func:`prune`).
+        sample: draw the hypotheses (in proportion to ``exp(score)``, without replacement) instead of keeping
+            the best; `generator` (a ``torch.Generator``) makes the draws reproducible (see :func:`prune`).
     """
     loop = _loop("looplift.choice")
-    scores = as_tensor(scores)
+    components = _components(scores, weights)
+    scores = next(iter(components.values())) if components is not None else as_tensor(scores)
     if target is not None:
         target = as_tensor(target)
     if axis is None and target is not None and target.sparse_dim is not None:
@@ -285,6 +338,10 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
         axis = static[0]
     if score_type not in ("log_prob", "logits"):
         raise ValueError(f"looplift.choice: score_type is 'log_prob' or 'logits', got {score_type!r}")
+    for name, t in (components or {"scores": scores}).items():
+        if axis not in t.dims:
+            raise DimError(f"looplift.choice: the {name} {t.describe()} do not have the label dim {axis.name!r} "
+                           f"(at {user_source_line()})")
     if not _trace.is_search():
         if target is None:
             raise TraceError(f"looplift.choice in {_trace.mode()} mode returns the reference label: pass "
@@ -294,12 +351,58 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
         return target
     if score_type == "logits":
         scores = _reduce.log_softmax(scores, axis=axis)
+        if components is not None:
+            components = {k: _reduce.log_softmax(v, axis=axis) for k, v in components.items()}
     with _trace.current().inside(loop.parent, loops=[x for x in _trace.current().loops if x is not loop]):
         zero = _shape.zeros([], dtype=scores.dtype)
-    running = loop.add_hidden_state(f"choice:score{len(loop.searcher.scores) if loop.searcher else 0}", zero, None)
-    pruned = prune(expand(running, scores, axis=axis), beam_size=beam_size, axis=axis, threshold=threshold)
+    n = len(loop.searcher.scores) if loop.searcher else 0
+    running = loop.add_hidden_state(f"choice:score{n}", zero, None)
+    if components is None:
+        pruned = prune(expand(running, scores, axis=axis), beam_size=beam_size, axis=axis, threshold=threshold,
+                       sample=sample, generator=generator)
+        totals = {}
+    else:
+        totals = {k: loop.add_hidden_state(f"choice:score{n}:{k}", zero, None) for k in components}
+        candidates = {k: expand(totals[k], v, axis=axis) for k, v in components.items()}
+        pruned = prune(_weighted_sum(candidates, weights), beam_size=beam_size, axis=axis, threshold=threshold,
+                       sample=sample, generator=generator)
+        for k, running_k in totals.items():
+            loop.set_hidden_state(running_k, pruned.take(candidates[k]))
     loop.set_hidden_state(running, pruned.scores)
     alpha = None if length_normalization is False else 1.0 if length_normalization is True else \
         float(length_normalization)
     loop.searcher.scores.append((running, alpha))
+    loop.searcher.components.update(totals)
     return pruned.labels
+
+
+def _components(scores, weights) -> dict[str, Tensor] | None:
+    """The score components of ``choice`` by name (None: one score), checked against `weights`."""
+    if not isinstance(scores, Mapping):
+        if weights is not None:
+            raise DimError(f"looplift.choice: weights are for score components (a dict of scores by name) "
+                           f"(at {user_source_line()})")
+        return None
+    if not scores or not all(isinstance(k, str) for k in scores):
+        raise DimError(f"looplift.choice: score components are a non-empty dict of scores by name, got "
+                       f"{list(scores)!r} (at {user_source_line()})")
+    if weights is not None:
+        if set(weights) != set(scores) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                  for w in weights.values()):
+            raise DimError(f"looplift.choice: weights must give a number for each score component "
+                           f"{sorted(scores)}, got {dict(weights)!r} (at {user_source_line()})")
+    return {k: as_tensor(v) for k, v in scores.items()}
+
+
+def _weighted_sum(candidates: dict[str, Tensor], weights: Mapping[str, float] | None) -> Tensor:
+    """The weighted sum of the components' candidate scores; -inf where any component is -inf."""
+    out_of_it = None
+    for cand in candidates.values():
+        inf = _math.eq(cand, NEG_INF)
+        out_of_it = inf if out_of_it is None else _math.logical_or(out_of_it, inf)
+    total = None
+    for k, cand in candidates.items():
+        w = 1.0 if weights is None else float(weights[k])
+        term = _math.mul(_math.where(out_of_it, 0.0, cand), w)
+        total = term if total is None else _math.add(total, term)
+    return _math.where(out_of_it, NEG_INF, total)
