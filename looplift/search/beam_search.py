@@ -119,12 +119,17 @@ class BeamSearch:
             if slot.placeholders and id(slot.placeholders[0]) in own:
                 continue
             for i in slot.tensor_leaves:
-                v, p = slot.current[i], slot.placeholders[i]
-                v = self._onto_next(as_tensor(v), f"the new value of loop state {slot.name!r}")
-                if nxt in v.dims:
-                    if id(v) not in self.recombined:   # an ended hypothesis keeps its state
+                v, p = as_tensor(slot.current[i]), slot.placeholders[i]
+                if beam in v.dims and nxt not in v.dims:
+                    # computed from the previous hypotheses: an ended one keeps its state, then all follow their
+                    # sources (one gather: where(ended[src], p[src], v[src]) is where(ended, p, v)[src])
+                    v = gather(_math.where(self.ended, p, v), index=src, axis=beam)
+                else:
+                    v = self._onto_next(v, f"the new value of loop state {slot.name!r}")
+                    if nxt in v.dims and id(v) not in self.recombined:   # an ended hypothesis keeps its state
                         old = gather(p, index=src, axis=beam) if beam in p.dims else p
                         v = _math.where(ended_src, old, v)
+                if nxt in v.dims:
                     v = _shape.replace_dim(v, nxt, beam)
                 slot.current[i] = v
         cond = None
