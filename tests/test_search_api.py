@@ -255,3 +255,17 @@ def test_recombination_never_merges_an_ended_hypothesis_with_a_live_one(mode):
         assert_same(nbest(out, b), want)
         merged_apart += sum(1 for labels, _, _ in want if labels and labels[-1] == 2)
     assert merged_apart > 0   # ended hypotheses were there to merge wrongly
+
+
+def test_each_entry_alone_equals_the_batch():
+    dec, h0 = Dec(seed=6, eos=1), h0s(4, seed=3)
+    kw = dict(beam=3, max_len=4, weights={"am": 1.0, "lm": 0.4})
+    batch = search(dec, h0, **kw)
+    for b in range(len(h0)):
+        alone = search(dec, h0[b:b + 1], **kw)
+        got, want = nbest(alone, 0), nbest(batch, b)
+        assert [g[0] for g in got] == [w[0] for w in want]
+        for g, w in zip(got, want):
+            assert g[1] == pytest.approx(w[1], abs=1e-12) and g[2] == pytest.approx(w[2], abs=1e-12)
+        best_len = next(iter(batch["best"].lengths.values()))[b]
+        assert int(next(iter(alone["best"].lengths.values()))[0]) == int(best_len)
