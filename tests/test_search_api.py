@@ -76,8 +76,8 @@ def nbest(out: dict, b: int) -> list[tuple[tuple, float, dict]]:
     beam = out["scores"].dims[-1] if out["scores"].dims[-1] is not B else out["scores"].dims[0]
     axis = next(d for d in labels.dims if d not in (B, beam))
     lab = labels.align(B, beam, axis)
-    sc, ok, n = out["scores"].align(B, beam), out["valid"].align(B, beam), out["lengths"].align(B, beam)
-    comps = {k[2:]: v.align(B, beam) for k, v in out.items() if k.startswith("c_")}
+    sc, ok, n = out["scores"].align(B, beam).detach(), out["valid"].align(B, beam), out["lengths"].align(B, beam)
+    comps = {k[2:]: v.align(B, beam).detach() for k, v in out.items() if k.startswith("c_")}
     return [(tuple(lab[b, k, :int(n[b, k])].tolist()), float(sc[b, k]),
              {c: float(v[b, k]) for c, v in comps.items()}) for k in range(sc.shape[1]) if ok[b, k]]
 
