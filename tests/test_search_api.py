@@ -30,10 +30,12 @@ class Dec(ll.Module):
     def torch_step(self, prev: int, h: torch.Tensor):
         """(the new h, the am log-probs, the lm log-probs) by hand."""
         lin = torch.nn.functional.linear
-        e = self.emb.weight[prev]
-        h = torch.tanh(e + lin(h, self.rec.weight, self.rec.bias))
-        return (h, torch.log_softmax(lin(h, self.out.weight, self.out.bias), -1),
-                torch.log_softmax(lin(e, self.lm_out.weight, self.lm_out.bias), -1))
+        h = h.detach()
+        e = self.emb.weight[prev].detach()
+        with torch.no_grad():
+            h = torch.tanh(e + lin(h, self.rec.weight, self.rec.bias))
+            return (h, torch.log_softmax(lin(h, self.out.weight, self.out.bias), -1),
+                    torch.log_softmax(lin(e, self.lm_out.weight, self.lm_out.bias), -1))
 
     def forward(self, h0, *, beam: int, max_len: int, weights=None, sample=False, generator=None,
                 recombine=None):
