@@ -326,13 +326,24 @@ def _make_env(named: list[Named], first_param, where: _CallSite) -> Env:
             raise InputError(f"the lengths of dim {d.name!r} must lie in [0, {sizes[d]}] (its padded size), "
                              f"got values from {int(n.min())} to {int(n.max())} (call at {where})")
         lengths[d] = n.to(device=device, dtype=torch.int64)
+    derived = []   # (a dim derived from given ones, e.g. labels + 1: its lengths follow from theirs)
     for d in sizes:
         if d.is_dynamic and d not in lengths:
+            if d.origin is not None and d.masked_from is None and all(
+                    o in lengths or not o.is_dynamic for o in d.operands):
+                derived.append(d)
+                continue
             raise InputError(f"dim {d.name!r} is dynamic but no lengths were given for it; pass "
                              f"looplift.Named(tensor, dims, lengths={{{d.name}: lengths}}) (call at {where})")
     if device is None:
         device = first_param.device if first_param is not None else torch.device("cpu")
-    return Env(device, sizes, lengths)
+    env = Env(device, sizes, lengths)
+    for d in derived:
+        n = env.lengths(d)
+        if isinstance(n, torch.Tensor) and n.numel() and n.device.type == "cpu" and int(n.max()) > sizes[d]:
+            raise InputError(f"dim {d.name!r} (derived from {', '.join(o.name for o in d.operands)}) has lengths up "
+                             f"to {int(n.max())}, beyond its padded size {sizes[d]} (call at {where})")
+    return env
 
 
 def _to_named(t: Tensor, raw, env: Env) -> Named:

@@ -53,6 +53,7 @@ from .math import (
 )
 from .nn import dropout, layer_norm
 from .reduce import argmax, cumsum, log_softmax, logsumexp, max, mean, min, softmax, sum
+from .rnnt import rnnt_align, rnnt_loss
 from .shape import (
                    concat,
                    expand,
@@ -72,7 +73,8 @@ from .shape import (
 
 __all__ = [
     "conv1d", "cum_concat", "shift_in", "embedding", "gather", "one_hot", "dot", "linear", "matmul", "compress",
-    "unmask", "cross_entropy", "ctc_loss", "abs", "add", "cast", "clip", "cos", "elu", "eq", "exp", "floordiv",
+    "unmask", "cross_entropy", "ctc_loss", "rnnt_loss", "rnnt_align",
+    "abs", "add", "cast", "clip", "cos", "elu", "eq", "exp", "floordiv",
     "ge", "gelu", "gt", "identity", "le", "leaky_relu", "log", "log_sigmoid", "logical_and", "logical_not",
     "logical_or", "logical_xor", "lt", "maximum", "minimum", "mod", "mul", "ne", "neg", "pow", "relu", "rsqrt",
     "sigmoid", "silu", "sin", "softplus", "sqrt", "square", "sub", "swish", "tanh", "truediv", "where", "dropout",
