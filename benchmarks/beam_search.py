@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,9 @@ import torch.nn.functional as F
 
 import looplift as ll
 from looplift import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peer_venv import PeerUnavailable, ensure_venv  # noqa: E402  (the benchmarks' shared helper)
 
 B = ll.batch_dim
 EOS = 0
@@ -179,81 +181,14 @@ def search_by_hand(m: Seq2Seq, src, src_len):
 
 # -- ESPnet's BatchBeamSearch, run in a virtual environment of its own -------------------------------------
 
-class EspnetUnavailable(Exception):
-    """Why ESPnet was not compared; reported in the JSON line, the benchmark goes on."""
-
-
-def espnet_venv_dir() -> Path:
-    if os.environ.get("LOOPLIFT_ESPNET_VENV"):
-        return Path(os.environ["LOOPLIFT_ESPNET_VENV"]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "looplift-bench" / "espnet-venv"
-
-
-def _run_quiet(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, check=False, capture_output=True, text=True)
-    except OSError as e:
-        return subprocess.CompletedProcess(cmd, 127, "", str(e))
+EspnetUnavailable = PeerUnavailable
 
 
 def ensure_espnet_venv() -> Path:
-    """The python of the ESPnet venv, built on first use (torch of this process's version, espnet --no-deps)."""
-    venv = espnet_venv_dir()
-    py = venv / "bin" / "python"
-    torch_req = "torch==" + torch.__version__.split("+")[0]
-    spec = {"torch": torch_req, "espnet": ESPNET, "imports": ESPNET_IMPORTS}
-    ready, building = venv / ".looplift-ready", venv / ".looplift-building"
-
-    def is_ready() -> bool:
-        try:
-            return json.loads(ready.read_text()) == spec and py.exists()
-        except (OSError, ValueError):
-            return False
-
-    if is_ready():
-        return py
-    if venv.exists() and any(venv.iterdir()) and not ready.exists() and not building.exists():
-        # not built by this benchmark (e.g. LOOPLIFT_ESPNET_VENV names a venv of one's own): use it as it is
-        # if it has ESPnet, and never delete it
-        check = _run_quiet([str(py), "-c", "import espnet.nets.batch_beam_search"])
-        if check.returncode == 0:
-            return py
-        raise EspnetUnavailable(f"{venv} exists, was not built by this benchmark, and its python cannot import "
-                                "espnet.nets.batch_beam_search; remove it or set LOOPLIFT_ESPNET_VENV elsewhere")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / (venv.name + ".lock"), "w") as lock:
-        try:
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)     # another run building it at the same time: wait for it
-        except ImportError:
-            pass
-        if is_ready():
-            return py
-        print(f"[espnet] building a virtual environment for ESPnet at {venv} (once; a minute or two)", flush=True)
-        if venv.exists():
-            import shutil
-            shutil.rmtree(venv)
-        venv.mkdir()
-        building.touch()
-        steps = [("create the venv", [sys.executable, "-m", "venv", str(venv)]),
-                 (f"pip install {torch_req}", [str(py), "-m", "pip", "install", torch_req]),
-                 (f"pip install --no-deps {ESPNET}", [str(py), "-m", "pip", "install", "--no-deps", ESPNET]),
-                 (f"pip install {' '.join(ESPNET_IMPORTS)}", [str(py), "-m", "pip", "install", *ESPNET_IMPORTS]),
-                 ("import espnet.nets.batch_beam_search", [str(py), "-c", "import espnet.nets.batch_beam_search"])]
-        for what, cmd in steps:
-            print(f"[espnet]   {what} ...", end=" ", flush=True)
-            start = time.perf_counter()
-            done = _run_quiet(cmd)
-            if done.returncode != 0:
-                print("failed", flush=True)
-                tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
-                raise EspnetUnavailable(f"building the ESPnet venv at {venv} failed at '{what}' "
-                                        f"(exit {done.returncode}): {tail}")
-            print(f"done ({time.perf_counter() - start:.0f} s)", flush=True)
-        ready.write_text(json.dumps(spec))
-        building.unlink()
-    return py
+    """The python of the ESPnet venv, built on first use (torch of this process's version, espnet --no-deps, then
+    only what its beam search imports)."""
+    return ensure_venv("espnet", "LOOPLIFT_ESPNET_VENV", "espnet-venv", [["--no-deps", ESPNET], ESPNET_IMPORTS],
+                       "import espnet.nets.batch_beam_search")
 
 
 def compare_with_espnet(model: Seq2Seq, src, src_len, args, by_looplift, nbest) -> dict:

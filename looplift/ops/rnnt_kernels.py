@@ -30,7 +30,7 @@ def _node_log_probs(scores: torch.Tensor, labels: torch.Tensor, blank: int, logi
     lse = None
     if logits:   # (in chunks of frames: the temporary of the log-sum-exp stays small)
         lse = scores.new_empty(n, t, u1)
-        step = max(1, t // 8)
+        step = max(1, t // 32)
         for t0 in range(0, t, step):
             lse[:, t0:t0 + step] = scores[:, t0:t0 + step].logsumexp(-1)
     blank_lp = scores[..., blank]
@@ -110,7 +110,8 @@ class _RnntLoss(torch.autograd.Function):
         with torch.no_grad():
             blank_lp, label_lp, lse = _node_log_probs(scores, labels, blank, logits)
             skew = _Skew(t_len, u_len, t, u1)
-            b, lab = skew.skew(blank_lp), skew.skew(label_lp)
+            # (the lattice in float64: its sums over hundreds of steps lose no precision; it is N x T x U small)
+            b, lab = skew.skew(blank_lp.double()), skew.skew(label_lp.double())
             alpha = _alphas(b, lab, skew, torch.logaddexp)
             beta = _betas(b, lab, skew)
             log_z = beta[:, 0, 0]
@@ -122,9 +123,9 @@ class _RnntLoss(torch.autograd.Function):
             g_blank = torch.nan_to_num(g_blank, nan=0.0)
             g_label = torch.nan_to_num(g_label, nan=0.0)
         ctx.save_for_backward(scores, labels, lse if lse is not None else scores.new_empty(0),
-                              skew.unskew(g_blank, t), skew.unskew(g_label, t))
+                              skew.unskew(g_blank, t).to(scores.dtype), skew.unskew(g_label, t).to(scores.dtype))
         ctx.blank, ctx.logits = blank, logits
-        return -log_z
+        return (-log_z).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -158,7 +159,7 @@ def rnnt_align_raw(scores: torch.Tensor, labels: torch.Tensor, t_len: torch.Tens
     with torch.no_grad():
         blank_lp, label_lp, _ = _node_log_probs(scores, labels.long(), blank, logits)
         skew = _Skew(t_len, u_len, t, u1)
-        b, lab = skew.skew(blank_lp), skew.skew(label_lp)
+        b, lab = skew.skew(blank_lp.double()), skew.skew(label_lp.double())
         alpha = _alphas(b, lab, skew, torch.maximum)
         rows = torch.arange(n, device=scores.device)
         # walk back from the final node: at (t, u), the predecessor was (t - 1, u) by a blank or (t, u - 1)
