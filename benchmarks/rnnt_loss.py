@@ -46,6 +46,9 @@ import sys, time, torch
 from warprnnt_numba.rnnt_loss import RNNTLossNumba
 data = torch.load(sys.argv[1])
 loss_fn = RNNTLossNumba(blank=0, reduction="none")
+tiny = torch.randn(2, 3, 3, data["logits"].shape[-1], requires_grad=True)   # (numba compiles its kernels once,
+loss_fn(tiny, torch.ones(2, 2, dtype=torch.int32), torch.tensor([3, 2], dtype=torch.int32),
+        torch.tensor([2, 1], dtype=torch.int32)).sum().backward()           # untimed)
 times, out = [], {}
 for _ in range(int(sys.argv[3])):
     acts = data["logits"].clone().requires_grad_(True)

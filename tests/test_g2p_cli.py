@@ -12,6 +12,7 @@ import torch
 
 from looplift.recipes.g2p import cli, data, recipe
 from looplift.recipes.g2p.model import G2P, Config
+from looplift.recipes.g2p.transducer import TransducerG2P
 from looplift.recipes.g2p.transformer import TransformerG2P
 
 TINY = ["--words", "120", "--emb", "8", "--enc", "16", "--dec", "16", "--batch", "32", "--eval-words", "16",
@@ -179,3 +180,23 @@ def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys
     line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
     best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
     assert line.split()[3:] == vocabs.phonemes.decode(best[0])
+
+
+def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
+    """``--arch transducer``: full-sum training; the checkpoint records the architecture and its sizes (the
+    prediction network is --dec); eval prints the recipe's counts; convert prints the best hypothesis,
+    without blanks."""
+    d = str(tmp_path / "rnnt")
+    cli.main(["train", "--dir", d, "--epochs", "1", *TINY, "--arch", "transducer", "--joint", "12",
+              "--max-labels", "2"])
+    capsys.readouterr()
+    model, vocabs = recipe.load_model(d)
+    assert isinstance(model, TransducerG2P)
+    assert (model.config.pred, model.config.joint, model.config.max_labels) == (16, 12, 2)
+    out = run(capsys, "eval", "--dir", d, "--limit", "10", "--beam", "2").out
+    m = re.search(r"PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
+    want = recipe.evaluate(model, data.split(data.load())["dev"][:10], vocabs, beam=2)
+    assert m and (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
+    line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
+    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
+    assert line.split()[3:] == vocabs.phonemes.decode(best[0]) and "<eos>" not in line

@@ -2,7 +2,8 @@
 by hand in plain PyTorch (``benchmarks/g2p_training.py``'s ``HandG2P``, the benchmark's baseline), on real
 CMUdict words with padding; label smoothing; the loop keeps only the recurrent core; decoding with a
 threshold. The Transformer variant trains without a loop, equal to the step-by-step reference, and its
-search scores are its own log-probabilities."""
+search scores are its own log-probabilities. The transducer variant trains on the full-sum loss with its
+prediction loop gone, equal to the step-by-step reference, and learns to decode a handful of words."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import looplift as ll
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import G2P, Config
+from looplift.recipes.g2p.transducer import TransducerConfig, TransducerG2P
 from looplift.recipes.g2p.transformer import TransformerConfig, TransformerG2P
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,3 +189,72 @@ def test_transformer_search_scores_are_the_model_s_log_probabilities(words):
             nll = score_of(recipe.char_batch(model, [word]), recipe.phoneme_batch(model, [ids]),
                            src=recipe.SRC, tgt=recipe.TGT).tensor
             assert float(nll.detach()) == pytest.approx(-score, abs=1e-9)
+
+
+# -- the transducer variant ------------------------------------------------------------------------
+
+def _transducer(vocabs, seed: int = 0, **sizes):
+    torch.manual_seed(seed)
+    config = TransducerConfig(len(vocabs.chars), len(vocabs.phonemes), **{
+        "emb": 6, "enc": 8, "enc_layers": 1, "pred": 6, "joint": 10, **sizes})
+    return TransducerG2P(config).double()
+
+
+def test_transducer_training_is_the_full_sum_over_the_step_by_step_prediction_network(words):
+    """The transducer in train mode: the prediction loop is gone (one fused LSTM), and the loss and every
+    parameter's gradient equal the reference interpreter's (the prediction LSTM step by step) and the sum of
+    the per-word losses (padded CMUdict words, float64); the targets have no end symbol."""
+    entries, vocabs = words
+    model = _transducer(vocabs)
+    examples = recipe.Examples(entries, vocabs)
+    batch = list(range(len(examples)))
+    x = recipe.char_batch(model, [examples.chars[i] for i in batch])
+    y = recipe.phoneme_batch(model, [examples.prons[i] for i in batch])
+    assert y.lengths[recipe.TGT].tolist() == [len(examples.prons[i]) for i in batch]
+    train = ll.compile(model, mode="train")
+    loss = train(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = train.reference(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+    assert "nothing left in the loop: it is gone" in train.explain()
+    alone = sum(train(recipe.char_batch(model, [examples.chars[i]]), recipe.phoneme_batch(model, [examples.prons[i]]),
+                      src=recipe.SRC, tgt=recipe.TGT).tensor for i in batch[:5])
+    first = train(recipe.char_batch(model, examples.chars[:5]), recipe.phoneme_batch(model, examples.prons[:5]),
+                  src=recipe.SRC, tgt=recipe.TGT).tensor
+    torch.testing.assert_close(first, alone, rtol=1e-10, atol=1e-10)
+
+
+def test_transducer_trains_on_a_handful_of_words_and_decodes_them(words):
+    """A few hundred steps on 8 words (through the recipe's loss function): it decodes them, by the
+    alignment-synchronous beam search with recombination, into their pronunciations. Each hypothesis's score
+    is the log of a sum over some of its alignments (those merged in the beam), so at most the full-sum
+    log-probability of its phonemes. (Overfit on 8 words, the model may emit all of a word's phonemes at one
+    character, which the full-sum lattice allows: the search's limit per character is raised to match.)"""
+    entries, vocabs = words
+    few = [e for e in entries if len(e.prons) == 1][:8]
+    model = _transducer(vocabs, seed=2, emb=16, enc=32, pred=32, joint=32, max_labels=8)
+    examples = recipe.Examples(few, vocabs)
+    loss_fn = recipe.loss_function(examples)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(150):
+        loss, count = loss_fn(model, list(range(len(examples))))
+        opt.zero_grad()
+        (loss / count).backward()
+        opt.step()
+        losses.append(loss.item() / count)
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+    encoded = [vocabs.chars.encode(e.word) for e in few]
+    nbest = recipe.decode(model, encoded, beam=4)
+    best = [hyps[0][0] for hyps in nbest]
+    assert sum(b == p for b, p in zip(best, examples.prons)) >= 7, (best, examples.prons)
+    score_of = ll.compile(model, mode="eval")
+    for word, hyps in zip(encoded, nbest):
+        assert [s for _, s in hyps] == sorted((s for _, s in hyps), reverse=True)
+        for ids, score in hyps[:2]:
+            nll = score_of(recipe.char_batch(model, [word]), recipe.phoneme_batch(model, [ids]),
+                           src=recipe.SRC, tgt=recipe.TGT).tensor
+            assert score <= -float(nll.detach()) + 1e-9

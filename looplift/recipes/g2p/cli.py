@@ -21,6 +21,7 @@ from looplift.errors import LoopliftError
 
 from . import data, recipe
 from .model import G2P, Config
+from .transducer import TransducerConfig
 from .transformer import TransformerConfig
 
 DEFAULT_DIR = "g2p-run"
@@ -44,9 +45,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--clip", type=float, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
-    p.add_argument("--arch", choices=["lstm", "transformer"], default="lstm",
-                   help="the model: BiLSTM encoder + attention LSTM decoder, or a Transformer (the --emb ... --dec "
-                        "sizes are the LSTM's, --model-dim ... --layers the Transformer's)")
+    p.add_argument("--arch", choices=["lstm", "transformer", "transducer"], default="lstm",
+                   help="the model: BiLSTM encoder + attention LSTM decoder, a Transformer, or a transducer "
+                        "(RNN-T: the BiLSTM encoder, an LSTM prediction network of size --dec, a joint of size "
+                        "--joint; full-sum training). The --emb ... --dec sizes are the LSTM's and the "
+                        "transducer's, --model-dim ... --layers the Transformer's")
+    p.add_argument("--joint", type=int, default=256, help="the transducer's joint network size")
+    p.add_argument("--max-labels", type=int, default=3,
+                   help="the transducer's phonemes per character at most, in search")
     p.add_argument("--emb", type=int, default=64, help="character and phoneme embedding size")
     p.add_argument("--enc", type=int, default=256, help="encoder size per layer (both directions)")
     p.add_argument("--enc-layers", type=int, default=2, help="bidirectional LSTM encoder layers")
@@ -130,7 +136,7 @@ def _positive(args, *names) -> None:
 def train(args) -> G2P:
     from looplift.train import Trainer, bucketed_batches
     _positive(args, "batch", "lr", "epochs", "max_steps", "emb", "enc", "enc_layers", "dec", "model_dim", "heads",
-              "ff", "layers")
+              "ff", "layers", "joint", "max_labels")
     if args.arch == "transformer" and args.model_dim % (2 * args.heads):
         raise SystemExit(f"looplift-g2p: --model-dim ({args.model_dim}) must be a multiple of 2 * --heads")
     if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
@@ -144,6 +150,10 @@ def train(args) -> G2P:
                  label_smoothing=args.label_smoothing)
     if args.arch == "transformer":
         config = TransformerConfig(**sizes, model=args.model_dim, heads=args.heads, ff=args.ff, layers=args.layers)
+    elif args.arch == "transducer":
+        del sizes["label_smoothing"]   # (the full-sum loss has none)
+        config = TransducerConfig(**sizes, emb=args.emb, enc=args.enc, enc_layers=args.enc_layers, pred=args.dec,
+                                  joint=args.joint, max_labels=args.max_labels)
     else:
         config = Config(**sizes, emb=args.emb, enc=args.enc, enc_layers=args.enc_layers, dec=args.dec)
     torch.manual_seed(args.seed)

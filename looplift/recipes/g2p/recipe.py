@@ -17,10 +17,12 @@ from looplift.train.trainer_state import MODEL_FILE
 
 from . import data, metrics
 from .model import EOS, G2P, Config
+from .transducer import TransducerConfig, TransducerG2P
 from .transformer import TransformerConfig, TransformerG2P
 
 #: the model classes by their config's ``arch``
-ARCHS = {"lstm": (Config, G2P), "transformer": (TransformerConfig, TransformerG2P)}
+ARCHS = {"lstm": (Config, G2P), "transformer": (TransformerConfig, TransformerG2P),
+         "transducer": (TransducerConfig, TransducerG2P)}
 
 SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
 
@@ -31,12 +33,12 @@ class Vocabs:
     phonemes: data.Vocab
     stress: bool
 
-    def metadata(self, config: Config | TransformerConfig) -> dict[str, str]:
+    def metadata(self, config: Config | TransformerConfig | TransducerConfig) -> dict[str, str]:
         return {"looplift-g2p": "1", "arch": config.arch, "config": config.to_json(),
                 "chars": self.chars.to_json(), "phonemes": self.phonemes.to_json(), "stress": json.dumps(self.stress)}
 
 
-def build_model(config: Config | TransformerConfig) -> G2P | TransformerG2P:
+def build_model(config: Config | TransformerConfig | TransducerConfig) -> G2P | TransformerG2P | TransducerG2P:
     """The model of `config`'s architecture."""
     return ARCHS[config.arch][1](config)
 
@@ -52,7 +54,10 @@ def char_batch(model: G2P, words: Sequence[Sequence[int]]) -> ll.Named:
 
 
 def phoneme_batch(model: G2P, prons: Sequence[Sequence[int]]) -> ll.Named:
-    y, n = data.encode_batch([list(p) + [EOS] for p in prons])
+    """The phonemes as the model's targets: with EOS at the end, except for a model whose ``target_eos`` is
+    False (the transducer: its blank ends a word)."""
+    eos = [EOS] if getattr(model, "target_eos", True) else []
+    y, n = data.encode_batch([list(p) + eos for p in prons])
     return ll.Named(y, (ll.batch_dim, TGT), {TGT: n}, sparse_dim=model.phonemes)
 
 

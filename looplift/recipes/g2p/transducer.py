@@ -1,0 +1,120 @@
+"""The transducer (RNN-T) variant of the G2P model: characters as encoder frames, phonemes as labels.
+
+A word may need several phonemes for one character ("x": K S) or none ("gh" in "night"): a transducer
+emits, at each character, labels until it emits the blank and moves on. Phoneme 0 (``<eos>`` in the other
+models) is the blank here.
+
+Trained with the full-sum loss (``looplift.rnnt_loss``), written over named dims: the encoder over the
+characters ``src``, the prediction network as a loop over the label prefixes ``tgt + 1`` (the loop
+optimizer turns it into one fused LSTM), and the joint by broadcasting the two into ``{batch, src,
+tgt + 1, phonemes}``. Searched with the same parameters as an alignment-synchronous beam search: a loop
+over alignment steps with the character position ``t`` as a state, the prediction LSTM stepping under a
+``MaskedComputation`` where the last symbol was a label, at most ``max_labels`` phonemes per character,
+and the hypotheses that reach the same character with the same phonemes merged (log-sum-exp: the sum over
+their alignments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import looplift as ll
+from looplift import nn
+
+from .model import JsonConfig
+
+BLANK = 0
+
+
+@dataclass
+class TransducerConfig(JsonConfig):
+    """The transducer's sizes and regularization (stored in checkpoints as JSON)."""
+
+    n_chars: int
+    n_phonemes: int
+    emb: int = 64
+    enc: int = 256            # per layer, both directions together
+    enc_layers: int = 2
+    pred: int = 256           # the prediction network's LSTM
+    joint: int = 256
+    dropout: float = 0.0      # on the embeddings, between encoder layers and on the joint
+    max_labels: int = 3       # phonemes per character at most, in search
+    arch = "transducer"
+
+
+class TransducerG2P(ll.Module):
+    """``loss = model(chars, phonemes, src=..., tgt=...)`` in train/eval mode (summed over the batch; the
+    phonemes without an end symbol), and ``labels, scores, lengths, valid = model(chars, src=..., tgt=...,
+    beam=k)`` in search mode (the labels over alignment steps, blanks included)."""
+
+    #: the targets are the phonemes alone (the blank ends a word; no end symbol)
+    target_eos = False
+
+    def __init__(self, config: TransducerConfig):
+        super().__init__()
+        self.config = c = config
+        self.chars, self.phonemes = ll.Dim("chars", c.n_chars), ll.Dim("phonemes", c.n_phonemes)
+        self.char_emb_dim, self.emb_dim = ll.Dim("char_emb", c.emb), ll.Dim("phoneme_emb", c.emb)
+        self.enc_dim, self.pred_dim, self.joint_dim = ll.Dim("enc", c.enc), ll.Dim("pred", c.pred), \
+            ll.Dim("joint", c.joint)
+        self.char_emb = nn.Embedding(self.chars, self.char_emb_dim)
+        self.encoder = nn.LSTM(self.char_emb_dim, self.enc_dim, bidirectional=True, num_layers=c.enc_layers,
+                               dropout=c.dropout)
+        self.dropout = nn.Dropout(c.dropout)
+        self.emb = nn.Embedding(self.phonemes, self.emb_dim)
+        self.pred = nn.LSTM(self.emb_dim, self.pred_dim)
+        self.from_enc = nn.Linear(self.enc_dim, self.joint_dim)
+        self.from_pred = nn.Linear(self.pred_dim, self.joint_dim)
+        self.readout = nn.Linear(self.joint_dim, self.phonemes)
+
+    def joint(self, enc, pred):
+        """The joint's logits over the phonemes, from projections of the encoding and the prediction output
+        (any dims: broadcast over both)."""
+        return self.readout(self.dropout(ll.tanh(enc + pred)))
+
+    def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
+                max_len: int | None = None, threshold: float | None = None):
+        enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
+        enc = self.from_enc(enc)
+        if ll.is_search():
+            return self._search(enc, src=src, tgt=tgt, beam=beam, max_len=max_len, threshold=threshold)
+        # the prediction network over the prefixes of 0..U phonemes (the blank stands for the start)
+        prefix = tgt + 1
+        inputs = ll.pad(phonemes, axis=tgt, left=1, value=BLANK)
+        loop = ll.Loop(axis=prefix)
+        loop.state.lstm = self.pred.default_initial_state()
+        with loop:
+            h, loop.state.lstm = self.pred(self.emb(loop.unstack(inputs)), state=loop.state.lstm)
+            pred = loop.stack(self.from_pred(h))
+        logits = self.joint(enc, pred)                       # {batch, src, tgt + 1, phonemes}
+        loss = ll.rnnt_loss(logits, phonemes, blank=BLANK, enc_time=src, prefix=prefix, axis=self.phonemes)
+        return ll.sum(loss, axis=ll.batch_dim)
+
+    def _search(self, enc, *, src: ll.Dim, tgt: ll.Dim, beam: int, max_len: int | None,
+                threshold: float | None):
+        c = self.config
+        loop = ll.Loop(axis=tgt, max_seq_len=(c.max_labels + 1) * ll.length(src) if max_len is None else max_len)
+        loop.state.t = ll.zeros([], dtype="int64")
+        loop.state.label = ll.full(BLANK, sparse_dim=self.phonemes)
+        loop.state.started = ll.full(False)
+        loop.state.lstm = self.pred.default_initial_state()
+        loop.state.emitted = ll.zeros([], dtype="int64")
+        loop.state.history = ll.search.label_history_start()
+        with loop:
+            frame = ll.gather(enc, index=loop.state.t, axis=src)
+            # the prediction network steps on the start (the blank), then on each phoneme emitted
+            with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
+                h, loop.state.lstm = self.pred(self.emb(loop.state.label), state=loop.state.lstm)
+            loop.state.started = ll.full(True)
+            log_probs = ll.log_softmax(self.joint(frame, self.from_pred(h)), axis=self.phonemes)
+            log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=c.max_labels,
+                                                         blank=BLANK, axis=self.phonemes)
+            label = ll.choice(log_probs, beam_size=beam, axis=self.phonemes, threshold=threshold)
+            loop.state.label = label
+            loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
+            loop.state.emitted = ll.search.labels_since_blank(loop.state.emitted, label, blank=BLANK)
+            loop.state.history = ll.search.label_history(loop.state.history, label, ignore=BLANK)
+            ll.search.merge([loop.state.t, loop.state.history, loop.state.emitted], mode="logsumexp")
+            loop.end(loop.state.t >= ll.length(src), include_eos=True)
+            labels = loop.stack(label)
+        return labels, loop.search.scores, loop.search.lengths, loop.search.valid
