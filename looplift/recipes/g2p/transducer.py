@@ -37,7 +37,7 @@ class TransducerConfig(JsonConfig):
     enc_layers: int = 2
     pred: int = 256           # the prediction network's LSTM
     joint: int = 256
-    dropout: float = 0.0      # on the embeddings, between encoder layers and on the joint
+    dropout: float = 0.0      # on the embeddings, between encoder layers and on the joint's two inputs
     max_labels: int = 3       # phonemes per character at most, in search
     arch = "transducer"
 
@@ -69,13 +69,14 @@ class TransducerG2P(ll.Module):
 
     def joint(self, enc, pred):
         """The joint's logits over the phonemes, from projections of the encoding and the prediction output
-        (any dims: broadcast over both)."""
-        return self.readout(self.dropout(ll.tanh(enc + pred)))
+        (any dims: broadcast over both). (Dropout is on its inputs, before the broadcast: on the joint itself,
+        {batch, src, tgt + 1, joint}, it would cost more than the rest of a training step.)"""
+        return self.readout(ll.tanh(enc + pred))
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
         enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
-        enc = self.from_enc(enc)
+        enc = self.from_enc(self.dropout(enc))
         if ll.is_search():
             return self._search(enc, src=src, tgt=tgt, beam=beam, max_len=max_len, threshold=threshold)
         # the prediction network over the prefixes of 0..U phonemes (the blank stands for the start)
@@ -85,7 +86,7 @@ class TransducerG2P(ll.Module):
         loop.state.lstm = self.pred.default_initial_state()
         with loop:
             h, loop.state.lstm = self.pred(self.emb(loop.unstack(inputs)), state=loop.state.lstm)
-            pred = loop.stack(self.from_pred(h))
+            pred = loop.stack(self.from_pred(self.dropout(h)))
         logits = self.joint(enc, pred)                       # {batch, src, tgt + 1, phonemes}
         loss = ll.rnnt_loss(logits, phonemes, blank=BLANK, enc_time=src, prefix=prefix, axis=self.phonemes)
         return ll.sum(loss, axis=ll.batch_dim)
