@@ -92,7 +92,7 @@ def _raw_inputs(scores: Tensor, labels: Tensor, label_dim: Dim, batch: tuple, en
                                  f"{label_dim.name!r} (entry {entry}) is the blank ({blank}) or not in "
                                  f"{axis.name!r} (0..{env.size(axis) - 1}): the labels are the non-blank symbols")
         lab = torch.where(inside, lab, torch.zeros_like(lab)).clamp(0, env.size(axis) - 1)
-        return s, lab, t_len.long(), u_len.long(), shape
+        return s, lab, t_len.to(s.device, torch.long), u_len.to(s.device, torch.long), shape
 
     return prepare
 
