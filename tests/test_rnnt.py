@@ -182,6 +182,12 @@ def test_bad_input_is_a_looplift_error_at_the_line():
         ll.compile(not_prefix)(scores, labels, enc_time=enc, vocab=v)
     check_error(__file__, info, ll.errors.DimError, "prefix", "labels", "other+1")
 
+    for blank in (5, -1, 0.0, True):   # (the vocabulary has 5 symbols)
+        with pytest.raises(ll.errors.DimError) as info:
+            ll.compile(lambda s, y, b=blank: ll.rnnt_loss(s, y, blank=b, enc_time=enc, prefix=prefix,  # <blank>
+                                                          axis=v))(scores, labels)
+        check_error(__file__, info, ll.errors.DimError, "blank", "vocab")
+
     bad = labels.tensor.clone()
     bad[1, 1] = BLANK
     with pytest.raises(ll.errors.ExecutionError) as info:

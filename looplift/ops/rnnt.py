@@ -54,7 +54,7 @@ def _lattice(op: str, scores, labels, blank: int, enc_time: Dim, prefix: Dim, ax
         raise DimError(f"{op}: the prefix dim {prefix.name!r} must be the labels' dim plus one "
                        f"({label_dim.name} + 1: prefixes of 0 to U labels), e.g. made by "
                        f"looplift.pad(labels, axis={label_dim.name}, left=1) (at {user_source_line()})")
-    if not axis.is_static or not 0 <= blank < axis.size:
+    if not axis.is_static or not isinstance(blank, int) or isinstance(blank, bool) or not 0 <= blank < axis.size:
         raise DimError(f"{op}: blank must be an index of the vocabulary dim {axis.name!r}, got {blank!r} "
                        f"(at {user_source_line()})")
     if not enc_time.is_dynamic and not enc_time.is_static:
