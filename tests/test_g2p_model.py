@@ -140,6 +140,22 @@ def test_decode_with_a_threshold(words):
         assert all(s >= hyps[0][1] - 2.0 - 1e-9 for _, s in hyps)
 
 
+def _assert_training_equals_the_reference(model, examples):
+    """`model`'s train-mode loss and every parameter's gradient on all of `examples` equal the reference
+    interpreter's (its loops step by step); returns (the train program, the inputs)."""
+    x = recipe.char_batch(model, examples.chars)
+    y = recipe.phoneme_batch(model, examples.prons)
+    train = ll.compile(model, mode="train")
+    loss = train(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = train.reference(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+    return train, x, y
+
+
 # -- the Transformer variant -----------------------------------------------------------------------
 
 def _transformer(vocabs, seed: int = 0):
@@ -155,18 +171,7 @@ def test_transformer_training_equals_the_step_by_step_decoder_and_has_no_loop(wo
     float64)."""
     entries, vocabs = words
     model = _transformer(vocabs)
-    examples = recipe.Examples(entries, vocabs)
-    batch = list(range(len(examples)))
-    x = recipe.char_batch(model, [examples.chars[i] for i in batch])
-    y = recipe.phoneme_batch(model, [examples.prons[i] for i in batch])
-    train = ll.compile(model, mode="train")
-    loss = train(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    ref = train.reference(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
-    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+    train, _, _ = _assert_training_equals_the_reference(model, recipe.Examples(entries, vocabs))
     explained = train.explain()
     assert "it is gone" in explained and "cum_concat as the whole sequence" in explained, explained
 
@@ -207,21 +212,11 @@ def test_transducer_training_is_the_full_sum_over_the_step_by_step_prediction_ne
     entries, vocabs = words
     model = _transducer(vocabs)
     examples = recipe.Examples(entries, vocabs)
-    batch = list(range(len(examples)))
-    x = recipe.char_batch(model, [examples.chars[i] for i in batch])
-    y = recipe.phoneme_batch(model, [examples.prons[i] for i in batch])
-    assert y.lengths[recipe.TGT].tolist() == [len(examples.prons[i]) for i in batch]
-    train = ll.compile(model, mode="train")
-    loss = train(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    ref = train.reference(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
-    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
-    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-10)
-    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=name)
+    train, _, y = _assert_training_equals_the_reference(model, examples)
+    assert y.lengths[recipe.TGT].tolist() == [len(p) for p in examples.prons]
     assert "nothing left in the loop: it is gone" in train.explain()
     alone = sum(train(recipe.char_batch(model, [examples.chars[i]]), recipe.phoneme_batch(model, [examples.prons[i]]),
-                      src=recipe.SRC, tgt=recipe.TGT).tensor for i in batch[:5])
+                      src=recipe.SRC, tgt=recipe.TGT).tensor for i in range(5))
     first = train(recipe.char_batch(model, examples.chars[:5]), recipe.phoneme_batch(model, examples.prons[:5]),
                   src=recipe.SRC, tgt=recipe.TGT).tensor
     torch.testing.assert_close(first, alone, rtol=1e-10, atol=1e-10)
