@@ -159,6 +159,17 @@ def test_help_explains_every_option(capsys):
             assert len(block.split(option, 1)[1].strip()) > 5, (command, option)
 
 
+def _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs):
+    """``eval`` prints the counts of recipe.evaluate; ``convert`` prints recipe.decode's best hypothesis."""
+    out = run(capsys, "eval", "--dir", d, "--limit", "10", "--beam", "2").out
+    m = re.search(r"PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
+    want = recipe.evaluate(model, data.split(data.load())["dev"][:10], vocabs, beam=2)
+    assert m and (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
+    line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
+    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
+    assert line.split()[3:] == vocabs.phonemes.decode(best[0]) and "<eos>" not in line
+
+
 def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys):
     """``--arch transformer``: the checkpoint records the architecture (load_model builds a TransformerG2P of
     the trained sizes); 1 epoch resumed to 2 equals 2 straight; eval prints the recipe's counts; convert
@@ -173,13 +184,7 @@ def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys
     assert isinstance(model, TransformerG2P) and (model.config.model, model.config.layers) == (8, 1)
     for (n, a), (_, b) in zip(model.named_parameters(), recipe.load_model(straight)[0].named_parameters()):
         assert torch.equal(a, b), n
-    out = run(capsys, "eval", "--dir", d, "--limit", "10", "--beam", "2").out
-    m = re.search(r"PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
-    want = recipe.evaluate(model, data.split(data.load())["dev"][:10], vocabs, beam=2)
-    assert m and (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
-    line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
-    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
-    assert line.split()[3:] == vocabs.phonemes.decode(best[0])
+    _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
 
 
 def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
@@ -193,10 +198,4 @@ def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
     model, vocabs = recipe.load_model(d)
     assert isinstance(model, TransducerG2P)
     assert (model.config.pred, model.config.joint, model.config.max_labels) == (16, 12, 2)
-    out = run(capsys, "eval", "--dir", d, "--limit", "10", "--beam", "2").out
-    m = re.search(r"PER ([\d.]+)% \((\d+)/(\d+) phonemes\), WER ([\d.]+)% \((\d+) words", out)
-    want = recipe.evaluate(model, data.split(data.load())["dev"][:10], vocabs, beam=2)
-    assert m and (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
-    line = run(capsys, "convert", "--dir", d, "hello", "--nbest", "1").out.strip()
-    best = recipe.decode(model, [vocabs.chars.encode("hello")], beam=5)[0][0]
-    assert line.split()[3:] == vocabs.phonemes.decode(best[0]) and "<eos>" not in line
+    _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
