@@ -343,7 +343,36 @@ def _make_env(named: list[Named], first_param, where: _CallSite) -> Env:
         if isinstance(n, torch.Tensor) and n.numel() and n.device.type == "cpu" and int(n.max()) > sizes[d]:
             raise InputError(f"dim {d.name!r} (derived from {', '.join(o.name for o in d.operands)}) has lengths up "
                              f"to {int(n.max())}, beyond its padded size {sizes[d]} (call at {where})")
+    for i, x in enumerate(named):
+        _check_labels(x, f"input {i} ({{{', '.join(str(d) for d in x.dims)}}})", env, where)
     return env
+
+
+def _check_labels(x: Named, what: str, env: Env, where: _CallSite) -> None:
+    """An integer input with a ``sparse_dim`` holds labels: within its lengths each must index that vocabulary
+    (the ops that index with labels would otherwise clamp a label past it, silently). One min and max."""
+    vocab = x.sparse_dim.canonical() if x.sparse_dim is not None else None
+    t = x.tensor
+    if vocab is None or not vocab.is_static or t.dtype.is_floating_point or t.dtype.is_complex or \
+            t.dtype == torch.bool or not t.numel():
+        return
+    layout = [d.canonical() for d in x.dims]
+    ragged = [d for d in layout if d.is_dynamic]
+    if any(ld not in layout for d in ragged for ld in d.length_dims):
+        return   # (its lengths run over dims it lacks: its padding cannot be told apart here)
+    valid = env.mask(ragged, layout) if ragged else None
+    values = t if valid is None else torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    lo, hi = torch.stack([values.min(), values.max()]).tolist()
+    if lo >= 0 and hi < vocab.size:
+        return
+    bad = (t < 0) | (t >= vocab.size)
+    if valid is not None:
+        bad &= valid
+    at = bad.nonzero()[0].tolist()
+    position = ", ".join(f"{d.name} {k}" for d, k in zip(layout, at))
+    raise InputError(f"{what}: label {t[tuple(at)].item()} at ({position}) is not in its vocabulary "
+                     f"{vocab.name!r} (0..{vocab.size - 1}); {int(bad.sum())} such label(s) in all. "
+                     f"The ops that index with it would clamp it into the vocabulary (call at {where})")
 
 
 def _to_named(t: Tensor, raw, env: Env) -> Named:
