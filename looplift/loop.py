@@ -305,14 +305,12 @@ class Loop:
         self._require_inside("stack")
         value = as_tensor(value)
         if self.axis in value.dims:
-            raise DimError(f"loop.stack: the {value.describe()} already has the loop's axis {self.axis.name!r} "
-                           f"(at {user_source_line()})")
+            raise DimError(f"loop.stack: the {value.describe()} already has the loop's axis {self.axis.name!r}")
         dims = value.dims
         if self.searcher is not None:   # stacked as the loop's beam (after the step's bookkeeping)
             dims = tuple(self.searcher.beam if d is self.searcher.next else d for d in dims)
             if self.searcher.beam in value.dims and self.searcher.next in value.dims:
-                raise DimError(f"loop.stack: the {value.describe()} has both the beam and the pruned beam "
-                               f"(at {user_source_line()})")
+                raise DimError(f"loop.stack: the {value.describe()} has both the beam and the pruned beam")
         out = Tensor((self.axis,) + dims, value.dtype, sparse_dim=value.sparse_dim)
         self.stacks.append((value, out))
         return out
@@ -333,8 +331,7 @@ class Loop:
         self._require_inside("end")
         cond = as_tensor(cond)
         if cond.dtype != torch.bool:
-            raise DTypeError(f"loop.end needs a bool condition, got the {cond.describe()} "
-                             f"(at {user_source_line()})")
+            raise DTypeError(f"loop.end needs a bool condition, got the {cond.describe()}")
         if self.ending is not None:
             raise TraceError(f"loop.end is called once per loop (loop at {self.source}, again at "
                              f"{user_source_line()})")

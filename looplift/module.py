@@ -24,7 +24,6 @@ from . import graph as _graph
 from . import trace as _trace
 from .dims import Dim
 from .errors import DimError, TraceError
-from .source import user_source_line
 from .tensor import Tensor
 
 __all__ = ["Module", "Parameter"]
@@ -48,7 +47,7 @@ def Parameter(dims: Sequence[Dim], *, init: Init = "fan_in_uniform", dtype: torc
     for d in dims:
         if not isinstance(d, Dim) or not d.is_static:
             raise DimError(f"Parameter dims must be static Dims, got {d!r} among "
-                           f"{[str(x) for x in dims]} (at {user_source_line()})")
+                           f"{[str(x) for x in dims]}")
     data = torch.empty([d.size for d in dims], dtype=dtype or torch.get_default_dtype())
     with torch.no_grad():
         if isinstance(init, Real):
@@ -106,12 +105,11 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
     dims = module.__dict__.get("_param_dims", {}).get(name)
     if dims is None:
         raise TraceError(f"the parameter {type(module).__name__}.{name} has no dims; create it with "
-                         f"looplift.Parameter(dims) (at {user_source_line()})")
+                         f"looplift.Parameter(dims)")
     raw = module._parameters[name]
     if tuple(raw.shape) != tuple(d.size for d in dims):
         raise TraceError(f"the parameter {type(module).__name__}.{name} has shape {tuple(raw.shape)}, but its "
-                         f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)} "
-                         f"(at {user_source_line()})")
+                         f"dims {[repr(d) for d in dims]} say {tuple(d.size for d in dims)}")
     params = module._parameters
     # Parameters live in the program's top graph (first, as they need nothing), even when first used in a loop.
     root = graph

@@ -402,10 +402,9 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
     interfere with each other.
     """
     if mode not in MODES:
-        raise ModeError(f"mode must be one of {MODES}, got {mode!r} (at {user_source_line()})")
+        raise ModeError(f"mode must be one of {MODES}, got {mode!r}")
     if not callable(model):
-        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r} "
-                            f"(at {user_source_line()})")
+        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-__all__ = ["user_source_line"]
+__all__ = ["user_source_line", "is_user_frame"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _RECIPES_DIR = os.path.join(_PACKAGE_DIR, "recipes") + os.sep
@@ -26,12 +26,17 @@ def _is_internal(filename: str) -> bool:
     return filename.startswith(_PACKAGE_DIR) or filename.startswith(_TORCH_DIR)
 
 
+def is_user_frame(frame) -> bool:
+    """Whether the stack frame `frame` runs user code (outside looplift and torch)."""
+    filename = frame.f_code.co_filename
+    return not _is_internal(filename if filename.startswith("/") else os.path.abspath(filename))
+
+
 def user_source_line() -> str:
     """``file:line`` of the innermost stack frame of user code (outside looplift and torch)."""
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_internal(os.path.abspath(filename) if not filename.startswith("/") else filename):
-            return f"{filename}:{frame.f_lineno}"
+        if is_user_frame(frame):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<looplift internal>"

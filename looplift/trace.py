@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from .dims import Dim
-from .errors import ModeError, TraceError
+from .errors import LoopliftError, ModeError, TraceError, locate
 from .graph import Call, Graph, Node
 from .source import user_source_line
 from .tensor import Tensor
@@ -147,7 +148,7 @@ def current(what: str = "") -> TraceContext:
     if ctx is None:
         what = f": {what}" if what else ""
         raise TraceError(
-            f"looplift ops run only while a program is traced{what} (at {user_source_line()}); "
+            f"looplift ops run only while a program is traced{what}; "
             "wrap the code in a function or Module and call looplift.compile(...)")
     return ctx
 
@@ -177,18 +178,24 @@ def record(ctx: TraceContext, node: Node) -> None:
 def replayable(fn: Callable) -> Callable:
     """Mark a public op: its outermost calls are recorded as :class:`looplift.graph.Call`\\ s on the nodes they
     emit."""
+    name = f"looplift.{fn.__name__}"
+
     @functools.wraps(fn)
     def op(*args, **kwargs):
-        ctx = _current.get()
-        if ctx is None or ctx.call is not None:
-            return fn(*args, **kwargs)
-        call = ctx.call = Call(op, args, dict(kwargs))
         try:
-            call.outputs = fn(*args, **kwargs)
-        finally:
-            ctx.call = None
-        ctx.last_call = call
-        return call.outputs
+            ctx = _current.get()
+            if ctx is None or ctx.call is not None:
+                return fn(*args, **kwargs)
+            call = ctx.call = Call(op, args, dict(kwargs))
+            try:
+                call.outputs = fn(*args, **kwargs)
+            finally:
+                ctx.call = None
+            ctx.last_call = call
+            return call.outputs
+        except LoopliftError as e:   # the entry point of the public op (see looplift.errors.entry_point)
+            locate(e, sys._getframe(1), name)
+            raise
     op.replayable = True
     return op
 

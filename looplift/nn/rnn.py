@@ -23,7 +23,6 @@ from ..errors import DimError
 from ..module import Module, Parameter
 from ..ops.rnn import gru_cell, lstm_cell, rnn_sequence
 from ..ops.shape import zeros
-from ..source import user_source_line
 from ..tensor import Tensor
 
 __all__ = ["LSTM", "GRU", "LstmState"]
@@ -80,12 +79,10 @@ class _RNN(Module):
 
     def _check_step(self) -> None:
         if self.bidirectional:
-            raise DimError(f"a bidirectional {type(self).__name__} runs over a whole sequence; pass axis=... "
-                           f"(at {user_source_line()})")
+            raise DimError(f"a bidirectional {type(self).__name__} runs over a whole sequence; pass axis=...")
         if self.num_layers > 1:
             raise DimError(f"a {type(self).__name__} of {self.num_layers} layers runs over a whole sequence; "
-                           f"pass axis=... (or step one single-layer module per layer) "
-                           f"(at {user_source_line()})")
+                           f"pass axis=... (or step one single-layer module per layer)")
 
     def _sequence(self, x: Tensor, axis: Dim, layer_states: list[list[Tensor]]) -> tuple[Tensor, list]:
         """The fused kernel over `axis`; `layer_states`: per layer, the flat initial states of its

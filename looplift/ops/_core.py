@@ -30,11 +30,10 @@ def dim_list(axis: Dim | Sequence[Dim], what: str = "axis") -> tuple[Dim, ...]:
     dims = (axis,) if isinstance(axis, Dim) else tuple(axis)
     for d in dims:
         if not isinstance(d, Dim):
-            raise DimError(f"{what} must be a Dim or a sequence of Dims, got {d!r} "
-                           f"(at {user_source_line()})")
+            raise DimError(f"{what} must be a Dim or a sequence of Dims, got {d!r}")
     canon = tuple(d.canonical() for d in dims)
     if len(set(canon)) != len(canon):
-        raise DimError(f"{what} names a dim twice: {dims_str(canon)} (at {user_source_line()})")
+        raise DimError(f"{what} names a dim twice: {dims_str(canon)}")
     return canon
 
 
@@ -45,8 +44,7 @@ def check_has(x: Tensor, dims: Iterable[Dim], op: str, what: str = "axis") -> No
             hint = (f"; it has a different dim also named {d.name!r}: dims are matched by identity, "
                     "use the same Dim object (or Dim.declare_same_as)") if same_name else ""
             error = DimMismatchError if same_name else DimError
-            raise error(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint} "
-                        f"(at {user_source_line()})")
+            raise error(f"{op}: {what} {d.name!r} is not a dim of the {x.describe()}{hint}")
 
 
 def constant(value, dtype: torch.dtype | None = None) -> Tensor:
@@ -58,7 +56,7 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
     elif isinstance(value, numbers.Real):
         dt = _trace.current().float_dtype
     else:
-        raise DTypeError(f"cannot use {value!r} as a looplift value (at {user_source_line()})")
+        raise DTypeError(f"cannot use {value!r} as a looplift value")
     dt = dtype or dt
     value = bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value))
     return emit(Op.CONSTANT, (), lambda env: value, (), dt, value=value)
@@ -82,13 +80,11 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
             return constant(value.item(), dtype or value.dtype)
         raise TraceError(
             f"a torch.Tensor of shape {tuple(value.shape)} has no dims: pass it to the program as "
-            f"looplift.Named(tensor, dims), or create parameters with looplift.Parameter(dims) "
-            f"(at {user_source_line()})")
+            f"looplift.Named(tensor, dims), or create parameters with looplift.Parameter(dims)")
     if isinstance(value, Dim):
         raise TraceError(f"got the dim {value!r} where a tensor was expected; "
-                         f"use looplift.length(dim) for its length (at {user_source_line()})")
-    raise TraceError(f"cannot use {type(value).__name__} {value!r} as a looplift tensor "
-                     f"(at {user_source_line()})")
+                         f"use looplift.length(dim) for its length")
+    raise TraceError(f"cannot use {type(value).__name__} {value!r} as a looplift tensor")
 
 
 def _foreign_value_message(value: Tensor, graph, here) -> str:
@@ -134,7 +130,7 @@ def emit_many(op: str, inputs: tuple[Tensor, ...], kernel: Callable,
 
 def _check_distinct(op: str, dims) -> None:
     if len(set(dims)) != len(dims):
-        raise DimError(f"{op}: the result would have a dim twice: {dims_str(dims)} (at {user_source_line()})")
+        raise DimError(f"{op}: the result would have a dim twice: {dims_str(dims)}")
 
 
 def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...]:
@@ -158,8 +154,7 @@ def broadcast_dims(op: str, *operands: Tensor | Sequence[Dim]) -> tuple[Dim, ...
             raise DimMismatchError(
                 f"{op}: two different dims are both named {d.name!r} ({other!r} and {d!r}); dims are "
                 f"matched by identity, so they would broadcast against each other. Use the same Dim "
-                f"object, Dim.declare_same_as, or different names. Operands: {'; '.join(owners)} "
-                f"(at {user_source_line()})")
+                f"object, Dim.declare_same_as, or different names. Operands: {'; '.join(owners)}")
     return tuple(out)
 
 
@@ -190,20 +185,19 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise DTypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} (at {user_source_line()})")
+        raise DTypeError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 
 def require_float(x: Tensor, op: str) -> None:
     if not x.dtype.is_floating_point:
         raise DTypeError(f"{op} needs a floating-point tensor, got the {x.describe()}; "
-                         f"use looplift.cast(x, 'float32') (at {user_source_line()})")
+                         f"use looplift.cast(x, 'float32')")
 
 
 def require_int(x: Tensor, op: str) -> None:
     if x.dtype.is_floating_point or x.dtype == torch.bool or x.dtype.is_complex:
-        raise DTypeError(f"{op} needs an integer tensor of indices, got the {x.describe()} "
-                         f"(at {user_source_line()})")
+        raise DTypeError(f"{op} needs an integer tensor of indices, got the {x.describe()}")
 
 
 # -- masking over dynamic dims -------------------------------------------------------------

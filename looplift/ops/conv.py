@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, emit, masker, require_float
 from .shape import expand_for_masks
@@ -38,9 +37,9 @@ def conv1d(x, filter, bias=None, *, axis: Dim, in_dim: Dim, out_dim: Dim, filter
     axis, in_dim, out_dim, filter_dim = (d.canonical() for d in (axis, in_dim, out_dim, filter_dim))
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the padding to zero differs per batch entry
     if padding not in ("same", "valid"):
-        raise DimError(f"conv1d: padding must be 'same' or 'valid', got {padding!r} (at {user_source_line()})")
+        raise DimError(f"conv1d: padding must be 'same' or 'valid', got {padding!r}")
     if filter_dim.size is None or in_dim.size is None:
-        raise DimError(f"conv1d: {filter_dim!r} and {in_dim!r} must be static (at {user_source_line()})")
+        raise DimError(f"conv1d: {filter_dim!r} and {in_dim!r} must be static")
     k = filter_dim.size
     span = (k - 1) * dilation
     if padding == "same":
@@ -54,7 +53,7 @@ def conv1d(x, filter, bias=None, *, axis: Dim, in_dim: Dim, out_dim: Dim, filter
     f_in = [d for d in filter.dims if d not in (out_dim, filter_dim)]
     if len(f_in) != 1:
         raise DimError(f"conv1d: the filter {filter.describe()} must have exactly one in dim besides "
-                       f"{out_dim.name!r} and {filter_dim.name!r} (at {user_source_line()})")
+                       f"{out_dim.name!r} and {filter_dim.name!r}")
     f_perm = tuple(filter.dims.index(d) for d in (out_dim, f_in[0], filter_dim))
     zero_pad = masker(x.dims, (axis,) if axis.is_dynamic else (), 0)
     n = len(batch)

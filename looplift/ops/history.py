@@ -28,7 +28,6 @@ from .. import trace as _trace
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, ExecutionError, TraceError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, dims_str, emit
 from .shape import expand, replace_dim
@@ -52,18 +51,17 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
     ctx = _trace.current()
     if axis is None:
         if not ctx.loops:
-            raise TraceError(f"cum_concat without axis= is used inside a loop (at {user_source_line()})")
+            raise TraceError("cum_concat without axis= is used inside a loop")
         axis = ctx.loops[-1].axis
     axis = axis.canonical()
     _trace.resolve_call(cum_concat, axis=axis)
     history = axis.history()
     if history in x.dims:
-        raise DimError(f"cum_concat: the {x.describe()} already has the history dim {history.name!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"cum_concat: the {x.describe()} already has the history dim {history.name!r}")
     if axis in ctx.stepped_dims:
         if axis in x.dims:
             raise DimError(f"cum_concat inside the loop over {axis.name!r}: the {x.describe()} has the loop's "
-                           f"dim (use a frame, e.g. loop.unstack(x)) (at {user_source_line()})")
+                           f"dim (use a frame, e.g. loop.unstack(x))")
         key = object()  # this node's history in the loop run's memory
         loop = next((lp for lp in reversed(ctx.loops) if lp.axis.canonical() is axis), None)
         pair = loop.beam_pair() if loop is not None else None
@@ -145,12 +143,11 @@ def shift_in(window, frame, *, axis: Dim) -> Tensor:
     window, frame = as_tensor(window), as_tensor(frame)
     axis = axis.canonical()
     if axis not in window.dims or not axis.is_static:
-        raise DimError(f"shift_in: the window {window.describe()} must have the static dim {axis.name!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"shift_in: the window {window.describe()} must have the static dim {axis.name!r}")
     extra = [d for d in frame.dims if d not in window.dims]
     if axis in frame.dims or extra:
         raise DimError(f"shift_in: the frame {frame.describe()} must have the window's dims but {axis.name!r}; "
-                       f"it has {[d.name for d in extra] or [axis.name]} besides (at {user_source_line()})")
+                       f"it has {[d.name for d in extra] or [axis.name]} besides")
     pos = window.dims.index(axis)
     frame_layout = tuple(d for d in window.dims if d is not axis)
     from .._align import aligner
@@ -179,7 +176,7 @@ def _windows(initial: Tensor, frames: Tensor, *, axis: Dim, over: Dim) -> Tensor
     extra = [d for d in frames.dims if d not in layout]
     if extra:
         raise DimError(f"shift_in over a sequence: the frames have dims {[d.name for d in extra]} "
-                       f"the window lacks (at {user_source_line()})")
+                       f"the window lacks")
     frames_al = aligner(frames.dims, layout)
     n = axis.size
 

@@ -15,7 +15,6 @@ from .. import trace as _trace
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit, require_int, to_dtype
 
@@ -36,8 +35,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     require_int(index, "gather")
     axis = axis.canonical()
     if axis in index.dims:
-        raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r} "
-                         f"(at {user_source_line()})")
+        raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r}")
     rest = tuple(d for d in x.dims if d is not axis)
     broadcast_dims("gather", rest, index.dims)   # (two different dims named alike: an error)
     # Raw layout for torch.gather: x as (shared, axis, x only), the index as (shared, index only, x only);
@@ -77,7 +75,7 @@ def embedding(table, index) -> Tensor:
     require_int(index, "embedding")
     if index.sparse_dim is None:
         raise DTypeError(f"embedding needs label indices with a sparse_dim (the vocabulary), got the "
-                         f"{index.describe()} (at {user_source_line()})")
+                         f"{index.describe()}")
     check_has(table, (index.sparse_dim,), "embedding", "vocabulary dim")
     vocab = index.sparse_dim
     feat = tuple(d for d in table.dims if d is not vocab)
@@ -98,13 +96,12 @@ def one_hot(index, *, dtype: str | torch.dtype | None = None) -> Tensor:
     index = as_tensor(index)
     require_int(index, "one_hot")
     if index.sparse_dim is None:
-        raise DTypeError(f"one_hot needs label indices with a sparse_dim, got the {index.describe()} "
-                         f"(at {user_source_line()})")
+        raise DTypeError(f"one_hot needs label indices with a sparse_dim, got the {index.describe()}")
     vocab = index.sparse_dim
     dt = to_dtype(dtype) if dtype is not None else _trace.current().float_dtype
     n = vocab.size
     if n is None:
-        raise DTypeError(f"one_hot needs a static sparse_dim, got {vocab!r} (at {user_source_line()})")
+        raise DTypeError(f"one_hot needs a static sparse_dim, got {vocab!r}")
 
     def kernel(env, i):
         if not isinstance(i, torch.Tensor):

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, masker, result_dtype
 from .index import meet_beams
@@ -130,25 +129,22 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
     check_has(x, (in_dim,), "linear", "in dim")
     if weight.dims != (out_dim, in_dim):
         raise DimError(f"linear: the weight must be stored as ({out_dim.name}, {in_dim.name}), got the "
-                       f"{weight.describe()} (at {user_source_line()})")
+                       f"{weight.describe()}")
     if out_dim in x.dims and out_dim is not in_dim:
-        raise DimError(f"linear: the input {x.describe()} already has the out dim {out_dim.name!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"linear: the input {x.describe()} already has the out dim {out_dim.name!r}")
     if not x.dtype.is_floating_point:
-        raise DTypeError(f"linear needs a floating-point input, got the {x.describe()} "
-                         f"(at {user_source_line()})")
+        raise DTypeError(f"linear needs a floating-point input, got the {x.describe()}")
     if weight.dtype != x.dtype:
         raise DTypeError(f"linear: the input {x.describe()} and the weight {weight.describe()} differ in dtype; "
-                         f"cast one (model.to(dtype) or looplift.cast) (at {user_source_line()})")
+                         f"cast one (model.to(dtype) or looplift.cast)")
     if in_dim.is_dynamic:
-        raise DimError(f"linear: the in dim {in_dim!r} must be static (at {user_source_line()})")
+        raise DimError(f"linear: the in dim {in_dim!r} must be static")
     rest = tuple(d for d in x.dims if d is not in_dim)
     perm = tuple(x.dims.index(d) for d in rest + (in_dim,))
     identity_perm = perm == tuple(range(len(perm)))
     inputs = (x, weight) if bias is None else (x, weight, as_tensor(bias))
     if bias is not None and inputs[2].dims != (out_dim,):
-        raise DimError(f"linear: the bias must have the dims ({out_dim.name},), got the {inputs[2].describe()} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"linear: the bias must have the dims ({out_dim.name},), got the {inputs[2].describe()}")
 
     def kernel(env, v, w, b=None):
         return F.linear(v if identity_perm else v.permute(perm), w, b)

@@ -15,7 +15,6 @@ from .. import trace as _trace
 from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, emit, masker, require_float, require_int
 from .index import gather
@@ -41,7 +40,7 @@ def cross_entropy(logits, targets, *, axis: Dim, logits_are_log_probs: bool = Fa
     require_int(targets, "cross_entropy")
     if targets.sparse_dim is not None and targets.sparse_dim is not axis.canonical():
         raise DimError(f"cross_entropy: the targets' sparse_dim {targets.sparse_dim!r} is not the vocabulary "
-                       f"dim {axis!r} (at {user_source_line()})")
+                       f"dim {axis!r}")
     return -gather(log_probs, index=targets, axis=axis)
 
 
@@ -61,13 +60,13 @@ def ctc_loss(logits, targets, *, input_axis: Dim, targets_axis: Dim, axis: Dim, 
     check_has(targets, (targets_axis,), "ctc_loss")
     input_axis, targets_axis, axis = input_axis.canonical(), targets_axis.canonical(), axis.canonical()
     if not 0 <= blank < (axis.size or 0):
-        raise DTypeError(f"ctc_loss: blank={blank} is not an index of {axis!r} (at {user_source_line()})")
+        raise DTypeError(f"ctc_loss: blank={blank} is not an index of {axis!r}")
     log_probs = logits if logits_are_log_probs else log_softmax(logits, axis=axis)
     batch = tuple(d for d in log_probs.dims if d not in (input_axis, axis))
     t_batch = tuple(d for d in targets.dims if d is not targets_axis)
     if set(t_batch) != set(batch):
         raise DimError(f"ctc_loss: the batch dims of the logits ({[str(d) for d in batch]}) and of the targets "
-                       f"({[str(d) for d in t_batch]}) differ (at {user_source_line()})")
+                       f"({[str(d) for d in t_batch]}) differ")
     lp_perm = tuple(log_probs.dims.index(d) for d in (input_axis, *batch, axis))
     tg_perm = tuple(targets.dims.index(d) for d in (*batch, targets_axis))
     n = len(batch)

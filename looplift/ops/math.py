@@ -16,7 +16,6 @@ from .. import rules as _rules
 from .. import trace as _trace
 from .._align import aligner
 from ..errors import DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype, to_dtype
 from .masking import meet_masked
@@ -140,7 +139,7 @@ def _logical(name: str, fn: Callable) -> Callable:
         for t in (a, b):
             if t.dtype != torch.bool:
                 raise DTypeError(f"{name} needs bool tensors, got the {t.describe()}; compare first, "
-                                 f"e.g. x != 0 (at {user_source_line()})")
+                                 f"e.g. x != 0")
         return _binary(name, _scalar_safe(fn), a, b, out_dtype=torch.bool)
     logical.__name__ = name
     logical.__doc__ = f"Elementwise ``{name}`` of two bool tensors."
@@ -156,7 +155,7 @@ def logical_not(x) -> Tensor:
     """Elementwise not of a bool tensor."""
     x = as_tensor(x)
     if x.dtype != torch.bool:
-        raise DTypeError(f"logical_not needs a bool tensor, got the {x.describe()} (at {user_source_line()})")
+        raise DTypeError(f"logical_not needs a bool tensor, got the {x.describe()}")
     return emit("logical_not", (x,), lambda env, v: torch.logical_not(v) if isinstance(v, torch.Tensor) else not v,
                 x.dims, torch.bool)
 
@@ -165,7 +164,7 @@ def where(cond, a, b) -> Tensor:
     """``a`` where `cond` is True, else ``b``; all three broadcast by dim identity."""
     cond, a, b = as_tensor(cond), as_tensor(a), as_tensor(b)
     if cond.dtype != torch.bool:
-        raise DTypeError(f"where needs a bool condition, got the {cond.describe()} (at {user_source_line()})")
+        raise DTypeError(f"where needs a bool condition, got the {cond.describe()}")
     cond, a, b = meet_masked(cond, a, b)
     dims = broadcast_dims("where", cond, a, b)
     dtype = result_dtype(a, b)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, dim_list, emit, require_float
 
@@ -26,7 +25,7 @@ def dropout(x, p: float, *, broadcast_over: Sequence[Dim] = ()) -> Tensor:
     """
     x = as_tensor(x)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p} (at {user_source_line()})")
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
     if _trace.current().mode != "train" or p == 0.0:
         return x
     require_float(x, "dropout")
@@ -53,7 +52,7 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
     check_has(x, dims, "layer_norm")
     if not all(d.is_static for d in dims):
         raise DimError(f"layer_norm normalizes over static dims; {[str(d) for d in dims if not d.is_static]} "
-                       f"are not (use looplift.mean over a dynamic dim instead) (at {user_source_line()})")
+                       f"are not (use looplift.mean over a dynamic dim instead)")
     rest = tuple(d for d in x.dims if d not in dims)
     out_dims = rest + dims
     perm = tuple(x.dims.index(d) for d in out_dims)
@@ -65,7 +64,7 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
             p = as_tensor(p)
             if p.dim_set != frozenset(dims):
                 raise DimError(f"layer_norm: weight and bias must have exactly the dims {[str(d) for d in dims]}, "
-                               f"got the {p.describe()} (at {user_source_line()})")
+                               f"got the {p.describe()}")
             params.append((p, tuple(p.dims.index(d) for d in dims)))
     has_w, has_b = weight is not None, bias is not None
     w_perm = params[0][1] if has_w else None

@@ -15,7 +15,6 @@ import torch
 from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral, require_float
 from .shape import expand_for_masks
@@ -91,10 +90,10 @@ def mean(x, axis: Dim | Sequence[Dim]) -> Tensor:
 def argmax(x, axis: Dim) -> Tensor:
     """The index of the maximum along `axis`; the result's ``sparse_dim`` is `axis`."""
     if not isinstance(axis, Dim):
-        raise DimError(f"argmax takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
+        raise DimError(f"argmax takes a single Dim as axis, got {axis!r}")
     x, dims, masked, axes, out_dims = _prepare(x, axis, "argmax")
     if x.dtype == torch.bool:
-        raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()} (at {user_source_line()})")
+        raise DTypeError(f"argmax needs a numeric tensor, got the {x.describe()}")
     fill = masker(x.dims, masked, neutral(x.dtype, "max"))
     return emit("argmax", (x,), lambda env, v: _argmax(fill(env, v), axes), out_dims, torch.int64,
                 sparse_dim=dims[0], attrs={"axis": axis.name})
@@ -111,10 +110,10 @@ def cumsum(x, axis: Dim) -> Tensor:
     """
     x = as_tensor(x)
     if not isinstance(axis, Dim):
-        raise DimError(f"cumsum takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
+        raise DimError(f"cumsum takes a single Dim as axis, got {axis!r}")
     check_has(x, (axis,), "cumsum")
     if x.dtype == torch.bool:
-        raise DTypeError(f"cumsum needs a numeric tensor, got the {x.describe()} (at {user_source_line()})")
+        raise DTypeError(f"cumsum needs a numeric tensor, got the {x.describe()}")
     pos = x.dims.index(axis.canonical())
     dtype = x.dtype if x.dtype.is_floating_point else torch.int64
     return emit("cumsum", (x,), lambda env, v: torch.cumsum(v, dim=pos), x.dims, dtype,
@@ -124,7 +123,7 @@ def cumsum(x, axis: Dim) -> Tensor:
 def _normalize(name: str, torch_fn: Callable) -> Callable:
     def normalize(x, axis: Dim) -> Tensor:
         if not isinstance(axis, Dim):
-            raise DimError(f"{name} takes a single Dim as axis, got {axis!r} (at {user_source_line()})")
+            raise DimError(f"{name} takes a single Dim as axis, got {axis!r}")
         x, dims, masked, axes, _ = _prepare(x, axis, name)
         require_float(x, name)
         ax = axes[0]

@@ -20,7 +20,6 @@ from .. import trace as _trace
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit_many
 from .shape import expand_for_masks
@@ -31,7 +30,7 @@ __all__ = ["lstm_cell", "gru_cell", "rnn_sequence"]
 def _check_float(op: str, x: Tensor, weight: Tensor) -> None:
     if not x.dtype.is_floating_point or x.dtype != weight.dtype:
         raise DTypeError(f"{op}: the input {x.describe()} must be floating point with the weights' dtype "
-                         f"{weight.dtype} (at {user_source_line()})")
+                         f"{weight.dtype}")
 
 
 def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden: Dim) -> list[Tensor]:
@@ -103,7 +102,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     weights = [as_tensor(w) for w in weights]
     check_has(x, (axis, in_dim), kind)
     if axis.is_static is False and not axis.is_dynamic:
-        raise DimError(f"{kind}: cannot run over the batch-like dim {axis!r} (at {user_source_line()})")
+        raise DimError(f"{kind}: cannot run over the batch-like dim {axis!r}")
     _check_float(kind, x, weights[0])
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())
     batch = broadcast_dims(kind, tuple(d for d in x.dims if d not in (axis, in_dim)),

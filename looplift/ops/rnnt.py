@@ -41,24 +41,23 @@ def _lattice(op: str, scores, labels, blank: int, enc_time: Dim, prefix: Dim, ax
     require_int(labels, op)
     for name, d in (("enc_time", enc_time), ("prefix", prefix), ("axis", axis)):
         if not isinstance(d, Dim):
-            raise DimError(f"{op}: {name} must be a Dim, got {d!r} (at {user_source_line()})")
+            raise DimError(f"{op}: {name} must be a Dim, got {d!r}")
     enc_time, prefix, axis = enc_time.canonical(), prefix.canonical(), axis.canonical()
     check_has(scores, (enc_time, prefix, axis), op)
     batch = tuple(d for d in scores.dims if d not in (enc_time, prefix, axis))
     own = [d for d in labels.dims if d not in batch]
     if len(own) != 1 or any(d not in labels.dims for d in batch):
         raise DimError(f"{op}: the labels {labels.describe()} must have the scores' batch dims "
-                       f"{{{', '.join(d.name for d in batch)}}} and one dim of their own (at {user_source_line()})")
+                       f"{{{', '.join(d.name for d in batch)}}} and one dim of their own")
     label_dim = own[0]
     if prefix is not (label_dim + 1).canonical():
         raise DimError(f"{op}: the prefix dim {prefix.name!r} must be the labels' dim plus one "
                        f"({label_dim.name} + 1: prefixes of 0 to U labels), e.g. made by "
-                       f"looplift.pad(labels, axis={label_dim.name}, left=1) (at {user_source_line()})")
+                       f"looplift.pad(labels, axis={label_dim.name}, left=1)")
     if not axis.is_static or not isinstance(blank, int) or isinstance(blank, bool) or not 0 <= blank < axis.size:
-        raise DimError(f"{op}: blank must be an index of the vocabulary dim {axis.name!r}, got {blank!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"{op}: blank must be an index of the vocabulary dim {axis.name!r}, got {blank!r}")
     if not enc_time.is_dynamic and not enc_time.is_static:
-        raise DimError(f"{op}: enc_time {enc_time.name!r} must be a sequence dim (at {user_source_line()})")
+        raise DimError(f"{op}: enc_time {enc_time.name!r} must be a sequence dim")
     return scores, labels, label_dim, batch
 
 
@@ -112,8 +111,7 @@ def rnnt_loss(scores, labels, *, blank: int, enc_time: Dim, prefix: Dim, axis: D
     past them are never read. The result has the batch dims.
     """
     if scores_are not in ("logits", "log_probs"):
-        raise DimError(f"rnnt_loss: scores_are is 'logits' or 'log_probs', got {scores_are!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"rnnt_loss: scores_are is 'logits' or 'log_probs', got {scores_are!r}")
     scores, labels, label_dim, batch = _lattice("rnnt_loss", scores, labels, blank, enc_time, prefix, axis)
     prepare = _raw_inputs(scores, labels, label_dim, batch, enc_time.canonical(), prefix.canonical(),
                           axis.canonical(), "rnnt_loss")
@@ -134,14 +132,13 @@ def rnnt_align(scores, labels, *, blank: int, enc_time: Dim, prefix: Dim, axis: 
     of T + U steps per entry (the last a blank), ``sparse_dim`` `axis`: the ``target`` of a transducer loop
     trained on a fixed alignment. Ties go to the blank."""
     if scores_are not in ("logits", "log_probs"):
-        raise DimError(f"rnnt_align: scores_are is 'logits' or 'log_probs', got {scores_are!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"rnnt_align: scores_are is 'logits' or 'log_probs', got {scores_are!r}")
     scores, labels, label_dim, batch = _lattice("rnnt_align", scores, labels, blank, enc_time, prefix, axis)
     enc_time, prefix, axis = enc_time.canonical(), prefix.canonical(), axis.canonical()
     if out_dim is None:
         out_dim = Dim("align")
     if not out_dim.is_dynamic:
-        raise DimError(f"rnnt_align: out_dim must be a dynamic dim, got {out_dim!r} (at {user_source_line()})")
+        raise DimError(f"rnnt_align: out_dim must be a dynamic dim, got {out_dim!r}")
     out_dim.set_length_dims([*_trace.current().stepped_dims, *batch])
     prepare = _raw_inputs(scores, labels, label_dim, batch, enc_time, prefix, axis, "rnnt_align")
     logits = scores_are == "logits"

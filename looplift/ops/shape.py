@@ -19,7 +19,6 @@ from .. import trace as _trace
 from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
-from ..source import user_source_line
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, masker, to_dtype
 
@@ -86,9 +85,9 @@ def replace_dim(x, axis: Dim, new: Dim) -> Tensor:
     x = as_tensor(x)
     check_has(x, (axis,), "replace_dim")
     if new.is_static and axis.is_static and new.size != axis.size:
-        raise DimError(f"replace_dim: {axis!r} and {new!r} differ in size (at {user_source_line()})")
+        raise DimError(f"replace_dim: {axis!r} and {new!r} differ in size")
     if new.is_dynamic != axis.is_dynamic:
-        raise DimError(f"replace_dim: {axis!r} and {new!r} are of different kinds (at {user_source_line()})")
+        raise DimError(f"replace_dim: {axis!r} and {new!r} are of different kinds")
     dims = tuple(new if d is axis.canonical() else d for d in x.dims)
     broadcast_dims("replace_dim", dims)
     return emit("replace_dim", (x,), lambda env, v: v, dims, x.dtype, sparse_dim=x.sparse_dim,
@@ -111,7 +110,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
         xs = tuple(xs[0])
     xs = tuple(as_tensor(x) for x in xs)
     if len(xs) < 1:
-        raise DimError(f"concat needs at least one tensor (at {user_source_line()})")
+        raise DimError("concat needs at least one tensor")
     if axis is None:
         axes = []
         for i, x in enumerate(xs):
@@ -119,14 +118,14 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
             if len(own) != 1 or len(xs) == 1:
                 raise DimError(
                     f"concat: cannot tell which dim of the {x.describe()} to concatenate along "
-                    f"(dims not shared by all inputs: {dims_str(own)}); pass axis=... (at {user_source_line()})")
+                    f"(dims not shared by all inputs: {dims_str(own)}); pass axis=...")
             axes.append(own[0])
     elif isinstance(axis, Dim):
         axes = [axis.canonical()] * len(xs)
     else:
         axes = [d.canonical() for d in axis]
         if len(axes) != len(xs):
-            raise DimError(f"concat: got {len(xs)} tensors but {len(axes)} axes (at {user_source_line()})")
+            raise DimError(f"concat: got {len(xs)} tensors but {len(axes)} axes")
     for x, d in zip(xs, axes):
         check_has(x, (d,), "concat")
     result = out_dim.canonical() if out_dim is not None else sum(axes[1:], axes[0]) if len(axes) > 1 else axes[0]
@@ -134,8 +133,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     if len(xs) == 1:
         return replace_dim(xs[0], axes[0], result) if result is not axes[0] else xs[0]
     if all(d.is_static for d in axes) and result.is_static and result.size != sum(d.size for d in axes):
-        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)}")
     common = broadcast_dims("concat", *(tuple(e for e in x.dims if e is not d) for x, d in zip(xs, axes)))
     out_dims = common + (result,)
     dtype = xs[0].dtype
@@ -164,7 +162,7 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
         missing = [e for e in length_dims if e not in common]
         if missing:
             raise DimError(f"concat along dynamic dims needs the dims their lengths run over "
-                           f"({dims_str(missing)}) in every input (at {user_source_line()})")
+                           f"({dims_str(missing)}) in every input")
         len_al = aligner(length_dims, out_dims[:-1])
 
         def kernel(env, *vs):
@@ -210,15 +208,14 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
     axis = axis.canonical()
     if parts is None:
         if axis.origin is None or axis.origin[0] != "concat":
-            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...] "
-                           f"(at {user_source_line()})")
+            raise DimError(f"split: {axis!r} is not a concatenation of dims; pass parts=[...]")
         parts = axis.origin[1]
     parts = tuple(d.canonical() for d in parts)
     if not axis.is_static or not all(p.is_static for p in parts):
-        raise DimError(f"split works along static dims only; {dims_str((axis, *parts))} (at {user_source_line()})")
+        raise DimError(f"split works along static dims only; {dims_str((axis, *parts))}")
     if sum(p.size for p in parts) != axis.size:
         raise DimError(f"split: the parts {dims_str(parts)} have total size {sum(p.size for p in parts)}, "
-                       f"but {axis!r} has size {axis.size} (at {user_source_line()})")
+                       f"but {axis!r} has size {axis.size}")
     pos = x.dims.index(axis)
     sizes = [p.size for p in parts]
     outputs = [(tuple(p if d is axis else d for d in x.dims), x.dtype, x.sparse_dim) for p in parts]
@@ -247,7 +244,7 @@ def slice(x, axis: Dim, start: int = 0, end: int | None = None) -> Tensor:  # no
                     sparse_dim=x.sparse_dim, attrs={"axis": axis.name, "start": lo, "end": hi})
     if start < 0 or (end is not None and end >= 0):
         raise DimError(f"slice along the dynamic dim {axis.name!r} takes start >= 0 and end None or < 0 "
-                       f"(per sequence from its end), got start={start}, end={end} (at {user_source_line()})")
+                       f"(per sequence from its end), got start={start}, end={end}")
     cut = start + (-end if end is not None else 0)
     new = axis - cut
     index = (builtins_slice(None),) * pos + (builtins_slice(start, None),)
@@ -286,7 +283,7 @@ def pad(x, axis: Dim, left: int = 0, right: int = 0, value: float = 0.0) -> Tens
     check_has(x, (axis,), "pad")
     axis = axis.canonical()
     if left < 0 or right < 0:
-        raise DimError(f"pad: left and right must be >= 0, got {left}, {right} (at {user_source_line()})")
+        raise DimError(f"pad: left and right must be >= 0, got {left}, {right}")
     new = axis + (left + right)
     pos = x.dims.index(axis)
     after = len(x.dims) - 1 - pos
@@ -326,17 +323,16 @@ def split_dims(x, axis: Dim, dims: Sequence[Dim | None]) -> Tensor:
     x = expand_for_masks(x, (axis,) if axis.is_dynamic else ())  # the zeros completing the last frame
     inner = [d.canonical() for d in dims[1:]]
     if not all(isinstance(d, Dim) and d.is_static for d in inner):
-        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"split_dims: all parts after the first must be static dims, got {list(dims)}")
     k = math.prod(d.size for d in inner)
     outer = dims[0].canonical() if dims[0] is not None else axis.ceildiv(k)
     if axis.is_static:
         if outer.size is None or outer.size * k != axis.size:
             raise DimError(f"split_dims: {axis!r} cannot be split into {dims_str([outer, *inner])} "
-                           f"(sizes do not multiply to {axis.size}) (at {user_source_line()})")
+                           f"(sizes do not multiply to {axis.size})")
     elif outer is not axis.ceildiv(k):
         raise DimError(f"split_dims of the dynamic {axis!r}: the first part must be None or "
-                       f"{axis.name}.ceildiv({k}) (at {user_source_line()})")
+                       f"{axis.name}.ceildiv({k})")
     pos = x.dims.index(axis)
     out_dims = x.dims[:pos] + (outer, *inner) + x.dims[pos + 1:]
     inner_sizes = [d.size for d in inner]
@@ -365,12 +361,10 @@ def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
     check_has(x, dims, "merge_dims")
     x = expand_for_masks(x, dims[:1] if dims[0].is_dynamic else ())  # the padding to zero differs per batch entry
     if any(d.is_dynamic for d in dims[1:]):
-        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"merge_dims: only the first (outer) dim may be dynamic, got {dims_str(dims)}")
     result = out_dim.canonical() if out_dim is not None else math.prod(dims[1:], start=dims[0])
     if all(d.is_static for d in dims) and result.size != math.prod(d.size for d in dims):
-        raise DimError(f"merge_dims: out_dim {result!r} does not have size {math.prod(d.size for d in dims)} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"merge_dims: out_dim {result!r} does not have size {math.prod(d.size for d in dims)}")
     rest = tuple(d for d in x.dims if d not in dims)
     out_dims = rest + (result,)
     perm = tuple(x.dims.index(d) for d in rest + dims)
@@ -404,7 +398,7 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
     else:
         dt = to_dtype(dtype)
     if sparse_dim is not None and (dt.is_floating_point or dt == torch.bool):
-        raise DTypeError(f"full: sparse_dim needs an integer dtype, got {dt} (at {user_source_line()})")
+        raise DTypeError(f"full: sparse_dim needs an integer dtype, got {dt}")
     return emit("full", (), lambda env: torch.full(_sizes(env, dims), value, dtype=dt, device=env.device),
                 dims, dt, sparse_dim=sparse_dim, attrs={"value": value})
 
@@ -429,8 +423,7 @@ def shift_right(x, *, axis: Dim, initial) -> Tensor:
     check_has(x, (axis,), "shift_right")
     axis = axis.canonical()
     if axis in initial.dims:
-        raise DimError(f"shift_right: the initial value {initial.describe()} must not have {axis.name!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"shift_right: the initial value {initial.describe()} must not have {axis.name!r}")
     dims = broadcast_dims("shift_right", x.dims, initial.dims)
     x = expand(x, [d for d in dims if d not in x.dims])
     pos = x.dims.index(axis)

@@ -111,7 +111,7 @@ class LoopRewrite:
             try:
                 result = call.fn(*args, **kwargs)
             except LoopliftError as e:
-                raise CannotMove(f"{unit.describe()} cannot run over the whole sequence: {e}",
+                raise CannotMove(f"{unit.describe()} cannot run over the whole sequence: {e.message}",
                                  part=id(unit.nodes[0])) from e
         source = unit.nodes[0].source
         for n in self.ctx.last_call.nodes:

@@ -34,7 +34,7 @@ def run(rewrite, block: MaskedBlock) -> None:
     except CannotMove as e:
         if e.part not in {id(n) for u in block.block for n in u.nodes}:
             raise   # (a value before the block)
-        raise CannotMove(f"{e}", block=id(block.mc)) from e
+        raise CannotMove(e.message, block=id(block.mc)) from e
 
 
 def _run(rewrite, block: MaskedBlock) -> None:

@@ -46,5 +46,5 @@ class CannotMove(LoopliftError):
     ``explain`` says why, in the message's words."""
 
     def __init__(self, message: str, *, part: int | None = None, block: int | None = None):
-        super().__init__(message)
+        super().__init__(message, where="")   # (the plan's own words: no user line to name)
         self.part, self.block = part, block

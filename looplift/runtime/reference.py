@@ -23,7 +23,7 @@ def node_error(node, e: Exception) -> ExecutionError:
     """A failure of a node's torch kernel as an error naming the node's source line and dims."""
     dims = "; ".join("{" + ", ".join(d.name for d in t.dims) + "}" for t in node.inputs)
     err = ExecutionError(f"{node.op} failed on inputs with dims {dims} (created at {node.source}): "
-                         f"{type(e).__name__}: {e}")
+                         f"{type(e).__name__}: {e}", where=node.source)
     err.node = node
     return err
 

@@ -65,8 +65,7 @@ def _loop(what: str) -> Loop:
 def _current_search(what: str) -> BeamSearch:
     loop = _loop(what)
     if loop.searcher is None:
-        raise TraceError(f"{what}: no search step yet in this loop (call looplift.search.prune first) "
-                         f"(at {user_source_line()})")
+        raise TraceError(f"{what}: no search step yet in this loop (call looplift.search.prune first)")
     return loop.searcher
 
 
@@ -79,11 +78,10 @@ def _search_of(loop: Loop, beam_size: int, dynamic: bool = False) -> BeamSearch:
             hints.beam_size = beam_size
         if hints.beam_size != beam_size:
             raise DimError(f"the search in the loop at {loop.source} has beam size {hints.beam_size}, "
-                           f"not {beam_size} (at {user_source_line()})")
+                           f"not {beam_size}")
         loop.searcher = BeamSearch(loop, hints.beam, beam_size)
     elif loop.searcher.beam_size != beam_size:
-        raise DimError(f"one search step per loop: the beam size is {loop.searcher.beam_size} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"one search step per loop: the beam size is {loop.searcher.beam_size}")
     return loop.searcher
 
 
@@ -99,7 +97,7 @@ def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     scores, label_scores = as_tensor(scores), as_tensor(label_scores)
     if axis not in label_scores.dims:
         raise DimError(f"looplift.search.expand: the label scores {label_scores.describe()} do not have the "
-                       f"label dim {axis.name!r} (at {user_source_line()})")
+                       f"label dim {axis.name!r}")
     if loop.hints.beam is None:   # (the first trace: the states have no beam yet, the loop traces again with it)
         return _math.add(scores, label_scores)
     search = _search_of(loop, loop.hints.beam_size)
@@ -127,31 +125,26 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     """
     loop = _loop("looplift.search.prune")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise DimError(f"looplift.search.prune: generator must be a torch.Generator, got {generator!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.prune: generator must be a torch.Generator, got {generator!r}")
     scores = as_tensor(scores)
     if not isinstance(beam_size, int) or beam_size < 1:
-        raise DimError(f"looplift.search.prune: beam_size must be a positive int, got {beam_size!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.prune: beam_size must be a positive int, got {beam_size!r}")
     if axis not in scores.dims:
         raise DimError(f"looplift.search.prune: the scores {scores.describe()} do not have the label dim "
-                       f"{axis.name!r} (at {user_source_line()})")
+                       f"{axis.name!r}")
     if not scores.dtype.is_floating_point:
-        raise DimError(f"looplift.search.prune needs float scores, got the {scores.describe()} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.prune needs float scores, got the {scores.describe()}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
-        raise DimError(f"looplift.search.prune: threshold must be a number >= 0, got {threshold!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.prune: threshold must be a number >= 0, got {threshold!r}")
     search = _search_of(loop, beam_size, dynamic=threshold is not None)
     if threshold is not None and not search.dynamic:
-        raise DimError(f"looplift.search.prune: a threshold makes the beam size change per step; this loop's "
-                       f"search has a fixed beam (at {user_source_line()})")
+        raise DimError("looplift.search.prune: a threshold makes the beam size change per step; this loop's "
+                       "search has a fixed beam")
     if search.src is not None:
         raise TraceError(f"one prune per loop step (loop at {loop.source}, again at {user_source_line()})")
     beam, nxt = search.beam, search.next
     if nxt in scores.dims:
-        raise DimError(f"looplift.search.prune: the scores {scores.describe()} are over the pruned beam already "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.prune: the scores {scores.describe()} are over the pruned beam already")
     has_beam = beam in scores.dims
     batch = tuple(d for d in scores.dims if d is not axis and d is not beam)
     over = (beam, axis) if has_beam else (axis,)
@@ -219,7 +212,7 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     for t, what in ((scores, "scores"), *((k, "keys") for k in keys)):
         if nxt not in t.dims:
             raise DimError(f"looplift.search.recombine: the {what} {t.describe()} are not over the pruned beam "
-                           f"{nxt.name!r} (at {user_source_line()})")
+                           f"{nxt.name!r}")
     hints = search.loop.hints
     if hints.other_beam is None:
         hints.other_beam = sized_like(f"{nxt.name}_other", nxt)
@@ -262,8 +255,7 @@ def best(x, scores, *, beam: Dim) -> Tensor:
     x, scores = as_tensor(x), as_tensor(scores)
     for t, what in ((x, "values"), (scores, "scores")):
         if beam not in t.dims:
-            raise DimError(f"looplift.search.best: the {what} {t.describe()} are not over the beam {beam.name!r} "
-                           f"(at {user_source_line()})")
+            raise DimError(f"looplift.search.best: the {what} {t.describe()} are not over the beam {beam.name!r}")
     index = _reduce.argmax(scores, axis=beam)
     out = gather(x, index=index, axis=beam)
     for d in out.dims:
@@ -334,18 +326,17 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
         static = [d for d in scores.dims if d.is_static and d not in beams]
         if len(static) != 1:
             raise DimError(f"looplift.choice needs the label dim: pass axis=... or a sparse target (the scores "
-                           f"{scores.describe()} have {len(static)} static dims) (at {user_source_line()})")
+                           f"{scores.describe()} have {len(static)} static dims)")
         axis = static[0]
     if score_type not in ("log_prob", "logits"):
         raise ValueError(f"looplift.choice: score_type is 'log_prob' or 'logits', got {score_type!r}")
     for name, t in (components or {"scores": scores}).items():
         if axis not in t.dims:
-            raise DimError(f"looplift.choice: the {name} {t.describe()} do not have the label dim {axis.name!r} "
-                           f"(at {user_source_line()})")
+            raise DimError(f"looplift.choice: the {name} {t.describe()} do not have the label dim {axis.name!r}")
     if not _trace.is_search():
         if target is None:
             raise TraceError(f"looplift.choice in {_trace.mode()} mode returns the reference label: pass "
-                             f"target=... (at {user_source_line()})")
+                             f"target=...")
         if loop.axis in target.dims:
             return loop.unstack(target)
         return target
@@ -380,17 +371,16 @@ def _components(scores, weights) -> dict[str, Tensor] | None:
     """The score components of ``choice`` by name (None: one score), checked against `weights`."""
     if not isinstance(scores, Mapping):
         if weights is not None:
-            raise DimError(f"looplift.choice: weights are for score components (a dict of scores by name) "
-                           f"(at {user_source_line()})")
+            raise DimError("looplift.choice: weights are for score components (a dict of scores by name)")
         return None
     if not scores or not all(isinstance(k, str) for k in scores):
         raise DimError(f"looplift.choice: score components are a non-empty dict of scores by name, got "
-                       f"{list(scores)!r} (at {user_source_line()})")
+                       f"{list(scores)!r}")
     if weights is not None:
         if set(weights) != set(scores) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
                                                   for w in weights.values()):
             raise DimError(f"looplift.choice: weights must give a number for each score component "
-                           f"{sorted(scores)}, got {dict(weights)!r} (at {user_source_line()})")
+                           f"{sorted(scores)}, got {dict(weights)!r}")
     return {k: as_tensor(v) for k, v in scores.items()}
 
 

@@ -49,7 +49,6 @@ from ..errors import DimError, TraceError
 from ..ops import math as _math
 from ..ops import shape as _shape
 from ..ops._core import as_tensor
-from ..source import user_source_line
 from ..tensor import Tensor
 from .step import NEG_INF, _loop, recombine
 
@@ -74,10 +73,9 @@ def label_history(history, label, *, ignore: int | None = None) -> Tensor:
     history, label = as_tensor(history), as_tensor(label)
     if HISTORY not in history.dims or history.dtype != torch.int64:
         raise DimError(f"looplift.search.label_history: the history {history.describe()} is no label history "
-                       f"(start it with looplift.search.label_history_start()) (at {user_source_line()})")
+                       f"(start it with looplift.search.label_history_start())")
     if label.dtype.is_floating_point or label.dtype == torch.bool:
-        raise DimError(f"looplift.search.label_history: the label {label.describe()} must be an integer label "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.label_history: the label {label.describe()} must be an integer label")
     if not _trace.is_search():
         return history
     bases = _math.cast(_shape.range_over_dim(HISTORY), torch.int64)   # 0, 1 -> the two bases
@@ -106,11 +104,10 @@ def limit_labels_per_frame(scores, count, *, limit: int, blank: int, axis: Dim) 
     search: `scores` itself (the reference labels are given)."""
     scores, count = as_tensor(scores), as_tensor(count)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise DimError(f"looplift.search.limit_labels_per_frame: limit must be an int >= 0, got {limit!r} "
-                       f"(at {user_source_line()})")
+        raise DimError(f"looplift.search.limit_labels_per_frame: limit must be an int >= 0, got {limit!r}")
     if axis not in scores.dims:
         raise DimError(f"looplift.search.limit_labels_per_frame: the scores {scores.describe()} do not have the "
-                       f"label dim {axis.name!r} (at {user_source_line()})")
+                       f"label dim {axis.name!r}")
     if not _trace.is_search():
         return scores
     full = _math.logical_and(_math.ge(count, limit), _math.ne(_shape.range_over_dim(axis), blank))
@@ -129,9 +126,8 @@ def merge(keys: Tensor | Sequence[Tensor], *, mode: Literal["logsumexp", "max"] 
         return
     search = loop.searcher
     if search is None or not search.scores:
-        raise TraceError(f"looplift.search.merge merges the hypotheses of looplift.choice: call choice first in "
-                         f"this step (with the atomic ops, use looplift.search.recombine) "
-                         f"(at {user_source_line()})")
+        raise TraceError("looplift.search.merge merges the hypotheses of looplift.choice: call choice first in "
+                         "this step (with the atomic ops, use looplift.search.recombine)")
     running, _ = search.scores[-1]
     scores = loop.slot_of(running).current[0]
     loop.set_hidden_state(running, recombine(scores, keys, mode=mode))
