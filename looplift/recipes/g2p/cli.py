@@ -28,45 +28,75 @@ DEFAULT_DIR = "g2p-run"
 EXAMPLE_WORDS = ["looplift", "transducer", "phoneme", "beam", "pytorch"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (``looplift-g2p: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, what: str, low: float, high: float = math.inf, *, open_low=False, open_high=False):
+    """An argparse type: a `kind` (int or float) between `low` and `high` (each end included unless open)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not ((low < v) if open_low else (low <= v)) or not ((v < high) if open_high else (v <= high)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
+
+
+_POSITIVE = _number(int, "a positive integer", 1)
+_COUNT = _number(int, "0 or more", 0)
+_NONNEGATIVE = _number(float, ">= 0", 0)
+_POSITIVE_FLOAT = _number(float, "> 0", 0, open_low=True)
+_FRACTION = _number(float, "in [0, 1)", 0, 1, open_high=True)
+_DECAY = _number(float, "in (0, 1]", 0, 1, open_low=True)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder: checkpoints and the model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
-    p.add_argument("--minutes", type=float, default=minutes,
+    p.add_argument("--minutes", type=_NONNEGATIVE, default=minutes,
                    help="training time budget in minutes (0: no limit, use --epochs or --max-steps)")
-    p.add_argument("--epochs", type=int, default=None, help="stop after this many epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (in all, with --resume)")
-    p.add_argument("--batch", type=int, default=256, help="words per batch (length-bucketed)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=0.9,
+    p.add_argument("--epochs", type=_POSITIVE, default=None, help="stop after this many epochs")
+    p.add_argument("--max-steps", type=_POSITIVE, default=None,
+                   help="stop after this many steps (in all, with --resume)")
+    p.add_argument("--batch", type=_POSITIVE, default=256, help="words per batch (length-bucketed)")
+    p.add_argument("--lr", type=_POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr-decay", type=_DECAY, default=0.9,
                    help="multiply the learning rate by this after each epoch (1: constant)")
-    p.add_argument("--clip", type=float, default=5.0, help="gradient clipping by total norm (0: off)")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout of embeddings, encoder layers, readout")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--clip", type=_NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
+    p.add_argument("--dropout", type=_FRACTION, default=0.3, help="dropout of embeddings, encoder layers, readout")
+    p.add_argument("--label-smoothing", type=_FRACTION, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--arch", choices=["lstm", "transformer", "transducer"], default="lstm",
                    help="the model: BiLSTM encoder + attention LSTM decoder, a Transformer, or a transducer "
                         "(RNN-T: the BiLSTM encoder, an LSTM prediction network of size --dec, a joint of size "
                         "--joint; full-sum training). The --emb ... --dec sizes are the LSTM's and the "
                         "transducer's, --model-dim ... --layers the Transformer's")
-    p.add_argument("--joint", type=int, default=256, help="the transducer's joint network size")
-    p.add_argument("--max-labels", type=int, default=3,
+    p.add_argument("--joint", type=_POSITIVE, default=256, help="the transducer's joint network size")
+    p.add_argument("--max-labels", type=_POSITIVE, default=3,
                    help="the transducer's phonemes per character at most, in search")
-    p.add_argument("--emb", type=int, default=64, help="character and phoneme embedding size")
-    p.add_argument("--enc", type=int, default=256, help="encoder size per layer (both directions)")
-    p.add_argument("--enc-layers", type=int, default=2, help="bidirectional LSTM encoder layers")
-    p.add_argument("--dec", type=int, default=256, help="decoder LSTM size")
-    p.add_argument("--model-dim", type=int, default=128, help="Transformer width")
-    p.add_argument("--heads", type=int, default=4, help="Transformer attention heads")
-    p.add_argument("--ff", type=int, default=512, help="Transformer feed-forward size")
-    p.add_argument("--layers", type=int, default=2, help="Transformer encoder layers, and as many decoder layers")
+    p.add_argument("--emb", type=_POSITIVE, default=64, help="character and phoneme embedding size")
+    p.add_argument("--enc", type=_POSITIVE, default=256, help="encoder size per layer (both directions)")
+    p.add_argument("--enc-layers", type=_POSITIVE, default=2, help="bidirectional LSTM encoder layers")
+    p.add_argument("--dec", type=_POSITIVE, default=256, help="decoder LSTM size")
+    p.add_argument("--model-dim", type=_POSITIVE, default=128, help="Transformer width")
+    p.add_argument("--heads", type=_POSITIVE, default=4, help="Transformer attention heads")
+    p.add_argument("--ff", type=_POSITIVE, default=512, help="Transformer feed-forward size")
+    p.add_argument("--layers", type=_POSITIVE, default=2, help="Transformer encoder layers, and as many decoder layers")
     p.add_argument("--stress", action="store_true", help="keep stress markers (default: stripped, 39 phonemes)")
-    p.add_argument("--words", type=int, default=None,
+    p.add_argument("--words", type=_POSITIVE, default=None,
                    help="train on only the first N training words (by the split's order), for quick runs")
-    p.add_argument("--eval-words", type=int, default=500,
+    p.add_argument("--eval-words", type=_COUNT, default=500,
                    help="dev words decoded after each epoch (0: none)")
-    p.add_argument("--eval-beam", type=int, default=1, help="beam size of the per-epoch dev evaluation")
+    p.add_argument("--eval-beam", type=_POSITIVE, default=1, help="beam size of the per-epoch dev evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialization, batches, dropout)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --dir exactly where it stopped (same options)")
@@ -75,7 +105,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="looplift-g2p", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="looplift-g2p", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", formatter_class=fmt, help="train, evaluate and convert (the main job)",
@@ -83,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "search, print PER/WER and a few converted words.")
     _add_common(p)
     _add_train_options(p, minutes=3.0)
-    p.add_argument("--beam", type=int, default=5, help="beam size of the final evaluation")
+    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size of the final evaluation")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="the split evaluated at the end")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N words of the split")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="evaluate only the first N words of the split")
 
     p = sub.add_parser("train", formatter_class=fmt, help="train a model",
                        description="Train a G2P model on the train split; a checkpoint is written to --dir "
@@ -98,53 +128,54 @@ def _parser() -> argparse.ArgumentParser:
                                    "the closest pronunciation) and the word error rate (no pronunciation matched).")
     _add_common(p)
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
-    p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
     _add_threshold(p)
-    p.add_argument("--limit", type=int, default=None, help="only the first N words of the split")
-    p.add_argument("--batch", type=int, default=256, help="words decoded at once")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N words of the split")
+    p.add_argument("--batch", type=_POSITIVE, default=256, help="words decoded at once")
 
     p = sub.add_parser("convert", formatter_class=fmt, help="pronounce words",
                        description="Print the n-best pronunciations of WORDs with their log-probabilities.")
     _add_common(p)
     p.add_argument("words", nargs="+", metavar="WORD", help="words to convert (case is ignored)")
-    p.add_argument("--beam", type=int, default=5, help="beam size")
+    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
     _add_threshold(p)
-    p.add_argument("--nbest", type=int, default=3, help="pronunciations printed per word")
+    p.add_argument("--nbest", type=_POSITIVE, default=3, help="pronunciations printed per word")
     return parser
 
 
 def _add_threshold(p) -> None:
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=_NONNEGATIVE, default=None,
                    help="keep only hypotheses within this log-probability of the best (at most --beam): the beam "
                         "shrinks where the model is sure (default: off)")
 
 
 def _threshold(args) -> float | None:
-    threshold = getattr(args, "threshold", None)   # (`run` has none)
-    if threshold is not None and not threshold >= 0:
-        raise SystemExit(f"looplift-g2p: --threshold must be >= 0, got {threshold}")
-    return threshold
+    return getattr(args, "threshold", None)   # (`run` has none)
 
 
-def _positive(args, *names) -> None:
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None and v <= 0:
-            raise SystemExit(f"looplift-g2p: --{name.replace('_', '-')} must be positive, got {v}")
+class UsageError(Exception):
+    """Arguments that each make sense but not together (``looplift-g2p: error: ...``, exit status 2)."""
+
+
+def _check(args) -> None:
+    """Arguments that do not go together, before any work."""
+    if args.command in ("train", "run"):
+        if args.minutes == 0 and args.epochs is None and args.max_steps is None:
+            raise UsageError("--minutes 0 trains without a time limit: give --epochs or --max-steps")
+        if args.arch == "transformer" and args.model_dim % (2 * args.heads):
+            raise UsageError(f"--model-dim ({args.model_dim}) must be a multiple of 2 * --heads ({2 * args.heads})")
+        if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+            raise UsageError(f"--dir {args.dir!r} is a file, not a folder")
+        if args.resume and not os.path.isdir(args.dir):
+            raise UsageError(f"--resume: there is no run in {args.dir!r} to resume")
 
 
 def train(args) -> G2P:
     from looplift.train import Trainer, bucketed_batches
-    _positive(args, "batch", "lr", "epochs", "max_steps", "emb", "enc", "enc_layers", "dec", "model_dim", "heads",
-              "ff", "layers", "joint", "max_labels")
-    if args.arch == "transformer" and args.model_dim % (2 * args.heads):
-        raise SystemExit(f"looplift-g2p: --model-dim ({args.model_dim}) must be a multiple of 2 * --heads")
-    if not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
-        raise SystemExit("looplift-g2p: --dropout and --label-smoothing are in [0, 1)")
     splits = data.split(data.load(stress=args.stress))
     train_entries = splits["train"][:args.words] if args.words is not None else splits["train"]
     if not train_entries:
-        raise SystemExit("looplift-g2p: no training words (--words must be positive)")
+        raise UsageError("no training words")
     vocabs = recipe.build_vocabs(splits["train"], stress=args.stress)
     sizes = dict(n_chars=len(vocabs.chars), n_phonemes=len(vocabs.phonemes), dropout=args.dropout,
                  label_smoothing=args.label_smoothing)
@@ -200,7 +231,6 @@ def train(args) -> G2P:
 
 
 def evaluate(args) -> None:
-    _positive(args, "beam", "limit", "batch")
     model, vocabs = recipe.load_model(args.dir)
     entries = data.split(data.load(stress=vocabs.stress))[args.split]
     if args.limit is not None:
@@ -217,7 +247,6 @@ def evaluate(args) -> None:
 
 
 def convert(args) -> None:
-    _positive(args, "beam", "nbest")
     model, vocabs = recipe.load_model(args.dir)
     words = [w.lower() for w in args.words]
     encoded = [vocabs.chars.encode(w) for w in words]   # (an unknown character: an error naming it)
@@ -233,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
+    try:
+        _check(args)
+    except UsageError as e:
+        parser.exit(2, f"looplift-g2p: error: {e}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -247,9 +280,23 @@ def main(argv: list[str] | None = None) -> None:
             evaluate(args)
         else:
             convert(args)
-    except (LoopliftError, data.UnknownSymbolError) as e:   # (a checkpoint, an unknown character: no traceback)
-        print(f"looplift-g2p: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except UsageError as e:
+        _fail(str(e), status=2)
+    except LoopliftError as e:   # (a checkpoint; its line in the recipe means nothing to a user of the CLI)
+        _fail(e.message)
+    except (data.UnknownSymbolError, OSError) as e:   # (an unknown character, a file)
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", status=130)
+    except Exception as e:   # a looplift bug: still one line (LOOPLIFT_TRACEBACK=1 shows the traceback)
+        if os.environ.get("LOOPLIFT_TRACEBACK"):
+            raise
+        _fail(f"internal error, please report it: {type(e).__name__}: {e} (LOOPLIFT_TRACEBACK=1 shows where)")
+
+
+def _fail(message: str, status: int = 1):
+    print(f"looplift-g2p: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(status) from None
 
 
 if __name__ == "__main__":
