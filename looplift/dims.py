@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+from .errors import ArgumentError, DimError, entry_methods
+
 __all__ = ["Dim", "batch_dim", "run_time_beam", "sized_like"]
 
 
@@ -51,16 +53,23 @@ class Dim:
     def __init__(self, name: str, size: int | None = None, *, batch: bool = False,
                  length_dims: Sequence[Dim] | None = None):
         if not isinstance(name, str) or not name:
-            raise TypeError(f"Dim name must be a non-empty str, got {name!r}")
+            hint = " (the name comes first: Dim(name, size))" if isinstance(size, str) else ""
+            raise ArgumentError(f"Dim name must be a non-empty str, got {name!r}{hint}")
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise TypeError(f"Dim {name!r}: size must be a non-negative int or None, got {size!r}")
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise ArgumentError(f"Dim {name!r}: size must be an int (static) or None (dynamic), got {size!r} "
+                                    f"of type {type(size).__name__}" + (" (use int(size))" if hasattr(size, "__index__")
+                                                                        or isinstance(size, float) else ""))
+            if size < 0:
+                raise DimError(f"Dim {name!r}: size must be >= 0, got {size}")
             if batch:
-                raise TypeError(f"Dim {name!r}: a batch dim has no static size")
+                raise DimError(f"Dim {name!r}: a batch dim has no static size (leave size=None)")
+        if length_dims is not None and not all(isinstance(d, Dim) for d in _as_tuple(length_dims)):
+            raise ArgumentError(f"Dim {name!r}: length_dims must be a sequence of Dims, got {length_dims!r}")
         self.name = name
         self._size = size
         self.batch = batch
-        self._length_dims = tuple(length_dims) if length_dims is not None else None
+        self._length_dims = _as_tuple(length_dims) if length_dims is not None else None
         #: (operation, operands) this dim was derived from, or None.
         self.origin: tuple[str, tuple] | None = None
         self._derived: dict = {}
@@ -120,11 +129,13 @@ class Dim:
 
         Do it before tracing: tensors created earlier keep the dims they had.
         """
+        if not isinstance(other, Dim):
+            raise ArgumentError(f"declare_same_as needs a Dim, got {other!r}")
         a, b = self.canonical(), other.canonical()
         if a is b:
             return
         if a._size != b._size or a.batch != b.batch:
-            raise ValueError(f"cannot declare {a!r} the same as {b!r}: their kinds or sizes differ")
+            raise DimError(f"cannot declare {a!r} the same as {b!r}: their kinds or sizes differ")
         a._same_as = b
 
     # -- derived dims ---------------------------------------------------------
@@ -159,7 +170,7 @@ class Dim:
         if k == 1:
             return self
         if k < 1:
-            raise ValueError(f"{self!r} * {k}: the factor must be >= 1")
+            raise DimError(f"{self!r} * {k}: the factor must be >= 1")
         return self.derived(("*", k), lambda: _affine(self, "*", k))
 
     def __rmul__(self, other: int) -> Dim:
@@ -171,7 +182,7 @@ class Dim:
         if k == 1:
             return self
         if k < 1:
-            raise ValueError(f"{self!r}.ceildiv({k}): the divisor must be >= 1")
+            raise DimError(f"{self!r}.ceildiv({k}): the divisor must be >= 1")
         return self.derived(("//", k), lambda: _affine(self, "//", k))
 
     def alias(self) -> Dim:
@@ -225,6 +236,10 @@ class Dim:
         """``T // k`` is ``T.ceildiv(k)``: rounded up, so no frame is dropped."""
         return self.ceildiv(k)
 
+    def __truediv__(self, k):
+        raise ArgumentError(f"{self!r} / {k!r}: a dim's size is an int; use {self.name} // {k!r} (rounded up: "
+                            f"{self.name}.ceildiv({k!r}))")
+
     # -- sizes at run time ------------------------------------------------------
 
     def derive_size(self, operand_sizes: Sequence[int]) -> int:
@@ -264,7 +279,7 @@ class Dim:
 
 def _int(value, op: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Dim {op} expects an int or a Dim, got {value!r}")
+        raise ArgumentError(f"Dim {op} expects an int or a Dim, got {value!r}")
     return value
 
 
@@ -279,7 +294,7 @@ def _affine(base: Dim, op: str, k: int) -> Dim:
     if base.is_static:
         size = fn(base.size)
         if size < 0:
-            raise ValueError(f"{base!r} {op} {k} would have negative size {size}")
+            raise DimError(f"{base!r} {op} {k} would have negative size {size}")
         dim = Dim(name, size)
     else:
         dim = Dim(name, batch=base.canonical().batch)
@@ -354,3 +369,11 @@ def sized_like(name: str, dim: Dim) -> Dim:
     out.origin = ("sized_like", (dim,))
     out._size_rule = lambda size: size
     return out
+
+
+def _as_tuple(dims) -> tuple:
+    return (dims,) if isinstance(dims, Dim) else tuple(dims)
+
+
+entry_methods(Dim, "__init__", "declare_same_as", "set_length_dims", "__add__", "__radd__", "__sub__", "__mul__",
+              "__rmul__", "ceildiv", "__floordiv__", "__truediv__")

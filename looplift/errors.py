@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from collections.abc import Callable
 
 from .source import is_user_frame, user_source_line
@@ -20,7 +21,7 @@ __all__ = [
     "LoopliftError", "DimError", "DimMismatchError", "DTypeError", "TraceError",
     "ModeError", "SymbolicTensorError", "SymbolicAttributeError",
     "InputError", "ExecutionError", "CheckpointError", "GraphError", "ConfigError",
-    "entry_point", "locate",
+    "ArgumentError", "entry_point", "at_entry",
 ]
 
 
@@ -29,8 +30,8 @@ class LoopliftError(Exception):
 
     ``str(error)`` is the message followed by where the mistake is: ``(at file:line, in looplift.op)``.
     ``where`` is the user's source line (by default the innermost frame of user code when the error is
-    made; the public entry point the user called sets it to the line of that call), ``call`` the name of
-    that entry point. A message that already names ``where`` gets nothing added.
+    made), ``call`` the name of the public entry point called on that line, which adds it. A message that
+    already names ``where`` gets nothing added.
     """
 
     def __init__(self, message: str = "", *, where: str | None = None):
@@ -96,10 +97,17 @@ class ConfigError(LoopliftError, ValueError):
     """A setting (of a module, the trainer, the search or a recipe) is out of its range or of the wrong type."""
 
 
+class ArgumentError(LoopliftError, TypeError):
+    """A public function or class was called with arguments of the wrong kind or number."""
+
+
 def entry_point(fn: Callable | None = None, *, name: str | None = None) -> Callable:
-    """Decorate a public function or method: a looplift error raised in it, when it was called from user
-    code, names the line of that call and the call (``looplift.concat``). Calls from within looplift leave
-    the error to the entry point the user called (the outermost one)."""
+    """Decorate a public function or method: an error raised in it, when it was called from user code, names
+    the line of that call (or the user's line nearer the failure) and the call (``looplift.concat``). A
+    ``TypeError`` or ``ValueError`` raised by looplift's own code for the user's arguments becomes an
+    :class:`ArgumentError` or :class:`ConfigError` (still a ``TypeError`` / ``ValueError``); errors raised by the
+    user's own code pass through as they are. Calls from within looplift leave the error to the entry point the
+    user called."""
     if fn is None:
         return functools.partial(entry_point, name=name)
     call = name or f"looplift.{fn.__qualname__}"
@@ -108,14 +116,47 @@ def entry_point(fn: Callable | None = None, *, name: str | None = None) -> Calla
     def entered(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LoopliftError as e:
-            locate(e, sys._getframe(1), call)
-            raise
+        except Exception as e:
+            placed = at_entry(e, sys._getframe(1), call)
+            if placed is None:
+                raise
+            raise placed from e
     return entered
 
 
-def locate(e: LoopliftError, caller, call: str) -> None:
-    """At a public entry point named `call`, entered from the stack frame `caller`: if that frame is user
-    code and no entry point nearer the user has placed `e`, it names the caller's line and `call`."""
-    if e.call is None and is_user_frame(caller):
-        e.where, e.call = f"{caller.f_code.co_filename}:{caller.f_lineno}", call
+def at_entry(e: Exception, caller, call: str) -> LoopliftError | None:
+    """At a public entry point named `call`, entered from the stack frame `caller`, with `e` raised within:
+    the looplift error to raise instead of `e`, or None to raise `e` (placed, if it is a looplift error)."""
+    if not is_user_frame(caller):
+        return None   # (looplift called its own entry point: the one the user called places the error)
+    here = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+    if isinstance(e, LoopliftError):
+        if e.call is None and e.where == here:   # (else the mistake is on a user line deeper inside this call)
+            e.call = call
+        return None
+    if not isinstance(e, (TypeError, ValueError, AttributeError)):
+        return None
+    frames = list(traceback.walk_tb(e.__traceback__))[1:]   # (below the entry point)
+    if frames and is_user_frame(frames[-1][0]):
+        return None   # the user's own code raised it (with no frame below: the call's own arguments are wrong)
+    user = [f"{f.f_code.co_filename}:{line}" for f, line in frames if is_user_frame(f)]
+    cls = ConfigError if isinstance(e, ValueError) else ArgumentError
+    placed = cls(str(e), where=user[-1] if user else here)
+    placed.call = None if user else call
+    return placed
+
+
+def entry_methods(cls: type, *names: str, public: str | None = None) -> type:
+    """Make the methods `names` of `cls` entry points (:func:`entry_point`); a property's getter and setter
+    both. `public` is how users spell the class (``looplift.Loop``); ``__init__`` is reported as its call."""
+    public = public or f"looplift.{cls.__qualname__}"
+    for name in names:
+        member = cls.__dict__[name]
+        call = {"__init__": public, "__call__": f"{public}.__call__"}.get(name, f"{public}.{name}")
+        if isinstance(member, property):
+            member = property(member.fget and entry_point(member.fget, name=call),
+                              member.fset and entry_point(member.fset, name=call), member.fdel, member.__doc__)
+        else:
+            member = entry_point(member, name=call)
+        setattr(cls, name, member)
+    return cls

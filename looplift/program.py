@@ -17,6 +17,7 @@ from ``Named`` or :class:`Spec` arguments.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from . import graph as _graph
 from . import trace as _trace
 from ._tree import flatten, unflatten
 from .dims import Dim
-from .errors import InputError, LoopliftError, ModeError, TraceError
+from .errors import ArgumentError, InputError, LoopliftError, ModeError, TraceError, entry_methods, entry_point
 from .passes.explain import explain as explain_reports
 from .passes.explain import to_dot as loops_to_dot
 from .passes.move_out import Optimized
@@ -55,6 +56,10 @@ class Spec:
     sparse_dim: Dim | None = None
 
     def __init__(self, dims: Sequence[Dim], dtype: torch.dtype = torch.float32, sparse_dim: Dim | None = None):
+        if isinstance(dims, Dim) or not all(isinstance(d, Dim) for d in dims):
+            raise ArgumentError(f"Spec: dims must be a sequence of looplift.Dim, got {dims!r}")
+        if not isinstance(dtype, torch.dtype):
+            raise ArgumentError(f"Spec: dtype must be a torch.dtype, got {dtype!r}")
         object.__setattr__(self, "dims", tuple(dims))
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "sparse_dim", sparse_dim)
@@ -194,7 +199,11 @@ class Program:
                 else:
                     symbolic.append(x)
             args, kwargs = unflatten(spec, symbolic)
-            result = self.fn(*args, **kwargs)
+            try:
+                result = self.fn(*args, **kwargs)
+            except TypeError as e:
+                _check_signature(self.fn, args, kwargs, e)
+                raise
         finally:
             _trace.leave(token)
         return graph, inputs, result
@@ -386,6 +395,7 @@ def _to_named(t: Tensor, raw, env: Env) -> Named:
     return Named(raw, t.dims, lengths, sparse_dim=t.sparse_dim)
 
 
+@entry_point
 def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> Program:  # noqa: A001
     """Trace `model` (a :class:`looplift.Module`, any callable, or a bound method) into a :class:`Program`.
 
@@ -403,9 +413,31 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
     """
     if mode not in MODES:
         raise ModeError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(model, type):
+        raise ArgumentError(f"compile needs a model, not the class {model.__name__}: "
+                            f"looplift.compile({model.__name__}(...))")
     if not callable(model):
         raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None
     return Program(model, mode, root=root, optimize=optimize)
+
+
+def _check_signature(fn: Callable, args, kwargs, error: TypeError) -> None:
+    """A TypeError from calling the model: an :class:`ArgumentError` if the program's arguments do not fit its
+    signature (else the model's own error, raised by the caller)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise ArgumentError(f"the program was called with {len(args)} positional and {len(kwargs)} keyword "
+                            f"argument(s), which do not fit the model {name}{signature}: {e}") from error
+
+
+entry_methods(Spec, "__init__", public="looplift.Spec")
+entry_methods(Program, "__call__", "reference", "trace", "explain", "to_dot", public="looplift.Program")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dims import Dim
-from .errors import LoopliftError, ModeError, TraceError, locate
+from .errors import ModeError, TraceError, at_entry
 from .graph import Call, Graph, Node
 from .source import user_source_line
 from .tensor import Tensor
@@ -193,9 +193,11 @@ def replayable(fn: Callable) -> Callable:
                 ctx.call = None
             ctx.last_call = call
             return call.outputs
-        except LoopliftError as e:   # the entry point of the public op (see looplift.errors.entry_point)
-            locate(e, sys._getframe(1), name)
-            raise
+        except Exception as e:   # the entry point of the public op (see looplift.errors.entry_point)
+            placed = at_entry(e, sys._getframe(1), name)
+            if placed is None:
+                raise
+            raise placed from e
     op.replayable = True
     return op
 

@@ -14,7 +14,7 @@ import torch
 from error_helpers import check_error, marked_line
 
 import looplift as ll
-from looplift.errors import DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError, TraceError
+from looplift.errors import ArgumentError, DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError, TraceError
 
 B = ll.batch_dim
 T = ll.Dim("time")
@@ -266,12 +266,10 @@ def test_call_with_a_dim_given_twice():
     assert_error(info, InputError, "call-dim-twice", "feat")
 
 
-def test_call_with_named_holding_no_torch_tensor():
-    prog = _identity_program()
-    x = ll.Named([[1.0, 2.0, 3.0, 4.0]], (B, F))
-    with pytest.raises(InputError) as info:
-        prog(x)  # <call-not-a-tensor>
-    assert_error(info, InputError, "call-not-a-tensor", "batch", "feat")
+def test_named_holding_no_torch_tensor():
+    with pytest.raises(ArgumentError) as info:
+        ll.Named([[1.0, 2.0, 3.0, 4.0]], (B, F))  # <named-not-a-tensor>
+    assert_error(info, ArgumentError, "named-not-a-tensor", "list", "torch.as_tensor")
 
 
 def test_call_with_an_unhashable_constant_argument():

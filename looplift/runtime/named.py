@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..dims import Dim
+from ..errors import ArgumentError, DimError, entry_methods
 
 __all__ = ["Named"]
 
@@ -36,6 +37,23 @@ class Named:
 
     def __init__(self, tensor: torch.Tensor, dims: Sequence[Dim],
                  lengths: Mapping[Dim, torch.Tensor] | None = None, *, sparse_dim: Dim | None = None):
+        if not isinstance(tensor, torch.Tensor):
+            hint = " (convert it with torch.as_tensor)" if hasattr(tensor, "__array__") or isinstance(
+                tensor, (list, tuple)) else ""
+            raise ArgumentError(f"Named needs a torch.Tensor, got {type(tensor).__name__}{hint}")
+        if isinstance(dims, Dim) or not isinstance(dims, Sequence) or not all(isinstance(d, Dim) for d in dims):
+            raise ArgumentError(f"Named: dims must be a sequence of looplift.Dim, one per axis, got {dims!r}")
+        if lengths is not None and not isinstance(lengths, Mapping):
+            raise ArgumentError(f"Named: lengths must map each dynamic Dim to its lengths tensor "
+                                f"(lengths={{dim: lengths}}), got {type(lengths).__name__}")
+        for d, n in (lengths or {}).items():
+            if not isinstance(d, Dim):
+                raise ArgumentError(f"Named: the keys of lengths are Dims, got {d!r}")
+            if not isinstance(n, torch.Tensor):
+                raise ArgumentError(f"Named: the lengths of {d.name!r} must be a torch.Tensor, got "
+                                    f"{type(n).__name__}")
+        if sparse_dim is not None and not isinstance(sparse_dim, Dim):
+            raise ArgumentError(f"Named: sparse_dim must be the vocabulary Dim, got {sparse_dim!r}")
         self.tensor = tensor
         self.dims = tuple(dims)
         self.lengths = dict(lengths or {})
@@ -44,7 +62,7 @@ class Named:
     def align(self, *dims: Dim) -> torch.Tensor:
         """The tensor with its axes in the order `dims` (which must be exactly its dims)."""
         if set(dims) != set(self.dims) or len(dims) != len(self.dims):
-            raise ValueError(f"align: {[str(d) for d in dims]} is not a permutation of {[str(d) for d in self.dims]}")
+            raise DimError(f"align: {[str(d) for d in dims]} is not a permutation of {[str(d) for d in self.dims]}")
         return self.tensor.permute(tuple(self.dims.index(d) for d in dims))
 
     def mask(self) -> torch.Tensor:
@@ -74,3 +92,6 @@ class Named:
     def __repr__(self) -> str:
         dims = ", ".join(f"{d.name}={s}" for d, s in zip(self.dims, self.tensor.shape))
         return f"Named({dims}, dtype={self.tensor.dtype})"
+
+
+entry_methods(Named, "__init__", "align", public="looplift.Named")
