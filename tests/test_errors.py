@@ -14,7 +14,16 @@ import torch
 from error_helpers import check_error, marked_line
 
 import looplift as ll
-from looplift.errors import ArgumentError, DimError, DimMismatchError, DTypeError, ExecutionError, InputError, ModeError, TraceError
+from looplift.errors import (
+    ArgumentError,
+    DimError,
+    DimMismatchError,
+    DTypeError,
+    ExecutionError,
+    InputError,
+    ModeError,
+    TraceError,
+)
 
 B = ll.batch_dim
 T = ll.Dim("time")
