@@ -23,7 +23,7 @@ import torch
 
 from . import trace as _trace
 from ._tree import flatten, unflatten
-from .errors import DimMismatchError, DTypeError, TraceError
+from .errors import DimMismatchError, DTypeError, TraceError, entry_methods
 from .graph import Graph, Op
 from .ops._core import as_tensor, dims_str
 from .ops.shape import to_layout
@@ -138,3 +138,6 @@ class Cond:
         if self._phase != "after":
             raise TraceError(f"cond.result is available after the Cond block (Cond at {self.source})")
         return self._result
+
+
+entry_methods(Cond, "__init__", "__enter__", "__exit__", "true", "false", "result", public="looplift.Cond")

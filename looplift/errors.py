@@ -20,7 +20,7 @@ from .source import is_user_frame, user_source_line
 __all__ = [
     "LoopliftError", "DimError", "DimMismatchError", "DTypeError", "TraceError",
     "ModeError", "SymbolicTensorError", "SymbolicAttributeError",
-    "InputError", "ExecutionError", "CheckpointError", "GraphError", "ConfigError",
+    "InputError", "ExecutionError", "CheckpointError", "CheckpointWriteError", "GraphError", "ConfigError",
     "ArgumentError", "entry_point", "at_entry",
 ]
 
@@ -87,6 +87,11 @@ class ExecutionError(LoopliftError, RuntimeError):
 
 class CheckpointError(LoopliftError):
     """A checkpoint could not be saved or does not match the model."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (no room, no permission, a file where a folder should be); the file it
+    would have replaced is left as it was."""
 
 
 class GraphError(LoopliftError):

@@ -46,7 +46,7 @@ import torch
 from . import trace as _trace
 from ._tree import flatten, unflatten
 from .dims import Dim
-from .errors import DimError, DTypeError, TraceError
+from .errors import DimError, DTypeError, TraceError, entry_methods
 from .graph import Graph, Op
 from .ops._core import as_tensor, dims_str
 from .ops.math import cast
@@ -512,3 +512,8 @@ class Loop:
         out = self.spec.add_last(tracked)
         self._lasts.append((value, out))
         return out
+
+
+entry_methods(Loop, "__init__", "__enter__", "__exit__", "unstack", "index", "stack", "end", "last",
+              public="looplift.Loop")
+entry_methods(LoopState, "__getattr__", "__setattr__", "__delattr__", public="looplift.Loop.state")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import trace as _trace
-from .errors import DTypeError, TraceError
+from .errors import DTypeError, TraceError, entry_methods
 from .ops._core import as_tensor
 from .ops.math import where
 from .ops.shape import zeros
@@ -115,3 +115,6 @@ class MaskedComputation:
         if ctx.call is not None:
             ctx.call.substitutions[id(value)] = held
         return held
+
+
+entry_methods(MaskedComputation, "__init__", "__enter__", "__exit__", public="looplift.MaskedComputation")

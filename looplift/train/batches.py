@@ -6,11 +6,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from ..errors import entry_point
+
 __all__ = ["bucketed_batches"]
 
 _CHUNK_BATCHES = 50          # bucketed_batches sorts by length within chunks of this many batches
 
 
+@entry_point(name="looplift.train.bucketed_batches")
 def bucketed_batches(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                      world_size: int = 1, rank: int = 0) -> list[list[int]]:
     """Batches of example indices with similar lengths, in an order fixed by `seed` and `epoch`.

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as _save_bytes
 
-from ..errors import CheckpointError
+from ..errors import ArgumentError, CheckpointError, CheckpointWriteError, entry_point
 
 __all__ = ["save", "load", "state_of", "atomic_write", "mismatches", "copy_into"]
 
@@ -59,12 +59,54 @@ def _new_file_mode() -> int:
     return 0o666 & ~umask
 
 
+@entry_point(name="looplift.save")
 def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> None:
-    """Save the parameters and buffers of `model` to the safetensors file `path`, atomically."""
+    """Save the parameters and buffers of `model` to the safetensors file `path`, atomically.
+
+    Raises:
+        CheckpointWriteError: the file cannot be written (an ``OSError``); a file it would replace is kept.
+    """
+    _check_arguments("save", model, path)
+    if metadata is not None and (not isinstance(metadata, Mapping) or
+                                 not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ArgumentError(f"save: metadata must map strings to strings, got {metadata!r}")
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(model).items()}
-    atomic_write(path, _save_bytes(tensors, metadata=dict(metadata) if metadata else None))
+    try:
+        atomic_write(path, _save_bytes(tensors, metadata=dict(metadata) if metadata else None))
+    except OSError as e:
+        error = CheckpointWriteError(f"cannot write the checkpoint {os.fspath(path)!r}: {e.strerror or e}"
+                                     + _why_not_written(path))
+        error.errno, error.strerror, error.filename = e.errno, e.strerror, e.filename
+        raise error from e
 
 
+def _why_not_written(path) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        return " (it is a folder: give a file name, e.g. model.safetensors)"
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f" ({parent!r} is a file, not a folder)"
+    return ""
+
+
+def _check_arguments(op: str, model, path) -> None:
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, torch.nn.Module):
+        raise ArgumentError(f"{op} takes the model first: looplift.{op}(model, path)")
+    if isinstance(model, Mapping):
+        raise ArgumentError(f"{op} takes the model itself, not its state_dict: looplift.{op}(model, path)")
+    if isinstance(model, type):
+        raise ArgumentError(f"{op} takes a model, not the class {model.__name__}: looplift.{op}("
+                            f"{model.__name__}(...), path)")
+    if not isinstance(model, torch.nn.Module):
+        raise ArgumentError(f"{op} takes a looplift.Module (or torch.nn.Module), got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentError(f"{op}: path must be a file name (str or os.PathLike), got {type(path).__name__}")
+
+
+@entry_point(name="looplift.load")
 def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load the safetensors file `path` into `model` (in place, keeping each tensor's device and dtype).
 
@@ -73,6 +115,7 @@ def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
             not match the model: every missing, unexpected and mis-shaped
             entry is listed. Nothing is changed then.
     """
+    _check_arguments("load", model, path)
     try:
         loaded = load_file(os.fspath(path))
     except (OSError, SafetensorError) as e:

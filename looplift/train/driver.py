@@ -49,7 +49,7 @@ import torch.distributed as dist
 from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
-from ..errors import CheckpointError
+from ..errors import ArgumentError, CheckpointError, ConfigError, entry_methods
 from .checkpoint import atomic_write, copy_into, mismatches, state_of
 from .distributed import LossFn, LossOfModel, init_distributed
 from .trainer_state import (
@@ -118,6 +118,20 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_norm: float | None = 1.0,
                  checkpoint_dir: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None,
                  progress: bool | str = True, ddp_options: Mapping[str, Any] | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise ArgumentError(f"Trainer needs the model (a looplift.Module) first, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise ArgumentError(f"Trainer: loss_fn must be a function loss_fn(model, batch) -> (loss_sum, count), "
+                                f"got {type(loss_fn).__name__}")
+        if isinstance(optimizer, type):
+            raise ArgumentError(f"Trainer needs an optimizer, not the class {optimizer.__name__}: "
+                                f"{optimizer.__name__}(model.parameters(), lr=...)")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ArgumentError(f"Trainer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                      or not clip_norm > 0):
+            raise ConfigError(f"Trainer: clip_norm must be a positive number (or None: no clipping), "
+                              f"got {clip_norm!r}")
         metadata = dict(metadata or {})
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -219,7 +233,16 @@ class Trainer:
                 or a checkpoint cannot be written (the previous one is kept).
         """
         if epochs is None and max_steps is None and time_budget is None:
-            raise ValueError("fit needs epochs, max_steps or time_budget: otherwise training never ends")
+            raise ConfigError("fit needs epochs, max_steps or time_budget: otherwise training never ends")
+        if not callable(make_batches):
+            raise ArgumentError(f"fit: make_batches must be a function of the epoch returning its batches, got "
+                                f"{type(make_batches).__name__}")
+        for name, value in (("epochs", epochs), ("max_steps", max_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"fit: {name} must be a positive int (or None), got {value!r}")
+        if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+                                        or not time_budget > 0):
+            raise ConfigError(f"fit: time_budget must be a positive number of seconds (or None), got {time_budget!r}")
         if resume:
             self._resume()
         self._clock = (time.perf_counter(), self._agreed(self.elapsed_seconds))
@@ -502,3 +525,6 @@ class Trainer:
 def _note(rank: int, message: str) -> None:
     if rank == 0:
         print(message, file=sys.stderr)
+
+
+entry_methods(Trainer, "__init__", "fit", public="looplift.train.Trainer")
