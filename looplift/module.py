@@ -23,14 +23,15 @@ import torch
 from . import graph as _graph
 from . import trace as _trace
 from .dims import Dim
-from .errors import DimError, TraceError
+from .errors import ArgumentError, ConfigError, DimError, TraceError, entry_methods, entry_point
 from .tensor import Tensor
 
-__all__ = ["Module", "Parameter"]
+__all__ = ["Module", "Parameter", "static_dims", "check_setting", "is_positive_int", "is_probability"]
 
 Init = Callable[[torch.Tensor], None] | Real | str
 
 
+@entry_point(name="looplift.Parameter")
 def Parameter(dims: Sequence[Dim], *, init: Init = "fan_in_uniform", dtype: torch.dtype | None = None,
               requires_grad: bool = True) -> torch.nn.Parameter:
     """A new torch parameter over `dims` (storage order as given), to assign to a :class:`Module` attribute.
@@ -61,7 +62,8 @@ def Parameter(dims: Sequence[Dim], *, init: Init = "fan_in_uniform", dtype: torc
         elif callable(init):
             init(data)
         else:
-            raise ValueError(f"unknown init {init!r}")
+            raise ConfigError(f"Parameter: unknown init {init!r}; use 'fan_in_uniform', 'normal', a number or "
+                              f"a function filling a torch tensor in place")
     param = torch.nn.Parameter(data, requires_grad=requires_grad)
     param._looplift_dims = dims  # picked up (and removed) by Module.__setattr__
     return param
@@ -90,6 +92,9 @@ class Module(torch.nn.Module):
             if ctx is not None:
                 return param_tensor(ctx.graph, self, name)
         return value
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs)
 
     def param_dims(self, name: str) -> tuple[Dim, ...]:
         """The dims of the parameter `name` of this module."""
@@ -121,3 +126,31 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
     root.nodes.insert(first_other, root.nodes.pop())
     tensor = graph.params[key] = node.outputs[0]
     return tensor
+
+
+entry_methods(Module, "__call__", public="looplift.Module")
+
+
+def static_dims(module: str, **dims) -> None:
+    """Check a module's constructor arguments that must be static Dims (named by keyword)."""
+    for name, d in dims.items():
+        if not isinstance(d, Dim):
+            example = f" (e.g. looplift.Dim({name!r}, {d}))" if isinstance(d, int) else ""
+            raise ArgumentError(f"{module}: {name} must be a looplift.Dim, got {d!r}{example}")
+        if not d.is_static:
+            raise DimError(f"{module}: {name} must be a static dim (its size fixes the parameters), got {d!r}")
+
+
+def check_setting(module: str, name: str, value, ok: bool, wanted: str) -> None:
+    """A module's setting `name` is `value`; unless `ok`, a ConfigError saying it must be `wanted`."""
+    if not ok:
+        raise ConfigError(f"{module}: {name} must be {wanted}, got {value!r}")
+
+
+def is_positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def is_probability(v) -> bool:
+    """A dropout probability: a number in [0, 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1

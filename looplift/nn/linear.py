@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..dims import Dim
-from ..module import Module, Parameter
+from ..errors import entry_methods
+from ..module import Module, Parameter, static_dims
 from ..ops.linalg import linear
 from ..tensor import Tensor
 
@@ -19,6 +20,7 @@ class Linear(Module):
 
     def __init__(self, in_dim: Dim, out_dim: Dim, *, with_bias: bool = True):
         super().__init__()
+        static_dims("Linear", in_dim=in_dim, out_dim=out_dim)
         self.in_dim, self.out_dim = in_dim, out_dim
         self.weight = Parameter((out_dim, in_dim), init=_fan_in_uniform(in_dim))
         self.bias = Parameter((out_dim,), init=_fan_in_uniform(in_dim)) if with_bias else None
@@ -30,3 +32,6 @@ class Linear(Module):
 def _fan_in_uniform(in_dim: Dim):
     bound = 1.0 / max(in_dim.size, 1) ** 0.5
     return lambda t: t.uniform_(-bound, bound)
+
+
+entry_methods(Linear, "__init__", public="looplift.nn.Linear")

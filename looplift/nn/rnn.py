@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..dims import Dim
-from ..errors import DimError
-from ..module import Module, Parameter
+from ..errors import DimError, entry_methods
+from ..module import Module, Parameter, check_setting, is_positive_int, is_probability, static_dims
 from ..ops.rnn import gru_cell, lstm_cell, rnn_sequence
 from ..ops.shape import zeros
 from ..tensor import Tensor
@@ -43,13 +43,12 @@ class _RNN(Module):
     def __init__(self, in_dim: Dim, out_dim: Dim, *, bidirectional: bool = False, num_layers: int = 1,
                  dropout: float = 0.0):
         super().__init__()
+        static_dims(type(self).__name__, in_dim=in_dim, out_dim=out_dim)
         if bidirectional and out_dim.size % 2:
             raise DimError(f"a bidirectional {type(self).__name__} needs an even out dim (the two directions "
                            f"concatenated), got {out_dim!r}")
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"{type(self).__name__}: num_layers must be a positive int, got {num_layers!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"{type(self).__name__}: dropout must be in [0, 1), got {dropout!r}")
+        check_setting(type(self).__name__, "num_layers", num_layers, is_positive_int(num_layers), "a positive int")
+        check_setting(type(self).__name__, "dropout", dropout, is_probability(dropout), "a probability in [0, 1)")
         self.in_dim, self.out_dim, self.bidirectional = in_dim, out_dim, bidirectional
         self.num_layers, self.dropout = num_layers, float(dropout)
         #: The dim of one direction's hidden state (`out_dim` unless bidirectional).
@@ -181,3 +180,8 @@ class GRU(_RNN):
 
         out, per_layer = self._sequence(x, axis, self._layer_states(state, flat_of))
         return out, self._finals(per_layer, lambda f: tuple(f) if self.bidirectional else f[0])
+
+
+entry_methods(LSTM, "forward", public="looplift.nn.LSTM")
+entry_methods(GRU, "forward", public="looplift.nn.GRU")
+entry_methods(_RNN, "__init__", public="looplift.nn.LSTM/GRU")

@@ -14,7 +14,7 @@ import torch
 from .. import trace as _trace
 from .._align import aligner
 from ..dims import Dim, run_time_beam, sized_like
-from ..errors import DimError, TraceError
+from ..errors import DimError, TraceError, entry_point
 from ..loop import Loop
 from ..ops import math as _math
 from ..ops import reduce as _reduce
@@ -85,6 +85,7 @@ def _search_of(loop: Loop, beam_size: int, dynamic: bool = False) -> BeamSearch:
     return loop.searcher
 
 
+@entry_point(name="looplift.search.expand")
 @_trace.acting_for("looplift.search.expand")
 def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     """The scores of all extensions: running `scores` (over the beam) plus `label_scores` (over the beam and
@@ -108,6 +109,7 @@ def expand(scores, label_scores, *, axis: Dim) -> Tensor:
     return _math.add(scores, extend)
 
 
+@entry_point(name="looplift.search.prune")
 @_trace.acting_for("looplift.search.prune")
 def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
           sample: bool = False, generator: torch.Generator | None = None) -> Pruned:
@@ -194,6 +196,7 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
     return Pruned(nxt, src, labels, top, index)
 
 
+@entry_point(name="looplift.search.recombine")
 @_trace.acting_for("looplift.search.recombine")
 def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     """Merge hypotheses of the (next) beam whose `keys` are equal (e.g. the last n labels): the best of
@@ -246,6 +249,7 @@ def recombine(scores, keys, *, mode: str = "max") -> Tensor:
     return out
 
 
+@entry_point(name="looplift.search.best")
 @_trace.acting_for("looplift.search.best")
 def best(x, scores, *, beam: Dim) -> Tensor:
     """`x` of the best hypothesis per batch entry (by `scores` over `beam`): `beam` is gone.
@@ -285,6 +289,7 @@ def _with_selected_lengths(x: Tensor, dim: Dim, index: Tensor, beam: Dim) -> Ten
                                                            x.dtype, x.sparse_dim)], makes_dims=(picked,))[0]
 
 
+@entry_point(name="looplift.choice")
 @_trace.acting_for("looplift.choice")
 def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, score_type: str = "log_prob",
            weights: Mapping[str, float] | None = None, length_normalization: bool | float = False,

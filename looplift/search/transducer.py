@@ -45,7 +45,7 @@ import torch
 
 from .. import trace as _trace
 from ..dims import Dim
-from ..errors import DimError, TraceError
+from ..errors import DimError, TraceError, entry_point
 from ..ops import math as _math
 from ..ops import shape as _shape
 from ..ops._core import as_tensor
@@ -61,11 +61,13 @@ _PRIME = 2**31 - 1
 _BASES = (1_000_003, 998_244_353)
 
 
+@entry_point(name="looplift.search.label_history_start")
 def label_history_start() -> Tensor:
     """The hash of an empty label history (int64 over :data:`HISTORY`): a loop state's initial value."""
     return _shape.zeros([HISTORY], dtype=torch.int64)
 
 
+@entry_point(name="looplift.search.label_history")
 @_trace.acting_for("looplift.search.label_history")
 def label_history(history, label, *, ignore: int | None = None) -> Tensor:
     """In a search: `history` (a hash over :data:`HISTORY`) extended by `label`, unchanged where `label` is
@@ -87,6 +89,7 @@ def label_history(history, label, *, ignore: int | None = None) -> Tensor:
     return _math.where(_math.eq(label, ignore), history, extended)
 
 
+@entry_point(name="looplift.search.labels_since_blank")
 @_trace.acting_for("looplift.search.labels_since_blank")
 def labels_since_blank(count, label, *, blank: int) -> Tensor:
     """In a search: the number of labels since the last `blank` (`count` the previous one), for
@@ -97,6 +100,7 @@ def labels_since_blank(count, label, *, blank: int) -> Tensor:
     return _math.where(_math.eq(label, blank), 0, _math.add(count, 1))
 
 
+@entry_point(name="looplift.search.limit_labels_per_frame")
 @_trace.acting_for("looplift.search.limit_labels_per_frame")
 def limit_labels_per_frame(scores, count, *, limit: int, blank: int, axis: Dim) -> Tensor:
     """In a search: `scores` (over the label dim `axis`) with every label but `blank` set to -inf where
@@ -114,6 +118,7 @@ def limit_labels_per_frame(scores, count, *, limit: int, blank: int, axis: Dim) 
     return _math.where(full, NEG_INF, scores)
 
 
+@entry_point(name="looplift.search.merge")
 @_trace.acting_for("looplift.search.merge")
 def merge(keys: Tensor | Sequence[Tensor], *, mode: Literal["logsumexp", "max"] = "logsumexp") -> None:
     """In a search: merge the hypotheses this step's ``choice`` kept whose `keys` are all equal (e.g. the
