@@ -192,6 +192,13 @@ class Loop:
         if spec != slot.spec:
             raise TraceError(f"loop state {name!r} is assigned a value of another structure than its initial "
                              f"value (initial at {slot.source}, assigned at {here})")
+        tensors = set(slot.tensor_leaves)
+        for i, leaf in enumerate(leaves):
+            if i not in tensors and isinstance(leaf, Tensor):
+                raise TraceError(f"loop state {name!r} is assigned a tensor where its initial value has "
+                                 f"{slot.initial[i]!r}: a state's initial value fixes which of its parts are "
+                                 f"tensors; give it an initial tensor, e.g. looplift.zeros([...]) (initial at "
+                                 f"{slot.source}, assigned at {here})")
         current = list(slot.current)
         for i in slot.tensor_leaves:
             current[i] = as_tensor(leaves[i])
@@ -410,6 +417,11 @@ class Loop:
                 new, ph = new_values[k]
                 k += 1
                 extra = [d for d in new.dims if d not in ph.dims]
+                if self.axis is not None and self.axis.canonical() in extra:
+                    raise DimError(f"loop state {slot.name!r} would get the loop's axis {self.axis.name!r}: its "
+                                   f"new value is the {new.describe()}, over the whole sequence; inside the loop "
+                                   f"use loop.unstack(x) for the frame of this step (loop at {self.source})",
+                                   where=new.source)
                 if extra:
                     hint = self.hints.state_dims.setdefault((slot.name, i), [])
                     hint += [d for d in extra if d not in hint]

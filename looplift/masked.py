@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import trace as _trace
-from .errors import DTypeError, TraceError, entry_methods
+from .errors import DimError, DTypeError, TraceError, entry_methods
 from .ops._core import as_tensor
 from .ops.math import where
 from .ops.shape import zeros
@@ -47,6 +47,11 @@ class MaskedComputation:
         if self.mask.dtype != torch.bool:
             raise DTypeError(f"MaskedComputation needs a bool mask, got the {self.mask.describe()} "
                              f"(at {self.source})")
+        axis = self.loop.axis.canonical() if self.loop.axis is not None else None
+        if axis is not None and axis in self.mask.dims:
+            raise DimError(f"MaskedComputation: the mask {self.mask.describe()} has the loop's axis "
+                           f"{axis.name!r}: it is one value per step; use loop.unstack(mask) for this step's "
+                           f"(at {self.source})")
         self._open = False
         self._held: dict[int, Tensor] = {}
         self._holding = False
