@@ -79,13 +79,15 @@ class Trace:
     """One traced signature of a program: the graph and its prepared executor."""
 
     def __init__(self, graph: _graph.Graph, inputs: list[Tensor], out_spec, out_leaves: list, start: float, *,
-                 optimized: Optimized | None = None):
+                 optimized: Optimized | None = None, label_inputs: dict | None = None):
         #: The graph as traced (what the reference interpreter runs).
         self.graph = graph
         self.inputs = inputs
         self.out_spec = out_spec
         self.out_leaves = out_leaves
         self.out_tensors = [x for x in out_leaves if isinstance(x, Tensor)]
+        #: Inputs (by argument position) without a sparse_dim that index a vocabulary: (vocabulary, op)
+        self.label_inputs = label_inputs or {}
         #: The graph after the loop optimizer (None when compiled with ``optimize=False``).
         self.optimized = optimized
         if optimized is not None:
@@ -158,7 +160,7 @@ class Program:
         hints: dict = {}
         for _ in range(_MAX_TRACE_ATTEMPTS):
             try:
-                graph, inputs, result = self._trace_once(leaves, spec, hints)
+                graph, inputs, result, label_inputs = self._trace_once(leaves, spec, hints)
                 break
             except _trace.Retrace:
                 continue  # a loop learnt which dims its states need: trace again with that knowledge
@@ -178,7 +180,7 @@ class Program:
             optimized = optimize_loops(graph, inputs, [x for x in out_leaves if isinstance(x, Tensor)],
                                        mode=self.mode, float_dtype=self._float_dtype(leaves))
             optimized.graph.check()
-        trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized)
+        trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized, label_inputs=label_inputs)
         self._traces[key] = trace
         return trace
 
@@ -206,7 +208,7 @@ class Program:
                 raise
         finally:
             _trace.leave(token)
-        return graph, inputs, result
+        return graph, inputs, result, ctx.label_inputs
 
     def _last_trace(self) -> Trace:
         if not self._traces:
@@ -251,6 +253,10 @@ class Program:
         named = [x for x in leaves if isinstance(x, Named)]
         env = _make_env(named, self._first_float_param(), _CALL_SITE)
         trace = self._trace(leaves, spec)
+        for i, (vocab, op) in trace.label_inputs.items():
+            x = leaves[i]
+            _check_labels(x, f"input {named.index(x)} ({{{', '.join(str(d) for d in x.dims)}}}), the labels of "
+                             f"{op}", env, _CALL_SITE, vocab)
         raws = [x.tensor for x in named]
         if reference:
             outs = run_reference(trace.graph, env, dict(zip(trace.inputs, raws)), trace.out_tensors)
@@ -357,10 +363,12 @@ def _make_env(named: list[Named], first_param, where: _CallSite) -> Env:
     return env
 
 
-def _check_labels(x: Named, what: str, env: Env, where: _CallSite) -> None:
-    """An integer input with a ``sparse_dim`` holds labels: within its lengths each must index that vocabulary
-    (the ops that index with labels would otherwise clamp a label past it, silently). One min and max."""
-    vocab = x.sparse_dim.canonical() if x.sparse_dim is not None else None
+def _check_labels(x: Named, what: str, env: Env, where: _CallSite, vocab: Dim | None = None) -> None:
+    """An integer input with a ``sparse_dim`` (or used by an op as labels of `vocab`) holds labels: within its
+    lengths each must index that vocabulary (the ops that index with labels would otherwise clamp a label past
+    it, silently). One min and max."""
+    vocab = vocab or x.sparse_dim
+    vocab = vocab.canonical() if vocab is not None else None
     t = x.tensor
     if vocab is None or not vocab.is_static or t.dtype.is_floating_point or t.dtype.is_complex or \
             t.dtype == torch.bool or not t.numel():

@@ -78,6 +78,9 @@ class TraceContext:
         #: Per loop (by creation order in the trace): what an earlier attempt of the same trace learnt.
         self.loop_hints: dict[int, LoopHints] = loop_hints if loop_hints is not None else {}
         self._loop_count = 0
+        #: Program inputs (by argument position) without a sparse_dim that ops index a vocabulary with:
+        #: (vocabulary dim, op), checked at each call like a sparse_dim (see looplift.ops._core.indexes_with)
+        self.label_inputs: dict[int, tuple[Dim, str]] = {}
         #: The outermost op call being traced, if any, and the last one finished.
         self.call: Call | None = None
         self.last_call: Call | None = None

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as tF
 
 import looplift as ll
+from looplift.errors import InputError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_ops_support import (
@@ -78,10 +79,16 @@ def test_gather_from_a_table_without_batch_dims():
     assert_valid_close(out, table[idx.clamp(0, 5)], (B, T, F), TMASK[:, :, None])
 
 
-def test_gather_clamps_out_of_range_indices_into_the_axis():
-    x, idx = randn(3, 4, seed=7), torch.tensor([-3, 2, 99])
-    out = run(lambda x, i: ll.gather(x, index=i, axis=F), ll.Named(x, (B, F)), ll.Named(idx, (B,)))
+def test_gather_clamps_computed_out_of_range_indices_into_the_axis():
+    x, idx = randn(3, 4, seed=7), torch.tensor([-2, 1, 98])
+    out = run(lambda x, i: ll.gather(x, index=i - 1 + 2, axis=F), ll.Named(x, (B, F)), ll.Named(idx, (B,)))
     assert_valid_close(out, torch.stack([x[0, 0], x[1, 2], x[2, 3]]), (B,))
+
+
+def test_gather_checks_an_index_given_as_program_input_at_the_call():
+    x, idx = randn(3, 4, seed=7), torch.tensor([0, 2, 99])
+    with pytest.raises(InputError, match="label 99 at \\(batch 2\\) is not in its vocabulary"):
+        run(lambda x, i: ll.gather(x, index=i, axis=F), ll.Named(x, (B, F)), ll.Named(idx, (B,)))
 
 
 def test_gather_keeps_the_sparse_dim_of_the_gathered_labels():

@@ -16,7 +16,7 @@ from ..graph import Op
 from ..source import user_source_line
 from ..tensor import Tensor
 
-__all__ = ["as_tensor", "emit", "emit_many", "broadcast_dims", "dims_str", "dim_list", "check_has",
+__all__ = ["indexes_with", "as_tensor", "emit", "emit_many", "broadcast_dims", "dims_str", "dim_list", "check_has",
            "dims_to_mask", "masker", "result_dtype", "require_float",
            "require_int", "constant", "to_dtype"]
 
@@ -233,3 +233,17 @@ def neutral(dtype: torch.dtype, kind: str):
     if dtype == torch.bool:
         return False
     return -big if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
+def indexes_with(index: Tensor, vocab: Dim, op: str) -> None:
+    """`op` indexes the static dim `vocab` with the integer tensor `index`, which it would clamp into range: a
+    constant index must lie in it; a program input without a sparse_dim is checked at every call, as one with
+    ``sparse_dim=vocab`` is (see looplift.program)."""
+    node = index.node
+    vocab = vocab.canonical()
+    if node is None or not vocab.is_static:
+        return
+    if node.op == Op.CONSTANT and not 0 <= node.value < vocab.size:
+        raise DimError(f"{op}: the index {node.value} is not in {vocab.name!r} (0..{vocab.size - 1})")
+    if node.op == Op.INPUT and index.sparse_dim is None:
+        _trace.current().label_inputs.setdefault(node.attrs["index"], (vocab, op))

@@ -16,7 +16,7 @@ from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, emit, require_int, to_dtype
+from ._core import as_tensor, broadcast_dims, check_has, emit, indexes_with, require_int, to_dtype
 
 __all__ = ["gather", "embedding", "one_hot"]
 
@@ -36,6 +36,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     axis = axis.canonical()
     if axis in index.dims:
         raise DimError(f"gather: the index {index.describe()} must not have the gathered dim {axis.name!r}")
+    indexes_with(index, axis, "gather")
     rest = tuple(d for d in x.dims if d is not axis)
     broadcast_dims("gather", rest, index.dims)   # (two different dims named alike: an error)
     # Raw layout for torch.gather: x as (shared, axis, x only), the index as (shared, index only, x only);

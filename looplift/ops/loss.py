@@ -16,7 +16,7 @@ from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, check_has, emit, masker, require_float, require_int
+from ._core import as_tensor, check_has, emit, indexes_with, masker, require_float, require_int
 from .index import gather
 from .linalg import dot
 from .reduce import log_softmax
@@ -38,6 +38,7 @@ def cross_entropy(logits, targets, *, axis: Dim, logits_are_log_probs: bool = Fa
         check_has(targets, (axis,), "cross_entropy", "vocabulary dim")
         return -dot(log_probs, targets, reduce=axis)
     require_int(targets, "cross_entropy")
+    indexes_with(targets, axis, "cross_entropy")
     if targets.sparse_dim is not None and targets.sparse_dim is not axis.canonical():
         raise DimError(f"cross_entropy: the targets' sparse_dim {targets.sparse_dim!r} is not the vocabulary "
                        f"dim {axis!r}")

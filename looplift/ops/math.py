@@ -6,6 +6,7 @@ operands' dims. They never need masking: padding stays padding.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from .. import rules as _rules
 from .. import trace as _trace
 from .._align import aligner
-from ..errors import DTypeError
+from ..errors import ConfigError, DTypeError
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype, to_dtype
 from .masking import meet_masked
@@ -110,6 +111,8 @@ def _scalar_safe(fn: Callable) -> Callable:
 def clip(x, min=None, max=None) -> Tensor:  # noqa: A002
     """Clamp `x` into ``[min, max]`` (either bound may be None)."""
     x = as_tensor(x)
+    if isinstance(min, numbers.Real) and isinstance(max, numbers.Real) and min > max:
+        raise ConfigError(f"clip: min ({min}) is above max ({max})")
     if min is not None:
         x = maximum(x, min)
     if max is not None:

@@ -399,6 +399,9 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
         dt = to_dtype(dtype)
     if sparse_dim is not None and (dt.is_floating_point or dt == torch.bool):
         raise DTypeError(f"full: sparse_dim needs an integer dtype, got {dt}")
+    if sparse_dim is not None and sparse_dim.is_static and not 0 <= value < sparse_dim.size:
+        raise DimError(f"full: the label {value} is not in its sparse_dim {sparse_dim.name!r} "
+                       f"(0..{sparse_dim.size - 1})")
     return emit("full", (), lambda env: torch.full(_sizes(env, dims), value, dtype=dt, device=env.device),
                 dims, dt, sparse_dim=sparse_dim, attrs={"value": value})
 

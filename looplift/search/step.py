@@ -13,8 +13,8 @@ import torch
 
 from .. import trace as _trace
 from .._align import aligner
-from ..dims import Dim, run_time_beam, sized_like
-from ..errors import DimError, TraceError, entry_point
+from ..dims import Dim, batch_dim, run_time_beam, sized_like
+from ..errors import ConfigError, DimError, TraceError, entry_point
 from ..loop import Loop
 from ..ops import math as _math
 from ..ops import reduce as _reduce
@@ -257,6 +257,9 @@ def best(x, scores, *, beam: Dim) -> Tensor:
     A dim of `x` whose lengths vary over the beam (the loop's dim after a search: each hypothesis has its
     length) is replaced by a dim of the same name with the best hypotheses' lengths."""
     x, scores = as_tensor(x), as_tensor(scores)
+    if not isinstance(beam, Dim) or beam.canonical() is batch_dim.canonical():
+        raise DimError(f"looplift.search.best: beam must be the beam dim of the search (loop.search.beam), got "
+                       f"{beam!r}")
     for t, what in ((x, "values"), (scores, "scores")):
         if beam not in t.dims:
             raise DimError(f"looplift.search.best: the {what} {t.describe()} are not over the beam {beam.name!r}")
@@ -320,6 +323,8 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
             the best; `generator` (a ``torch.Generator``) makes the draws reproducible (see :func:`prune`).
     """
     loop = _loop("looplift.choice")
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:   # (in every mode: the
+        raise DimError(f"looplift.choice: beam_size must be a positive int, got {beam_size!r}")  # same model)
     components = _components(scores, weights)
     scores = next(iter(components.values())) if components is not None else as_tensor(scores)
     if target is not None:
@@ -334,7 +339,7 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
                            f"{scores.describe()} have {len(static)} static dims)")
         axis = static[0]
     if score_type not in ("log_prob", "logits"):
-        raise ValueError(f"looplift.choice: score_type is 'log_prob' or 'logits', got {score_type!r}")
+        raise ConfigError(f"looplift.choice: score_type is 'log_prob' or 'logits', got {score_type!r}")
     for name, t in (components or {"scores": scores}).items():
         if axis not in t.dims:
             raise DimError(f"looplift.choice: the {name} {t.describe()} do not have the label dim {axis.name!r}")
