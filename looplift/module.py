@@ -15,6 +15,7 @@ name of the first; calling a module twice uses the same parameters.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from numbers import Real
 
@@ -23,7 +24,7 @@ import torch
 from . import graph as _graph
 from . import trace as _trace
 from .dims import Dim
-from .errors import ArgumentError, ConfigError, DimError, TraceError, entry_methods, entry_point
+from .errors import ArgumentError, ConfigError, DimError, TraceError, at_entry, entry_point
 from .tensor import Tensor
 
 __all__ = ["Module", "Parameter", "static_dims", "check_setting", "is_positive_int", "is_probability"]
@@ -77,6 +78,9 @@ class Module(torch.nn.Module):
     """
 
     def __setattr__(self, name: str, value) -> None:
+        if "_parameters" not in self.__dict__ and isinstance(value, (torch.nn.Parameter, torch.nn.Module)):
+            raise ArgumentError(f"{type(self).__name__}.{name} is set before the module is initialised: call "
+                                f"super().__init__() first in {type(self).__name__}.__init__")
         if isinstance(value, torch.nn.Parameter):
             dims = value.__dict__.pop("_looplift_dims", None)
             if dims is not None:
@@ -94,7 +98,15 @@ class Module(torch.nn.Module):
         return value
 
     def __call__(self, *args, **kwargs):
-        return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as e:   # an entry point (see looplift.errors.entry_point), named after the module's class
+            cls = type(self)
+            placed = at_entry(e, sys._getframe(1), f"looplift.nn.{cls.__name__}" if cls.__module__.startswith(
+                "looplift.nn.") else f"{cls.__qualname__} (a looplift.Module)")
+            if placed is None:
+                raise
+            raise placed from e
 
     def param_dims(self, name: str) -> tuple[Dim, ...]:
         """The dims of the parameter `name` of this module."""
@@ -126,9 +138,6 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
     root.nodes.insert(first_other, root.nodes.pop())
     tensor = graph.params[key] = node.outputs[0]
     return tensor
-
-
-entry_methods(Module, "__call__", public="looplift.Module")
 
 
 def static_dims(module: str, **dims) -> None:

@@ -168,6 +168,10 @@ class Program:
             raise TraceError(f"the dims of the loop states did not settle after {_MAX_TRACE_ATTEMPTS} traces")
         out_leaves, out_spec = flatten(result, lambda v: isinstance(v, Tensor))
         for v in out_leaves:
+            if isinstance(v, torch.Tensor):
+                raise TraceError(f"the model returned a torch.Tensor of shape {tuple(v.shape)}, a value fixed "
+                                 f"when the program was traced; return looplift tensors (computed with looplift "
+                                 f"ops), which are computed at each call")
             if isinstance(v, Tensor) and v.node.graph is not graph:
                 if v.node.graph.is_inside(graph):
                     raise TraceError(f"the model returned the {v.describe()}, which was computed inside a loop or "
@@ -247,9 +251,12 @@ class Program:
 
     def _run(self, args, kwargs, *, reference: bool):
         leaves, spec = flatten((args, kwargs), _is_input)
-        for x in leaves:
+        for i, x in enumerate(leaves):
             if isinstance(x, Spec):
                 raise InputError("a program is called with looplift.Named tensors; Spec is for Program.trace")
+            if isinstance(x, torch.Tensor) and x.dim() or hasattr(x, "__array__") and not isinstance(x, torch.Tensor):
+                raise InputError(f"argument {i} is a {type(x).__name__} of shape {tuple(x.shape)}, without dims: "
+                                 f"pass looplift.Named(tensor, dims, lengths=...) (call at {_CALL_SITE})")
         named = [x for x in leaves if isinstance(x, Named)]
         env = _make_env(named, self._first_float_param(), _CALL_SITE)
         trace = self._trace(leaves, spec)

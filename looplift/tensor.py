@@ -91,6 +91,16 @@ class Tensor:
         raise SymbolicTensorError(f"a symbolic {self.describe()} cannot be indexed by position; "
                                   f"{_instead('__getitem__')}")
 
+    def __setitem__(self, index, value):
+        raise SymbolicTensorError(f"a symbolic {self.describe()} cannot be assigned to (looplift values are never "
+                                  f"changed in place); use looplift.where(mask, value, x) for a new value")
+
+    def __matmul__(self, other):
+        raise SymbolicTensorError(f"@ is not defined for the symbolic {self.describe()}: it does not say which "
+                                  f"dim to reduce; use looplift.dot(a, b, reduce=dim) or looplift.matmul")
+
+    __rmatmul__ = __matmul__
+
     def _no_value(self, *_):
         raise SymbolicTensorError(f"the symbolic {self.describe()} has no value while looplift traces; compute "
                                   f"with looplift ops, and read values from the program's outputs")

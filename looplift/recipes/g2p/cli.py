@@ -166,8 +166,16 @@ def _check(args) -> None:
             raise UsageError(f"--model-dim ({args.model_dim}) must be a multiple of 2 * --heads ({2 * args.heads})")
         if os.path.exists(args.dir) and not os.path.isdir(args.dir):
             raise UsageError(f"--dir {args.dir!r} is a file, not a folder")
-        if args.resume and not os.path.isdir(args.dir):
-            raise UsageError(f"--resume: there is no run in {args.dir!r} to resume")
+        if args.resume and not os.path.isfile(os.path.join(args.dir, "last.safetensors")):
+            raise UsageError(f"--resume: there is no run to resume in {args.dir!r} (no last.safetensors)")
+        try:
+            os.makedirs(args.dir, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--dir {args.dir!r} cannot be made: {e.strerror or e}") from None
+        if not os.access(args.dir, os.W_OK | os.X_OK):
+            raise UsageError(f"--dir {args.dir!r} is not writable")
+    if args.command == "convert" and not all(w.strip() for w in args.words):
+        raise UsageError("a WORD to convert is empty")
 
 
 def train(args) -> G2P:
