@@ -11,9 +11,12 @@ It also reports the share of looplift's training step spent in the loop (forward
 recurrent core that stays in the loop) vs the moved-out parts, measured by timing the loop node's kernel
 and the backward between the gradients reaching the loop's outputs and leaving its inputs.
 
+And the share of looplift's step spent checking the label inputs (characters and phonemes, with their
+vocabulary as ``sparse_dim``) against their vocabulary at each call (one min and max per input).
+
 The last line is one JSON object: ``{"looplift_vs_handwritten": the median over batches of hand-written /
 looplift step time (>= 1: looplift faster),
-"looplift_words_per_s": ..., "handwritten_words_per_s": ..., "loop_share": ...}``.
+"looplift_words_per_s": ..., "handwritten_words_per_s": ..., "loop_share": ..., "label_check_share": ...}``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _label_check import LabelCheckTimer
 
 from looplift.recipes.g2p import data, recipe
 from looplift.recipes.g2p.model import EOS, G2P, Config
@@ -172,9 +176,14 @@ def main() -> None:
     # median over batches of the paired step-time ratios (a drift of the machine's speed cancels out).
     seconds = {k: [] for k in models}
     timed = batches[args.warmup:]
+    checks = LabelCheckTimer()
     for i, b in enumerate(timed):
         for name in list(models)[::1 if i % 2 == 0 else -1]:
-            seconds[name].append(train_steps(name, [b])[1])
+            if name == "looplift":
+                with checks:   # (the label inputs' check against their vocabulary, within looplift's step)
+                    seconds[name].append(train_steps(name, [b])[1])
+            else:
+                seconds[name].append(train_steps(name, [b])[1])
         if (i + 1) % args.steps == 0:
             print(f"{i + 1} steps: looplift {sum(map(len, timed[:i + 1])) / sum(seconds['looplift']):.0f} "
                   f"words/s, hand-written {sum(map(len, timed[:i + 1])) / sum(seconds['handwritten']):.0f}",
@@ -182,6 +191,7 @@ def main() -> None:
     words = sum(map(len, timed))
     rate = {k: words / sum(v) for k, v in seconds.items()}
     ratio = statistics.median(h / ll_ for h, ll_ in zip(seconds["handwritten"], seconds["looplift"]))
+    check_share = checks.seconds / sum(seconds["looplift"])
     # the loop's share, timed in rounds of their own (the timer's hooks stay out of the rates above)
     timer = LoopTimer()
     loop_seconds = ll_seconds = 0.0
@@ -196,10 +206,12 @@ def main() -> None:
           f"step-time ratio (hand-written / looplift) {ratio:.3f}; "
           f"looplift's step: {100 * share:.0f}% in the loop (forward {timer.forward:.1f} s, backward "
           f"{timer.backward:.1f} s of {ll_seconds:.1f} s)")
+    print(f"label inputs checked against their vocabulary: {checks.calls} checks, "
+          f"{1e3 * checks.seconds / checks.calls:.3f} ms each, {100 * check_share:.2f}% of looplift's step time")
     print(json.dumps({"looplift_vs_handwritten": round(ratio, 3),
                       "looplift_words_per_s": round(rate["looplift"], 1),
                       "handwritten_words_per_s": round(rate["handwritten"], 1),
-                      "loop_share": round(share, 3)}))
+                      "loop_share": round(share, 3), "label_check_share": round(check_share, 5)}))
 
 
 if __name__ == "__main__":

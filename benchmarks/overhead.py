@@ -6,6 +6,10 @@ valid frames. Both versions share the same weights; a step is forward plus
 backward. Steps alternate between the two (so drift in the machine's speed hits
 both alike), and the median step times are compared.
 
+It also reports what checking label inputs against their vocabulary costs: the time spent in the check
+during looplift's steps (this model has no label input: the check finds none), and the check of a label
+input over (batch, time) with a 1000-label vocabulary, timed on its own, as a share of the median step.
+
 Run: ``python benchmarks/overhead.py [--batch 32 --time 100 --feature 256 --hidden 1024 --steps 30]``.
 The last line printed is one JSON object with the results.
 """
@@ -19,8 +23,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _label_check import LabelCheckTimer
 
 import looplift as ll
+import looplift.program as _program
 
 B = ll.batch_dim
 
@@ -134,8 +140,10 @@ def main() -> None:
         timed(model, run_looplift)
         timed(ref, run_torch)
     times_ll, times_torch = [], []
+    checks = LabelCheckTimer()
     for _ in range(args.steps):
-        s, loss_ll = timed(model, run_looplift)
+        with checks:
+            s, loss_ll = timed(model, run_looplift)
         times_ll.append(s)
         s, loss_torch = timed(ref, run_torch)
         times_torch.append(s)
@@ -145,6 +153,7 @@ def main() -> None:
 
     med_ll, med_torch = statistics.median(times_ll), statistics.median(times_torch)
     ratio = med_ll / med_torch
+    label_check = _label_check_seconds(args.batch, args.time, lengths, device)
     print(f"model: {args.blocks} x (x + FeedForward(LayerNorm(x))), masked mean loss; "
           f"batch {args.batch}, time {args.time} (lengths {int(lengths.min())}..{int(lengths.max())}), "
           f"feature {args.feature}, hidden {args.hidden}, {device}, {torch.get_num_threads()} threads")
@@ -153,9 +162,29 @@ def main() -> None:
     print(f"forward + backward, median of {args.steps} steps: looplift {med_ll * 1e3:.2f} ms "
           f"(min {min(times_ll) * 1e3:.2f}), torch {med_torch * 1e3:.2f} ms (min {min(times_torch) * 1e3:.2f}); "
           f"ratio {ratio:.3f}")
+    print(f"label check: {1e3 * checks.seconds / args.steps:.4f} ms per call in these steps "
+          f"({100 * checks.seconds / sum(times_ll):.3f}% of looplift's step); a (batch, time) label input of "
+          f"a 1000-label vocabulary: {1e3 * label_check:.3f} ms per call, {100 * label_check / med_ll:.2f}% of "
+          f"the median step")
     print(json.dumps({"program_vs_torch": round(ratio, 4), "trace_compile_ms": round(trace.seconds * 1e3, 3),
                       "nodes": trace.num_nodes, "batch": args.batch, "time": args.time,
+                      "label_check_share": round(checks.seconds / sum(times_ll), 6),
+                      "label_input_check_share": round(label_check / med_ll, 5),
                       "feature": args.feature}))
+
+
+def _label_check_seconds(batch: int, frames: int, lengths: torch.Tensor, device, repeats: int = 200) -> float:
+    """The median time of checking one (batch, time) label input of a 1000-label vocabulary at a call."""
+    t_dim, vocab = ll.Dim("time"), ll.Dim("vocab", 1000)
+    labels = ll.Named(torch.randint(0, 1000, (batch, frames), device=device), (B, t_dim), {t_dim: lengths},
+                      sparse_dim=vocab)
+    env = _program._make_env([labels], None, _program._CALL_SITE)   # (the check itself runs in here too)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _program._check_labels(labels, "input 0", env, _program._CALL_SITE)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the public entry point (:func:`entry_point`), with the name of the call.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -146,7 +147,12 @@ def at_entry(e: Exception, caller, call: str) -> LoopliftError | None:
         return None   # the user's own code raised it (with no frame below: the call's own arguments are wrong)
     user = [f"{f.f_code.co_filename}:{line}" for f, line in frames if is_user_frame(f)]
     cls = ConfigError if isinstance(e, ValueError) else ArgumentError
-    placed = cls(str(e), where=user[-1] if user else here)
+    message = str(e)
+    if not frames and isinstance(e, TypeError):   # the call's arguments do not fit: say which call, as written
+        message = re.sub(r"^[\w.<>]+\(\)", f"{call}()", message)
+        if re.search(r"keyword argument '(dim|keepdim)'", message):
+            message += "; looplift ops name the dims they work on: axis=Dim"
+    placed = cls(message, where=user[-1] if user else here)
     placed.call = None if user else call
     return placed
 

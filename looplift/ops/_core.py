@@ -11,7 +11,7 @@ import torch
 
 from .. import trace as _trace
 from ..dims import Dim
-from ..errors import DimError, DimMismatchError, DTypeError, TraceError
+from ..errors import ArgumentError, DimError, DimMismatchError, DTypeError, TraceError
 from ..graph import Op
 from ..source import user_source_line
 from ..tensor import Tensor
@@ -27,7 +27,13 @@ def dims_str(dims: Iterable[Dim]) -> str:
 
 def dim_list(axis: Dim | Sequence[Dim], what: str = "axis") -> tuple[Dim, ...]:
     """Normalize an ``axis=``/``reduce=`` argument to a tuple of canonical dims."""
-    dims = (axis,) if isinstance(axis, Dim) else tuple(axis)
+    if isinstance(axis, Dim):
+        dims = (axis,)
+    elif isinstance(axis, (list, tuple, set, frozenset)):
+        dims = tuple(axis)
+    else:
+        raise ArgumentError(f"{what} must be a Dim or a sequence of Dims, got {axis!r} (looplift names dims, not "
+                            f"positions)")
     for d in dims:
         if not isinstance(d, Dim):
             raise DimError(f"{what} must be a Dim or a sequence of Dims, got {d!r}")

@@ -133,7 +133,8 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
     if len(xs) == 1:
         return replace_dim(xs[0], axes[0], result) if result is not axes[0] else xs[0]
     if all(d.is_static for d in axes) and result.is_static and result.size != sum(d.size for d in axes):
-        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)}")
+        raise DimError(f"concat: out_dim {result!r} does not have size {sum(d.size for d in axes)}, the sum of the "
+                       f"axes {' + '.join(f'{d.name} ({d.size})' for d in axes)}")
     common = broadcast_dims("concat", *(tuple(e for e in x.dims if e is not d) for x, d in zip(xs, axes)))
     out_dims = common + (result,)
     dtype = xs[0].dtype
@@ -283,7 +284,7 @@ def pad(x, axis: Dim, left: int = 0, right: int = 0, value: float = 0.0) -> Tens
     check_has(x, (axis,), "pad")
     axis = axis.canonical()
     if left < 0 or right < 0:
-        raise DimError(f"pad: left and right must be >= 0, got {left}, {right}")
+        raise DimError(f"pad: left and right must be >= 0 (frames added to {axis.name!r}), got {left}, {right}")
     new = axis + (left + right)
     pos = x.dims.index(axis)
     after = len(x.dims) - 1 - pos

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, entry_point
 from .checkpoint import copy_into, mismatches
 
 __all__ = ["load_model"]
@@ -33,6 +33,7 @@ def class_name(obj: object) -> str:
 
 # -- model entries --------------------------------------------------------------------------------
 
+@entry_point(name="looplift.train.load_model")
 def load_model(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, str]:
     """Load the model's parameters from `path`, a training checkpoint or a model-only file; return its metadata.
 
