@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _label_check import LabelCheckTimer
 
 import looplift as ll
 import looplift.program as _program
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _label_check import LabelCheckTimer  # noqa: E402  (the benchmarks' shared helper)
 
 B = ll.batch_dim
 

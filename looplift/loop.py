@@ -141,6 +141,9 @@ class Loop:
         else:
             raise TraceError(f"max_seq_len must be an int or a looplift tensor, got {max_seq_len!r} "
                              f"(at {self.source})")
+        if isinstance(self._max_len, int) and self._max_len < 1:
+            raise DimError(f"max_seq_len must be at least 1 (the most steps the loop may take), got {self._max_len} "
+                           f"(at {self.source})")
         if isinstance(self._max_len, Tensor) and self._max_len.dtype.is_floating_point:
             raise DTypeError(f"max_seq_len must be an integer, got the {self._max_len.describe()} (at {self.source})")
         #: The graph around the loop, and the body traced into a graph of its own.

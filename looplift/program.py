@@ -29,7 +29,7 @@ from . import graph as _graph
 from . import trace as _trace
 from ._tree import flatten, unflatten
 from .dims import Dim
-from .errors import ArgumentError, InputError, LoopliftError, ModeError, TraceError, entry_methods, entry_point
+from .errors import ArgumentError, InputError, ModeError, TraceError, entry_methods, entry_point
 from .passes.explain import explain as explain_reports
 from .passes.explain import to_dot as loops_to_dot
 from .passes.move_out import Optimized
@@ -216,7 +216,7 @@ class Program:
 
     def _last_trace(self) -> Trace:
         if not self._traces:
-            raise LoopliftError("the program has not been traced yet: call it (or Program.trace) first")
+            raise TraceError("the program has not been traced yet: call it (or Program.trace) first")
         return next(reversed(self._traces.values()))
 
     def explain(self) -> str:
@@ -432,7 +432,7 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
         raise ArgumentError(f"compile needs a model, not the class {model.__name__}: "
                             f"looplift.compile({model.__name__}(...))")
     if not callable(model):
-        raise LoopliftError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
+        raise ArgumentError(f"compile needs a callable (a looplift.Module or a function), got {model!r}")
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None

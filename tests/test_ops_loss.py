@@ -182,7 +182,7 @@ def test_ctc_loss_of_an_impossible_alignment_is_inf():
 
 
 def test_ctc_loss_with_a_blank_outside_the_vocabulary_is_an_error():
-    with pytest.raises(ll.errors.DTypeError):
+    with pytest.raises(ll.errors.DimError):
         run(lambda x, y: ll.ctc_loss(x, y, input_axis=T, targets_axis=S, axis=V, blank=5),
             named_logits(logits_data()), ll.Named(ctc_targets(), (B, S), {S: TG_LENS}, sparse_dim=V))
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import trace as _trace
 from .._align import aligner
 from ..dims import Dim
-from ..errors import DimError, DTypeError
+from ..errors import ArgumentError, DimError
 from ..tensor import Tensor
 from ._core import as_tensor, check_has, emit, indexes_with, masker, require_float, require_int
 from .index import gather
@@ -60,8 +60,10 @@ def ctc_loss(logits, targets, *, input_axis: Dim, targets_axis: Dim, axis: Dim, 
     check_has(logits, (input_axis, axis), "ctc_loss")
     check_has(targets, (targets_axis,), "ctc_loss")
     input_axis, targets_axis, axis = input_axis.canonical(), targets_axis.canonical(), axis.canonical()
+    if isinstance(blank, bool) or not isinstance(blank, int):
+        raise ArgumentError(f"ctc_loss: blank must be the int index of the blank label in {axis.name!r}, got {blank!r}")
     if not 0 <= blank < (axis.size or 0):
-        raise DTypeError(f"ctc_loss: blank={blank} is not an index of {axis!r}")
+        raise DimError(f"ctc_loss: blank={blank} is not an index of {axis!r}")
     log_probs = logits if logits_are_log_probs else log_softmax(logits, axis=axis)
     batch = tuple(d for d in log_probs.dims if d not in (input_axis, axis))
     t_batch = tuple(d for d in targets.dims if d is not targets_axis)

@@ -43,6 +43,9 @@ class Named:
             raise ArgumentError(f"Named needs a torch.Tensor, got {type(tensor).__name__}{hint}")
         if isinstance(dims, Dim) or not isinstance(dims, Sequence) or not all(isinstance(d, Dim) for d in dims):
             raise ArgumentError(f"Named: dims must be a sequence of looplift.Dim, one per axis, got {dims!r}")
+        if len(dims) != tensor.dim():
+            raise DimError(f"Named: the tensor has {tensor.dim()} axes of shape {tuple(tensor.shape)}, but "
+                           f"{len(dims)} dims were given: {{{', '.join(d.name for d in dims)}}}")
         if lengths is not None and not isinstance(lengths, Mapping):
             raise ArgumentError(f"Named: lengths must map each dynamic Dim to its lengths tensor "
                                 f"(lengths={{dim: lengths}}), got {type(lengths).__name__}")

@@ -14,7 +14,7 @@ import torch
 from .. import trace as _trace
 from .._align import aligner
 from ..dims import Dim, batch_dim, run_time_beam, sized_like
-from ..errors import ConfigError, DimError, TraceError, entry_point
+from ..errors import ArgumentError, ConfigError, DimError, TraceError, entry_point
 from ..loop import Loop
 from ..ops import math as _math
 from ..ops import reduce as _reduce
@@ -370,6 +370,9 @@ def choice(scores, *, target=None, beam_size: int, axis: Dim | None = None, scor
         for k, running_k in totals.items():
             loop.set_hidden_state(running_k, pruned.take(candidates[k]))
     loop.set_hidden_state(running, pruned.scores)
+    if not isinstance(length_normalization, (bool, int, float)):
+        raise ArgumentError(f"looplift.choice: length_normalization is True, False or an exponent alpha (a number), "
+                            f"got {length_normalization!r}")
     alpha = None if length_normalization is False else 1.0 if length_normalization is True else \
         float(length_normalization)
     loop.searcher.scores.append((running, alpha))

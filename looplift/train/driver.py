@@ -303,9 +303,15 @@ class Trainer:
         start = time.perf_counter()
         over_budget = time_budget is not None and self._elapsed() >= time_budget
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, count = self._forward(batch)
+        result = self._forward(batch)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise ArgumentError(f"loss_fn must return a pair (loss_sum, count): the summed loss (a scalar tensor) "
+                                f"and the number of items it sums over; got {type(result).__name__} "
+                                f"{_short(result)}", where=_code_line(self.loss_fn))
+        loss_sum, count = result
         if not isinstance(loss_sum, torch.Tensor) or loss_sum.ndim != 0:
-            raise TypeError(f"loss_fn must return (loss_sum, count) with loss_sum a scalar tensor, got {loss_sum!r}")
+            raise ArgumentError(f"loss_fn must return (loss_sum, count) with loss_sum a scalar tensor, got "
+                                f"{_short(loss_sum)}", where=_code_line(self.loss_fn))
         # one all-reduce: the loss and count summed over ranks, and whether any rank is out of time
         stats = torch.stack([loss_sum.detach().to(torch.float64),
                              torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(()),
@@ -528,3 +534,14 @@ def _note(rank: int, message: str) -> None:
 
 
 entry_methods(Trainer, "__init__", "fit", public="looplift.train.Trainer")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _code_line(fn) -> str:
+    """``file:line`` where the function `fn` is defined (the user's loss function), or "" if unknown."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "forward", None), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""
