@@ -2518,8 +2518,81 @@ _TRAINER = [
 ]
 
 
+# -- symbolic tensors, program arguments and results, module calls --------------------------------------------------
+
+def _sym_setitem():
+    _run(lambda x: x.__setitem__(0, 1.0), _feats())  # <sym-setitem>
+
+
+def _sym_matmul():
+    _run(lambda x: x @ x, _feats())  # <sym-matmul>
+
+
+def _prog_returns_torch_tensor():
+    ll.compile(lambda x: torch.ones(3))(_feats())  # <prog-returns-torch-tensor>
+
+
+def _prog_torch_tensor_argument():
+    _sum_program()(torch.randn(2, 5, 3))  # <prog-torch-tensor-argument>
+
+
+def _prog_numpy_argument():
+    _sum_program()(np.zeros((2, 5, 3)))  # <prog-numpy-argument>
+
+
+def _mod_call_names_the_module():
+    lin = nn.Linear(F, H)
+    x = ll.Named(torch.ones(2, 3, dtype=torch.long), (B, F))
+    ll.compile(lambda v: lin(v))(x)  # <mod-call-names-the-module>
+
+
+class _NoSuperInit(ll.Module):
+    def __init__(self):
+        self.lin = nn.Linear(F, H)  # <mod-no-super-init>
+
+
+def _mod_no_super_init():
+    _NoSuperInit()
+
+
+def _train_loss_fn_returns_a_mean():
+    model = Tiny()
+
+    def mean_only(m, batch):  # <train-loss-fn-returns-a-mean>
+        return (m.lin.weight ** 2).mean()
+
+    Trainer(model, mean_only, _sgd(model), progress=False).fit(_one_batch, epochs=1)
+
+
+def _named_too_few_dims():
+    ll.Named(torch.zeros(2, 5, 3), (B, T))  # <named-too-few-dims>
+
+
+def _mod_lstm_step_on_a_whole_sequence():
+    lstm = nn.LSTM(F, H)
+    _run(lambda x: lstm(x)[0], _feats())  # <mod-lstm-step-on-a-whole-sequence>
+
+
+_HELD_BACK = [
+    (_mod_lstm_step_on_a_whole_sequence, "mod-lstm-step-on-a-whole-sequence", DimError, ["time", "batch", "feat"],
+     "pass axis=... to run over the sequence"),
+    (_sym_setitem, "sym-setitem", SymbolicTensorError, ["batch", "time", "feat"], "cannot be assigned to"),
+    (_sym_matmul, "sym-matmul", SymbolicTensorError, ["batch", "time", "feat"], "use looplift.dot(a, b, reduce=dim)"),
+    (_prog_returns_torch_tensor, "prog-returns-torch-tensor", TraceError, [], "the model returned a torch.Tensor"),
+    (_prog_torch_tensor_argument, "prog-torch-tensor-argument", InputError, [],
+     "argument 0 is a Tensor of shape (2, 5, 3), without dims"),
+    (_prog_numpy_argument, "prog-numpy-argument", InputError, [], "argument 0 is a ndarray of shape (2, 5, 3)"),
+    (_mod_call_names_the_module, "mod-call-names-the-module", DTypeError, ["batch", "feat"],
+     "in looplift.nn.Linear"),
+    (_mod_no_super_init, "mod-no-super-init", ArgumentError, [], "call super().__init__() first"),
+    (_train_loss_fn_returns_a_mean, "train-loss-fn-returns-a-mean", ArgumentError, [],
+     "loss_fn must return a pair (loss_sum, count)"),
+    (_named_too_few_dims, "named-too-few-dims", DimError, ["batch", "time"], "but 2 dims were given"),
+]
+
+
 CASES = [*_DIMS, *_INPUTS, *_OPS, *_SYMBOLIC, *_MODULES, *_PROGRAMS, *_LOOPS, *_CONDS, *_MASKED, *_SEARCH,
-         *_CHECKPOINTS, *_TRAINER]
+         *_CHECKPOINTS, *_TRAINER, *_HELD_BACK]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[1])

@@ -333,9 +333,11 @@ def test_step_gradients_equal_torch_cell(kind):
         torch.testing.assert_close(p.grad, params[name.removesuffix("_l0")].grad, msg=name)
 
 
+@pytest.mark.parametrize("positional", [False, True], ids=["state=", "state positional"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_stepping_in_a_loop_equals_sequence_mode(kind, dtype):
+def test_stepping_in_a_loop_equals_sequence_mode(kind, dtype, positional):
+    """(The state may be passed by position, ``cell(x_t, loop.state.s)``, as in DESIGN.md.)"""
     module, _ = make(kind, dtype=dtype)
     lstm = kind == "lstm"
 
@@ -343,7 +345,8 @@ def test_stepping_in_a_loop_equals_sequence_mode(kind, dtype):
         loop = ll.Loop(axis=T)
         loop.state.s = module.default_initial_state()
         with loop:
-            out, loop.state.s = module(loop.unstack(x), state=loop.state.s)
+            frame = loop.unstack(x)
+            out, loop.state.s = module(frame, loop.state.s) if positional else module(frame, state=loop.state.s)
             stepped = loop.stack(out)
         seq, final = module(x, axis=T)
         s = loop.state.s

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, entry_methods
 from ..module import Module, Parameter, check_setting, is_positive_int, is_probability, static_dims
@@ -76,7 +77,13 @@ class _RNN(Module):
                                                                       else (False,))
                 for w in self._weights(reverse, layer)]
 
-    def _check_step(self) -> None:
+    def _check_step(self, x) -> None:
+        ctx = _trace.tracing()
+        sequence = [d for d in getattr(x, "dims", ()) if d.is_dynamic]
+        if ctx is not None and not ctx.loops and sequence:
+            raise DimError(f"{type(self).__name__}: one step on the {x.describe()}, outside any loop, would take "
+                           f"{', '.join(repr(d.name) for d in sequence)} as a batch dim; pass axis=... to run over "
+                           f"the sequence (or step it inside a looplift.Loop on loop.unstack(x))")
         if self.bidirectional:
             raise DimError(f"a bidirectional {type(self).__name__} runs over a whole sequence; pass axis=...")
         if self.num_layers > 1:
@@ -127,11 +134,11 @@ class LSTM(_RNN):
         """Zeros over ``batch_dims + (hidden,)`` (a loop adds the batch dims it needs by itself)."""
         return LstmState(zeros([*batch_dims, self.hidden]), zeros([*batch_dims, self.hidden]))
 
-    def forward(self, x: Tensor, *, state: LstmState | tuple | None = None, axis: Dim | None = None):
+    def forward(self, x: Tensor, state: LstmState | tuple | None = None, *, axis: Dim | None = None):
         if isinstance(state, tuple) and not self.bidirectional and self.num_layers == 1:
             state = LstmState(*state)  # (h, c)
         if axis is None:
-            self._check_step()
+            self._check_step(x)
             state = state if state is not None else self.default_initial_state()
             h, c = lstm_cell(x, (state.h, state.c), self._weights(), in_dim=self.in_dim, hidden=self.hidden)
             return h, LstmState(h, c)
@@ -166,9 +173,9 @@ class GRU(_RNN):
         """Zeros over ``batch_dims + (hidden,)``."""
         return zeros([*batch_dims, self.hidden])
 
-    def forward(self, x: Tensor, *, state: Tensor | tuple | None = None, axis: Dim | None = None):
+    def forward(self, x: Tensor, state: Tensor | tuple | None = None, *, axis: Dim | None = None):
         if axis is None:
-            self._check_step()
+            self._check_step(x)
             h = gru_cell(x, state if state is not None else self.default_initial_state(), self._weights(),
                          in_dim=self.in_dim, hidden=self.hidden)
             return h, h
