@@ -1,9 +1,11 @@
 """Checkpoints: safetensors files keyed by parameter names, written atomically, loaded strictly."""
 
+import errno
 import os
 
 import pytest
 import torch
+from error_helpers import marked_line
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -219,6 +221,28 @@ def test_interrupted_save_keeps_the_previous_file_and_leaves_no_temp_file(tmp_pa
     with pytest.raises(Interrupted):
         ll.save(model, path)
     monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+
+
+def test_a_full_disk_is_a_checkpoint_write_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A write failing with ENOSPC: a CheckpointWriteError (an OSError with its errno) at the save's line, the
+    previous file intact, no temporary file left."""
+    model = make_net()
+    path = tmp_path / "model.safetensors"
+    ll.save(model, path)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt_module.os, "fsync", no_space)
+    with pytest.raises(ll.errors.CheckpointWriteError) as info:
+        ll.save(model, path)  # <full-disk>
+    monkeypatch.undo()
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert "No space left on device" in str(info.value)
+    assert marked_line(__file__, "full-disk") in str(info.value)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
 
