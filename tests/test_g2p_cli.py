@@ -4,11 +4,13 @@ checkpoints, an empty dataset, with nothing written half."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from looplift.recipes.g2p import cli, data, recipe
 from looplift.recipes.g2p.model import G2P, Config
@@ -29,15 +31,16 @@ def trained(tmp_path_factory):
     """A run trained 1 epoch, then resumed for a second."""
     d = str(tmp_path_factory.mktemp("g2p"))
     cli.main(["train", "--dir", d, "--epochs", "1", *TINY])
-    first = {n: p.clone() for n, p in recipe.load_model(d)[0].named_parameters()}
+    first = {n: p.clone() for n, p in recipe.load_model(d, which="last")[0].named_parameters()}
     cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *TINY])
     return d, first
 
 
 def test_train_writes_the_model_and_resume_continues(trained):
     d, first = trained
-    assert sorted(f for f in os.listdir(d) if not f.startswith(".")) == ["last.safetensors", "model.safetensors"]
-    model, vocabs = recipe.load_model(d)
+    assert sorted(f for f in os.listdir(d) if not f.startswith(".")) == ["best.safetensors", "last.safetensors",
+                                                                          "model.safetensors"]
+    model, vocabs = recipe.load_model(d, which="last")
     assert len(vocabs.phonemes) == 40 and not vocabs.stress
     assert model.config == Config(len(vocabs.chars), 40, emb=8, enc=16, enc_layers=2, dec=16, dropout=0.3,
                                   label_smoothing=0.1)
@@ -45,11 +48,29 @@ def test_train_writes_the_model_and_resume_continues(trained):
     assert changed, "the resumed second epoch changed nothing"
 
 
+def test_eval_and_convert_use_the_best_model_unless_told_otherwise(trained, monkeypatch, capsys):
+    """best.safetensors is the model of the best dev WER (its metadata says which); eval and convert read it by
+    default and model.safetensors with --checkpoint last."""
+    d, _ = trained
+    with safe_open(os.path.join(d, "best.safetensors"), framework="pt") as f:
+        best = json.loads(f.metadata()["best"])
+        best_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert best["result"] == "dev_wer" and best["epoch"] in (0, 1)
+    model, _ = recipe.load_model(d)
+    assert all(torch.equal(p, best_tensors[n]) for n, p in model.named_parameters())
+    asked = []
+    real = recipe.load_model
+    monkeypatch.setattr(recipe, "load_model", lambda path, which: asked.append(which) or real(path, which=which))
+    run(capsys, "convert", "--dir", d, "hello")
+    run(capsys, "eval", "--dir", d, "--limit", "3", "--checkpoint", "last")
+    assert asked == ["best", "last"]
+
+
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
     d, _ = trained
     cli.main(["train", "--dir", str(tmp_path), "--epochs", "2", *TINY])
-    resumed, _ = recipe.load_model(d)
-    straight, _ = recipe.load_model(tmp_path)
+    resumed, _ = recipe.load_model(d, which="last")
+    straight, _ = recipe.load_model(tmp_path, which="last")
     for (n, a), (_, b) in zip(resumed.named_parameters(), straight.named_parameters()):
         assert torch.equal(a, b), n
 

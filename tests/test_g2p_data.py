@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from looplift.recipes.g2p.data import Entry, Vocab, encode_batch, load, split, split_of
+from looplift.recipes.g2p.data import Entry, Vocab, encode_batch, load, sample, split, split_of
 
 ARPABET = {"AA", "AE", "AH", "AO", "AW", "AY", "B", "CH", "D", "DH", "EH", "ER", "EY", "F", "G", "HH", "IH", "IY",
            "JH", "K", "L", "M", "N", "NG", "OW", "OY", "P", "R", "S", "SH", "T", "TH", "UH", "UW", "V", "W", "Y",
@@ -122,6 +122,29 @@ def test_a_word_is_always_in_the_same_part(parts):
         for entry in part[:200]:
             assert split_of(entry.word) == name
             assert split([Entry(entry.word, ())])[name] == [Entry(entry.word, ())]
+
+
+def test_the_dev_sample_spreads_over_the_alphabet(parts):
+    """The per-epoch dev sample is not the alphabetically first words: its share of each tenth of the sorted
+    dev split is about a tenth, and it does not depend on the order the entries come in."""
+    dev = parts["dev"]
+    chosen = {e.word for e in sample(dev, 600)}
+    assert len(chosen) == 600 and chosen != {e.word for e in dev[:600]}
+    tenth = len(dev) // 10
+    for k in range(10):
+        share = len(chosen & {e.word for e in dev[k * tenth:(k + 1) * tenth]}) / 600
+        assert 0.05 < share < 0.15, (k, share)
+    shuffled = list(dev)
+    random.Random(1).shuffle(shuffled)
+    assert sample(shuffled, 600) == sample(dev, 600)
+
+
+def test_the_dev_sample_follows_its_hash_rule_and_grows_by_appending(parts):
+    dev = parts["dev"]
+    key = [int.from_bytes(hashlib.sha256(("sample:" + e.word).encode()).digest()[:8], "big") for e in dev]
+    assert [e.word for e in sample(dev, 50)] == [dev[i].word for i in sorted(range(len(dev)), key=key.__getitem__)[:50]]
+    assert sample(dev, 100)[:40] == sample(dev, 40)
+    assert sample(dev, None) == sample(dev, len(dev) + 5) and len(sample(dev, None)) == len(dev)
 
 
 def test_split_of_known_words():

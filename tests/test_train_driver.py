@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import looplift as ll
 from looplift.errors import CheckpointError
@@ -243,6 +244,53 @@ def test_progress_shows_a_bar_and_a_line_per_epoch(capsys):
     err = capsys.readouterr().err
     assert "epoch 0:   0%|          | 0/5" in err    # the bar (the test is too fast for it to show more)
     assert "epoch 0: step 5, train loss" in err and "wer 0.25" in err
+
+
+# -- the best model ---------------------------------------------------------------------------------
+
+def test_keep_best_keeps_the_model_of_the_lowest_evaluation_across_a_resume(tmp_path):
+    """A fake evaluation scores the epochs 0.5, 0.3, 0.4 (then, resumed, 0.35 and 0.2): best.safetensors holds
+    the model as it was evaluated at 0.3 until 0.2 comes, with the result, value, epoch and step."""
+    scores = iter([0.5, 0.3, 0.4, 0.35, 0.2])
+    seen = []
+
+    def fake_evaluate(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"dev_wer": next(scores), "other": 1.0}
+
+    def best_file():
+        tensors = load_file(tmp_path / "best.safetensors")
+        with safe_open(tmp_path / "best.safetensors", framework="pt") as f:
+            return tensors, json.loads(f.metadata()["best"])
+
+    trainer = make_tagger_trainer(tmp_path, keep_best="dev_wer")
+    trainer.fit(make_batches, epochs=3, evaluate=fake_evaluate)
+    tensors, best = best_file()
+    assert best == {"result": "dev_wer", "value": 0.3, "epoch": 1, "step": 10}
+    assert trainer.best() == (0.3, 1, 10)
+    for name, t in seen[1].items():
+        assert torch.equal(tensors[name], t), name
+    assert not all(torch.equal(tensors[n], t) for n, t in seen[2].items())   # (not merely the last model)
+
+    resumed = make_tagger_trainer(tmp_path, keep_best="dev_wer")
+    resumed.fit(make_batches, epochs=4, evaluate=fake_evaluate, resume=True)   # 0.35: no better
+    assert best_file()[1]["value"] == 0.3
+    resumed.fit(make_batches, epochs=5, evaluate=fake_evaluate)                 # 0.2: the new best
+    tensors, best = best_file()
+    assert best == {"result": "dev_wer", "value": 0.2, "epoch": 4, "step": 25}
+    for name, t in seen[4].items():
+        assert torch.equal(tensors[name], t), name
+
+
+def test_keep_best_needs_a_checkpoint_dir_and_the_result():
+    with pytest.raises(ll.errors.ConfigError, match="needs a checkpoint_dir"):
+        make_tagger_trainer(None, keep_best="dev_wer")
+
+
+def test_keep_best_names_a_result_the_evaluation_gives(tmp_path):
+    trainer = make_tagger_trainer(tmp_path, keep_best="dev_wer")
+    with pytest.raises(ll.errors.ConfigError, match="the evaluation gave no such result, only \\['wer'\\]"):
+        trainer.fit(make_batches, epochs=1, evaluate=lambda model: {"wer": 0.25})
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

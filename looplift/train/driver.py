@@ -53,6 +53,7 @@ from ..errors import ArgumentError, CheckpointError, ConfigError, entry_methods
 from .checkpoint import atomic_write, copy_into, mismatches, state_of
 from .distributed import LossFn, LossOfModel, init_distributed
 from .trainer_state import (
+    BEST_FILE,
     FORMAT,
     LAST_CHECKPOINT,
     MODEL_FILE,
@@ -101,6 +102,11 @@ class Trainer:
         ddp_options: keyword arguments for ``DistributedDataParallel``, e.g.
             ``{"find_unused_parameters": True}`` for a model with parameters
             that some steps do not use.
+        keep_best: the name of a result of ``fit``'s `evaluate` to minimize
+            (``"dev_wer"``, say): whenever an evaluation gives it a value below
+            every earlier one, the model is written to ``best.safetensors`` in
+            `checkpoint_dir` (with the metadata, and ``"best"``: the result, its
+            value, epoch and step, as JSON); resumed runs remember the best.
 
     Data parallel: if ``torch.distributed`` is initialized with more than one
     process, or the environment says ``WORLD_SIZE > 1`` (as under
@@ -117,7 +123,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, *,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_norm: float | None = 1.0,
                  checkpoint_dir: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None,
-                 progress: bool | str = True, ddp_options: Mapping[str, Any] | None = None):
+                 progress: bool | str = True, ddp_options: Mapping[str, Any] | None = None,
+                 keep_best: str | None = None):
         if not isinstance(model, torch.nn.Module):
             raise ArgumentError(f"Trainer needs the model (a looplift.Module) first, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -154,6 +161,10 @@ class Trainer:
         self.clip_norm = clip_norm
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.metadata = metadata
+        if keep_best is not None and (not isinstance(keep_best, str) or checkpoint_dir is None):
+            raise ConfigError(f"keep_best names an evaluation result (a str) and needs a checkpoint_dir, got "
+                              f"keep_best={keep_best!r}, checkpoint_dir={checkpoint_dir!r}")
+        self.keep_best = keep_best
         self.rank, self.world_size = init_distributed(model)
         if progress not in (True, False, "epochs"):
             raise ValueError(f"progress is True, False or 'epochs', got {progress!r}")
@@ -184,6 +195,11 @@ class Trainer:
     def checkpoint_path(self) -> str | None:
         """``checkpoint_dir/last.safetensors``: everything a resume needs."""
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, LAST_CHECKPOINT)
+
+    @property
+    def best_path(self) -> str | None:
+        """``checkpoint_dir/best.safetensors``: the model at its best evaluation (see `keep_best`)."""
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, BEST_FILE)
 
     @property
     def model_path(self) -> str | None:
@@ -355,6 +371,7 @@ class Trainer:
 
     def _end_epoch(self, evaluate: Callable | None, complete: bool) -> None:
         results = self._evaluate(evaluate) if evaluate is not None else {}
+        self._keep_if_best(results)
         t = self._totals
         entry = {"epoch": self.epoch, "complete": complete, "steps": self.global_step, "epoch_steps": t.steps,
                  "train_loss": t.loss_sum / t.count if t.count else math.nan, "items": t.count,
@@ -372,6 +389,31 @@ class Trainer:
             self._totals = _Totals()
             self._epoch_batches = None
         self._save()
+
+    def best(self) -> tuple[float, int, int] | None:
+        """The lowest value of the `keep_best` result so far, with its epoch and global step (None before any)."""
+        found = [(h["eval"][self.keep_best], h["epoch"], h["steps"]) for h in self.history
+                 if self.keep_best is not None and self.keep_best in h.get("eval", {})]
+        return min(found, key=lambda f: f[0]) if found else None
+
+    def _keep_if_best(self, results: Mapping[str, float]) -> None:
+        if self.keep_best is None:
+            return
+        if self.keep_best not in results:
+            raise ConfigError(f"keep_best={self.keep_best!r}: the evaluation gave no such result, only "
+                              f"{sorted(results)}")
+        value, before = results[self.keep_best], self.best()
+        if math.isnan(value) or before is not None and not value < before[0]:
+            return
+        if self.rank == 0:
+            tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(self.model).items()}
+            best = {"result": self.keep_best, "value": value, "epoch": self.epoch, "step": self.global_step}
+            try:
+                atomic_write(self.best_path, _save_bytes(tensors, metadata={**self.metadata,
+                                                                            "best": json.dumps(best)}))
+            except OSError as e:
+                raise CheckpointError(f"cannot write {self.best_path!r} (the previous one is kept): "
+                                      f"{type(e).__name__}: {e}") from e
 
     def _evaluate(self, evaluate: Callable) -> dict[str, float]:
         rng = rng_state()

@@ -23,6 +23,7 @@ __all__ = ["load_model"]
 
 LAST_CHECKPOINT = "last.safetensors"
 MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"      # the model at its best evaluation (Trainer(keep_best=...))
 PREFIX = "trainer/"        # names and metadata keys of everything in a checkpoint that is not the model
 FORMAT = "1"
 

@@ -62,6 +62,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="the run's model with the best dev WER (best.safetensors; the last one if the run kept "
+                        "none) or the last one (model.safetensors)")
+
+
 def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--minutes", type=_NONNEGATIVE, default=minutes,
                    help="training time budget in minutes (0: no limit, use --epochs or --max-steps)")
@@ -94,9 +100,11 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--stress", action="store_true", help="keep stress markers (default: stripped, 39 phonemes)")
     p.add_argument("--words", type=_POSITIVE, default=None,
                    help="train on only the first N training words (by the split's order), for quick runs")
-    p.add_argument("--eval-words", type=_COUNT, default=500,
-                   help="dev words decoded after each epoch (0: none)")
-    p.add_argument("--eval-beam", type=_POSITIVE, default=1, help="beam size of the per-epoch dev evaluation")
+    p.add_argument("--eval-words", type=_COUNT, default=2000,
+                   help="dev words decoded after each epoch, a sample in hash order (not alphabetical) of the dev "
+                        "split; the model with the best dev WER is kept as best.safetensors, which eval and "
+                        "convert use (0: no evaluation, no best.safetensors)")
+    p.add_argument("--eval-beam", type=_POSITIVE, default=5, help="beam size of the per-epoch dev evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialization, batches, dropout)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --dir exactly where it stopped (same options)")
@@ -127,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Decode a split with beam search and print the phoneme error rate (against "
                                    "the closest pronunciation) and the word error rate (no pronunciation matched).")
     _add_common(p)
+    _add_checkpoint(p)
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
     p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
     _add_threshold(p)
@@ -136,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", formatter_class=fmt, help="pronounce words",
                        description="Print the n-best pronunciations of WORDs with their log-probabilities.")
     _add_common(p)
+    _add_checkpoint(p)
     p.add_argument("words", nargs="+", metavar="WORD", help="words to convert (case is ignored)")
     p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
     _add_threshold(p)
@@ -208,7 +218,7 @@ def train(args) -> G2P:
     # the learning rate decays by --lr-decay per epoch, smoothly over its steps
     steps_per_epoch = len(bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: args.lr_decay ** (step / steps_per_epoch))
-    dev = splits["dev"][:args.eval_words] if args.eval_words else []
+    dev = data.sample(splits["dev"], args.eval_words) if args.eval_words else []
 
     def make_batches(epoch: int):
         return bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=epoch,
@@ -222,7 +232,7 @@ def train(args) -> G2P:
 
     trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler,
                       clip_norm=args.clip or None, checkpoint_dir=args.dir, metadata=vocabs.metadata(config),
-                      progress="epochs" if args.no_progress else True)
+                      progress="epochs" if args.no_progress else True, keep_best="dev_wer" if dev else None)
     history = trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
                           time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate,
                           resume=args.resume)
@@ -239,7 +249,7 @@ def train(args) -> G2P:
 
 
 def evaluate(args) -> None:
-    model, vocabs = recipe.load_model(args.dir)
+    model, vocabs = recipe.load_model(args.dir, which=getattr(args, "checkpoint", "best"))
     entries = data.split(data.load(stress=vocabs.stress))[args.split]
     if args.limit is not None:
         entries = entries[:args.limit]
@@ -255,7 +265,7 @@ def evaluate(args) -> None:
 
 
 def convert(args) -> None:
-    model, vocabs = recipe.load_model(args.dir)
+    model, vocabs = recipe.load_model(args.dir, which=getattr(args, "checkpoint", "best"))
     words = [w.lower() for w in args.words]
     encoded = [vocabs.chars.encode(w) for w in words]   # (an unknown character: an error naming it)
     for word, hyps in zip(words, recipe.decode(model, encoded, beam=args.beam, threshold=_threshold(args))):

@@ -124,6 +124,14 @@ def split(entries: Iterable[Entry], *, dev: float = 0.05, test: float = 0.05) ->
     return parts
 
 
+def sample(entries: Sequence[Entry], n: int | None) -> list[Entry]:
+    """`n` entries (all if None or more than there are) in an order that depends on each word's spelling only
+    (by SHA-256 of ``"sample:" + word``; not the split's hash): a sample of the whole range of words, whatever
+    their alphabetical order, the same for the same entries in any order, and the first `n` of a longer sample."""
+    ordered = sorted(entries, key=lambda e: (_unit_interval("sample:" + e.word), e.word))
+    return ordered if n is None else ordered[:n]
+
+
 def _describe(symbols: Sequence[str]) -> str:
     """The symbols separated by spaces; if all are characters, runs of 3+ consecutive ones shortened: ``' - . a-z``."""
     if not all(len(symbol) == 1 for symbol in symbols):
