@@ -1,0 +1,1 @@
+"""looplift.recipes.asr: speech recognition on synthesized speech (CTC, transducer and attention decoders)."""
