@@ -1,7 +1,7 @@
-"""Virtual environments for the peer tools the benchmarks compare against (ESPnet, warprnnt-numba).
+"""Virtual environments for the peer tools the benchmarks compare against (ESPnet, warprnnt-numba, Phonetisaurus).
 
 A peer tool is no dependency of looplift: each lives in a venv of its own, built on first use by
-:func:`ensure_venv` (torch of this process's version, then the tool), in ``$<ENV_VAR>`` or else
+:func:`ensure_venv` (torch of this process's version unless ``torch=False``, then the tool), in ``$<ENV_VAR>`` or else
 ``~/.cache/looplift-bench/<name>`` (``$XDG_CACHE_HOME`` is honoured). A venv at ``$<ENV_VAR>`` that a
 benchmark did not build is used as it is if its python passes the import check, and never deleted.
 """
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import torch as _torch
 
 __all__ = ["PeerUnavailable", "ensure_venv", "run_quiet"]
 
@@ -38,12 +38,14 @@ def run_quiet(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, 127, "", str(e))
 
 
-def ensure_venv(label: str, env_var: str, name: str, installs: list[list[str]], check: str) -> Path:
-    """The python of the peer's venv, built on first use: torch of this process's version, then each of
-    `installs` (pip arguments), then the import `check` (python code)."""
+def ensure_venv(label: str, env_var: str, name: str, installs: list[list[str]], check: str, *,
+                torch: bool = True) -> Path:
+    """The python of the peer's venv, built on first use: torch of this process's version (unless `torch` is
+    False: for a peer that needs no torch), then each of `installs` (pip arguments), then the import `check`
+    (python code)."""
     venv = venv_dir(env_var, name)
     py = venv / "bin" / "python"
-    torch_req = "torch==" + torch.__version__.split("+")[0]
+    torch_req = "torch==" + _torch.__version__.split("+")[0] if torch else None
     spec = {"torch": torch_req, "installs": installs, "check": check}
     ready, building = venv / ".looplift-ready", venv / ".looplift-building"
 
@@ -77,7 +79,7 @@ def ensure_venv(label: str, env_var: str, name: str, installs: list[list[str]], 
         venv.mkdir()
         building.touch()
         steps = [("create the venv", [sys.executable, "-m", "venv", str(venv)]),
-                 (f"pip install {torch_req}", [str(py), "-m", "pip", "install", torch_req]),
+                 *([(f"pip install {torch_req}", [str(py), "-m", "pip", "install", torch_req])] if torch_req else []),
                  *((f"pip install {' '.join(args)}", [str(py), "-m", "pip", "install", *args]) for args in installs),
                  (check, [str(py), "-c", check])]
         for what, cmd in steps:
