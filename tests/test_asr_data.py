@@ -37,7 +37,7 @@ def test_the_plan_is_deterministic_and_a_smaller_one_is_a_subset(synth):
     for part in data.PARTS:
         assert set(small[part]) <= set(full[part])
     u = full["train"][0]
-    assert 140 <= u.rate <= 220 and 30 <= u.pitch <= 70 and (u.snr_db is None or 5 <= u.snr_db <= 30)
+    assert 130 <= u.rate <= 200 and 30 <= u.pitch <= 70 and (u.snr_db is None or 5 <= u.snr_db <= 30)
 
 
 def test_synthesis_is_deterministic_and_cached(synth, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ sees, and dev ones likewise by their own.
 
 **Utterances.** Every train sentence is spoken by `train_voices` voices, every
 dev and test sentence by `eval_voices`, each drawn from its part's variants
-with a random accent, at a random rate (140 to 220 words per minute) and pitch
+with a random accent, at a random rate (130 to 200 words per minute) and pitch
 (30 to 70), with white noise at a random SNR (5 to 30 dB; a fifth of them clean).
 Every choice comes from a generator seeded by the seed, the part, the sentence
 and the utterance's number, so the plan of a part does not depend on any other
@@ -85,7 +85,7 @@ def plan(synth: Synthesizer, *, seed: int = 0, train_voices: int = 5, eval_voice
                 rng = random.Random(f"{seed}:{part}:{text}:{k}")
                 utterances.append(Utterance(
                     text=text, voice=f"{rng.choice(accents)}+{rng.choice(variants[part])}",
-                    rate=rng.randint(140, 220), pitch=rng.randint(30, 70),
+                    rate=rng.randint(130, 200), pitch=rng.randint(30, 70),
                     snr_db=None if rng.random() < 0.2 else round(rng.uniform(5.0, 30.0), 2),
                     seed=rng.getrandbits(63)))
         out[part] = utterances

@@ -1,0 +1,230 @@
+"""looplift-asr: speech recognition on speech synthesized by eSpeak NG (``pip install looplift[speech]``).
+
+Commands:
+  run         the main job: synthesize the data (cached), train a few minutes, report WER on held-out voices
+  train       train (or --resume) a recognizer into --dir
+  eval        word and character error rates of the recognizer in --dir on dev or test
+  transcribe  the transcript of WAV files (16-bit mono, 22,050 Hz)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from looplift.errors import LoopliftError
+
+DEFAULT_DIR = "asr-run"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line on stderr (``looplift-asr: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, what: str, low: float, *, open_low: bool = False):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not (v > low if open_low else v >= low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    return parse
+
+
+_POSITIVE = _number(int, "a positive integer", 1)
+_NONNEGATIVE = _number(float, ">= 0", 0)
+_POSITIVE_FLOAT = _number(float, "> 0", 0, open_low=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="looplift-asr", description=__doc__.split("\n\n")[0],
+                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, minutes, text in (("run", 5.0, "synthesize, train and evaluate (the main job)"),
+                                ("train", 30.0, "train a recognizer")):
+        p = sub.add_parser(name, formatter_class=fmt, help=text, description=text)
+        p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder: checkpoints and the model")
+        p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+        p.add_argument("--minutes", type=_NONNEGATIVE, default=minutes,
+                       help="training time budget in minutes (0: no limit, use --epochs)")
+        p.add_argument("--epochs", type=_POSITIVE, default=None, help="stop after this many epochs")
+        p.add_argument("--batch", type=_POSITIVE, default=32, help="utterances per batch (length-bucketed)")
+        p.add_argument("--lr", type=_POSITIVE_FLOAT, default=1e-3, help="Adam learning rate")
+        p.add_argument("--voices", type=_POSITIVE, default=5, help="voices speaking each training sentence")
+        p.add_argument("--sentences", type=_POSITIVE, default=None,
+                       help="only the first N sentences of each part (a quick run)")
+        p.add_argument("--eval-utterances", type=_POSITIVE, default=100,
+                       help="dev utterances decoded after each epoch")
+        p.add_argument("--seed", type=int, default=0, help="random seed (data plan, initialization, batches)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --dir where it stopped")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("eval", formatter_class=fmt, help="word and character error rates")
+    p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
+    p.add_argument("--split", choices=["dev", "test"], default="test", help="which part")
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N utterances")
+    p.add_argument("--sentences", type=_POSITIVE, default=None, help="only the first N sentences of the part")
+    p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+    p = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe WAV files")
+    p.add_argument("wavs", nargs="+", metavar="WAV", help="16-bit mono WAV files at 22,050 Hz")
+    p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+    return parser
+
+
+class UsageError(Exception):
+    """Arguments that each make sense but not together."""
+
+
+def _data(args, synth):
+    from . import data
+    utterances = data.plan(synth, seed=getattr(args, "seed", 0), train_voices=getattr(args, "voices", 5),
+                           sentences=getattr(args, "sentences", None))
+    return utterances
+
+
+def train(args):
+    from looplift.train import Trainer, bucketed_batches
+
+    from . import data, recipe
+    from .model import CTC, Config
+    from .synth import Synthesizer
+    if args.minutes == 0 and args.epochs is None:
+        raise UsageError("--minutes 0 trains without a time limit: give --epochs")
+    synth = Synthesizer()
+    plan = _data(args, synth)
+    progress = not args.no_progress
+    audio = {part: data.load(part, plan[part], synth, progress=progress) for part in ("train", "dev")}
+    train_audio = audio["train"]
+    usable = recipe.alignable(train_audio)
+    lengths = train_audio.lengths()
+    torch.manual_seed(args.seed)
+    model = CTC(Config())
+    print(f"training on {len(usable)} utterances ({train_audio.hours():.2f} h, {len(train_audio) - len(usable)} "
+          f"too fast to align left out); model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters", flush=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    dev = audio["dev"]
+    dev_sample = list(range(0, len(dev), max(1, len(dev) // args.eval_utterances)))[:args.eval_utterances]
+
+    def make_batches(epoch: int):
+        batches = bucketed_batches([lengths[i] for i in usable], batch_size=args.batch, seed=args.seed, epoch=epoch)
+        return [[usable[i] for i in b] for b in batches]
+
+    def evaluate(m):
+        s = recipe.evaluate(m, dev, dev_sample)
+        return {"dev_wer": s["wer"], "dev_cer": s["cer"]}
+
+    trainer = Trainer(model, recipe.loss_function(train_audio), optimizer, clip_norm=5.0, checkpoint_dir=args.dir,
+                      metadata={"looplift-asr": "1", "config": model.config.to_json()},
+                      progress="epochs" if args.no_progress else True, keep_best="dev_wer")
+    history = trainer.fit(make_batches, epochs=args.epochs, time_budget=args.minutes * 60 or None,
+                          evaluate=evaluate, resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"trained {trainer.global_step} steps in {trainer.elapsed_seconds / 60:.1f} min; last epoch: train "
+              f"loss {last['train_loss']:.3f}, dev WER {100 * last['eval']['dev_wer']:.1f}%, CER "
+              f"{100 * last['eval']['dev_cer']:.1f}%", flush=True)
+    return model
+
+
+def load_model(directory: str):
+    from safetensors import safe_open
+
+    from looplift.errors import CheckpointError
+    from looplift.train.checkpoint import load as load_params
+
+    from .model import CTC, Config
+    for name in ("best.safetensors", "model.safetensors"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            break
+    else:
+        raise CheckpointError(f"no recognizer in {directory!r}: train one first (looplift-asr train --dir ...)")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("looplift-asr") != "1":
+        raise CheckpointError(f"{path!r} is not a looplift-asr model")
+    model = CTC(Config.from_json(meta["config"]))
+    load_params(model, path)
+    model.eval()
+    return model
+
+
+def evaluate(args) -> None:
+    from . import data, recipe
+    from .synth import Synthesizer
+    model = load_model(args.dir)
+    synth = Synthesizer()
+    plan = _data(args, synth)
+    audio = data.load(args.split, plan[args.split], synth, progress=False)
+    indices = list(range(len(audio)))[:args.limit]
+    start = time.perf_counter()
+    s = recipe.evaluate(model, audio, indices)
+    seconds = time.perf_counter() - start
+    print(f"{args.split}: {len(indices)} utterances (voices and sentences not trained on), greedy CTC: WER "
+          f"{100 * s['wer']:.2f}%, CER {100 * s['cer']:.2f}%; decoded in {seconds:.1f} s", flush=True)
+
+
+def transcribe(args) -> None:
+    from . import data, recipe
+    from .synth import SAMPLE_RATE, read_wav
+    model = load_model(args.dir)
+    waves = []
+    for path in args.wavs:
+        samples, rate = read_wav(path)
+        if rate != SAMPLE_RATE:
+            raise UsageError(f"{path}: {rate} Hz; the recognizer takes {SAMPLE_RATE} Hz")
+        waves.append(torch.from_numpy(samples.astype("int16")))
+    offsets = torch.tensor([0] + [len(w) for w in waves]).cumsum(0)
+    audio = data.Audio(torch.cat(waves), offsets, [data.Utterance("", "", 0, 0, None, 0)] * len(waves))
+    for path, text in zip(args.wavs, recipe.decode(model, audio)):
+        print(f"{path}\t{text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command in ("train", "run"):
+            train(args)
+            if args.command == "run":
+                args.split, args.limit = "test", None
+                evaluate(args)
+        elif args.command == "eval":
+            evaluate(args)
+        else:
+            transcribe(args)
+    except UsageError as e:
+        _fail(str(e), status=2)
+    except LoopliftError as e:
+        _fail(e.message)
+    except OSError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", status=130)
+
+
+def _fail(message: str, status: int = 1):
+    print(f"looplift-asr: error: {' '.join(message.split())}", file=sys.stderr)
+    raise SystemExit(status) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] if len(sys.argv) > 1 else None)

@@ -1,0 +1,86 @@
+"""The speech recipe's CTC recognizer: loss and gradients equal the reference interpreter's and plain PyTorch's
+(``F.ctc_loss`` over the same encoder outputs); greedy decoding; the CLI end to end on a tiny run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import looplift as ll
+from looplift.recipes.asr.model import BLANK, CHARS, CTC, FRAMES, Config, decode_text, encode_text, greedy
+
+TINY = Config(n_mels=12, conv=8, enc=8, enc_layers=1, dropout=0.0)
+
+
+def tiny_batch(model: CTC, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.tensor([44, 23, 36])
+    feats = torch.randn(3, 44, TINY.n_mels, generator=g, dtype=torch.float64)
+    texts = ["hi there", "ok", "yes it is"]                  # (8, 2, 9 labels: 11, 6 and 9 frames are enough)
+    ids = [encode_text(t) for t in texts]
+    n = torch.tensor([len(i) for i in ids])
+    y = torch.zeros(3, int(n.max()), dtype=torch.long)
+    for row, i in enumerate(ids):
+        y[row, :len(i)] = torch.tensor(i)
+    return (ll.Named(feats, (ll.batch_dim, FRAMES, model.feat), {FRAMES: frames}),
+            ll.Named(y, (ll.batch_dim, CHARS), {CHARS: n}, sparse_dim=model.labels), feats, frames, y, n)
+
+
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_ctc_loss_and_gradients_equal_the_reference_and_plain_pytorch():
+    torch.manual_seed(0)
+    model = CTC(TINY).double()
+    x, y, feats, frames, labels, n = tiny_batch(model)
+    program = ll.compile(model, mode="train")
+    loss = program(x, y).tensor
+    got = grads(model, loss)
+    ref = program.reference(x, y).tensor
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for name, g in grads(model, ref).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-12, msg=name)
+    # plain PyTorch: the same encoder outputs (from the log-probs the program decodes with) into F.ctc_loss
+    log_probs, enc_frames = ll.compile(model, mode="eval")(x)
+    time = [d for d in log_probs.dims if d not in (ll.batch_dim, model.labels)][0]
+    lp = log_probs.align(ll.batch_dim, time, model.labels)
+    want = F.ctc_loss(lp.transpose(0, 1), labels, enc_frames.tensor, n, blank=BLANK, reduction="sum")
+    assert enc_frames.tensor.tolist() == [11, 6, 9] and torch.isfinite(loss)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+
+
+def test_greedy_merges_repeats_and_drops_blanks():
+    lp = torch.full((1, 7, 5), -10.0)
+    for t, label in enumerate([0, 3, 3, 0, 3, 2, 2]):
+        lp[0, t, label] = 0.0
+    assert greedy(lp, torch.tensor([7])) == [[3, 3, 2]]
+    assert greedy(lp, torch.tensor([3])) == [[3]]
+    assert decode_text(encode_text("it's ok")) == "it's ok"
+
+
+def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("espeakng_loader")
+    pytest.importorskip("chatterbot_corpus")
+    from looplift.recipes.asr import cli
+    from looplift.recipes.asr.synth import Synthesizer, write_wav
+    monkeypatch.setenv("LOOPLIFT_CACHE", str(tmp_path / "cache"))
+    run = str(tmp_path / "run")
+    cli.main(["train", "--dir", run, "--sentences", "4", "--voices", "1", "--epochs", "2", "--batch", "2",
+              "--eval-utterances", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "training on" in out and "dev WER" in out
+    cli.main(["eval", "--dir", run, "--split", "test", "--limit", "3", "--sentences", "4"])
+    assert "test: 3 utterances" in capsys.readouterr().out
+    wav = tmp_path / "hello.wav"
+    write_wav(wav, Synthesizer().synthesize("hello there", voice="en-us"))
+    cli.main(["transcribe", "--dir", run, str(wav)])
+    (line,) = capsys.readouterr().out.splitlines()
+    path, text = line.split("\t")                # (a 2-epoch model's words are not expected to be right)
+    assert path == str(wav) and set(text) <= set(" 'abcdefghijklmnopqrstuvwxyz")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--dir", run, "--minutes", "-1"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("looplift-asr: error: argument --minutes")
