@@ -8,9 +8,22 @@ import torch
 import torch.nn.functional as F
 
 import looplift as ll
-from looplift.recipes.asr.model import BLANK, CHARS, CTC, FRAMES, Config, decode_text, encode_text, greedy
+from looplift.recipes.asr import recipe
+from looplift.recipes.asr.model import (
+    BLANK,
+    CHARS,
+    CTC,
+    FRAMES,
+    Attention,
+    Config,
+    Transducer,
+    build,
+    decode_text,
+    encode_text,
+    greedy,
+)
 
-TINY = Config(n_mels=12, conv=8, enc=8, enc_layers=1, dropout=0.0)
+TINY = Config(n_mels=12, conv=8, enc=8, enc_layers=1, dropout=0.0, emb=4, dec=6, joint=5, max_labels=3)
 
 
 def tiny_batch(model: CTC, seed: int = 0):
@@ -51,6 +64,36 @@ def test_ctc_loss_and_gradients_equal_the_reference_and_plain_pytorch():
     want = F.ctc_loss(lp.transpose(0, 1), labels, enc_frames.tensor, n, blank=BLANK, reduction="sum")
     assert enc_frames.tensor.tolist() == [11, 6, 9] and torch.isfinite(loss)
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("decoder", ["rnnt", "aed"])
+def test_loss_and_gradients_equal_the_reference_interpreter(decoder):
+    """The transducer's prediction loop and the attention decoder's loop, optimized, compute what the literal
+    step-by-step loop computes: loss and every parameter's gradient."""
+    torch.manual_seed(0)
+    model = build(Config(**{**TINY.__dict__, "decoder": decoder})).double()
+    x, _, feats, frames, labels, n = tiny_batch(model)
+    y = recipe.transcripts(model, ["hi there", "ok", "yes it is"])
+    assert y.tensor.shape[1] == 9 + (decoder == "aed")          # (the attention decoder's end symbol)
+    program = ll.compile(model, mode="train")
+    loss = program(x, y).tensor
+    got = grads(model, loss)
+    ref = program.reference(x, y).tensor
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for name, g in grads(model, ref).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("cls", [Transducer, Attention])
+def test_the_search_gives_transcripts_and_beam_1_is_the_greedy_best(cls):
+    torch.manual_seed(1)
+    model = cls(Config(**{**TINY.__dict__, "decoder": "rnnt" if cls is Transducer else "aed"})).double()
+    x = tiny_batch(model)[0]
+    search = ll.compile(model, mode="search")
+    for beam in (1, 3):
+        best = recipe._best_of_search(search(x, beam=beam))
+        assert len(best) == 3 and all(all(0 < t < model.labels.size for t in ids) for ids in best)
 
 
 def test_greedy_merges_repeats_and_drops_blanks():

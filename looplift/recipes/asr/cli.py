@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=_POSITIVE, default=None, help="stop after this many epochs")
         p.add_argument("--batch", type=_POSITIVE, default=32, help="utterances per batch (length-bucketed)")
         p.add_argument("--lr", type=_POSITIVE_FLOAT, default=1e-3, help="Adam learning rate")
+        p.add_argument("--decoder", choices=["ctc", "rnnt", "aed"], default="ctc",
+                       help="CTC, a transducer (RNN-T) or an attention decoder, over the same encoder")
         p.add_argument("--voices", type=_POSITIVE, default=5, help="voices speaking each training sentence")
         p.add_argument("--sentences", type=_POSITIVE, default=None,
                        help="only the first N sentences of each part (a quick run)")
@@ -72,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", formatter_class=fmt, help="word and character error rates")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="which part")
+    p.add_argument("--beam", type=_POSITIVE, default=1, help="beam size (rnnt and aed; CTC decodes greedily)")
     p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N utterances")
     p.add_argument("--sentences", type=_POSITIVE, default=None, help="only the first N sentences of the part")
     p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
@@ -98,7 +101,7 @@ def train(args):
     from looplift.train import Trainer, bucketed_batches
 
     from . import data, recipe
-    from .model import CTC, Config
+    from .model import Config, build
     from .synth import Synthesizer
     if args.minutes == 0 and args.epochs is None:
         raise UsageError("--minutes 0 trains without a time limit: give --epochs")
@@ -107,10 +110,10 @@ def train(args):
     progress = not args.no_progress
     audio = {part: data.load(part, plan[part], synth, progress=progress) for part in ("train", "dev")}
     train_audio = audio["train"]
-    usable = recipe.alignable(train_audio)
-    lengths = train_audio.lengths()
     torch.manual_seed(args.seed)
-    model = CTC(Config())
+    model = build(Config(decoder=args.decoder))
+    usable = recipe.alignable(train_audio, model)
+    lengths = train_audio.lengths()
     print(f"training on {len(usable)} utterances ({train_audio.hours():.2f} h, {len(train_audio) - len(usable)} "
           f"too fast to align left out); model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters", flush=True)
@@ -145,7 +148,7 @@ def load_model(directory: str):
     from looplift.errors import CheckpointError
     from looplift.train.checkpoint import load as load_params
 
-    from .model import CTC, Config
+    from .model import Config, build
     for name in ("best.safetensors", "model.safetensors"):
         path = os.path.join(directory, name)
         if os.path.exists(path):
@@ -156,7 +159,7 @@ def load_model(directory: str):
         meta = f.metadata() or {}
     if meta.get("looplift-asr") != "1":
         raise CheckpointError(f"{path!r} is not a looplift-asr model")
-    model = CTC(Config.from_json(meta["config"]))
+    model = build(Config.from_json(meta["config"]))
     load_params(model, path)
     model.eval()
     return model
@@ -171,9 +174,11 @@ def evaluate(args) -> None:
     audio = data.load(args.split, plan[args.split], synth, progress=False)
     indices = list(range(len(audio)))[:args.limit]
     start = time.perf_counter()
-    s = recipe.evaluate(model, audio, indices)
+    beam = getattr(args, "beam", 1)
+    s = recipe.evaluate(model, audio, indices, beam=beam)
     seconds = time.perf_counter() - start
-    print(f"{args.split}: {len(indices)} utterances (voices and sentences not trained on), greedy CTC: WER "
+    how = "greedy CTC" if model.config.decoder == "ctc" else f"{model.config.decoder}, beam {beam}"
+    print(f"{args.split}: {len(indices)} utterances (voices and sentences not trained on), {how}: WER "
           f"{100 * s['wer']:.2f}%, CER {100 * s['cer']:.2f}%; decoded in {seconds:.1f} s", flush=True)
 
 

@@ -8,6 +8,14 @@ heard can still be spelled.
 - :class:`CTC`: a linear map of each encoder frame to the characters and a
   blank, trained with ``looplift.ctc_loss``; decoded greedily (the best label
   per frame, repeats merged, blanks dropped).
+- :class:`Transducer`: RNN-T. A prediction LSTM over the characters so far,
+  a joint over every (frame, prefix) pair, the full-sum ``looplift.rnnt_loss``;
+  searched alignment-synchronously (at most `max_labels` characters per frame,
+  equal prefixes at the same frame merged), as the G2P transducer is.
+- :class:`Attention`: an LSTM decoder with dot attention over the encoder
+  frames, its context fed back, ``looplift.choice`` for the next character
+  (the G2P recipe's decoder, over speech): trained with the optimized loop,
+  searched with beam search.
 """
 
 from __future__ import annotations
@@ -20,14 +28,16 @@ import torch
 import looplift as ll
 from looplift import nn
 
+from ..g2p.model import decoder_loop, next_phoneme, result
 from .corpus import ALPHABET
 from .encoder import Encoder
 
-__all__ = ["Config", "CTC", "BLANK", "FRAMES", "CHARS", "encode_text", "decode_text"]
+__all__ = ["Config", "CTC", "Transducer", "Attention", "build", "BLANK", "FRAMES", "CHARS", "STEPS",
+           "encode_text", "decode_text"]
 
-BLANK = 0
-#: the dims of the inputs: the feature frames and the transcript's characters
-FRAMES, CHARS = ll.Dim("frames"), ll.Dim("chars")
+BLANK = 0     # (the end of a transcript for the attention decoder)
+#: the dims of the inputs: the feature frames and the transcript's characters; a search's steps
+FRAMES, CHARS, STEPS = ll.Dim("frames"), ll.Dim("chars"), ll.Dim("steps")
 
 
 @dataclass
@@ -39,7 +49,11 @@ class Config:
     enc: int = 256            # per layer, both directions together
     enc_layers: int = 2
     dropout: float = 0.1
-    decoder: str = "ctc"
+    decoder: str = "ctc"      # "ctc", "rnnt" or "aed"
+    emb: int = 64             # the character embedding of the rnnt and aed decoders
+    dec: int = 256            # their LSTM
+    joint: int = 256          # the rnnt's joint
+    max_labels: int = 4       # the rnnt's characters per encoder frame at most, in search
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -58,16 +72,26 @@ def decode_text(ids) -> str:
     return "".join(ALPHABET[i - 1] for i in ids)
 
 
-class CTC(ll.Module):
-    """``loss = model(feats, chars)`` (summed over the batch) in train/eval mode; ``log_probs, frames =
-    model(feats)`` for decoding."""
+class _Recognizer(ll.Module):
+    """The encoder and the output labels (the blank or end symbol, then the characters) every decoder shares."""
+
+    #: whether the training targets end with the end symbol (only the attention decoder's do)
+    target_eos = False
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = c = config
         self.feat = ll.Dim("mel", c.n_mels)
-        self.labels = ll.Dim("labels", len(ALPHABET) + 1)    # the blank, then the characters
+        self.labels = ll.Dim("labels", len(ALPHABET) + 1)
         self.encoder = Encoder(self.feat, ll.Dim("enc", c.enc), conv=c.conv, layers=c.enc_layers, dropout=c.dropout)
+
+
+class CTC(_Recognizer):
+    """``loss = model(feats, chars)`` (summed over the batch) in train/eval mode; ``log_probs, frames =
+    model(feats)`` for decoding."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
         self.out = nn.Linear(self.encoder.enc_dim, self.labels)
 
     def forward(self, feats, chars=None):
@@ -77,6 +101,114 @@ class CTC(ll.Module):
             return ll.log_softmax(logits, axis=self.labels), ll.length(time)
         loss = ll.ctc_loss(logits, chars, input_axis=time, targets_axis=CHARS, axis=self.labels, blank=BLANK)
         return ll.sum(loss, axis=ll.batch_dim)
+
+
+class Transducer(_Recognizer):
+    """``loss = model(feats, chars)`` in train/eval mode (summed over the batch); ``labels, scores, lengths,
+    valid = model(feats, beam=k)`` in search mode (labels over alignment steps, blanks included)."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        c = config
+        self.emb_dim, self.pred_dim, self.joint_dim = ll.Dim("emb", c.emb), ll.Dim("pred", c.dec), \
+            ll.Dim("joint", c.joint)
+        self.emb = nn.Embedding(self.labels, self.emb_dim)
+        self.pred = nn.LSTM(self.emb_dim, self.pred_dim)
+        self.from_enc = nn.Linear(self.encoder.enc_dim, self.joint_dim)
+        self.from_pred = nn.Linear(self.pred_dim, self.joint_dim)
+        self.readout = nn.Linear(self.joint_dim, self.labels)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def joint(self, enc, pred):
+        return self.readout(ll.tanh(enc + pred))
+
+    def forward(self, feats, chars=None, *, beam: int = 1):
+        enc, time = self.encoder(feats, frames=FRAMES)
+        enc = self.from_enc(self.dropout(enc))
+        if ll.is_search():
+            return self._search(enc, time, beam)
+        prefix = CHARS + 1                                   # the prefixes of 0..U characters
+        inputs = ll.pad(chars, axis=CHARS, left=1, value=BLANK)
+        loop = ll.Loop(axis=prefix)
+        loop.state.lstm = self.pred.default_initial_state()
+        with loop:
+            h, loop.state.lstm = self.pred(self.emb(loop.unstack(inputs)), loop.state.lstm)
+            pred = loop.stack(self.from_pred(self.dropout(h)))
+        logits = self.joint(enc, pred)                       # {batch, time, chars + 1, labels}
+        loss = ll.rnnt_loss(logits, chars, blank=BLANK, enc_time=time, prefix=prefix, axis=self.labels)
+        return ll.sum(loss, axis=ll.batch_dim)
+
+    def _search(self, enc, time: ll.Dim, beam: int):
+        limit = self.config.max_labels
+        loop = ll.Loop(axis=STEPS, max_seq_len=(limit + 1) * ll.length(time))
+        loop.state.t = ll.zeros([], dtype="int64")
+        loop.state.label = ll.full(BLANK, sparse_dim=self.labels)
+        loop.state.started = ll.full(False)
+        loop.state.lstm = self.pred.default_initial_state()
+        loop.state.emitted = ll.zeros([], dtype="int64")
+        loop.state.history = ll.search.label_history_start()
+        with loop:
+            frame = ll.gather(enc, index=loop.state.t, axis=time)
+            with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
+                h, loop.state.lstm = self.pred(self.emb(loop.state.label), loop.state.lstm)
+            loop.state.started = ll.full(True)
+            log_probs = ll.log_softmax(self.joint(frame, self.from_pred(h)), axis=self.labels)
+            log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=limit, blank=BLANK,
+                                                         axis=self.labels)
+            label = ll.choice(log_probs, beam_size=beam, axis=self.labels)
+            loop.state.label = label
+            loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
+            loop.state.emitted = ll.search.labels_since_blank(loop.state.emitted, label, blank=BLANK)
+            loop.state.history = ll.search.label_history(loop.state.history, label, ignore=BLANK)
+            ll.search.merge([loop.state.t, loop.state.history, loop.state.emitted], mode="logsumexp")
+            loop.end(loop.state.t >= ll.length(time), include_eos=True)
+            labels = loop.stack(label)
+        return labels, loop.search.scores, loop.search.lengths, loop.search.valid
+
+
+class Attention(_Recognizer):
+    """``loss = model(feats, chars)`` in train/eval mode (summed over the batch; the targets end with the end
+    symbol); ``labels, scores, lengths, valid = model(feats, beam=k)`` in search mode."""
+
+    target_eos = True
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        c = config
+        self.emb_dim, self.dec_dim = ll.Dim("emb", c.emb), ll.Dim("dec", c.dec)
+        enc_dim = self.encoder.enc_dim
+        self.emb = nn.Embedding(self.labels, self.emb_dim)
+        self.cell = nn.LSTM(self.emb_dim + enc_dim, self.dec_dim)
+        self.query = nn.Linear(self.dec_dim, enc_dim)
+        self.readout = nn.Linear(self.dec_dim + enc_dim, self.labels)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, feats, chars=None, *, beam: int = 1):
+        enc, time = self.encoder(feats, frames=FRAMES)
+        enc_dim = self.encoder.enc_dim
+        loop = decoder_loop(self.labels, src=time, tgt=CHARS if chars is not None else STEPS, max_len=None)
+        loop.state.lstm = self.cell.default_initial_state()
+        loop.state.ctx = ll.zeros([enc_dim])
+        with loop:
+            x = ll.concat(self.emb(loop.state.label), loop.state.ctx, axis=[self.emb_dim, enc_dim])
+            h, loop.state.lstm = self.cell(x, loop.state.lstm)
+            att = ll.softmax(ll.dot(enc, self.query(h), reduce=enc_dim), axis=time)
+            loop.state.ctx = ll.dot(att, enc, reduce=time)
+            readout_in = self.dropout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, enc_dim]))
+            log_probs = ll.log_softmax(self.readout(readout_in), axis=self.labels)
+            stacked = next_phoneme(loop, log_probs, chars, axis=self.labels, beam=beam, threshold=None,
+                                   label_smoothing=0.0)
+        return result(loop, stacked)
+
+
+DECODERS = {"ctc": CTC, "rnnt": Transducer, "aed": Attention}
+
+
+def build(config: Config) -> CTC | Transducer | Attention:
+    """The recognizer of `config.decoder`."""
+    if config.decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {config.decoder!r}")
+    return DECODERS[config.decoder](config)
 
 
 def greedy(log_probs: torch.Tensor, frames: torch.Tensor) -> list[list[int]]:
