@@ -116,7 +116,7 @@ def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monke
               "--eval-utterances", "2", "--no-progress"])
     out = capsys.readouterr().out
     assert "training on" in out and "dev WER" in out
-    cli.main(["eval", "--dir", run, "--split", "test", "--limit", "3", "--sentences", "4"])
+    cli.main(["eval", "--dir", run, "--split", "test", "--limit", "3", "--sentences", "4", "--beam", "2"])
     assert "test: 3 utterances" in capsys.readouterr().out
     wav = tmp_path / "hello.wav"
     write_wav(wav, Synthesizer().synthesize("hello there", voice="en-us"))
@@ -127,3 +127,36 @@ def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monke
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--dir", run, "--minutes", "-1"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("looplift-asr: error: argument --minutes")
+
+
+def test_the_ctc_prefix_search_sums_every_alignment_of_a_prefix():
+    """With a beam that keeps every hypothesis, the merged hypotheses of each label sequence hold, together,
+    exactly its CTC probability (the sum over all its alignments, from F.ctc_loss); beam 1 is greedy."""
+    labels, T = ll.Dim("labels", 3), ll.Dim("time")
+    holder = type("Holder", (), {"labels": labels})()
+    torch.manual_seed(3)
+    lengths = torch.tensor([4, 3])
+    lp = torch.log_softmax(torch.randn(2, 4, 3, dtype=torch.float64), -1)
+    x = ll.Named(lp, (ll.batch_dim, T, labels), {T: lengths})
+    search = ll.compile(lambda v, beam: CTC._search(holder, v, T, beam), mode="search")
+    ys, scores, n, valid = search(x, 81)
+    (beam,) = [d for d in valid.dims if d is not ll.batch_dim]
+    (steps,) = [d for d in ys.dims if d not in (ll.batch_dim, beam)]
+    ys, n = ys.align(ll.batch_dim, beam, steps), n.align(ll.batch_dim, beam)
+    scores, valid = scores.align(ll.batch_dim, beam), valid.align(ll.batch_dim, beam)
+    for row in range(2):
+        by_prefix: dict[tuple, list[float]] = {}
+        for k in range(valid.shape[1]):
+            if valid[row, k]:
+                prefix = tuple(t for t in ys[row, k, :int(n[row, k])].tolist() if t != BLANK)
+                by_prefix.setdefault(prefix, []).append(float(scores[row, k]))
+        assert len(by_prefix) > 3
+        for prefix, parts in by_prefix.items():
+            assert len(parts) <= 2                       # (ending in the blank, or in the prefix's last label)
+            want = -F.ctc_loss(lp[row:row + 1, :int(lengths[row])].transpose(0, 1),
+                               torch.tensor([prefix or [0]])[:, :len(prefix)], lengths[row:row + 1],
+                               torch.tensor([len(prefix)]), blank=BLANK, reduction="sum")
+            torch.testing.assert_close(torch.logsumexp(torch.tensor(parts, dtype=torch.float64), 0), want,
+                                       rtol=1e-9, atol=1e-9)
+    best = recipe._best_of_search(search(x, 1))
+    assert best == greedy(lp, lengths)

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", formatter_class=fmt, help="word and character error rates")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="which part")
-    p.add_argument("--beam", type=_POSITIVE, default=1, help="beam size (rnnt and aed; CTC decodes greedily)")
+    p.add_argument("--beam", type=_POSITIVE, default=1, help="beam size (1: greedy; CTC: its prefix search)")
     p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N utterances")
     p.add_argument("--sentences", type=_POSITIVE, default=None, help="only the first N sentences of the part")
     p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
@@ -177,7 +177,7 @@ def evaluate(args) -> None:
     beam = getattr(args, "beam", 1)
     s = recipe.evaluate(model, audio, indices, beam=beam)
     seconds = time.perf_counter() - start
-    how = "greedy CTC" if model.config.decoder == "ctc" else f"{model.config.decoder}, beam {beam}"
+    how = f"{model.config.decoder}, " + ("greedy" if beam == 1 else f"beam {beam}")
     print(f"{args.split}: {len(indices)} utterances (voices and sentences not trained on), {how}: WER "
           f"{100 * s['wer']:.2f}%, CER {100 * s['cer']:.2f}%; decoded in {seconds:.1f} s", flush=True)
 

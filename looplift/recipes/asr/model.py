@@ -7,7 +7,7 @@ heard can still be spelled.
 
 - :class:`CTC`: a linear map of each encoder frame to the characters and a
   blank, trained with ``looplift.ctc_loss``; decoded greedily (the best label
-  per frame, repeats merged, blanks dropped).
+  per frame, repeats merged, blanks dropped) or by a prefix beam search.
 - :class:`Transducer`: RNN-T. A prediction LSTM over the characters so far,
   a joint over every (frame, prefix) pair, the full-sum ``looplift.rnnt_loss``;
   searched alignment-synchronously (at most `max_labels` characters per frame,
@@ -94,13 +94,34 @@ class CTC(_Recognizer):
         super().__init__(config)
         self.out = nn.Linear(self.encoder.enc_dim, self.labels)
 
-    def forward(self, feats, chars=None):
+    def forward(self, feats, chars=None, *, beam: int = 1):
         enc, time = self.encoder(feats, frames=FRAMES)
         logits = self.out(enc)
+        if ll.is_search():
+            return self._search(ll.log_softmax(logits, axis=self.labels), time, beam)
         if chars is None:
             return ll.log_softmax(logits, axis=self.labels), ll.length(time)
         loss = ll.ctc_loss(logits, chars, input_axis=time, targets_axis=CHARS, axis=self.labels, blank=BLANK)
         return ll.sum(loss, axis=ll.batch_dim)
+
+
+    def _search(self, log_probs, time: ll.Dim, beam: int):
+        """The prefix beam search: a loop over the encoder frames whose hypotheses are alignments (a label or
+        the blank per frame); those with the same label sequence so far and the same last symbol are merged
+        (log-sum-exp), so a hypothesis's score is the probability of its prefix ending in that symbol, the
+        sums of the prefix search. The stacked labels are those the alignment emits (a label other than the
+        one before it), the blank elsewhere."""
+        loop = ll.Loop(axis=time)
+        loop.state.last = ll.full(BLANK, sparse_dim=self.labels)
+        loop.state.history = ll.search.label_history_start()
+        with loop:
+            label = ll.choice(loop.unstack(log_probs), beam_size=beam, axis=self.labels)
+            emitted = ll.where(label != loop.state.last, label, ll.full(BLANK, sparse_dim=self.labels))
+            loop.state.history = ll.search.label_history(loop.state.history, emitted, ignore=BLANK)
+            loop.state.last = label
+            ll.search.merge([loop.state.history, loop.state.last], mode="logsumexp")
+            labels = loop.stack(emitted)
+        return labels, loop.search.scores, loop.search.lengths, loop.search.valid
 
 
 class Transducer(_Recognizer):

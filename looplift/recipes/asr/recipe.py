@@ -65,12 +65,13 @@ def loss_function(audio: Audio):
 
 def decode(model, audio: Audio, indices: Sequence[int] | None = None, *, beam: int = 1,
            batch_size: int = 32) -> list[str]:
-    """The transcript of every utterance (`indices`: all by default), batched by length: CTC greedily, the
-    transducer and the attention decoder by beam search (`beam` 1: greedy)."""
+    """The transcript of every utterance (`indices`: all by default), batched by length, by beam search (CTC's
+    prefix search, the transducer's and the attention decoder's); `beam` 1: greedy (for CTC, the best label
+    per frame, without the search)."""
     indices = list(range(len(audio))) if indices is None else list(indices)
     lengths = audio.lengths()
     order = sorted(range(len(indices)), key=lambda k: lengths[indices[k]])
-    ctc = isinstance(model, CTC)
+    ctc = isinstance(model, CTC) and beam == 1
     program = ll.compile(model, mode="eval" if ctc else "search")
     out: list[str] = [""] * len(indices)
     was_training = model.training
