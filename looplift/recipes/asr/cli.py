@@ -16,57 +16,34 @@ import time
 
 import torch
 
-from looplift.errors import LoopliftError
+from .._cli import NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, run_command
 
 DEFAULT_DIR = "asr-run"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are one line on stderr (``looplift-asr: error: ...``) and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind: type, what: str, low: float, *, open_low: bool = False):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not (v > low if open_low else v >= low):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return v
-    return parse
-
-
-_POSITIVE = _number(int, "a positive integer", 1)
-_NONNEGATIVE = _number(float, ">= 0", 0)
-_POSITIVE_FLOAT = _number(float, "> 0", 0, open_low=True)
 
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = _Parser(prog="looplift-asr", description=__doc__.split("\n\n")[0],
-                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = Parser(prog="looplift-asr", description=__doc__.split("\n\n")[0],
+                    epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, minutes, text in (("run", 5.0, "synthesize, train and evaluate (the main job)"),
                                 ("train", 30.0, "train a recognizer")):
         p = sub.add_parser(name, formatter_class=fmt, help=text, description=text)
         p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder: checkpoints and the model")
-        p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
-        p.add_argument("--minutes", type=_NONNEGATIVE, default=minutes,
+        p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
+        p.add_argument("--minutes", type=NONNEGATIVE, default=minutes,
                        help="training time budget in minutes (0: no limit, use --epochs)")
-        p.add_argument("--epochs", type=_POSITIVE, default=None, help="stop after this many epochs")
-        p.add_argument("--batch", type=_POSITIVE, default=32, help="utterances per batch (length-bucketed)")
-        p.add_argument("--lr", type=_POSITIVE_FLOAT, default=1e-3, help="Adam learning rate")
+        p.add_argument("--epochs", type=POSITIVE, default=None, help="stop after this many epochs")
+        p.add_argument("--batch", type=POSITIVE, default=32, help="utterances per batch (length-bucketed)")
+        p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="Adam learning rate")
         p.add_argument("--decoder", choices=["ctc", "rnnt", "aed"], default="ctc",
                        help="CTC, a transducer (RNN-T) or an attention decoder, over the same encoder")
-        p.add_argument("--voices", type=_POSITIVE, default=5, help="voices speaking each training sentence")
-        p.add_argument("--sentences", type=_POSITIVE, default=None,
+        p.add_argument("--voices", type=POSITIVE, default=5, help="voices speaking each training sentence")
+        p.add_argument("--sentences", type=POSITIVE, default=None,
                        help="only the first N sentences of each part (a quick run)")
-        p.add_argument("--eval-utterances", type=_POSITIVE, default=100,
+        p.add_argument("--eval-utterances", type=POSITIVE, default=100,
                        help="dev utterances decoded after each epoch")
         p.add_argument("--seed", type=int, default=0, help="random seed (data plan, initialization, batches)")
         p.add_argument("--resume", action="store_true", help="continue the run in --dir where it stopped")
@@ -74,20 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", formatter_class=fmt, help="word and character error rates")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="which part")
-    p.add_argument("--beam", type=_POSITIVE, default=1, help="beam size (1: greedy; CTC: its prefix search)")
-    p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N utterances")
-    p.add_argument("--sentences", type=_POSITIVE, default=None, help="only the first N sentences of the part")
+    p.add_argument("--beam", type=POSITIVE, default=1, help="beam size (1: greedy; CTC: its prefix search)")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N utterances")
+    p.add_argument("--sentences", type=POSITIVE, default=None, help="only the first N sentences of the part")
     p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe WAV files")
     p.add_argument("wavs", nargs="+", metavar="WAV", help="16-bit mono WAV files at 22,050 Hz")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     return parser
-
-
-class UsageError(Exception):
-    """Arguments that each make sense but not together."""
 
 
 def _data(args, synth):
@@ -204,31 +177,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
+    run_command("looplift-asr", lambda: _command(args))
+
+
+def _command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if args.command in ("train", "run"):
-            train(args)
-            if args.command == "run":
-                args.split, args.limit = "test", None
-                evaluate(args)
-        elif args.command == "eval":
+    if args.command in ("train", "run"):
+        train(args)
+        if args.command == "run":
+            args.split, args.limit = "test", None
             evaluate(args)
-        else:
-            transcribe(args)
-    except UsageError as e:
-        _fail(str(e), status=2)
-    except LoopliftError as e:
-        _fail(e.message)
-    except OSError as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", status=130)
-
-
-def _fail(message: str, status: int = 1):
-    print(f"looplift-asr: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(status) from None
+    elif args.command == "eval":
+        evaluate(args)
+    else:
+        transcribe(args)
 
 
 if __name__ == "__main__":

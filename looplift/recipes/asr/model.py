@@ -29,6 +29,7 @@ import looplift as ll
 from looplift import nn
 
 from ..g2p.model import decoder_loop, next_phoneme, result
+from ..g2p.transducer import alignment_search
 from .corpus import ALPHABET
 from .encoder import Encoder
 
@@ -161,30 +162,8 @@ class Transducer(_Recognizer):
 
     def _search(self, enc, time: ll.Dim, beam: int):
         limit = self.config.max_labels
-        loop = ll.Loop(axis=STEPS, max_seq_len=(limit + 1) * ll.length(time))
-        loop.state.t = ll.zeros([], dtype="int64")
-        loop.state.label = ll.full(BLANK, sparse_dim=self.labels)
-        loop.state.started = ll.full(False)
-        loop.state.lstm = self.pred.default_initial_state()
-        loop.state.emitted = ll.zeros([], dtype="int64")
-        loop.state.history = ll.search.label_history_start()
-        with loop:
-            frame = ll.gather(enc, index=loop.state.t, axis=time)
-            with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
-                h, loop.state.lstm = self.pred(self.emb(loop.state.label), loop.state.lstm)
-            loop.state.started = ll.full(True)
-            log_probs = ll.log_softmax(self.joint(frame, self.from_pred(h)), axis=self.labels)
-            log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=limit, blank=BLANK,
-                                                         axis=self.labels)
-            label = ll.choice(log_probs, beam_size=beam, axis=self.labels)
-            loop.state.label = label
-            loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
-            loop.state.emitted = ll.search.labels_since_blank(loop.state.emitted, label, blank=BLANK)
-            loop.state.history = ll.search.label_history(loop.state.history, label, ignore=BLANK)
-            ll.search.merge([loop.state.t, loop.state.history, loop.state.emitted], mode="logsumexp")
-            loop.end(loop.state.t >= ll.length(time), include_eos=True)
-            labels = loop.stack(label)
-        return labels, loop.search.scores, loop.search.lengths, loop.search.valid
+        return alignment_search(self, enc, self.labels, frames=time, steps=STEPS, max_labels=limit, beam=beam,
+                                max_len=(limit + 1) * ll.length(time))
 
 
 class Attention(_Recognizer):

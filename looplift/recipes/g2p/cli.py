@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from looplift.errors import LoopliftError
-
+from .._cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, number, run_command
 from . import data, recipe
 from .model import G2P, Config
 from .transducer import TransducerConfig
@@ -28,38 +27,13 @@ DEFAULT_DIR = "g2p-run"
 EXAMPLE_WORDS = ["looplift", "transducer", "phoneme", "beam", "pytorch"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are one line on stderr (``looplift-g2p: error: ...``) and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind: type, what: str, low: float, high: float = math.inf, *, open_low=False, open_high=False):
-    """An argparse type: a `kind` (int or float) between `low` and `high` (each end included unless open)."""
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not ((low < v) if open_low else (low <= v)) or not ((v < high) if open_high else (v <= high)):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return v
-    return parse
-
-
-_POSITIVE = _number(int, "a positive integer", 1)
-_COUNT = _number(int, "0 or more", 0)
-_NONNEGATIVE = _number(float, ">= 0", 0)
-_POSITIVE_FLOAT = _number(float, "> 0", 0, open_low=True)
-_FRACTION = _number(float, "in [0, 1)", 0, 1, open_high=True)
-_DECAY = _number(float, "in (0, 1]", 0, 1, open_low=True)
+_FRACTION = number(float, "in [0, 1)", 0, 1, open_high=True)
+_DECAY = number(float, "in (0, 1]", 0, 1, open_low=True)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder: checkpoints and the model")
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -69,16 +43,16 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
-    p.add_argument("--minutes", type=_NONNEGATIVE, default=minutes,
+    p.add_argument("--minutes", type=NONNEGATIVE, default=minutes,
                    help="training time budget in minutes (0: no limit, use --epochs or --max-steps)")
-    p.add_argument("--epochs", type=_POSITIVE, default=None, help="stop after this many epochs")
-    p.add_argument("--max-steps", type=_POSITIVE, default=None,
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="stop after this many epochs")
+    p.add_argument("--max-steps", type=POSITIVE, default=None,
                    help="stop after this many steps (in all, with --resume)")
-    p.add_argument("--batch", type=_POSITIVE, default=256, help="words per batch (length-bucketed)")
-    p.add_argument("--lr", type=_POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
+    p.add_argument("--batch", type=POSITIVE, default=256, help="words per batch (length-bucketed)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
     p.add_argument("--lr-decay", type=_DECAY, default=0.9,
                    help="multiply the learning rate by this after each epoch (1: constant)")
-    p.add_argument("--clip", type=_NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
+    p.add_argument("--clip", type=NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=_FRACTION, default=0.3, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=_FRACTION, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--arch", choices=["lstm", "transformer", "transducer"], default="lstm",
@@ -86,25 +60,25 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
                         "(RNN-T: the BiLSTM encoder, an LSTM prediction network of size --dec, a joint of size "
                         "--joint; full-sum training). The --emb ... --dec sizes are the LSTM's and the "
                         "transducer's, --model-dim ... --layers the Transformer's")
-    p.add_argument("--joint", type=_POSITIVE, default=256, help="the transducer's joint network size")
-    p.add_argument("--max-labels", type=_POSITIVE, default=3,
+    p.add_argument("--joint", type=POSITIVE, default=256, help="the transducer's joint network size")
+    p.add_argument("--max-labels", type=POSITIVE, default=3,
                    help="the transducer's phonemes per character at most, in search")
-    p.add_argument("--emb", type=_POSITIVE, default=64, help="character and phoneme embedding size")
-    p.add_argument("--enc", type=_POSITIVE, default=256, help="encoder size per layer (both directions)")
-    p.add_argument("--enc-layers", type=_POSITIVE, default=2, help="bidirectional LSTM encoder layers")
-    p.add_argument("--dec", type=_POSITIVE, default=256, help="decoder LSTM size")
-    p.add_argument("--model-dim", type=_POSITIVE, default=128, help="Transformer width")
-    p.add_argument("--heads", type=_POSITIVE, default=4, help="Transformer attention heads")
-    p.add_argument("--ff", type=_POSITIVE, default=512, help="Transformer feed-forward size")
-    p.add_argument("--layers", type=_POSITIVE, default=2, help="Transformer encoder layers, and as many decoder layers")
+    p.add_argument("--emb", type=POSITIVE, default=64, help="character and phoneme embedding size")
+    p.add_argument("--enc", type=POSITIVE, default=256, help="encoder size per layer (both directions)")
+    p.add_argument("--enc-layers", type=POSITIVE, default=2, help="bidirectional LSTM encoder layers")
+    p.add_argument("--dec", type=POSITIVE, default=256, help="decoder LSTM size")
+    p.add_argument("--model-dim", type=POSITIVE, default=128, help="Transformer width")
+    p.add_argument("--heads", type=POSITIVE, default=4, help="Transformer attention heads")
+    p.add_argument("--ff", type=POSITIVE, default=512, help="Transformer feed-forward size")
+    p.add_argument("--layers", type=POSITIVE, default=2, help="Transformer encoder layers, and as many decoder layers")
     p.add_argument("--stress", action="store_true", help="keep stress markers (default: stripped, 39 phonemes)")
-    p.add_argument("--words", type=_POSITIVE, default=None,
+    p.add_argument("--words", type=POSITIVE, default=None,
                    help="train on only the first N training words (by the split's order), for quick runs")
-    p.add_argument("--eval-words", type=_COUNT, default=2000,
+    p.add_argument("--eval-words", type=COUNT, default=2000,
                    help="dev words decoded after each epoch, a sample in hash order (not alphabetical) of the dev "
                         "split; the model with the best dev WER is kept as best.safetensors, which eval and "
                         "convert use (0: no evaluation, no best.safetensors)")
-    p.add_argument("--eval-beam", type=_POSITIVE, default=5, help="beam size of the per-epoch dev evaluation")
+    p.add_argument("--eval-beam", type=POSITIVE, default=5, help="beam size of the per-epoch dev evaluation")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialization, batches, dropout)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --dir exactly where it stopped (same options)")
@@ -113,17 +87,17 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = _Parser(prog="looplift-g2p", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = Parser(prog="looplift-g2p", description=__doc__.split("\n\n")[0],
+                    epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("run", formatter_class=fmt, help="train, evaluate and convert (the main job)",
                        description="Train a model for a time budget, evaluate it on the test split with beam "
                                    "search, print PER/WER and a few converted words.")
     _add_common(p)
     _add_train_options(p, minutes=3.0)
-    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size of the final evaluation")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size of the final evaluation")
     p.add_argument("--split", choices=["dev", "test"], default="test", help="the split evaluated at the end")
-    p.add_argument("--limit", type=_POSITIVE, default=None, help="evaluate only the first N words of the split")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="evaluate only the first N words of the split")
 
     p = sub.add_parser("train", formatter_class=fmt, help="train a model",
                        description="Train a G2P model on the train split; a checkpoint is written to --dir "
@@ -137,34 +111,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(p)
     _add_checkpoint(p)
     p.add_argument("--split", choices=["dev", "test"], default="dev", help="which split")
-    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size")
     _add_threshold(p)
-    p.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N words of the split")
-    p.add_argument("--batch", type=_POSITIVE, default=256, help="words decoded at once")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N words of the split")
+    p.add_argument("--batch", type=POSITIVE, default=256, help="words decoded at once")
 
     p = sub.add_parser("convert", formatter_class=fmt, help="pronounce words",
                        description="Print the n-best pronunciations of WORDs with their log-probabilities.")
     _add_common(p)
     _add_checkpoint(p)
     p.add_argument("words", nargs="+", metavar="WORD", help="words to convert (case is ignored)")
-    p.add_argument("--beam", type=_POSITIVE, default=5, help="beam size")
+    p.add_argument("--beam", type=POSITIVE, default=5, help="beam size")
     _add_threshold(p)
-    p.add_argument("--nbest", type=_POSITIVE, default=3, help="pronunciations printed per word")
+    p.add_argument("--nbest", type=POSITIVE, default=3, help="pronunciations printed per word")
     return parser
 
 
 def _add_threshold(p) -> None:
-    p.add_argument("--threshold", type=_NONNEGATIVE, default=None,
+    p.add_argument("--threshold", type=NONNEGATIVE, default=None,
                    help="keep only hypotheses within this log-probability of the best (at most --beam): the beam "
                         "shrinks where the model is sure (default: off)")
 
 
 def _threshold(args) -> float | None:
     return getattr(args, "threshold", None)   # (`run` has none)
-
-
-class UsageError(Exception):
-    """Arguments that each make sense but not together (``looplift-g2p: error: ...``, exit status 2)."""
 
 
 def _check(args) -> None:
@@ -280,41 +250,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
-    try:
-        _check(args)
-    except UsageError as e:
-        parser.exit(2, f"looplift-g2p: error: {e}\n")
+    run_command("looplift-g2p", lambda: _command(args), expected=(data.UnknownSymbolError,))
+
+
+def _command(args) -> None:
+    _check(args)   # (before any work)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if args.command == "train":
-            train(args)
-        elif args.command == "run":
-            train(args)
-            evaluate(args)
-            args.words, args.nbest = EXAMPLE_WORDS, 2
-            convert(args)
-        elif args.command == "eval":
-            evaluate(args)
-        else:
-            convert(args)
-    except UsageError as e:
-        _fail(str(e), status=2)
-    except LoopliftError as e:   # (a checkpoint; its line in the recipe means nothing to a user of the CLI)
-        _fail(e.message)
-    except (data.UnknownSymbolError, OSError) as e:   # (an unknown character, a file)
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", status=130)
-    except Exception as e:   # a looplift bug: still one line (LOOPLIFT_TRACEBACK=1 shows the traceback)
-        if os.environ.get("LOOPLIFT_TRACEBACK"):
-            raise
-        _fail(f"internal error, please report it: {type(e).__name__}: {e} (LOOPLIFT_TRACEBACK=1 shows where)")
-
-
-def _fail(message: str, status: int = 1):
-    print(f"looplift-g2p: error: {' '.join(message.split())}", file=sys.stderr)
-    raise SystemExit(status) from None
+    if args.command == "train":
+        train(args)
+    elif args.command == "run":
+        train(args)
+        evaluate(args)
+        args.words, args.nbest = EXAMPLE_WORDS, 2
+        convert(args)
+    elif args.command == "eval":
+        evaluate(args)
+    else:
+        convert(args)
 
 
 if __name__ == "__main__":

@@ -94,28 +94,42 @@ class TransducerG2P(ll.Module):
     def _search(self, enc, *, src: ll.Dim, tgt: ll.Dim, beam: int, max_len: int | None,
                 threshold: float | None):
         c = self.config
-        loop = ll.Loop(axis=tgt, max_seq_len=(c.max_labels + 1) * ll.length(src) if max_len is None else max_len)
-        loop.state.t = ll.zeros([], dtype="int64")
-        loop.state.label = ll.full(BLANK, sparse_dim=self.phonemes)
-        loop.state.started = ll.full(False)
-        loop.state.lstm = self.pred.default_initial_state()
-        loop.state.emitted = ll.zeros([], dtype="int64")
-        loop.state.history = ll.search.label_history_start()
-        with loop:
-            frame = ll.gather(enc, index=loop.state.t, axis=src)
-            # the prediction network steps on the start (the blank), then on each phoneme emitted
-            with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
-                h, loop.state.lstm = self.pred(self.emb(loop.state.label), state=loop.state.lstm)
-            loop.state.started = ll.full(True)
-            log_probs = ll.log_softmax(self.joint(frame, self.from_pred(h)), axis=self.phonemes)
-            log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=c.max_labels,
-                                                         blank=BLANK, axis=self.phonemes)
-            label = ll.choice(log_probs, beam_size=beam, axis=self.phonemes, threshold=threshold)
-            loop.state.label = label
-            loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
-            loop.state.emitted = ll.search.labels_since_blank(loop.state.emitted, label, blank=BLANK)
-            loop.state.history = ll.search.label_history(loop.state.history, label, ignore=BLANK)
-            ll.search.merge([loop.state.t, loop.state.history, loop.state.emitted], mode="logsumexp")
-            loop.end(loop.state.t >= ll.length(src), include_eos=True)
-            labels = loop.stack(label)
-        return labels, loop.search.scores, loop.search.lengths, loop.search.valid
+        max_len = (c.max_labels + 1) * ll.length(src) if max_len is None else max_len
+        return alignment_search(self, enc, self.phonemes, frames=src, steps=tgt, max_labels=c.max_labels, beam=beam,
+                                max_len=max_len, threshold=threshold)
+
+
+def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Dim, max_labels: int, beam: int,
+                     max_len, threshold: float | None = None):
+    """A transducer's alignment-synchronous beam search, over the projected encoder frames `enc` (over
+    `frames`): a loop over alignment steps (`steps`) with the frame position ``t`` as a state, the prediction
+    LSTM (``model.pred`` on ``model.emb`` of the last label) stepping under a ``MaskedComputation`` where the
+    last symbol was a label, ``model.joint(frame, model.from_pred(h))`` scoring `labels` (the blank is 0), at
+    most `max_labels` labels per frame, and the hypotheses that reach the same frame with the same labels
+    merged (log-sum-exp: the sum over their alignments). Returns the search's ``(labels over steps, blanks
+    included; scores, lengths, valid)``."""
+    loop = ll.Loop(axis=steps, max_seq_len=max_len)
+    loop.state.t = ll.zeros([], dtype="int64")
+    loop.state.label = ll.full(BLANK, sparse_dim=labels)
+    loop.state.started = ll.full(False)
+    loop.state.lstm = model.pred.default_initial_state()
+    loop.state.emitted = ll.zeros([], dtype="int64")
+    loop.state.history = ll.search.label_history_start()
+    with loop:
+        frame = ll.gather(enc, index=loop.state.t, axis=frames)
+        # the prediction network steps on the start (the blank), then on each label emitted
+        with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
+            h, loop.state.lstm = model.pred(model.emb(loop.state.label), loop.state.lstm)
+        loop.state.started = ll.full(True)
+        log_probs = ll.log_softmax(model.joint(frame, model.from_pred(h)), axis=labels)
+        log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=max_labels, blank=BLANK,
+                                                     axis=labels)
+        label = ll.choice(log_probs, beam_size=beam, axis=labels, threshold=threshold)
+        loop.state.label = label
+        loop.state.t = loop.state.t + ll.cast(label == BLANK, "int64")
+        loop.state.emitted = ll.search.labels_since_blank(loop.state.emitted, label, blank=BLANK)
+        loop.state.history = ll.search.label_history(loop.state.history, label, ignore=BLANK)
+        ll.search.merge([loop.state.t, loop.state.history, loop.state.emitted], mode="logsumexp")
+        loop.end(loop.state.t >= ll.length(frames), include_eos=True)
+        stacked = loop.stack(label)
+    return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
