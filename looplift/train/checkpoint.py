@@ -21,7 +21,7 @@ from safetensors.torch import save as _save_bytes
 
 from ..errors import ArgumentError, CheckpointError, CheckpointWriteError, entry_point
 
-__all__ = ["save", "load", "state_of", "atomic_write", "mismatches", "copy_into"]
+__all__ = ["save", "load", "state_of", "cpu_state", "atomic_write", "mismatches", "copy_into"]
 
 
 def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -31,6 +31,11 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                       for name in getattr(m, "_non_persistent_buffers_set", ())}
     state.update({k: v for k, v in model.named_buffers() if k not in non_persistent})
     return state
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """:func:`state_of` `model`, detached, on the CPU and contiguous: what a checkpoint file holds."""
+    return {name: t.detach().to("cpu").contiguous() for name, t in state_of(model).items()}
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -70,7 +75,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: Mapping[s
     if metadata is not None and (not isinstance(metadata, Mapping) or
                                  not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise ArgumentError(f"save: metadata must map strings to strings, got {metadata!r}")
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(model).items()}
+    tensors = cpu_state(model)
     try:
         atomic_write(path, _save_bytes(tensors, metadata=dict(metadata) if metadata else None))
     except OSError as e:

@@ -50,7 +50,7 @@ from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
 from ..errors import ArgumentError, CheckpointError, ConfigError, entry_methods
-from .checkpoint import atomic_write, copy_into, mismatches, state_of
+from .checkpoint import atomic_write, copy_into, cpu_state, mismatches
 from .distributed import LossFn, LossOfModel, init_distributed
 from .trainer_state import (
     BEST_FILE,
@@ -406,7 +406,7 @@ class Trainer:
         if math.isnan(value) or before is not None and not value < before[0]:
             return
         if self.rank == 0:
-            tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(self.model).items()}
+            tensors = cpu_state(self.model)
             best = {"result": self.keep_best, "value": value, "epoch": self.epoch, "step": self.global_step}
             try:
                 atomic_write(self.best_path, _save_bytes(tensors, metadata={**self.metadata,
@@ -439,7 +439,7 @@ class Trainer:
             dist.all_gather_object(states, rng[self.rank])
             rng = dict(enumerate(states))
         if self.rank == 0:
-            model_tensors = {name: t.detach().to("cpu").contiguous() for name, t in state_of(self.model).items()}
+            model_tensors = cpu_state(self.model)
             try:
                 atomic_write(self.checkpoint_path, self._checkpoint_bytes(dict(model_tensors), rng))
                 atomic_write(self.model_path, _save_bytes(model_tensors, metadata=self.metadata or None))

@@ -120,9 +120,10 @@ def load_model(directory: str):
 
     from looplift.errors import CheckpointError
     from looplift.train.checkpoint import load as load_params
+    from looplift.train.trainer_state import BEST_FILE, MODEL_FILE
 
     from .model import Config, build
-    for name in ("best.safetensors", "model.safetensors"):
+    for name in (BEST_FILE, MODEL_FILE):
         path = os.path.join(directory, name)
         if os.path.exists(path):
             break
