@@ -124,6 +124,16 @@ def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monke
     (line,) = capsys.readouterr().out.splitlines()
     path, text = line.split("\t")                # (a 2-epoch model's words are not expected to be right)
     assert path == str(wav) and set(text) <= set(" 'abcdefghijklmnopqrstuvwxyz")
+    png = tmp_path / "hello.png"
+    cli.main(["picture", "--dir", run, "--wav", str(wav), "--out", str(png)])
+    assert capsys.readouterr().out.startswith(f"{png}: {wav}, recognized {text!r}")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    cli.main(["picture", "--dir", run, "--sentences", "4", "--utterance", "1"])
+    assert "test utterance 1, recognized" in capsys.readouterr().out
+    assert (tmp_path / "run" / "utterance.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["picture", "--dir", run, "--sentences", "4", "--utterance", "99"])
+    assert e.value.code == 2 and "--utterance 99: test has" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["train", "--dir", run, "--minutes", "-1"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("looplift-asr: error: argument --minutes")
@@ -160,3 +170,21 @@ def test_the_ctc_prefix_search_sums_every_alignment_of_a_prefix():
                                        rtol=1e-9, atol=1e-9)
     best = recipe._best_of_search(search(x, 1))
     assert best == greedy(lp, lengths)
+
+
+def test_the_main_job_trains_reports_the_test_wer_and_draws_an_utterance(tmp_path, monkeypatch, capsys):
+    """``looplift-asr run`` end to end on a tiny configuration: synthesis, training, the test WER, the picture."""
+    pytest.importorskip("espeakng_loader")
+    pytest.importorskip("chatterbot_corpus")
+    pytest.importorskip("matplotlib")
+    from looplift.recipes.asr import cli
+    monkeypatch.setenv("LOOPLIFT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    cli.main(["run", "--dir", str(run), "--decoder", "rnnt", "--sentences", "3", "--voices", "1", "--minutes", "0",
+              "--epochs", "1", "--batch", "2", "--eval-utterances", "2", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "training on" in out and "trained 2 steps" in out
+    assert "test: 6 utterances (voices and sentences not trained on), rnnt, greedy: WER" in out
+    assert f"{run / 'utterance.png'}: test utterance 0, recognized" in out
+    assert (run / "utterance.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"best.safetensors", "model.safetensors", "last.safetensors"} <= {p.name for p in run.iterdir()}

@@ -2,9 +2,11 @@
 
 Commands:
   run         the main job: synthesize the data (cached), train a few minutes, report WER on held-out voices
+              and draw a test utterance (DIR/utterance.png)
   train       train (or --resume) a recognizer into --dir
   eval        word and character error rates of the recognizer in --dir on dev or test
   transcribe  the transcript of WAV files (16-bit mono, 22,050 Hz)
+  picture     a PNG of one utterance: its spectrogram, the alignment (CTC, transducer) or attention weights
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from .._cli import NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, run_command
+from .._cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, run_command
 
 DEFAULT_DIR = "asr-run"
 
@@ -59,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", formatter_class=fmt, help="transcribe WAV files")
     p.add_argument("wavs", nargs="+", metavar="WAV", help="16-bit mono WAV files at 22,050 Hz")
     p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
+    p = sub.add_parser("picture", formatter_class=fmt, help="a picture of one utterance (PNG)",
+                       description="the log-mel spectrogram of one utterance with the recognized characters where "
+                                   "the model emits them (CTC, transducer) or its attention weights")
+    p.add_argument("--dir", default=DEFAULT_DIR, help="the run's folder")
+    p.add_argument("--wav", default=None, help="a WAV file (16-bit mono, 22,050 Hz) instead of a test utterance")
+    p.add_argument("--split", choices=["dev", "test"], default="test", help="the part of --utterance")
+    p.add_argument("--utterance", type=COUNT, default=0, help="which utterance of --split (from 0)")
+    p.add_argument("--sentences", type=POSITIVE, default=None, help="only the first N sentences of the part")
+    p.add_argument("--beam", type=POSITIVE, default=1, help="beam size of the transducer's and attention search")
+    p.add_argument("--out", default=None, help="the PNG to write (default: DIR/utterance.png)")
+    p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     return parser
 
@@ -156,20 +170,46 @@ def evaluate(args) -> None:
           f"{100 * s['wer']:.2f}%, CER {100 * s['cer']:.2f}%; decoded in {seconds:.1f} s", flush=True)
 
 
-def transcribe(args) -> None:
-    from . import data, recipe
+def _wav_audio(paths):
+    """The WAV files `paths` as an :class:`Audio` (without transcripts)."""
+    from . import data
     from .synth import SAMPLE_RATE, read_wav
-    model = load_model(args.dir)
     waves = []
-    for path in args.wavs:
+    for path in paths:
         samples, rate = read_wav(path)
         if rate != SAMPLE_RATE:
             raise UsageError(f"{path}: {rate} Hz; the recognizer takes {SAMPLE_RATE} Hz")
         waves.append(torch.from_numpy(samples.astype("int16")))
     offsets = torch.tensor([0] + [len(w) for w in waves]).cumsum(0)
-    audio = data.Audio(torch.cat(waves), offsets, [data.Utterance("", "", 0, 0, None, 0)] * len(waves))
-    for path, text in zip(args.wavs, recipe.decode(model, audio)):
+    return data.Audio(torch.cat(waves), offsets, [data.Utterance("", "", 0, 0, None, 0)] * len(waves))
+
+
+def transcribe(args) -> None:
+    from . import recipe
+    model = load_model(args.dir)
+    for path, text in zip(args.wavs, recipe.decode(model, _wav_audio(args.wavs))):
         print(f"{path}\t{text}", flush=True)
+
+
+def picture(args) -> None:
+    from . import data
+    from .picture import analyze, draw
+    from .synth import Synthesizer
+    model = load_model(args.dir)
+    if args.wav is not None:
+        audio, index = _wav_audio([args.wav]), 0
+    else:
+        synth = Synthesizer()
+        audio = data.load(args.split, _data(args, synth)[args.split], synth, progress=False)
+        if args.utterance >= len(audio):
+            raise UsageError(f"--utterance {args.utterance}: {args.split} has {len(audio)} utterances (0.."
+                             f"{len(audio) - 1})")
+        index = args.utterance
+    out = args.out or os.path.join(args.dir, "utterance.png")
+    p = analyze(model, audio, index, beam=args.beam)
+    draw(p, out)
+    print(f"{out}: {args.wav or f'{args.split} utterance {index}'}, recognized {p.text!r}"
+          + (f" (reference {p.reference!r})" if p.reference else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,10 +227,14 @@ def _command(args) -> None:
     if args.command in ("train", "run"):
         train(args)
         if args.command == "run":
-            args.split, args.limit = "test", None
+            args.split, args.limit, args.beam = "test", None, 1
             evaluate(args)
+            args.wav, args.utterance, args.out = None, 0, None
+            picture(args)
     elif args.command == "eval":
         evaluate(args)
+    elif args.command == "picture":
+        picture(args)
     else:
         transcribe(args)
 

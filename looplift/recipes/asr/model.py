@@ -126,8 +126,9 @@ class CTC(_Recognizer):
 
 
 class Transducer(_Recognizer):
-    """``loss = model(feats, chars)`` in train/eval mode (summed over the batch); ``labels, scores, lengths,
-    valid = model(feats, beam=k)`` in search mode (labels over alignment steps, blanks included)."""
+    """``loss = model(feats, chars)`` in train/eval mode (summed over the batch); ``model(feats, chars,
+    align=True)``: the best alignment of `chars` (``looplift.rnnt_align``); ``labels, scores, lengths, valid =
+    model(feats, beam=k)`` in search mode (labels over alignment steps, blanks included)."""
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -144,7 +145,7 @@ class Transducer(_Recognizer):
     def joint(self, enc, pred):
         return self.readout(ll.tanh(enc + pred))
 
-    def forward(self, feats, chars=None, *, beam: int = 1):
+    def forward(self, feats, chars=None, *, beam: int = 1, align: bool = False):
         enc, time = self.encoder(feats, frames=FRAMES)
         enc = self.from_enc(self.dropout(enc))
         if ll.is_search():
@@ -157,6 +158,8 @@ class Transducer(_Recognizer):
             h, loop.state.lstm = self.pred(self.emb(loop.unstack(inputs)), loop.state.lstm)
             pred = loop.stack(self.from_pred(self.dropout(h)))
         logits = self.joint(enc, pred)                       # {batch, time, chars + 1, labels}
+        if align:                                            # the best alignment of `chars` (Viterbi)
+            return ll.rnnt_align(logits, chars, blank=BLANK, enc_time=time, prefix=prefix, axis=self.labels)
         loss = ll.rnnt_loss(logits, chars, blank=BLANK, enc_time=time, prefix=prefix, axis=self.labels)
         return ll.sum(loss, axis=ll.batch_dim)
 
@@ -168,7 +171,8 @@ class Transducer(_Recognizer):
 
 class Attention(_Recognizer):
     """``loss = model(feats, chars)`` in train/eval mode (summed over the batch; the targets end with the end
-    symbol); ``labels, scores, lengths, valid = model(feats, beam=k)`` in search mode."""
+    symbol); ``model(feats, chars, attention=True)``: the attention weights of each step over the encoder
+    frames, given `chars`; ``labels, scores, lengths, valid = model(feats, beam=k)`` in search mode."""
 
     target_eos = True
 
@@ -183,7 +187,7 @@ class Attention(_Recognizer):
         self.readout = nn.Linear(self.dec_dim + enc_dim, self.labels)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, feats, chars=None, *, beam: int = 1):
+    def forward(self, feats, chars=None, *, beam: int = 1, attention: bool = False):
         enc, time = self.encoder(feats, frames=FRAMES)
         enc_dim = self.encoder.enc_dim
         loop = decoder_loop(self.labels, src=time, tgt=CHARS if chars is not None else STEPS, max_len=None)
@@ -198,6 +202,9 @@ class Attention(_Recognizer):
             log_probs = ll.log_softmax(self.readout(readout_in), axis=self.labels)
             stacked = next_phoneme(loop, log_probs, chars, axis=self.labels, beam=beam, threshold=None,
                                    label_smoothing=0.0)
+            weights = loop.stack(att) if attention else None
+        if attention:                                        # each step's weights over the frames
+            return weights
         return result(loop, stacked)
 
 
