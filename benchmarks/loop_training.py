@@ -1,18 +1,27 @@
 """Training step of decoders written once as a looplift loop: optimized, step by step, and by hand.
 
-Two models, each trained (forward + backward) three ways in one process with the same weights:
+Each model is trained three ways in one process with the same weights:
 
 * optimized: the looplift program as compiled (the loop optimizer moves out what does not depend
   on the previous step);
 * reference: the same program run literally, step by step (``Program.reference``);
 * hand-written: the same model written by hand in vectorized PyTorch.
 
-Models: an attention encoder-decoder (BiLSTM encoder; LSTM decoder whose attention context is fed
-back; label embedding, readout, cross entropy) and a step-wise Transformer decoder (self-attention
-over the history with ``cum_concat``, cross-attention, feed-forward; 2 layers). The losses of the
-three ways are asserted equal. The last line is one JSON object with the ratios of median step times.
-"""
+Models (``--models``):
 
+* ``aed``: an attention encoder-decoder over characters (BiLSTM encoder; LSTM decoder whose attention
+  context is fed back; label embedding, readout, cross entropy); forward + backward;
+* ``transformer``: a step-wise Transformer decoder (self-attention over the history with ``cum_concat``,
+  cross-attention, feed-forward; 2 layers) over given encoder frames; forward + backward;
+* ``speech_aed``: a small recognizer: a BiLSTM encoder (128 per direction) over 16-dim features (20
+  frames), an LSTM decoder (256, embedding 64) with dot attention and its context fed back, a readout
+  layer (256) to 40 classes; forward + backward + Adam;
+* ``speech_transformer``: the same encoder under a 2-layer step-wise Transformer decoder (d 128, 4
+  heads, feed-forward 512); forward + backward + Adam.
+
+The losses of the three ways are asserted equal, and for the speech models every parameter's gradient
+too. The last line is one JSON object with the ratios of median step times.
+"""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +37,9 @@ import looplift as ll
 from looplift import nn
 
 B = ll.batch_dim
+
+
+MODELS = ["aed", "transformer", "speech_aed", "speech_transformer"]
 
 
 # -- attention encoder-decoder -------------------------------------------------------------------------
@@ -197,35 +209,160 @@ def transformer_by_hand(m: TransformerDecoder, enc, src_len, tgt, tgt_len):
     return (ce * (torch.arange(steps)[None, :] < tgt_len[:, None])).sum()
 
 
+# -- a small speech recognizer's two decoders over one encoder, trained with Adam ----------------------------
+
+def _bilstm_by_hand(w: dict, prefix: str, x, lengths, hidden: int):
+    """A one-layer bidirectional LSTM over a padded batch-first `x` (packed by `lengths`), padded output."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    flat = [w[f"{prefix}.{n}"] for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                                         "weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse",
+                                         "bias_hh_l0_reverse")]
+    h0 = torch.zeros(2, x.shape[0], hidden)
+    out, _, _ = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, h0), flat, True, 1, 0.0, True, True)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(
+        type(packed)(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices),
+        batch_first=True, total_length=x.shape[1])
+    return out
+
+
+class SpeechAED(ll.Module):
+    """A BiLSTM encoder (128 per direction) over feature frames; an LSTM decoder (256; the label's embedding
+    (64) and the attention context fed back); dot attention of a query (the decoder state, projected) over
+    the encoder frames; a readout layer (256, tanh) to the classes."""
+
+    def __init__(self, feat: ll.Dim, vocab: ll.Dim, *, enc: int = 256, dec: int = 256, emb: int = 64,
+                 readout: int = 256):
+        super().__init__()
+        self.vocab = vocab
+        self.enc, self.dec = ll.Dim("enc", enc), ll.Dim("dec", dec)
+        self.emb, self.hidden = ll.Dim("emb", emb), ll.Dim("readout", readout)
+        self.encoder = nn.LSTM(feat, self.enc, bidirectional=True)
+        self.tgt_emb = nn.Embedding(vocab, self.emb)
+        self.decoder = nn.LSTM(self.emb + self.enc, self.dec)
+        self.query = nn.Linear(self.dec, self.enc, with_bias=False)
+        self.pre = nn.Linear(self.dec + self.enc, self.hidden)
+        self.out = nn.Linear(self.hidden, vocab)
+
+    def forward(self, feats, tgt, *, src_time, tgt_time):
+        enc, _ = self.encoder(feats, axis=src_time)
+        loop = ll.Loop(axis=tgt_time)
+        loop.state.label = ll.full(0, sparse_dim=self.vocab)
+        loop.state.dec = self.decoder.default_initial_state()
+        loop.state.ctx = ll.zeros([self.enc])
+        with loop:
+            x = ll.concat(self.tgt_emb(loop.state.label), loop.state.ctx)
+            h, loop.state.dec = self.decoder(x, state=loop.state.dec)
+            weights = ll.softmax(ll.dot(self.query(h), enc, reduce=self.enc), axis=src_time)
+            loop.state.ctx = ll.dot(weights, enc, reduce=src_time)
+            logits = self.out(ll.tanh(self.pre(ll.concat(h, loop.state.ctx))))
+            target = loop.unstack(tgt)
+            ce = loop.stack(ll.cross_entropy(logits, target, axis=self.vocab))
+            loop.state.label = target
+        return ll.sum(ce, axis=[B, tgt_time])
+
+
+def speech_aed_by_hand(m: SpeechAED, feats, src_len, tgt, tgt_len):
+    w = dict(m.named_parameters())
+    enc = _bilstm_by_hand(w, "encoder", feats, src_len, m.enc.size // 2)
+    src_mask = torch.arange(feats.shape[1])[None, :] < src_len[:, None]
+    prev = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+    prev_emb = F.embedding(prev, w["tgt_emb.weight"])
+    n_batch, steps = tgt.shape
+    h = torch.zeros(n_batch, m.dec.size)
+    c = torch.zeros(n_batch, m.dec.size)
+    ctx = torch.zeros(n_batch, m.enc.size)
+    hs, ctxs = [], []
+    for t in range(steps):
+        h, c = torch.lstm_cell(torch.cat([prev_emb[:, t], ctx], -1), (h, c), w["decoder.weight_ih_l0"],
+                               w["decoder.weight_hh_l0"], w["decoder.bias_ih_l0"], w["decoder.bias_hh_l0"])
+        q = h @ w["query.weight"].T
+        scores = torch.bmm(enc, q[:, :, None])[:, :, 0].masked_fill(~src_mask, float("-inf"))
+        ctx = torch.bmm(torch.softmax(scores, -1)[:, None, :], enc)[:, 0]
+        hs.append(h)
+        ctxs.append(ctx)
+    hidden = torch.tanh(F.linear(torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1), w["pre.weight"],
+                                 w["pre.bias"]))
+    logits = F.linear(hidden, w["out.weight"], w["out.bias"])
+    ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+    return (ce * (torch.arange(steps)[None, :] < tgt_len[:, None])).sum()
+
+
+class SpeechTransformer(ll.Module):
+    """The same BiLSTM encoder, projected to the model width, under a 2-layer step-wise Transformer decoder
+    (d 128, 4 heads, feed-forward 512)."""
+
+    def __init__(self, feat: ll.Dim, vocab: ll.Dim, *, enc: int = 256, model: int = 128, heads: int = 4,
+                 ff: int = 512, layers: int = 2):
+        super().__init__()
+        self.enc = ll.Dim("enc", enc)
+        self.encoder = nn.LSTM(feat, self.enc, bidirectional=True)
+        self.decoder = TransformerDecoder(vocab, model=model, heads=heads, ff=ff, layers=layers)
+        self.proj = nn.Linear(self.enc, self.decoder.model)
+
+    def forward(self, feats, tgt, *, src_time, tgt_time):
+        enc, _ = self.encoder(feats, axis=src_time)
+        return self.decoder(self.proj(enc), tgt, src_time=src_time, tgt_time=tgt_time)
+
+
+def speech_transformer_by_hand(m: SpeechTransformer, feats, src_len, tgt, tgt_len):
+    w = dict(m.named_parameters())
+    enc = _bilstm_by_hand(w, "encoder", feats, src_len, m.enc.size // 2)
+    return transformer_by_hand(m.decoder, F.linear(enc, w["proj.weight"], w["proj.bias"]), src_len, tgt, tgt_len)
+
+
 # -- timing ------------------------------------------------------------------------------------------------
 
-def _time(fns: dict, repeats: int, warmup: int = 0) -> dict:
-    """Median time of forward + backward per function, interleaved; the first `warmup` rounds are not timed
-    (the allocator and caches settle after the first steps, as they do early in a training run)."""
+def _time(fns: dict, repeats: int, warmup: int = 0, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Median time of forward + backward (and the `optimizer`'s step) per function, interleaved; the first
+    `warmup` rounds are not timed (the allocator and caches settle after the first steps, as they do early in
+    a training run)."""
     times = {k: [] for k in fns}
+
+    def train_step(fn):
+        fn().backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     for _ in range(warmup):
         for fn in fns.values():
-            fn().backward()
+            train_step(fn)
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.perf_counter()
-            loss = fn()
-            loss.backward()
+            train_step(fn)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args) -> dict:
-    """Time `model` optimized, step by step and by hand (asserting equal losses); the two ratios."""
+def _gradients(model: ll.Module, fn) -> dict:
+    model.zero_grad(set_to_none=True)
+    fn().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args, *, adam: bool = False) -> dict:
+    """Time `model` optimized, step by step and by hand (asserting equal losses, and with `adam` equal
+    gradients, timing Adam's step too); the two ratios."""
     prog = ll.compile(model, mode="train")
     fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
            "reference": lambda: prog.reference(*inputs, **kw).tensor,
            "handwritten": by_hand}
     losses = {k: float(f().detach()) for k, f in fns.items()}
     assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
+    optimizer = None
+    if adam:
+        want = _gradients(model, by_hand)
+        for k in ("optimized", "reference"):
+            for n, g in _gradients(model, fns[k]).items():
+                torch.testing.assert_close(g, want[n], rtol=1e-3, atol=1e-4 * float(want[n].abs().max()) + 1e-7,
+                                           msg=lambda m, n=n, k=k: f"{name}: gradient of {n} ({k}): {m}")
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     print(prog.explain())
-    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup)
-    med.update(_time({"reference": fns["reference"]}, args.reference_repeats))
+    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup, optimizer)
+    med.update(_time({"reference": fns["reference"]}, args.reference_repeats, optimizer=optimizer))
     print(f"{name}: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
           f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
     return {f"{name}_optimized_vs_handwritten": med["optimized"] / med["handwritten"],
@@ -241,6 +378,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     parser.add_argument("--reference-repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS,
+                        help="which models (speech_*: 16-dim features, encoder length --frames, with Adam)")
+    parser.add_argument("--frames", type=int, default=20, help="encoder length of the speech models (padded)")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
@@ -254,17 +394,29 @@ def main() -> None:
     results = {}
 
     kw = dict(src_time=src_time, tgt_time=tgt_time)
-    aed = AED(src_vocab, vocab)
-    results.update(_compare("aed", aed, (
-        ll.Named(src, (B, src_time), {src_time: src_len}, sparse_dim=src_vocab),
-        ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab)), kw,
-        lambda: aed_by_hand(aed, src, src_len, tgt, tgt_len), args))
-    dec = TransformerDecoder(vocab)
-    enc = torch.randn(args.batch, args.source, dec.model.size)
-    results.update(_compare("transformer", dec, (
-        ll.Named(enc, (B, src_time, dec.model), {src_time: src_len}),
-        ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab)), kw,
-        lambda: transformer_by_hand(dec, enc, src_len, tgt, tgt_len), args))
+    targets = ll.Named(tgt, (B, tgt_time), {tgt_time: tgt_len}, sparse_dim=vocab)
+    if "aed" in args.models:
+        aed = AED(src_vocab, vocab)
+        results.update(_compare("aed", aed, (
+            ll.Named(src, (B, src_time), {src_time: src_len}, sparse_dim=src_vocab), targets), kw,
+            lambda: aed_by_hand(aed, src, src_len, tgt, tgt_len), args))
+    if "transformer" in args.models:
+        dec = TransformerDecoder(vocab)
+        enc = torch.randn(args.batch, args.source, dec.model.size)
+        results.update(_compare("transformer", dec, (
+            ll.Named(enc, (B, src_time, dec.model), {src_time: src_len}), targets), kw,
+            lambda: transformer_by_hand(dec, enc, src_len, tgt, tgt_len), args))
+    feat = ll.Dim("feat", 16)
+    feats = torch.randn(args.batch, args.frames, feat.size)
+    frames = torch.randint(args.frames // 2, args.frames + 1, (args.batch,))
+    frames[0] = args.frames
+    speech_inputs = (ll.Named(feats, (B, src_time, feat), {src_time: frames}), targets)
+    for name, cls, by_hand in (("speech_aed", SpeechAED, speech_aed_by_hand),
+                               ("speech_transformer", SpeechTransformer, speech_transformer_by_hand)):
+        if name in args.models:
+            model = cls(feat, vocab)
+            results.update(_compare(name, model, speech_inputs, kw,
+                                    lambda m=model, f=by_hand: f(m, feats, frames, tgt, tgt_len), args, adam=True))
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
 
 
