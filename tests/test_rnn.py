@@ -23,6 +23,15 @@ H = ll.Dim("hidden", 4)
 OUT2 = ll.Dim("out", 8)  # both directions of a bidirectional RNN with 4 units each
 
 KINDS = ("lstm", "gru")
+
+
+@pytest.fixture(autouse=True, params=["packed", "padded"])
+def sequence_kernel(request, monkeypatch):
+    """Every test runs the sequence form both ways: over packed sequences, and over the padded batch (as
+    sequences of many frames of different lengths run when no LSTM cell state is read)."""
+    from looplift.ops import rnn
+    monkeypatch.setattr(rnn, "PADDED_MIN_STEPS", 10**9 if request.param == "packed" else 1)
+    return request.param
 DTYPES = (torch.float32, torch.float64)
 LENGTHS = torch.tensor([5, 2, 4])
 

@@ -4,11 +4,17 @@ Parameters are in ``torch.nn.LSTM`` / ``torch.nn.GRU`` layout, gates stacked
 along a ``hidden * 4`` (or ``* 3``) dim. The sequence form runs PyTorch's fused
 kernel on a packed sequence, so each entry's final state is the state at its
 own last frame and the backward direction of a bidirectional RNN starts at
-each entry's own end; padding frames never take part.
+each entry's own end; padding frames never take part. Long sequences of
+different lengths whose LSTM cell states nobody reads run over the padded
+batch instead, one layer and direction at a time, each entry's frames
+reversed in place for the backward direction: the same results (padding
+zeroed first, after an entry's frames in both directions), the same dropout
+masks, and on CPU much faster than packing (see :data:`PADDED_MIN_STEPS`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -117,7 +123,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     n = len(batch)
     fn = torch._VF.lstm if kind == "lstm" else torch._VF.gru
 
-    def kernel(env, v, *rest):
+    def kernel(env, v, *rest, c_finals: bool = True):
         states, ws = rest[:len(s_al)], list(rest[len(s_al):])
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
@@ -132,6 +138,12 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
             lengths = torch.full((flat,), steps, dtype=torch.int64)
         if steps == 0 or flat == 0:  # no frames or no entries (nothing to pack): the initial states are final
             return (v.new_zeros(steps, *shape, n_dirs * hidden.size), *(s.reshape(*shape, s.shape[-1]) for s in states))
+        if (len_al is not None and steps >= PADDED_MIN_STEPS and (kind == "gru" or not c_finals)
+                and not bool((lengths == steps).all())):
+            results = _padded(fn, kind, v, states, ws, lengths, num_layers=num_layers, dirs=n_dirs, drop=drop,
+                              per_dir=per_dir, hidden=hidden.size)
+            return tuple(r if r is None else r.reshape(*(steps,) * (k == 0), *shape, r.shape[-1])
+                         for k, r in enumerate(results))
         lengths = lengths.cpu()   # (packing takes them on the CPU)
         empty = None
         if len_al is not None and bool((lengths == 0).any()):
@@ -157,6 +169,9 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
                 results.append(final.reshape(*shape, final.shape[-1]))
         return tuple(results)
 
+    # (an executor that reads no LSTM cell state of the results runs the kernel that may skip packing)
+    kernel.for_outputs = lambda used: (kernel if kind != "lstm" or any(used[2::2])
+                                       else functools.partial(kernel, c_finals=False))
     outputs = [((axis,) + batch + (out_dim,), x.dtype, None)]
     outputs += [(batch + (hidden,), x.dtype, None)] * len(initial)
     # (the output is zero in the padding of `axis`, as pad_packed_sequence leaves it: a dot over it need not
@@ -165,6 +180,61 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
                             "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop},
                      random=drop > 0, zero_padding=(axis,) if axis.is_dynamic else ())
+
+
+#: Entries of different lengths: from this many frames on, the fused kernel runs over the padded batch (each
+#: entry's reverse direction over its frames reversed in place) rather than a packed one. On CPU the packed
+#: kernel is much slower once lengths differ (a 2-layer BiLSTM 128 x 2, batch 32, 100 frames of 90-100, forward
+#: + backward: 450-640 ms packed, 300-330 ms padded; all 100: 300-340 ms both); for short sequences (10 frames,
+#: batch 256) packed is as fast or faster.
+PADDED_MIN_STEPS = 32
+
+
+def _padded(fn, kind: str, v: torch.Tensor, states: list, ws: list, lengths: torch.Tensor, *, num_layers: int,
+            dirs: int, drop: float, per_dir: int, hidden: int) -> list:
+    """The fused kernel over the padded ``v`` (steps, entries, features), one layer and direction at a time:
+    the output and the final states of each entry at its own length, exactly as over a packed sequence (the
+    padding frames, zeroed, come after an entry's frames in both directions, so they never reach them).
+    The LSTM's final cell states are not computed (None): the caller reads none."""
+    steps, flat = v.shape[0], v.shape[1]
+    lengths = lengths.to(v.device)
+    t = torch.arange(steps, device=v.device)[:, None]
+    valid = t < lengths
+    # (zeros in the padding: a NaN there would reach the gradients of the frames before it as 0 * NaN)
+    x = v.masked_fill(~valid[..., None], 0)
+    flip = torch.where(valid, lengths - 1 - t, t)[..., None] if dirs == 2 else None   # (its own inverse)
+    last = (lengths - 1).clamp(min=0).view(1, flat, 1).expand(1, flat, hidden)
+    empty = None if bool((lengths > 0).all()) else (lengths == 0)[:, None]
+    finals: list = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            hx = [s[None] for s in states[k * per_dir:(k + 1) * per_dir]]
+            inp = x if d == 0 else x.gather(0, flip.expand(steps, flat, x.shape[-1]))
+            out, *_ = fn(inp, hx if kind == "lstm" else hx[0], ws[4 * k:4 * k + 4], True, 1, 0.0, False, False,
+                         False)
+            h = out.gather(0, last)[0]
+            if empty is not None:
+                h = torch.where(empty, hx[0][0], h)
+            finals += [h, None] if kind == "lstm" else [h]
+            outs.append(out if d == 0 else out.gather(0, flip.expand(steps, flat, hidden)))
+        x = torch.cat(outs, -1) if dirs == 2 else outs[0]
+        if drop > 0 and layer < num_layers - 1:
+            x = x * _packed_dropout(lengths, x.shape[-1], drop, x)
+    return [x.masked_fill(~valid[..., None], 0), *finals]
+
+
+def _packed_dropout(lengths: torch.Tensor, size: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """The dropout mask (scaled) the packed kernel draws between two layers, over (steps, entries, `size`):
+    drawn as it draws it, over the frames in packed order (an empty entry's one frame included), so a seed
+    gives the same masks either way."""
+    steps, flat = like.shape[0], like.shape[1]
+    where = torch.arange(steps * flat, device=like.device).view(steps, flat)
+    order = pack_padded_sequence(where, lengths.cpu().clamp(min=1), enforce_sorted=False).data
+    mask = like.new_zeros(steps * flat, size)
+    mask[order] = torch.nn.functional.dropout(like.new_ones(len(order), size), p, training=True)
+    return mask.view(steps, flat, size)
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them

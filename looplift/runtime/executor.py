@@ -16,7 +16,7 @@ from ..errors import LoopliftError
 from ..graph import Graph, Node, Op
 from ..tensor import Tensor
 from .env import Env
-from .reference import is_placed, node_error
+from .reference import for_outputs, is_placed, node_error
 from .regions import region_kernel
 
 __all__ = ["Executor", "executor_runner", "live_nodes"]
@@ -73,12 +73,16 @@ class Executor:
         for t in inputs:
             slot[id(t)] = len(slot)
         self._steps = []
-        for node in live_nodes(graph, outputs):
+        live = live_nodes(graph, outputs)
+        read = {id(t) for node in live for t in node.inputs} | {id(t) for t in outputs}
+        for node in live:
             kernel = node.kernel
             if node.region is not None:
                 kernel = region_kernel(node, executor_runner)
             elif kernel is None:
                 continue   # a placeholder: fed through `inputs`
+            else:
+                kernel = for_outputs(kernel, node, read)
             ins = tuple(slot[id(t)] for t in node.inputs)
             outs = []
             for t in node.outputs:

@@ -46,15 +46,31 @@ def run_node(node, kernel, env: Env, args):
         raise node_error(node, e) from e
 
 
+def for_outputs(kernel, node, read: set[int]):
+    """`kernel`, or the variant it offers (``kernel.for_outputs(used)``) for when only some of the node's
+    results are read (`read`: the ids of the tensors anything reads), e.g. a recurrent kernel that need not
+    compute states nobody reads."""
+    specialize = getattr(kernel, "for_outputs", None)
+    if specialize is None:
+        return kernel
+    return specialize(tuple(id(t) in read for t in node.outputs))
+
+
 def run_reference(graph: Graph, env: Env, inputs: dict[Tensor, object], outputs: Sequence[Tensor]) -> list:
     """Run every node of `graph` in order and return the raw values of `outputs`."""
     values: dict[int, object] = {id(t): v for t, v in inputs.items()}
+    read = graph.prepared.get(("read", tuple(id(t) for t in outputs)))
+    if read is None:
+        read = graph.prepared[("read", tuple(id(t) for t in outputs))] = (
+            {id(t) for node in graph.nodes for t in node.inputs} | {id(t) for t in outputs})
     for node in graph.nodes:
         kernel = node.kernel
         if node.region is not None:
             kernel = region_kernel(node, reference_runner)
         elif kernel is None:
             continue   # a placeholder: fed through `inputs`
+        else:
+            kernel = for_outputs(kernel, node, read)
         result = run_node(node, kernel, env, [values[id(t)] for t in node.inputs])
         if len(node.outputs) == 1:
             values[id(node.outputs[0])] = result

@@ -119,7 +119,7 @@ def draw(picture: Picture, path: str) -> None:
     title = f"recognized ({p.decoder}): {p.text!r}"
     if p.reference:
         title = f"reference: {p.reference!r}\n{title}"
-    top.set_title(title, fontsize=10, loc="left")
+    top.set_title(title, fontsize=10, loc="left", pad=16 if p.emissions else 6)   # (above the characters)
     for t, char in p.emissions:
         x = (t + 0.5) * enc_seconds
         top.axvline(x, color="white", linewidth=0.5, alpha=0.6)
