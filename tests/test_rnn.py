@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import looplift as ll
 from looplift.nn.rnn import LstmState
@@ -484,3 +486,41 @@ def test_stacked_layers_step_is_an_error():
     with pytest.raises(ll.errors.DimError, match="of 2 layers runs over a whole sequence") as info:
         ll.compile(step, mode="eval")(ll.Named(torch.randn(2, 5), (ll.batch_dim, F)))
     assert "test_rnn.py" in str(info.value)   # the user's line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the padded form of the sequence kernel equals the packed one
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), kind=st.sampled_from(["LSTM", "GRU"]), train=st.booleans())
+def test_the_padded_sequence_kernel_equals_the_packed_one(lengths, layers, bidirectional, kind, train, monkeypatch):
+    """Random batches (empty entries, NaN padding, 1-2 layers with dropout in train mode): the output, the
+    final states the padded form computes (every layer's h) and all gradients equal the packed form's, and a
+    seed draws the same dropout masks in both."""
+    from looplift.ops import rnn
+    T, F, H = ll.Dim("time"), ll.Dim("feat", 3), ll.Dim("out", 4)
+    m = getattr(ll.nn, kind)(F, H, bidirectional=bidirectional, num_layers=layers, dropout=0.3).double()
+    n = torch.tensor(lengths)
+    frames = max(1, int(n.max()))
+    x = torch.randn(len(lengths), frames, 3, dtype=torch.float64)
+    x = x.masked_fill(~valid(n, frames)[:, :, None], float("nan"))
+
+    def run(x):
+        out, finals = m(x, axis=T)
+        per_layer = finals if layers > 1 else (finals,)
+        states = [s for f in per_layer for s in (f if bidirectional else (f,))]   # (every layer and direction)
+        return out, *[s.h if kind == "LSTM" else s for s in states]
+
+    program = ll.compile(run, mode="train" if train else "eval")
+    results = {}
+    for form, threshold in (("packed", 10**9), ("padded", 1)):
+        monkeypatch.setattr(rnn, "PADDED_MIN_STEPS", threshold)
+        m.zero_grad()
+        torch.manual_seed(5)
+        got = program(ll.Named(x, (B, T, F), {T: n}))
+        tensors = [g.tensor for g in got]
+        sum(t.nan_to_num(0.0).sum() * (k + 1) for k, t in enumerate(tensors)).backward()
+        results[form] = [t.detach() for t in tensors] + [p.grad.clone() for p in m.parameters()]
+    for a, b in zip(results["packed"], results["padded"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
