@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--utterance", type=COUNT, default=0, help="which utterance of --split (from 0)")
     p.add_argument("--sentences", type=POSITIVE, default=None, help="only the first N sentences of the part")
     p.add_argument("--beam", type=POSITIVE, default=1, help="beam size of the transducer's and attention search")
-    p.add_argument("--out", default=None, help="the PNG to write (default: DIR/utterance.png)")
+    p.add_argument("--out", default=None, help="the PNG to write (None: DIR/utterance.png)")
     p.add_argument("--seed", type=int, default=0, help="the data plan's seed")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     return parser
