@@ -221,3 +221,14 @@ def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
     assert isinstance(model, TransducerG2P)
     assert (model.config.pred, model.config.joint, model.config.max_labels) == (16, 12, 2)
     _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
+
+
+def test_an_ensemble_of_a_run_with_itself_evaluates_and_converts_as_the_run(trained, capsys):
+    """``--ensemble DIR`` adds models to the search; the run's own model twice gives the same error rates and
+    the same n-best as the model alone."""
+    d, _ = trained
+    alone = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3").out
+    twice = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3", "--ensemble", d).out
+    assert alone.split("; decoded")[0] == twice.split("; decoded")[0] and "WER" in alone
+    alone = run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3").out
+    assert run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3", "--ensemble", d).out == alone

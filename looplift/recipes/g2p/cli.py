@@ -40,6 +40,30 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="the run's model with the best dev WER (best.safetensors; the last one if the run kept "
                         "none) or the last one (model.safetensors)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
+                   help="decode with the models of these runs too (attention LSTM or Transformer, the same "
+                        "vocabularies): the mean of their log-probabilities picks each phoneme")
+
+
+def _load(args):
+    """The model of ``--dir`` (with those of ``--ensemble``, an :class:`Ensemble`) and its vocabularies."""
+    which = getattr(args, "checkpoint", "best")
+    model, vocabs = recipe.load_model(args.dir, which=which)
+    extra = getattr(args, "ensemble", [])
+    if not extra:
+        return model, vocabs
+    from .ensemble import Ensemble
+    members = [model]
+    for directory in extra:
+        m, v = recipe.load_model(directory, which=which)
+        if (v.chars.symbols, v.phonemes.symbols) != (vocabs.chars.symbols, vocabs.phonemes.symbols):
+            raise UsageError(f"--ensemble {directory}: its characters or phonemes differ from those of {args.dir}")
+        members.append(m)
+    for directory, m in zip([args.dir, *extra], members):
+        if not hasattr(m, "decoder_step"):
+            raise UsageError(f"{directory}: a {m.config.arch} model cannot be part of an ensemble (only attention "
+                             f"LSTM and Transformer models)")
+    return Ensemble(members), vocabs
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
@@ -219,7 +243,7 @@ def train(args) -> G2P:
 
 
 def evaluate(args) -> None:
-    model, vocabs = recipe.load_model(args.dir, which=getattr(args, "checkpoint", "best"))
+    model, vocabs = _load(args)
     entries = data.split(data.load(stress=vocabs.stress))[args.split]
     if args.limit is not None:
         entries = entries[:args.limit]
@@ -235,7 +259,7 @@ def evaluate(args) -> None:
 
 
 def convert(args) -> None:
-    model, vocabs = recipe.load_model(args.dir, which=getattr(args, "checkpoint", "best"))
+    model, vocabs = _load(args)
     words = [w.lower() for w in args.words]
     encoded = [vocabs.chars.encode(w) for w in words]   # (an unknown character: an error naming it)
     for word, hyps in zip(words, recipe.decode(model, encoded, beam=args.beam, threshold=_threshold(args))):

@@ -77,18 +77,27 @@ class G2P(ll.Module):
                 max_len: int | None = None, threshold: float | None = None):
         enc = self.encode(chars, src=src)
         loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
-        loop.state.lstm = self.cell.default_initial_state()
-        loop.state.ctx = ll.zeros([self.enc_dim])
+        loop.state.decoder = self.decoder_state()
         with loop:
-            x = ll.concat(self.emb(loop.state.label), loop.state.ctx, axis=[self.emb_dim, self.enc_dim])
-            h, loop.state.lstm = self.cell(x, state=loop.state.lstm)
-            att = ll.softmax(ll.dot(enc, self.query(h), reduce=self.enc_dim), axis=src)
-            loop.state.ctx = ll.dot(att, enc, reduce=src)
-            readout_in = self.dropout(ll.concat(h, loop.state.ctx, axis=[self.dec_dim, self.enc_dim]))
-            log_probs = ll.log_softmax(self.readout(readout_in), axis=self.phonemes)
+            log_probs, loop.state.decoder = self.decoder_step(loop.state.decoder, loop.state.label, enc, src=src,
+                                                              index=loop.index)
             stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
                                    label_smoothing=self.config.label_smoothing)
         return result(loop, stacked)
+
+    def decoder_state(self):
+        """The decoder's state before the first phoneme: the LSTM's, and the attention context (zeros)."""
+        return self.cell.default_initial_state(), ll.zeros([self.enc_dim])
+
+    def decoder_step(self, state, label, enc, *, src: ll.Dim, index):
+        """One decoder step after `label`: ``(log-probabilities of the next phoneme, the new state)``."""
+        lstm, ctx = state
+        x = ll.concat(self.emb(label), ctx, axis=[self.emb_dim, self.enc_dim])
+        h, lstm = self.cell(x, state=lstm)
+        att = ll.softmax(ll.dot(enc, self.query(h), reduce=self.enc_dim), axis=src)
+        ctx = ll.dot(att, enc, reduce=src)
+        readout_in = self.dropout(ll.concat(h, ctx, axis=[self.dec_dim, self.enc_dim]))
+        return ll.log_softmax(self.readout(readout_in), axis=self.phonemes), (lstm, ctx)
 
 
 def decoder_loop(phonemes: ll.Dim, *, src: ll.Dim, tgt: ll.Dim, max_len: int | None) -> ll.Loop:

@@ -119,6 +119,17 @@ class TransformerG2P(ll.Module):
         # (the embeddings start standard normal, as large as the positions' sin and cos: not scaled up)
         return self.dropout(emb(labels) + self.position(index))
 
+    def decoder_state(self):
+        """None: the decoder's only memory is each layer's history (``cum_concat``), kept by the loop."""
+        return None
+
+    def decoder_step(self, state, label, enc, *, src: ll.Dim, index):
+        """One decoder step after `label` at position `index`: ``(log-probabilities of the next phoneme, None)``."""
+        x = self.embed(self.emb, label, index)
+        for layer in self.decoder:
+            x = layer.decode_step(x, enc, src=src)
+        return ll.log_softmax(self.readout(self.dec_norm(x)), axis=self.phonemes), None
+
     def encode(self, chars, *, src: ll.Dim):
         x = self.embed(self.char_emb, chars, ll.range_over_dim(src))
         keys = src.alias()
@@ -131,10 +142,7 @@ class TransformerG2P(ll.Module):
         enc = self.encode(chars, src=src)
         loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
         with loop:
-            x = self.embed(self.emb, loop.state.label, loop.index)
-            for layer in self.decoder:
-                x = layer.decode_step(x, enc, src=src)
-            log_probs = ll.log_softmax(self.readout(self.dec_norm(x)), axis=self.phonemes)
+            log_probs, _ = self.decoder_step(None, loop.state.label, enc, src=src, index=loop.index)
             stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
                                    label_smoothing=self.config.label_smoothing)
         return result(loop, stacked)

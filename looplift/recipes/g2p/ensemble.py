@@ -1,0 +1,64 @@
+"""Several trained G2P models decoding together, written once like each of them.
+
+Each member encodes the word its own way; one decoder loop steps every member's
+decoder (``decoder_step``) after the same phoneme, and the next phoneme is chosen
+(``looplift.choice``) by the mean of the members' log-probabilities, the score of
+a hypothesis being the mean of the members' scores. Members may differ in
+architecture (the attention LSTM and the Transformer), not in their vocabularies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import looplift as ll
+
+from .model import decoder_loop, next_phoneme, result
+
+__all__ = ["Ensemble"]
+
+
+class Ensemble(ll.Module):
+    """``labels, scores, lengths, valid = ensemble(chars, src=..., tgt=..., beam=k)`` in search mode, as one
+    model's; in train/eval mode the loss of the mean log-probabilities. The members' vocabularies are declared
+    the same dims as the first member's (build the ensemble before compiling anything with them)."""
+
+    def __init__(self, members: Sequence[ll.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        first = members[0]
+        for m in members[1:]:
+            if (m.chars.size, m.phonemes.size) != (first.chars.size, first.phonemes.size):
+                raise ValueError(f"the ensemble's models differ in their vocabularies: {m.chars.size} characters "
+                                 f"and {m.phonemes.size} phonemes, against {first.chars.size} and "
+                                 f"{first.phonemes.size}")
+            m.chars.declare_same_as(first.chars)
+            m.phonemes.declare_same_as(first.phonemes)
+        self.members = torch.nn.ModuleList(members)
+        self.chars, self.phonemes = first.chars, first.phonemes
+
+    def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
+                max_len: int | None = None, threshold: float | None = None):
+        encodings = [m.encode(chars, src=src) for m in self.members]
+        loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
+        states = {}
+        for k, m in enumerate(self.members):
+            state = m.decoder_state()
+            if state is not None:
+                states[k] = f"member{k}"
+                setattr(loop.state, states[k], state)
+        with loop:
+            total = None
+            for k, (m, enc) in enumerate(zip(self.members, encodings)):
+                state = getattr(loop.state, states[k]) if k in states else None
+                log_probs, state = m.decoder_step(state, loop.state.label, enc, src=src, index=loop.index)
+                if k in states:
+                    setattr(loop.state, states[k], state)
+                total = log_probs if total is None else total + log_probs
+            mean = total * (1.0 / len(self.members))
+            stacked = next_phoneme(loop, mean, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
+                                   label_smoothing=0.0)
+        return result(loop, stacked)
