@@ -65,6 +65,8 @@ class Region(Protocol):
 
 
 #: ``kernel(env, *raw_inputs)``: the raw torch output, or a tuple of them for a node with several outputs.
+#: A kernel may offer ``kernel.for_outputs(used)`` (`used`: per output, whether anything reads it): the kernel
+#: to run when only those are read, which may return None for the others (the runtime asks it once per graph).
 Kernel = Callable[..., Any]
 
 

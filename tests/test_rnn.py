@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import looplift as ll
@@ -492,22 +492,34 @@ def test_stacked_layers_step_is_an_error():
 # the padded form of the sequence kernel equals the packed one
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), layers=st.integers(1, 2),
-       bidirectional=st.booleans(), kind=st.sampled_from(["LSTM", "GRU"]), train=st.booleans())
-def test_the_padded_sequence_kernel_equals_the_packed_one(lengths, layers, bidirectional, kind, train, monkeypatch):
-    """Random batches (empty entries, NaN padding, 1-2 layers with dropout in train mode): the output, the
-    final states the padded form computes (every layer's h) and all gradients equal the packed form's, and a
-    seed draws the same dropout masks in both."""
+@given(lengths=st.lists(st.integers(0, 9), min_size=2, max_size=5), layers=st.integers(1, 2),
+       bidirectional=st.booleans(), kind=st.sampled_from(["LSTM", "GRU"]), train=st.booleans(),
+       initial=st.booleans())
+def test_the_padded_sequence_kernel_equals_the_packed_one(lengths, layers, bidirectional, kind, train, initial,
+                                                          monkeypatch):
+    """Random batches of different lengths (empty entries, NaN padding, 1-2 layers with dropout in train mode,
+    given or zero initial states): the output, the final states the padded form computes (every layer's and
+    direction's h) and all gradients (parameters, input, initial states) equal the packed form's, and a seed
+    draws the same dropout masks in both."""
     from looplift.ops import rnn
+    assume(len(set(lengths)) > 1)
     T, F, H = ll.Dim("time"), ll.Dim("feat", 3), ll.Dim("out", 4)
     m = getattr(ll.nn, kind)(F, H, bidirectional=bidirectional, num_layers=layers, dropout=0.3).double()
     n = torch.tensor(lengths)
-    frames = max(1, int(n.max()))
+    frames = int(n.max())
     x = torch.randn(len(lengths), frames, 3, dtype=torch.float64)
-    x = x.masked_fill(~valid(n, frames)[:, :, None], float("nan"))
+    x = x.masked_fill(~valid(n, frames)[:, :, None], float("nan")).requires_grad_()
+    h0 = torch.randn(len(lengths), m.hidden.size, dtype=torch.float64, requires_grad=True)
 
-    def run(x):
-        out, finals = m(x, axis=T)
+    def one_state(h):
+        return LstmState(h, h * 0.5) if kind == "LSTM" else h
+
+    def run(x, h0):
+        state = None
+        if initial:
+            per_layer = (one_state(h0), one_state(-h0)) if bidirectional else one_state(h0)
+            state = per_layer if layers == 1 else (per_layer,) * layers
+        out, finals = m(x, axis=T, state=state)
         per_layer = finals if layers > 1 else (finals,)
         states = [s for f in per_layer for s in (f if bidirectional else (f,))]   # (every layer and direction)
         return out, *[s.h if kind == "LSTM" else s for s in states]
@@ -517,10 +529,12 @@ def test_the_padded_sequence_kernel_equals_the_packed_one(lengths, layers, bidir
     for form, threshold in (("packed", 10**9), ("padded", 1)):
         monkeypatch.setattr(rnn, "PADDED_MIN_STEPS", threshold)
         m.zero_grad()
+        x.grad = h0.grad = None
         torch.manual_seed(5)
-        got = program(ll.Named(x, (B, T, F), {T: n}))
+        got = program(ll.Named(x, (B, T, F), {T: n}), ll.Named(h0, (B, m.hidden)))
         tensors = [g.tensor for g in got]
         sum(t.nan_to_num(0.0).sum() * (k + 1) for k, t in enumerate(tensors)).backward()
-        results[form] = [t.detach() for t in tensors] + [p.grad.clone() for p in m.parameters()]
+        results[form] = ([t.detach() for t in tensors] + [p.grad.clone() for p in m.parameters()]
+                         + [x.grad.clone()] + ([h0.grad.clone()] if initial else []))
     for a, b in zip(results["packed"], results["padded"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

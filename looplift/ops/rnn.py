@@ -4,8 +4,8 @@ Parameters are in ``torch.nn.LSTM`` / ``torch.nn.GRU`` layout, gates stacked
 along a ``hidden * 4`` (or ``* 3``) dim. The sequence form runs PyTorch's fused
 kernel on a packed sequence, so each entry's final state is the state at its
 own last frame and the backward direction of a bidirectional RNN starts at
-each entry's own end; padding frames never take part. Long sequences of
-different lengths whose LSTM cell states nobody reads run over the padded
+each entry's own end; padding frames never take part. On CPU, long sequences
+of different lengths whose LSTM cell states nobody reads run over the padded
 batch instead, one layer and direction at a time, each entry's frames
 reversed in place for the backward direction: the same results (padding
 zeroed first, after an entry's frames in both directions), the same dropout
@@ -138,12 +138,12 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
             lengths = torch.full((flat,), steps, dtype=torch.int64)
         if steps == 0 or flat == 0:  # no frames or no entries (nothing to pack): the initial states are final
             return (v.new_zeros(steps, *shape, n_dirs * hidden.size), *(s.reshape(*shape, s.shape[-1]) for s in states))
-        if (len_al is not None and steps >= PADDED_MIN_STEPS and (kind == "gru" or not c_finals)
-                and not bool((lengths == steps).all())):
-            results = _padded(fn, kind, v, states, ws, lengths, num_layers=num_layers, dirs=n_dirs, drop=drop,
-                              per_dir=per_dir, hidden=hidden.size)
-            return tuple(r if r is None else r.reshape(*(steps,) * (k == 0), *shape, r.shape[-1])
-                         for k, r in enumerate(results))
+        if (len_al is not None and v.device.type == "cpu" and steps >= PADDED_MIN_STEPS
+                and (kind == "gru" or not c_finals) and not bool((lengths == steps).all())):
+            out, *finals = _padded(fn, kind, v, states, ws, lengths, num_layers=num_layers, dirs=n_dirs, drop=drop,
+                                   per_dir=per_dir, hidden=hidden.size)
+            return (out.reshape(steps, *shape, out.shape[-1]),
+                    *(f if f is None else f.reshape(*shape, f.shape[-1]) for f in finals))
         lengths = lengths.cpu()   # (packing takes them on the CPU)
         empty = None
         if len_al is not None and bool((lengths == 0).any()):
@@ -182,8 +182,9 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
                      random=drop > 0, zero_padding=(axis,) if axis.is_dynamic else ())
 
 
-#: Entries of different lengths: from this many frames on, the fused kernel runs over the padded batch (each
-#: entry's reverse direction over its frames reversed in place) rather than a packed one. On CPU the packed
+#: Entries of different lengths, on CPU: from this many frames on, the fused kernel runs over the padded batch
+#: (each entry's reverse direction over its frames reversed in place) rather than a packed one. (On GPU the
+#: packed kernel stays: cuDNN draws its own dropout masks and takes all layers in one call.) On CPU the packed
 #: kernel is much slower once lengths differ (a 2-layer BiLSTM 128 x 2, batch 32, 100 frames of 90-100, forward
 #: + backward: 450-640 ms packed, 300-330 ms padded; all 100: 300-340 ms both); for short sequences (10 frames,
 #: batch 256) packed is as fast or faster.

@@ -16,7 +16,7 @@ from ..errors import LoopliftError
 from ..graph import Graph, Node, Op
 from ..tensor import Tensor
 from .env import Env
-from .reference import for_outputs, is_placed, node_error
+from .reference import for_outputs, is_placed, node_error, read_by
 from .regions import region_kernel
 
 __all__ = ["Executor", "executor_runner", "live_nodes"]
@@ -73,9 +73,8 @@ class Executor:
         for t in inputs:
             slot[id(t)] = len(slot)
         self._steps = []
-        live = live_nodes(graph, outputs)
-        read = {id(t) for node in live for t in node.inputs} | {id(t) for t in outputs}
-        for node in live:
+        read = read_by(graph, outputs)
+        for node in live_nodes(graph, outputs):
             kernel = node.kernel
             if node.region is not None:
                 kernel = region_kernel(node, executor_runner)

@@ -16,7 +16,7 @@ from ..tensor import Tensor
 from .env import Env
 from .regions import region_kernel
 
-__all__ = ["run_reference", "reference_runner", "run_node", "node_error", "is_placed"]
+__all__ = ["run_reference", "reference_runner", "run_node", "node_error", "is_placed", "for_outputs", "read_by"]
 
 
 def node_error(node, e: Exception) -> ExecutionError:
@@ -46,6 +46,19 @@ def run_node(node, kernel, env: Env, args):
         raise node_error(node, e) from e
 
 
+def read_by(graph: Graph, outputs: Sequence[Tensor]) -> set[int]:
+    """The ids of the tensors of `graph` that the nodes `outputs` need read (or are among `outputs`): the same
+    set for the reference interpreter and the executor, so both run the same kernel variants
+    (:func:`for_outputs`). Kept in ``graph.prepared``."""
+    key = ("read", tuple(id(t) for t in outputs))
+    read = graph.prepared.get(key)
+    if read is None:
+        from .executor import live_nodes  # (the executor imports this module)
+        read = graph.prepared[key] = ({id(t) for node in live_nodes(graph, outputs) for t in node.inputs}
+                                      | {id(t) for t in outputs})
+    return read
+
+
 def for_outputs(kernel, node, read: set[int]):
     """`kernel`, or the variant it offers (``kernel.for_outputs(used)``) for when only some of the node's
     results are read (`read`: the ids of the tensors anything reads), e.g. a recurrent kernel that need not
@@ -59,10 +72,7 @@ def for_outputs(kernel, node, read: set[int]):
 def run_reference(graph: Graph, env: Env, inputs: dict[Tensor, object], outputs: Sequence[Tensor]) -> list:
     """Run every node of `graph` in order and return the raw values of `outputs`."""
     values: dict[int, object] = {id(t): v for t, v in inputs.items()}
-    read = graph.prepared.get(("read", tuple(id(t) for t in outputs)))
-    if read is None:
-        read = graph.prepared[("read", tuple(id(t) for t in outputs))] = (
-            {id(t) for node in graph.nodes for t in node.inputs} | {id(t) for t in outputs})
+    read = read_by(graph, outputs)
     for node in graph.nodes:
         kernel = node.kernel
         if node.region is not None:
