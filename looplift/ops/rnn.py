@@ -155,7 +155,7 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
         order, unorder = packed.sorted_indices, packed.unsorted_indices
         hx = [torch.stack(states[k::per_dir], 0).index_select(1, order) for k in range(per_dir)]
         out, *finals = fn(packed.data, packed.batch_sizes, hx if kind == "lstm" else hx[0], ws, True, num_layers,
-                          drop, drop > 0, bidirectional)
+                          drop, drop > 0 or torch.is_grad_enabled(), bidirectional)   # (cuDNN: a backward needs train)
         out, _ = pad_packed_sequence(type(packed)(out, packed.batch_sizes, order, unorder), total_length=steps)
         if empty is not None:   # (the output is zero in the padding: an empty entry's one frame too)
             out = out.masked_fill(empty, 0)
