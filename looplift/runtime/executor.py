@@ -13,56 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import LoopliftError
-from ..graph import Graph, Node, Op
+from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
-from .reference import for_outputs, is_placed, node_error, read_by
+from .live import live_nodes, read_by
+from .reference import for_outputs, is_placed, node_error
 from .regions import region_kernel
 
 __all__ = ["Executor", "executor_runner", "live_nodes"]
-
-
-def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
-    """The nodes of `graph` that `outputs` depend on, in graph order.
-
-    A value depends on the nodes that compute its inputs, and on the node that gives a dim of it its size
-    and lengths (a loop ended by ``loop.end`` makes its dim, a compress its masked dim), even where it takes
-    no value from that node.
-    """
-    makers = {}   # dim -> the node that makes it when it runs
-    for node in graph.nodes:
-        for d in node.makes_dims:
-            makers.setdefault(d, node)
-    needed: set[int] = set()
-    stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
-    while stack:
-        node = stack.pop()
-        if id(node) in needed:
-            continue
-        needed.add(id(node))
-        stack.extend(t.node for t in node.inputs if t.node is not None)
-        if makers:
-            stack.extend(_makers_of([*node.inputs, *node.outputs], makers))
-            spec = node.region if node.op == Op.LOOP else None
-            if spec is not None and spec.axis in makers and makers[spec.axis] is not node:
-                stack.append(makers[spec.axis])   # a loop over a dim made by another node (a masked dim)
-    return [n for n in graph.nodes if id(n) in needed]
-
-
-def _makers_of(tensors: Sequence[Tensor], makers: dict) -> list[Node]:
-    """The nodes among `makers` that make a dim of `tensors` (or a dim one of them derives from)."""
-    found, seen = [], set()
-    todo = [d for t in tensors for d in t.dims]
-    while todo:
-        d = todo.pop()
-        if d in seen:
-            continue
-        seen.add(d)
-        if d in makers:
-            found.append(makers[d])
-        todo.extend(d.operands)
-        todo.extend(d.length_dims if d.is_dynamic else ())
-    return found
 
 
 class Executor:

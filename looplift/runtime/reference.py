@@ -14,9 +14,10 @@ from ..errors import ExecutionError, LoopliftError
 from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
+from .live import read_by
 from .regions import region_kernel
 
-__all__ = ["run_reference", "reference_runner", "run_node", "node_error", "is_placed", "for_outputs", "read_by"]
+__all__ = ["run_reference", "reference_runner", "run_node", "node_error", "is_placed", "for_outputs"]
 
 
 def node_error(node, e: Exception) -> ExecutionError:
@@ -44,19 +45,6 @@ def run_node(node, kernel, env: Env, args):
         raise node_error(node, e) from e
     except Exception as e:  # a failure of the torch kernel: point at the user's line
         raise node_error(node, e) from e
-
-
-def read_by(graph: Graph, outputs: Sequence[Tensor]) -> set[int]:
-    """The ids of the tensors of `graph` that the nodes `outputs` need read (or are among `outputs`): the same
-    set for the reference interpreter and the executor, so both run the same kernel variants
-    (:func:`for_outputs`). Kept in ``graph.prepared``."""
-    key = ("read", tuple(id(t) for t in outputs))
-    read = graph.prepared.get(key)
-    if read is None:
-        from .executor import live_nodes  # (the executor imports this module)
-        read = graph.prepared[key] = ({id(t) for node in live_nodes(graph, outputs) for t in node.inputs}
-                                      | {id(t) for t in outputs})
-    return read
 
 
 def for_outputs(kernel, node, read: set[int]):
