@@ -81,25 +81,22 @@ class AED(ll.Module):
 def aed_by_hand(m: AED, src, src_len, tgt, tgt_len):
     """The AED in vectorized PyTorch: embeddings and readout over whole sequences, the core per step."""
     w = dict(m.named_parameters())
-    emb = F.embedding(src, w["src_emb.weight"])
-    packed = torch.nn.utils.rnn.pack_padded_sequence(emb, src_len, batch_first=True, enforce_sorted=False)
-    flat = [w[f"encoder.{n}"] for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
-                                        "weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse",
-                                        "bias_hh_l0_reverse")]
-    hid = m.enc.size // 2
-    h0 = torch.zeros(2, src.shape[0], hid)
-    out, _, _ = torch._VF.lstm(packed.data, packed.batch_sizes, (h0, h0), flat, True, 1, 0.0, True, True)
-    enc, _ = torch.nn.utils.rnn.pad_packed_sequence(
-        type(packed)(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices),
-        batch_first=True, total_length=src.shape[1])
-    keys = enc @ w["key.weight"].T
-    src_mask = torch.arange(src.shape[1])[None, :] < src_len[:, None]
+    enc = _bilstm_by_hand(w, "encoder", F.embedding(src, w["src_emb.weight"]), src_len, m.enc.size // 2)
+    hidden = _attention_loop_by_hand(w, enc, enc @ w["key.weight"].T, src_len, tgt, m.dec.size)
+    return _cross_entropy_by_hand(hidden @ w["readout.weight"].T + w["readout.bias"], tgt, tgt_len)
+
+
+def _attention_loop_by_hand(w: dict, enc, keys, src_len, tgt, dec: int):
+    """The decoder loop of the attention models by hand: per step an LSTM cell over the previous label's
+    embedding and the context, a query (``query``) scoring `keys`, the context over `enc`. Returns the LSTM
+    outputs and contexts of all steps concatenated, over (batch, step, dec + enc)."""
+    src_mask = torch.arange(enc.shape[1])[None, :] < src_len[:, None]
     prev = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
     prev_emb = F.embedding(prev, w["tgt_emb.weight"])
     n_batch, steps = tgt.shape
-    h = torch.zeros(n_batch, m.dec.size)
-    c = torch.zeros(n_batch, m.dec.size)
-    ctx = torch.zeros(n_batch, m.enc.size)
+    h = torch.zeros(n_batch, dec)
+    c = torch.zeros(n_batch, dec)
+    ctx = torch.zeros(n_batch, enc.shape[-1])
     hs, ctxs = [], []
     for t in range(steps):
         h, c = torch.lstm_cell(torch.cat([prev_emb[:, t], ctx], -1), (h, c), w["decoder.weight_ih_l0"],
@@ -109,10 +106,13 @@ def aed_by_hand(m: AED, src, src_len, tgt, tgt_len):
         ctx = torch.bmm(torch.softmax(scores, -1)[:, None, :], enc)[:, 0]
         hs.append(h)
         ctxs.append(ctx)
-    logits = torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1) @ w["readout.weight"].T + w["readout.bias"]
+    return torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1)
+
+
+def _cross_entropy_by_hand(logits, tgt, tgt_len):
+    """The cross entropy of each target step, summed over the valid ones."""
     ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
-    tgt_mask = torch.arange(steps)[None, :] < tgt_len[:, None]
-    return (ce * tgt_mask).sum()
+    return (ce * (torch.arange(tgt.shape[1])[None, :] < tgt_len[:, None])).sum()
 
 
 # -- step-wise Transformer decoder -----------------------------------------------------------------------
@@ -264,27 +264,9 @@ class SpeechAED(ll.Module):
 def speech_aed_by_hand(m: SpeechAED, feats, src_len, tgt, tgt_len):
     w = dict(m.named_parameters())
     enc = _bilstm_by_hand(w, "encoder", feats, src_len, m.enc.size // 2)
-    src_mask = torch.arange(feats.shape[1])[None, :] < src_len[:, None]
-    prev = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
-    prev_emb = F.embedding(prev, w["tgt_emb.weight"])
-    n_batch, steps = tgt.shape
-    h = torch.zeros(n_batch, m.dec.size)
-    c = torch.zeros(n_batch, m.dec.size)
-    ctx = torch.zeros(n_batch, m.enc.size)
-    hs, ctxs = [], []
-    for t in range(steps):
-        h, c = torch.lstm_cell(torch.cat([prev_emb[:, t], ctx], -1), (h, c), w["decoder.weight_ih_l0"],
-                               w["decoder.weight_hh_l0"], w["decoder.bias_ih_l0"], w["decoder.bias_hh_l0"])
-        q = h @ w["query.weight"].T
-        scores = torch.bmm(enc, q[:, :, None])[:, :, 0].masked_fill(~src_mask, float("-inf"))
-        ctx = torch.bmm(torch.softmax(scores, -1)[:, None, :], enc)[:, 0]
-        hs.append(h)
-        ctxs.append(ctx)
-    hidden = torch.tanh(F.linear(torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1), w["pre.weight"],
+    hidden = torch.tanh(F.linear(_attention_loop_by_hand(w, enc, enc, src_len, tgt, m.dec.size), w["pre.weight"],
                                  w["pre.bias"]))
-    logits = F.linear(hidden, w["out.weight"], w["out.bias"])
-    ce = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
-    return (ce * (torch.arange(steps)[None, :] < tgt_len[:, None])).sum()
+    return _cross_entropy_by_hand(F.linear(hidden, w["out.weight"], w["out.bias"]), tgt, tgt_len)
 
 
 class SpeechTransformer(ll.Module):
