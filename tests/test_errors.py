@@ -517,3 +517,32 @@ def test_linear_with_input_and_weight_of_different_dtypes():
     with pytest.raises(DTypeError) as info:
         run(model, ll.Named(torch.randn(2, 5, 4, dtype=torch.float64), (B, T, F), {T: torch.tensor([5, 3])}))
     assert_error(info, DTypeError, "linear-dtype", "feat", "hidden")
+
+
+def test_nodes_the_loop_optimizer_makes_name_the_models_lines_not_the_callers():
+    """A state moved out of the loop (its shifted sequence), the frames unstacked again and the loop's results
+    after it name lines of the model (the new state's, the loop's), never the line that called the program."""
+    import inspect
+
+    T, V, E = ll.Dim("time"), ll.Dim("vocab", 5), ll.Dim("emb", 3)
+    emb = ll.nn.Embedding(V, E)
+
+    def model(tgt):
+        loop = ll.Loop(axis=T)
+        loop.state.label = ll.full(0, sparse_dim=V)
+        with loop:
+            e = emb(loop.state.label)
+            target = loop.unstack(tgt)
+            out = loop.stack(ll.sum(e, axis=E))
+            loop.state.label = target
+        return ll.sum(out, axis=[ll.batch_dim, T])
+
+    prog = ll.compile(model, mode="train")
+    x = ll.Named(torch.randint(0, 5, (2, 4)), (ll.batch_dim, T), {T: torch.tensor([4, 2])}, sparse_dim=V)
+    trace = prog.trace(x); caller = f"{__file__}:{inspect.currentframe().f_lineno}"  # noqa: E702
+    lines, first = inspect.getsourcelines(model)
+    mine = {f"{__file__}:{first + k}" for k in range(len(lines))}
+    sources = {n.op: n.source for n in trace.optimized.graph.nodes if n.op not in ("param", "input")}
+    assert "shift_right" in sources and caller not in sources.values()
+    assert set(sources.values()) <= mine, sources
+    assert sources["shift_right"] == f"{__file__}:{first + 5}"      # target = loop.unstack(tgt)

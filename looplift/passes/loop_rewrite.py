@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import trace as _trace
 from .._tree import flatten, unflatten
 from ..dims import Dim
 from ..errors import LoopliftError
@@ -38,12 +39,25 @@ from ..ops import shape as _shape
 from ..ops.index import gather
 from ..regions import CondSpec, LoopSpec, emit_unstack
 from ..rules import rules_of
+from ..source import user_source_line
 from ..tensor import Tensor
 from . import masked_blocks, nested_loops
 from .loop_plan import LoopPlan, Place, Unit, bound_arguments
 from .report import CannotMove, LoopReport
 
 __all__ = ["LoopRewrite", "PassLoop", "map_tree"]
+
+
+@contextlib.contextmanager
+def _sourced(source: str, here: str) -> Iterator[None]:
+    """Nodes emitted in the block for a unit of the loop name the unit's `source`, not `here`, the line that
+    called the pass (the trace's caller). Nodes a replay already gave their own line keep it."""
+    graph = _trace.current().graph
+    start = len(graph.nodes)
+    yield
+    for node in graph.nodes[start:]:
+        if node.source == here:
+            node.source = source
 
 
 @dataclass
@@ -156,7 +170,12 @@ class LoopRewrite:
             return memo[id(t)]
         unit = plan.producer[id(t)]
         report = self.report if memo is self.sequences else LoopReport("", "")
-        with self.inside(self.parent):
+        if unit.kind == "state":   # (the shifted sequence of a state's values: where its new value is computed)
+            new_value = self.spec.new_states[plan.state_index[id(t)]]
+            source = new_value.node.source if new_value.node is not None else self.spec.source
+        else:
+            source = unit.nodes[0].source
+        with self.inside(self.parent), _sourced(source, user_source_line()):
             if unit.kind == "unstack":
                 value = self.rw.value(unit.nodes[0].inputs[0])
             elif unit.kind == "index":
@@ -394,8 +413,9 @@ class LoopRewrite:
             raise CannotMove("internal: a value computed after the loop is needed inside it")
         assert place == Place.SEQUENCE, t
         sequence = self.with_axis(self.sequence(t))
-        with self.inside(self.body):
-            frame = emit_unstack(self.body, sequence, self.axis, plan.producer[id(t)].nodes[0].source)
+        source = plan.producer[id(t)].nodes[0].source
+        with self.inside(self.body), _sourced(source, user_source_line()):
+            frame = emit_unstack(self.body, sequence, self.axis, source)
             value = self.rw.map[id(t)] = _shape.to_layout(frame, t.dims)
         return value
 
@@ -406,7 +426,8 @@ class LoopRewrite:
         spec, node, rw, plan = self.spec, self.node, self.rw, self.plan
         ns = len(spec.placeholders)
         outs = node.outputs
-        with self.inside(self.parent):
+        # (what is emitted here for the loop's results, e.g. their layouts, names the loop's line)
+        with self.inside(self.parent), _sourced(spec.source, user_source_line()):
             masked_states = {k for b in plan.blocks.values() for k, _, _ in b.states}
             for k in range(ns):
                 if k in plan.final_only or (k in masked_states and id(outs[k]) in rw.used):
