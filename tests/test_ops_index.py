@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as tF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import looplift as ll
 from looplift.errors import InputError
@@ -124,6 +127,38 @@ def test_gradient_of_gather_along_dynamic_dim_matches_torch_indexing():
     (got,) = torch.autograd.grad(masked_weighted_sum(out.align(B, F)), [x])
     (want,) = torch.autograd.grad(masked_weighted_sum(x[torch.arange(3), idx]), [x])
     torch.testing.assert_close(got, want, **TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_gather_picks_like_fancy_indexing_for_any_layout_of_shared_and_own_dims(draw):
+    """Any split of dims into shared (batch) dims, the index's own dims and x's own dims, in any storage
+    order of both operands: ``out[s, i, x] = x[s, index[s, i], x]``, and its gradient is torch's."""
+    n_shared, n_index, n_x = (draw.draw(st.integers(0, 2)) for _ in range(3))
+    sizes = draw.draw(st.lists(st.integers(1, 4), min_size=n_shared + n_index + n_x + 1,
+                               max_size=n_shared + n_index + n_x + 1))
+    dims = [ll.Dim(f"g{k}", n) for k, n in enumerate(sizes)]
+    shared, index_own, x_own = dims[:n_shared], dims[n_shared:n_shared + n_index], dims[n_shared + n_index:-1]
+    axis = dims[-1]
+    x_dims = draw.draw(st.permutations(shared + [axis] + x_own))
+    i_dims = draw.draw(st.permutations(shared + index_own))
+    g = torch.Generator().manual_seed(draw.draw(st.integers(0, 2**16)))
+    x = torch.randn([d.size for d in x_dims], generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, axis.size, [d.size for d in i_dims], generator=g)
+    out = run(lambda v, i: ll.gather(v, index=i, axis=axis), ll.Named(x, tuple(x_dims)),
+              ll.Named(idx, tuple(i_dims), sparse_dim=axis))
+    got = out.align(*shared, *index_own, *x_own)
+    xa = x.permute([x_dims.index(d) for d in shared + [axis] + x_own])
+    ia = idx.permute([i_dims.index(d) for d in shared + index_own])
+    s_n, a_n = math.prod(d.size for d in shared), axis.size
+    i_n, x_n = math.prod(d.size for d in index_own), math.prod(d.size for d in x_own)
+    flat = xa.reshape(s_n, a_n, x_n)[torch.arange(s_n)[:, None], ia.reshape(s_n, i_n)]
+    want = flat.reshape([d.size for d in shared + index_own + x_own])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weights = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), [x])
+    (g_want,) = torch.autograd.grad((want * weights).sum(), [x])
+    torch.testing.assert_close(g_got, g_want, **TOL)
 
 
 # -- embedding ------------------------------------------------------------------------------------

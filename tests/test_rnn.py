@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import looplift as ll
+from looplift.errors import DimError
 from looplift.nn.rnn import LstmState
 
 B = ll.batch_dim
@@ -295,6 +296,46 @@ def test_lstm_step_equals_torch_lstm_cell(dtype):
     torch.testing.assert_close(out.align(B, H), ref_h)
     torch.testing.assert_close(new_h.align(B, H), ref_h)
     torch.testing.assert_close(new_c.align(B, H), ref_c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_step_from_the_input_projection_equals_torch_lstm_cell_with_gradients(dtype):
+    """``step_from_gates(x @ weight_ih^T)`` is the step ``lstm(x)``: values, and gradients into the weights,
+    the projection and the state; a state without the batch dim broadcasts over it."""
+    module, cell = cell_pair("lstm", dtype)
+    gates = module.gates
+
+    def model(x, h, c, h0):
+        projected = ll.dot(x, module.weight_ih_l0, reduce=F)
+        out, state = module.step_from_gates(projected, state=(h, c))
+        first, _ = module.step_from_gates(projected, state=(h0, h0))   # (h0 over hidden only: broadcast)
+        return out, state.c, first
+
+    torch.manual_seed(4)
+    x, h, c = (torch.randn(3, n, dtype=dtype, requires_grad=True) for n in (F.size, H.size, H.size))
+    h0 = torch.randn(H.size, dtype=dtype)
+    out, new_c, first = ll.compile(model)(ll.Named(x, (B, F)), ll.Named(h, (B, H)), ll.Named(c, (B, H)),
+                                         ll.Named(h0, (H,)))
+    ref_h, ref_c = cell(x, (h, c))
+    ref_first, _ = cell(x, (h0.expand(3, -1), h0.expand(3, -1)))
+    tol = {} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(out.align(B, H), ref_h, **tol)
+    torch.testing.assert_close(new_c.align(B, H), ref_c, **tol)
+    torch.testing.assert_close(first.align(B, H), ref_first, **tol)
+    assert gates.size == 4 * H.size
+    weights = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+    got = torch.autograd.grad((out.align(B, H) * 1.5 + new_c.align(B, H)).sum(), [x, h, c, *weights])
+    want = torch.autograd.grad((ref_h * 1.5 + ref_c).sum(), [x, h, c, *cell.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_a_step_from_gates_needs_the_gate_dim():
+    module, _ = cell_pair("lstm", torch.float64)
+    with pytest.raises(DimError, match="gate dim"):
+        ll.compile(lambda h: module.step_from_gates(h, state=(h, h)))(ll.Named(torch.zeros(3, H.size,
+                                                                                             dtype=torch.float64),
+                                                                                 (B, H)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -22,7 +22,7 @@ from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, entry_methods
 from ..module import Module, Parameter, check_setting, is_positive_int, is_probability, static_dims
-from ..ops.rnn import gru_cell, lstm_cell, rnn_sequence
+from ..ops.rnn import gru_cell, lstm_cell, lstm_cell_gates, rnn_sequence
 from ..ops.shape import zeros
 from ..tensor import Tensor
 
@@ -57,7 +57,8 @@ class _RNN(Module):
         if bidirectional:
             # the output of both directions concatenated is `out_dim`
             (self.hidden * 2).declare_same_as(out_dim)
-        gates = self.hidden * self._gates
+        #: The dim of the gates stacked (``hidden * 4`` for an LSTM, ``* 3`` for a GRU): the weights' first dim.
+        self.gates = gates = self.hidden * self._gates
         bound = 1.0 / math.sqrt(self.hidden.size)
         init = lambda t: t.uniform_(-bound, bound)  # noqa: E731 - as torch.nn.LSTM
         for layer in range(num_layers):
@@ -134,6 +135,21 @@ class LSTM(_RNN):
         """Zeros over ``batch_dims + (hidden,)`` (a loop adds the batch dims it needs by itself)."""
         return LstmState(zeros([*batch_dims, self.hidden]), zeros([*batch_dims, self.hidden]))
 
+    def step_from_gates(self, gates: Tensor, state: LstmState | tuple | None = None):
+        """One step whose input's projection ``x @ weight_ih^T`` (over :attr:`gates`) was made elsewhere:
+        ``out, new_state`` as ``lstm(x, state=state)`` gives (:func:`looplift.ops.rnn.lstm_cell_gates`).
+
+        A projection can be cheaper made elsewhere: of an attention context ``sum_s a_s e_s``, it is
+        ``sum_s a_s (W e_s)``, with ``W e_s`` made once per frame before the loop, not once per step.
+        """
+        if isinstance(state, tuple):
+            state = LstmState(*state)
+        self._check_step(gates)
+        state = state if state is not None else self.default_initial_state()
+        weight_hh, bias_ih, bias_hh = self._weights()[1:]
+        h, c = lstm_cell_gates(gates, (state.h, state.c), (weight_hh, bias_ih, bias_hh), hidden=self.hidden)
+        return h, LstmState(h, c)
+
     def forward(self, x: Tensor, state: LstmState | tuple | None = None, *, axis: Dim | None = None):
         if isinstance(state, tuple) and not self.bidirectional and self.num_layers == 1:
             state = LstmState(*state)  # (h, c)
@@ -189,6 +205,6 @@ class GRU(_RNN):
         return out, self._finals(per_layer, lambda f: tuple(f) if self.bidirectional else f[0])
 
 
-entry_methods(LSTM, "forward", public="looplift.nn.LSTM")
+entry_methods(LSTM, "forward", "step_from_gates", public="looplift.nn.LSTM")
 entry_methods(GRU, "forward", public="looplift.nn.GRU")
 entry_methods(_RNN, "__init__", public="looplift.nn.LSTM/GRU")

@@ -62,7 +62,16 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         out_shape = (*lead, *picked, *v.shape[n_shared + 1:])
         if v.shape[n_shared] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
             return v.new_zeros(out_shape)
-        i = i.clamp(0, v.shape[n_shared] - 1).long().expand(lead + picked)
+        size = v.shape[n_shared]
+        i = i.clamp(0, size - 1).long().expand(lead + picked)
+        if v.stride()[:n_shared] == () or 0 not in v.stride()[:n_shared]:
+            # rows of x flattened with the shared dims (one index_select: a row per pick, not an element; far
+            # faster than torch.gather with the index expanded over x's own dims)
+            if n_shared:
+                offsets = torch.arange(math.prod(lead), device=i.device).reshape(*lead, *[1] * len(picked))
+                i = i + offsets * size
+            rows = v.reshape(-1, *v.shape[n_shared + 1:]) if n_shared else v
+            return rows.index_select(0, i.reshape(-1)).reshape(out_shape)
         k = math.prod(picked)
         i = i.reshape(*lead, k, *[1] * n_x).expand(*lead, k, *v.shape[n_shared + 1:])
         return torch.gather(v, n_shared, i).reshape(out_shape)

@@ -1,4 +1,5 @@
-"""Recurrent cells: one step (``lstm_cell``, ``gru_cell``) and a whole sequence (``rnn_sequence``).
+"""Recurrent cells: one step (``lstm_cell``, ``gru_cell``; ``lstm_cell_gates`` from the input's projection
+made elsewhere) and a whole sequence (``rnn_sequence``).
 
 Parameters are in ``torch.nn.LSTM`` / ``torch.nn.GRU`` layout, gates stacked
 along a ``hidden * 4`` (or ``* 3``) dim. The sequence form runs PyTorch's fused
@@ -30,7 +31,7 @@ from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, check_has, emit_many
 from .shape import expand_for_masks
 
-__all__ = ["lstm_cell", "gru_cell", "rnn_sequence"]
+__all__ = ["lstm_cell", "lstm_cell_gates", "gru_cell", "rnn_sequence"]
 
 
 def _check_float(op: str, x: Tensor, weight: Tensor) -> None:
@@ -81,6 +82,49 @@ def lstm_cell(x, state: tuple, weights: Sequence, *, in_dim: Dim, hidden: Dim) -
     ``(hidden*4, in_dim)``, ``(hidden*4, hidden)``, ``(hidden*4,)``, ``(hidden*4,)``.
     """
     h, c = _cell("lstm_cell", x, state, weights, in_dim, hidden)
+    return h, c
+
+
+def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> tuple[Tensor, Tensor]:
+    """One LSTM step from its input's projection made elsewhere: ``(h, c)``, as :func:`lstm_cell` gives for an
+    input `x` whose ``x @ weight_ih^T`` is `gates` (over ``hidden*4``, torch's gate order i, f, g, o).
+
+    `weights` are ``(weight_hh, bias_ih, bias_hh)``. A projection may be cheaper made elsewhere: for every
+    frame at once before a loop, or, for an attention context ``sum_s a_s e_s``, as ``sum_s a_s (W e_s)``
+    with ``W e_s`` made once per frame.
+    """
+    gates, (h, c) = as_tensor(gates), (as_tensor(state[0]), as_tensor(state[1]))
+    weight_hh, bias_ih, bias_hh = (as_tensor(w) for w in weights)
+    (gate_dim,) = [d for d in weight_hh.dims if d != hidden] or [None]
+    if gate_dim is None or gate_dim.size != hidden.size * 4:
+        raise DimError(f"lstm_cell_gates: weight_hh must be over (hidden*4, hidden) with hidden {hidden!r}, got "
+                       f"the {weight_hh.describe()}")
+    check_has(gates, (gate_dim,), "lstm_cell_gates", "gate dim")
+    for s in (h, c):
+        check_has(s, (hidden,), "lstm_cell_gates", "hidden dim")
+    _check_float("lstm_cell_gates", gates, weight_hh)
+    batch = broadcast_dims("lstm_cell_gates", tuple(d for d in gates.dims if d != gate_dim),
+                           *(tuple(d for d in s.dims if d != hidden) for s in (h, c)))
+    g_al = aligner(gates.dims, batch + (gate_dim,))
+    h_al, c_al = (aligner(s.dims, batch + (hidden,)) for s in (h, c))
+    n = len(batch)
+
+    def kernel(env, g, hv, cv, w_hh, b_ih, b_hh):
+        g, hv, cv = g_al(g), h_al(hv), c_al(cv)
+        shape = broadcast_shapes(g.shape[:n], hv.shape[:n], cv.shape[:n])
+        flat = math.prod(shape)
+        g = g.expand(*shape, g.shape[-1]).reshape(flat, g.shape[-1])
+        hv = hv.expand(*shape, hv.shape[-1]).reshape(flat, hv.shape[-1])
+        cv = cv.expand(*shape, cv.shape[-1]).reshape(flat, cv.shape[-1])
+        g = torch.addmm(g + (b_ih + b_hh), hv, w_hh.t())   # (the gates, as torch.lstm_cell sums them)
+        i, f, cand, o = g.chunk(4, 1)
+        c_new = torch.sigmoid(f) * cv + torch.sigmoid(i) * torch.tanh(cand)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return h_new.reshape(*shape, -1), c_new.reshape(*shape, -1)
+
+    outputs = [(batch + (hidden,), gates.dtype, None)] * 2
+    h, c = emit_many("lstm_cell_gates", (gates, h, c, weight_hh, bias_ih, bias_hh), kernel, outputs,
+                     attrs={"hidden": hidden.name})
     return h, c
 
 

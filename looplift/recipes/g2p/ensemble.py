@@ -42,19 +42,19 @@ class Ensemble(ll.Module):
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
-        encodings = [m.encode(chars, src=src) for m in self.members]
+        memories = [m.encode(chars, src=src) for m in self.members]
         loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
         states = {}
         for k, m in enumerate(self.members):
-            state = m.decoder_state()
+            state = m.decoder_state(memories[k])
             if state is not None:
                 states[k] = f"member{k}"
                 setattr(loop.state, states[k], state)
         with loop:
             total = None
-            for k, (m, enc) in enumerate(zip(self.members, encodings)):
+            for k, (m, memory) in enumerate(zip(self.members, memories)):
                 state = getattr(loop.state, states[k]) if k in states else None
-                log_probs, state = m.decoder_step(state, loop.state.label, enc, src=src, index=loop.index)
+                log_probs, state = m.decoder_step(state, loop.state.label, memory, src=src, index=loop.index)
                 if k in states:
                     setattr(loop.state, states[k], state)
                 total = log_probs if total is None else total + log_probs

@@ -48,6 +48,18 @@ class Config(JsonConfig):
     arch = "lstm"
 
 
+@dataclass
+class Memory:
+    """What the decoder attends to: the encoding `enc` over (src, enc), and its projections over src made
+    once before the loop: `gates`, each frame's part of the LSTM's input gates as attention context;
+    `keys` and `key_bias`, each frame's query projection (a frame's score is ``keys . h + key_bias``)."""
+
+    enc: ll.Tensor
+    gates: ll.Tensor
+    keys: ll.Tensor
+    key_bias: ll.Tensor
+
+
 class G2P(ll.Module):
     """``loss = model(chars, phonemes, src=..., tgt=...)`` in train/eval mode (summed over the batch), and
     ``labels, scores, lengths = model(chars, src=..., tgt=..., beam=k)`` in search mode."""
@@ -69,35 +81,49 @@ class G2P(ll.Module):
         self.query = nn.Linear(self.dec_dim, self.enc_dim)
         self.readout = nn.Linear(self.dec_dim + self.enc_dim, self.phonemes)
 
-    def encode(self, chars, *, src: ll.Dim):
+    def encode(self, chars, *, src: ll.Dim) -> Memory:
+        """The characters' encoding, and what each decoder step reads of it, projected once per frame."""
         enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
-        return enc
+        # A step's context sum_s a_s e_s enters the LSTM as W_ctx sum_s a_s e_s = sum_s a_s (W_ctx e_s), and
+        # the score of a frame is e_s . (W_q h + b_q) = (W_q^T e_s) . h + e_s . b_q: projecting the frames
+        # once here leaves each step products with the attention weights instead of with the context.
+        _, w_ctx = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
+        return Memory(enc, gates=ll.dot(enc, w_ctx, reduce=self.enc_dim),
+                      keys=ll.dot(enc, self.query.weight, reduce=self.enc_dim),
+                      key_bias=ll.dot(enc, self.query.bias, reduce=self.enc_dim))
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
-        enc = self.encode(chars, src=src)
+        memory = self.encode(chars, src=src)
         loop = decoder_loop(self.phonemes, src=src, tgt=tgt, max_len=max_len)
-        loop.state.decoder = self.decoder_state()
+        loop.state.decoder = self.decoder_state(memory)
         with loop:
-            log_probs, loop.state.decoder = self.decoder_step(loop.state.decoder, loop.state.label, enc, src=src,
-                                                              index=loop.index)
+            log_probs, loop.state.decoder = self.decoder_step(loop.state.decoder, loop.state.label, memory,
+                                                              src=src, index=loop.index)
             stacked = next_phoneme(loop, log_probs, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
                                    label_smoothing=self.config.label_smoothing)
         return result(loop, stacked)
 
-    def decoder_state(self):
-        """The decoder's state before the first phoneme: the LSTM's, and the attention context (zeros)."""
-        return self.cell.default_initial_state(), ll.zeros([self.enc_dim])
+    def decoder_state(self, memory: Memory):
+        """The decoder's state before the first phoneme: the LSTM's, and the attention weights of the last
+        step (zeros: the first input's context is zero)."""
+        return self.cell.default_initial_state(), ll.zeros(memory.key_bias.dims)
 
-    def decoder_step(self, state, label, enc, *, src: ll.Dim, index):
-        """One decoder step after `label`: ``(log-probabilities of the next phoneme, the new state)``."""
-        lstm, ctx = state
-        x = ll.concat(self.emb(label), ctx, axis=[self.emb_dim, self.enc_dim])
-        h, lstm = self.cell(x, state=lstm)
-        att = ll.softmax(ll.dot(enc, self.query(h), reduce=self.enc_dim), axis=src)
-        ctx = ll.dot(att, enc, reduce=src)
+    def decoder_step(self, state, label, memory: Memory, *, src: ll.Dim, index):
+        """One decoder step after `label`: ``(log-probabilities of the next phoneme, the new state)``.
+
+        The LSTM's input is the label's embedding and the last step's attention context (its projection
+        through the frames' projections, see :meth:`encode`)."""
+        lstm, att = state
+        w_emb, _ = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
+        # (the embedding's projection is a table over the phonemes, made once before the loop)
+        emb_gates = ll.gather(ll.dot(self.emb.weight, w_emb, reduce=self.emb_dim), index=label, axis=self.phonemes)
+        gates = emb_gates + ll.dot(att, memory.gates, reduce=src)
+        h, lstm = self.cell.step_from_gates(gates, state=lstm)
+        att = ll.softmax(ll.dot(memory.keys, h, reduce=self.dec_dim) + memory.key_bias, axis=src)
+        ctx = ll.dot(att, memory.enc, reduce=src)
         readout_in = self.dropout(ll.concat(h, ctx, axis=[self.dec_dim, self.enc_dim]))
-        return ll.log_softmax(self.readout(readout_in), axis=self.phonemes), (lstm, ctx)
+        return ll.log_softmax(self.readout(readout_in), axis=self.phonemes), (lstm, att)
 
 
 def decoder_loop(phonemes: ll.Dim, *, src: ll.Dim, tgt: ll.Dim, max_len: int | None) -> ll.Loop:

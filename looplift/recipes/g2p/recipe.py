@@ -117,9 +117,10 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
                 sc = scores.align(ll.batch_dim, bdim)
                 n = lengths.align(ll.batch_dim, bdim)
                 ok = valid.align(ll.batch_dim, bdim)
+                ys, sc, n, ok = ys.tolist(), sc.tolist(), n.tolist(), ok.tolist()   # (lists: no tensor per element)
                 for row, i in enumerate(idx):
-                    out[i] = [([t for t in ys[row, k, :int(n[row, k])].tolist() if t != EOS], float(sc[row, k]))
-                              for k in range(ok.shape[1]) if bool(ok[row, k])]
+                    out[i] = [([t for t in ys[row][k][:n[row][k]] if t != EOS], sc[row][k])
+                              for k in range(len(ok[row])) if ok[row][k]]
     finally:
         model.train(was_training)
     return out

@@ -119,7 +119,7 @@ class TransformerG2P(ll.Module):
         # (the embeddings start standard normal, as large as the positions' sin and cos: not scaled up)
         return self.dropout(emb(labels) + self.position(index))
 
-    def decoder_state(self):
+    def decoder_state(self, memory):
         """None: the decoder's only memory is each layer's history (``cum_concat``), kept by the loop."""
         return None
 
