@@ -140,6 +140,24 @@ def test_decode_with_a_threshold(words):
         assert all(s >= hyps[0][1] - 2.0 - 1e-9 for _, s in hyps)
 
 
+def test_decoding_batches_side_by_side_gives_what_one_at_a_time_gives(words):
+    """decode(workers=3): the batches searched in threads (one torch thread each) give every word the n-best
+    that decoding the batches one after another gives, in the words' order; torch's thread count is
+    restored afterwards."""
+    entries, vocabs = words
+    torch.manual_seed(6)
+    model = G2P(Config(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, dec=10)).double()
+    encoded = [vocabs.chars.encode(e.word) for e in entries]
+    threads = torch.get_num_threads()
+    alone = recipe.decode(model, encoded, beam=4, batch_size=3, workers=1)
+    together = recipe.decode(model, encoded, beam=4, batch_size=3, workers=3)
+    assert torch.get_num_threads() == threads
+    assert len(encoded) > 3 * 3   # (more batches than workers)
+    assert [[q for q, _ in hyps] for hyps in together] == [[q for q, _ in hyps] for hyps in alone]
+    for g, w in zip(together, alone):
+        assert torch.allclose(torch.tensor([s for _, s in g]), torch.tensor([s for _, s in w]), rtol=0, atol=1e-9)
+
+
 def _assert_training_equals_the_reference(model, examples):
     """`model`'s train-mode loss and every parameter's gradient on all of `examples` equal the reference
     interpreter's (its loops step by step); returns (the train program, the inputs)."""

@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_threshold(p)
     p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N words of the split")
     p.add_argument("--batch", type=POSITIVE, default=256, help="words decoded at once")
+    p.add_argument("--workers", type=POSITIVE, default=None,
+                   help="batches searched side by side on CPU, each with one torch thread (default: torch's "
+                        "threads, at most 4)")
 
     p = sub.add_parser("convert", formatter_class=fmt, help="pronounce words",
                        description="Print the n-best pronunciations of WORDs with their log-probabilities.")
@@ -250,7 +253,7 @@ def evaluate(args) -> None:
     start = time.perf_counter()
     threshold = _threshold(args)
     s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=getattr(args, "batch", 256),
-                        threshold=threshold)
+                        threshold=threshold, workers=getattr(args, "workers", None))
     seconds = time.perf_counter() - start
     beam = f"beam {args.beam}" + (f", threshold {threshold:g}" if threshold is not None else "")
     print(f"{args.split}: {s.words} words, {beam}: PER {100 * s.per:.2f}% "

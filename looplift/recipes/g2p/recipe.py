@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -97,40 +98,59 @@ def loss_function(examples: Examples):
 
 
 def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = 256,
-           threshold: float | None = None) -> list[list[tuple[list[int], float]]]:
+           threshold: float | None = None, workers: int | None = None) -> list[list[tuple[list[int], float]]]:
     """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search (keeping only
-    the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure)."""
+    the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure).
+
+    Words are batched by length. On CPU, `workers` batches are searched at once, each in a thread of its own
+    running one torch thread (default: as many as torch's threads, at most 4): a search is many small steps,
+    which use several cores better side by side than one at a time with the threads inside each op."""
     search = ll.compile(model, mode="search")
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out: list = [None] * len(words)
+
+    def decode_batch(idx: list[int]) -> None:
+        with torch.no_grad():   # (grad mode is per thread)
+            labels, scores, lengths, valid = search(char_batch(model, [words[i] for i in idx]), src=SRC, tgt=TGT,
+                                                    beam=beam, threshold=threshold)
+        (bdim,) = [d for d in valid.dims if d is not ll.batch_dim]
+        (steps,) = [d for d in labels.dims if d is not ll.batch_dim and d is not bdim]
+        ys = labels.align(ll.batch_dim, bdim, steps).tolist()   # (lists: no tensor per element)
+        sc, n, ok = (v.align(ll.batch_dim, bdim).tolist() for v in (scores, lengths, valid))
+        for row, i in enumerate(idx):
+            out[i] = [([t for t in ys[row][k][:n[row][k]] if t != EOS], sc[row][k])
+                      for k in range(len(ok[row])) if ok[row][k]]
+
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if workers is None:
+        workers = min(torch.get_num_threads(), 4) if on_cpu else 1
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                labels, scores, lengths, valid = search(char_batch(model, [words[i] for i in idx]), src=SRC,
-                                                        tgt=TGT, beam=beam, threshold=threshold)
-                (bdim,) = [d for d in valid.dims if d is not ll.batch_dim]
-                (steps,) = [d for d in labels.dims if d is not ll.batch_dim and d is not bdim]
-                ys = labels.align(ll.batch_dim, bdim, steps)
-                sc = scores.align(ll.batch_dim, bdim)
-                n = lengths.align(ll.batch_dim, bdim)
-                ok = valid.align(ll.batch_dim, bdim)
-                ys, sc, n, ok = ys.tolist(), sc.tolist(), n.tolist(), ok.tolist()   # (lists: no tensor per element)
-                for row, i in enumerate(idx):
-                    out[i] = [([t for t in ys[row][k][:n[row][k]] if t != EOS], sc[row][k])
-                              for k in range(len(ok[row])) if ok[row][k]]
+        if workers <= 1 or len(batches) <= 1:
+            for idx in batches:
+                decode_batch(idx)
+        else:
+            decode_batch(batches[0])   # (traces the program, before the threads share it)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(decode_batch, batches[1:]))
+            finally:
+                torch.set_num_threads(threads)
     finally:
         model.train(was_training)
     return out
 
 
 def evaluate(model: G2P, entries: Sequence[data.Entry], vocabs: Vocabs, *, beam: int = 5,
-             batch_size: int = 256, threshold: float | None = None) -> metrics.Scores:
-    """PER and WER of the best hypothesis of each word against all its pronunciations."""
+             batch_size: int = 256, threshold: float | None = None, workers: int | None = None) -> metrics.Scores:
+    """PER and WER of the best hypothesis of each word against all its pronunciations (decoded as
+    :func:`decode` decodes)."""
     nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size,
-                   threshold=threshold)
+                   threshold=threshold, workers=workers)
     hyps = [vocabs.phonemes.decode(hs[0][0]) if hs else [] for hs in nbest]
     return metrics.score(hyps, [e.prons for e in entries])
 
