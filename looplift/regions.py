@@ -20,7 +20,7 @@ from .dims import Dim
 from .graph import Graph, Node, Op
 from .tensor import Tensor
 
-__all__ = ["LoopSpec", "CondSpec", "emit_unstack", "emit_loop_index", "is_history_of"]
+__all__ = ["LoopSpec", "CondSpec", "emit_unstack", "emit_loop_index", "is_history_of", "mixes_entries"]
 
 
 @dataclass(eq=False)
@@ -131,6 +131,36 @@ class CondSpec:
 
     def regions(self) -> list[tuple[Graph, list[Tensor]]]:
         return [(self.branches[True], self.outs[True]), (self.branches[False], self.outs[False])]
+
+
+#: ops that only broadcast or reorder the storage (they name every dim of their result, `dim` among them)
+_LAYOUT_OPS = frozenset({"expand", "transpose"})
+
+
+def mixes_entries(body: Graph, dim: Dim) -> bool:
+    """Whether some node of `body` (or of a region in it) may compute an entry along `dim` from other entries:
+    it reduces over `dim` (has it in an input but not in every output) or names it (an op along it: a
+    softmax, a gather, a split; not a broadcast nor a reordering of the storage). Where none does, what an
+    entry computes after it ended (a loop.end) can change no other entry."""
+    for node in body.nodes:
+        if node.region is not None:
+            if any(mixes_entries(graph, dim) for graph, _ in node.region.regions()):
+                return True
+        elif any(dim in t.dims for t in node.inputs) and not all(dim in o.dims for o in node.outputs):
+            return True
+        elif node.op not in _LAYOUT_OPS and _names(node.attrs, dim.name):
+            return True
+    return False
+
+
+def _names(value, name: str) -> bool:
+    if isinstance(value, str):
+        return value == name
+    if isinstance(value, dict):
+        return any(_names(v, name) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_names(v, name) for v in value)
+    return isinstance(value, Dim) and value.name == name
 
 
 def emit_unstack(body: Graph, x: Tensor, axis: Dim, source: str | None = None) -> Tensor:

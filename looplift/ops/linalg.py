@@ -69,7 +69,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     if na == 1 and nr == 1 and len(b_only) == 1:
         # already (batch..., m, k) @ (batch..., k, n): matmul takes the strided views, no reshape copies
         def kernel(env, x, y):
-            return torch.matmul(x.permute(perm_a), y.permute(perm_b))
+            return torch.matmul(_blas_ready(x.permute(perm_a)), _blas_ready(y.permute(perm_b)))
 
         return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
 
@@ -81,10 +81,18 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         x = x.reshape(*bshape, math.prod(ashape), math.prod(rshape))
         y = y.reshape(*bshape, math.prod(rshape), math.prod(oshape))
         if nb == 1 and x.shape[0] == y.shape[0]:   # (one batch dim, no broadcasting: one bmm, no matmul dance)
-            return torch.bmm(x, y).view((*bshape, *ashape, *oshape))
+            return torch.bmm(_blas_ready(x), _blas_ready(y)).view((*bshape, *ashape, *oshape))
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+
+
+def _blas_ready(v: torch.Tensor) -> torch.Tensor:
+    """`v` (a batch of matrices) with one of its matrix dims contiguous, as a batched matmul takes it without
+    a slow strided pass (a copy of the operand is far cheaper than that)."""
+    if v.dim() >= 3 and v.stride(-1) != 1 and v.stride(-2) != 1 and v.numel() > 1:
+        return v.contiguous()
+    return v
 
 
 def _clear_padding(x: Tensor, masked, finite: bool) -> Tensor:

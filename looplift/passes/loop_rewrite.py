@@ -37,7 +37,7 @@ from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
 from ..ops.index import gather
-from ..regions import CondSpec, LoopSpec, emit_unstack
+from ..regions import CondSpec, LoopSpec, emit_unstack, mixes_entries
 from ..rules import rules_of
 from ..source import user_source_line
 from ..tensor import Tensor
@@ -335,7 +335,10 @@ class LoopRewrite:
         # States moved out leave the loop: their values per step are frames of their shifted sequences.
         # (Loops with loop.end move no states: an ended entry's state is frozen, not shifted.)
         self.kept = [k for k in range(len(spec.placeholders)) if k not in plan.final_only and k not in plan.moved]
-        freeze = any(final_used[k] for k in self.kept)
+        # An ended entry's states need not be frozen when nothing reads them: its frames after its end are
+        # padding; unless a step computes an entry from the others (a mean over the batch), which read them.
+        freeze = any(final_used[k] for k in self.kept) or (
+            spec.end is not None and any(mixes_entries(spec.body, d) for d in spec.length_dims))
         with self.inside(body):
             for k in self.kept:
                 p = spec.placeholders[k]

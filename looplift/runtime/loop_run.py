@@ -13,7 +13,10 @@ the body: node by node, or with a prepared executor; see `runner`). Per step:
   the previous step's prune kept;
 * a loop that makes its own dim stops when every entry ended, and gives the
   dim its size and lengths; ``max_seq_len`` stops a search, and is an error
-  for any other loop that reaches it with entries not yet ended.
+  for any other loop that reaches it with entries not yet ended;
+* the executor's steps leave out the entries that ended, where no step reads
+  one entry for another (:mod:`looplift.runtime.compact`); the reference
+  interpreter's run every entry.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..errors import ExecutionError
 from ..graph import Graph
 from ..regions import LoopSpec
 from ..tensor import Tensor
+from . import compact as _compact
 
 __all__ = ["LoopRun", "Runner"]
 
@@ -37,9 +41,10 @@ Runner = Callable[[Graph, Sequence[Tensor], Sequence[Tensor]], Callable]
 
 
 class LoopRun:
-    """The kernel of one loop node: ``run(env, *captured, *initial_states[, max_len])``."""
+    """The kernel of one loop node: ``run(env, *captured, *initial_states[, max_len])``; `compact`: leave the
+    entries that ended out of the steps where that changes no result (:mod:`looplift.runtime.compact`)."""
 
-    def __init__(self, spec: LoopSpec, runner: Runner):
+    def __init__(self, spec: LoopSpec, runner: Runner, *, compact: bool = True):
         self.spec = spec
         self.runner = runner
         length_dims = spec.length_dims
@@ -60,6 +65,8 @@ class LoopRun:
                          for p in spec.placeholders]
         # per-entry bookkeeping only where something depends on it
         self.track = spec.freeze or bool(spec.lasts) or spec.end is not None or spec.own_dim
+        #: how the steps leave out the entries that ended (None: they run every entry to the end)
+        self.compact = _compact.plan(spec) if compact else None
 
     def __call__(self, env, *raws):
         spec = self.spec
@@ -86,16 +93,23 @@ class LoopRun:
         inner: dict[Dim, list] = {}
         scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
         width = env.size(spec.beam[0]) if spec.beam is not None else None   # (the beam's, this step)
+        rows = _compact.Rows(self.compact, env) if self.compact is not None else None
+        limit = None if max_len is None or not spec.own_dim else (
+            self.max_align(max_len) if self.max_align is not None else max_len)
         t = 0
         while n_steps is None or t < n_steps:
             if spec.own_dim:
                 if alive is not None and not bool(alive.any()):
                     break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
-                if max_len is not None:
-                    alive, stop = self._at_max_len(env, t, max_len, alive)
+                if limit is not None:
+                    alive, stop = self._at_max_len(rows.step_env if rows else env, t, max_len,
+                                                   rows.per_entry(limit) if rows else limit, alive)
                     if stop:
                         break
-            step_env = env.child({axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
+                if rows is not None and alive is not None and rows.worth_cutting(alive, scratch, inner):
+                    alive, state, captured = rows.cut(alive, state, captured)
+            step_env = (rows.step_env if rows else env).child(
+                {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
             results = run_body(step_env, captured + state)
@@ -107,7 +121,8 @@ class LoopRun:
             if spec.end is not None and not untracked:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
-                    alive = torch.ones([env.size(d) for d in spec.length_dims], dtype=torch.bool, device=env.device)
+                    alive = torch.ones([step_env.size(d) for d in spec.length_dims], dtype=torch.bool,
+                                       device=env.device)
                 if active is not None:
                     alive = alive & active
                 step_counts = alive if spec.include_eos else alive & ~cond
@@ -115,12 +130,15 @@ class LoopRun:
                 active = step_counts
             state = self._next_states(env, t, state, new_state, active, axis_len)
             if active is not None and spec.own_dim:
-                counted = active.long() if counted is None else counted + active.long()
+                steps = rows.widen_counts(active.long()) if rows else active.long()
+                counted = steps if counted is None else counted + steps
             for k, v in enumerate(results[ns:ns + len(stacks)]):
-                frames[k].append(v)
+                frames[k].append(rows.widen_frame(k, v) if rows else v)
             self._keep_lasts(env, results[ns + len(stacks):ns + len(stacks) + len(lasts)], active, last_vals)
             _collect_inner_dims(step_env, axis, inner)
             t += 1
+        if rows is not None:
+            state = rows.put_back(state)
         if width is not None:
             env.sizes[spec.beam[0]] = width   # (the final states' beam)
         self._set_dims(env, t, counted, inner)
@@ -155,11 +173,12 @@ class LoopRun:
             frozen = frozen | hit.bool()        # (the ending step itself does not count)
         return not bool((frozen & inside).any())
 
-    def _at_max_len(self, env, t: int, max_len, alive):
-        """Before step `t` of a loop that makes its own dim: ``(alive, stop)``. A search ends an entry at its
-        max_seq_len (its hypotheses cut there); any other loop reaching it with live entries is an error."""
+    def _at_max_len(self, env, t: int, max_len, limit, alive):
+        """Before step `t` of a loop that makes its own dim, whose max_seq_len is `max_len` (`limit`: per entry
+        run, aligned): ``(alive, stop)``. A search ends an entry at its max_seq_len (its hypotheses cut there);
+        any other loop reaching it with live entries is an error."""
         spec = self.spec
-        over = t >= (self.max_align(max_len) if self.max_align is not None else max_len)
+        over = t >= limit
         if spec.stop_at_max_len:
             if not isinstance(over, torch.Tensor):
                 return alive, over

@@ -27,11 +27,12 @@ class CondRun:
         return result[0] if self.single else tuple(result)
 
 
-def region_kernel(node: Node, runner: Runner):
+def region_kernel(node: Node, runner: Runner, *, literal: bool = False):
     """The kernel of the region node `node` (an :attr:`Op.LOOP` or :attr:`Op.COND`), running its graphs with
-    `runner`."""
+    `runner`; `literal`: a loop runs every entry at every step (the reference interpreter's), never leaving
+    out the entries that ended (:mod:`looplift.runtime.compact`)."""
     if node.op == Op.LOOP:
-        return LoopRun(node.region, runner)
+        return LoopRun(node.region, runner, compact=not literal)
     if node.op == Op.COND:
         return CondRun(node.region, runner)
     raise ValueError(f"{node!r} is no region node")
