@@ -68,6 +68,24 @@ def test_loss_and_gradients_equal_plain_pytorch(words, layers):
         torch.testing.assert_close(p.grad, hand_grads[name].grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
+def test_eval_mode_loss_with_the_readout_through_the_frames_equals_plain_pytorch(words):
+    """Without dropout (eval mode) the readout takes the context through each frame's projection; the loss
+    is still the hand-written model's (which reads the context whole)."""
+    entries, vocabs = words
+    torch.manual_seed(7)
+    model = G2P(Config(len(vocabs.chars), len(vocabs.phonemes), emb=5, enc=8, dec=6, dropout=0.3)).double().eval()
+    hand, _ = _hand_twin(model)
+    hand.eval()
+    examples = recipe.Examples(entries, vocabs)
+    x = recipe.char_batch(model, examples.chars)
+    y = recipe.phoneme_batch(model, examples.prons)
+    loss = ll.compile(model, mode="eval")(x, y, src=recipe.SRC, tgt=recipe.TGT).tensor
+    xs, xl = data.encode_batch(examples.chars)
+    ys, yl = data.encode_batch([p + [0] for p in examples.prons])
+    want, _ = hand(xs, xl, ys, yl)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+
+
 def test_label_smoothing_and_the_loop_core(words):
     """Label smoothing eps: (1 - eps) * NLL + eps * mean over phonemes of -log p, summed; the loop keeps
     the LSTM cell and attention, the readout and loss move out."""

@@ -52,12 +52,14 @@ class Config(JsonConfig):
 class Memory:
     """What the decoder attends to: the encoding `enc` over (src, enc), and its projections over src made
     once before the loop: `gates`, each frame's part of the LSTM's input gates as attention context;
-    `keys` and `key_bias`, each frame's query projection (a frame's score is ``keys . h + key_bias``)."""
+    `keys` and `key_bias`, each frame's query projection (a frame's score is ``keys . h + key_bias``);
+    `readout`, each frame's part of the readout as attention context (without dropout)."""
 
     enc: ll.Tensor
     gates: ll.Tensor
     keys: ll.Tensor
     key_bias: ll.Tensor
+    readout: ll.Tensor
 
 
 class G2P(ll.Module):
@@ -88,9 +90,11 @@ class G2P(ll.Module):
         # the score of a frame is e_s . (W_q h + b_q) = (W_q^T e_s) . h + e_s . b_q: projecting the frames
         # once here leaves each step products with the attention weights instead of with the context.
         _, w_ctx = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
+        _, w_out = ll.split(self.readout.weight, axis=self.readout.in_dim)
         return Memory(enc, gates=ll.dot(enc, w_ctx, reduce=self.enc_dim),
                       keys=ll.dot(enc, self.query.weight, reduce=self.enc_dim),
-                      key_bias=ll.dot(enc, self.query.bias, reduce=self.enc_dim))
+                      key_bias=ll.dot(enc, self.query.bias, reduce=self.enc_dim),
+                      readout=ll.dot(enc, w_out, reduce=self.enc_dim))
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
@@ -121,9 +125,14 @@ class G2P(ll.Module):
         gates = emb_gates + ll.dot(att, memory.gates, reduce=src)
         h, lstm = self.cell.step_from_gates(gates, state=lstm)
         att = ll.softmax(ll.dot(memory.keys, h, reduce=self.dec_dim) + memory.key_bias, axis=src)
-        ctx = ll.dot(att, memory.enc, reduce=src)
-        readout_in = self.dropout(ll.concat(h, ctx, axis=[self.dec_dim, self.enc_dim]))
-        return ll.log_softmax(self.readout(readout_in), axis=self.phonemes), (lstm, att)
+        if ll.is_training():   # (dropout on the context: the readout takes it whole)
+            ctx = ll.dot(att, memory.enc, reduce=src)
+            logits = self.readout(self.dropout(ll.concat(h, ctx, axis=[self.dec_dim, self.enc_dim])))
+        else:   # the readout of the context through the frames' projections, as the LSTM's input
+            w_h, _ = ll.split(self.readout.weight, axis=self.readout.in_dim)
+            logits = (ll.linear(h, w_h, self.readout.bias, in_dim=self.dec_dim, out_dim=self.phonemes)
+                      + ll.dot(att, memory.readout, reduce=src))
+        return ll.log_softmax(logits, axis=self.phonemes), (lstm, att)
 
 
 def decoder_loop(phonemes: ll.Dim, *, src: ll.Dim, tgt: ll.Dim, max_len: int | None) -> ll.Loop:

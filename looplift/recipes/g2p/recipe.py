@@ -136,8 +136,8 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(decode_batch, batches[1:]))
+                with ThreadPoolExecutor(workers) as pool:   # (the longest words first: no long batch left alone)
+                    list(pool.map(decode_batch, batches[:0:-1]))
             finally:
                 torch.set_num_threads(threads)
     finally:
