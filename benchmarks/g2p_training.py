@@ -4,10 +4,8 @@ Both train the recipe's architecture (character embedding 64, 2-layer BiLSTM 256
 dot attention whose context is fed back, readout over the phonemes; no dropout, plain cross-entropy) on the
 same length-bucketed CMUdict batches (256 words) with Adam, in one process on CPU, paired: both take each
 batch in turn, each going first on every other batch. The
-hand-written one: ``torch.nn.LSTM`` encoder, the decoder's LSTM step written out in a Python loop with
-the projections of the attention context and queries made once per encoder frame, as the looplift model
-makes them (``W sum_s a_s e_s = sum_s a_s W e_s``), the readout and loss over the whole sequence after
-the loop (as a careful PyTorch user writes it).
+hand-written one: ``torch.nn.LSTM`` encoder, an ``LSTMCell`` decoder stepped in a Python loop, the
+readout and loss over the whole sequence after the loop (as a careful PyTorch user writes it).
 
 It also reports the share of looplift's training step spent in the loop (forward and backward of the
 recurrent core that stays in the loop) vs the moved-out parts, measured by timing the loop node's kernel
@@ -63,25 +61,15 @@ class HandG2P(torch.nn.Module):
         src_mask = torch.arange(x.shape[1])[None, :] < x_len[:, None]
         b, t_out = y.shape
         prev = torch.cat([torch.full((b, 1), EOS, dtype=y.dtype), y[:, :-1]], 1)
-        # as the looplift model: what the decoder reads of the context and the queries projected once per frame
-        # (W sum_s a_s e_s = sum_s a_s W e_s), the embeddings' projection over the whole sequence
-        cell = self.cell
-        w_emb, w_ctx = cell.weight_ih.split([self.emb.embedding_dim, enc.shape[-1]], 1)
-        ctx_gates = enc @ w_ctx.t()
-        keys, key_bias = enc @ self.query.weight, enc @ self.query.bias
-        emb_gates = self.emb(prev) @ w_emb.t() + (cell.bias_ih + cell.bias_hh)
-        h = enc.new_zeros(b, cell.hidden_size)
-        c = enc.new_zeros(b, cell.hidden_size)
-        att = enc.new_zeros(b, 1, x.shape[1])
+        emb = self.emb(prev)
+        h = enc.new_zeros(b, self.cell.hidden_size)
+        c = enc.new_zeros(b, self.cell.hidden_size)
+        ctx = enc.new_zeros(b, enc.shape[-1])
         hs, ctxs = [], []
         for t in range(t_out):
-            gates = torch.baddbmm(emb_gates[:, t, None], att, ctx_gates)[:, 0] + h @ cell.weight_hh.t()
-            i, f, g, o = gates.chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            energy = (torch.einsum("bsd,bd->bs", keys, h) + key_bias).masked_fill(~src_mask, float("-inf"))
-            att = torch.softmax(energy, -1)[:, None]
-            ctx = torch.bmm(att, enc)[:, 0]
+            h, c = self.cell(torch.cat([emb[:, t], ctx], -1), (h, c))
+            energy = torch.einsum("bse,be->bs", enc, self.query(h)).masked_fill(~src_mask, float("-inf"))
+            ctx = torch.einsum("bs,bse->be", torch.softmax(energy, -1), enc)
             hs.append(h)
             ctxs.append(ctx)
         logits = self.readout(torch.cat([torch.stack(hs, 1), torch.stack(ctxs, 1)], -1))

@@ -109,29 +109,36 @@ class G2P(ll.Module):
         return result(loop, stacked)
 
     def decoder_state(self, memory: Memory):
-        """The decoder's state before the first phoneme: the LSTM's, and the attention weights of the last
-        step (zeros: the first input's context is zero)."""
-        return self.cell.default_initial_state(), ll.zeros(memory.key_bias.dims)
+        """The decoder's state before the first phoneme: the LSTM's, and what it keeps of the last step's
+        attention (zeros): in training its context, else its weights (see :meth:`decoder_step`)."""
+        last = ll.zeros([self.enc_dim]) if ll.is_training() else ll.zeros(memory.key_bias.dims)
+        return self.cell.default_initial_state(), last
 
     def decoder_step(self, state, label, memory: Memory, *, src: ll.Dim, index):
         """One decoder step after `label`: ``(log-probabilities of the next phoneme, the new state)``.
 
-        The LSTM's input is the label's embedding and the last step's attention context (its projection
-        through the frames' projections, see :meth:`encode`)."""
-        lstm, att = state
-        w_emb, _ = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
-        # (the embedding's projection is a table over the phonemes, made once before the loop)
-        emb_gates = ll.gather(ll.dot(self.emb.weight, w_emb, reduce=self.emb_dim), index=label, axis=self.phonemes)
-        gates = emb_gates + ll.dot(att, memory.gates, reduce=src)
-        h, lstm = self.cell.step_from_gates(gates, state=lstm)
+        The LSTM's input is the label's embedding and the last step's attention context; the readout takes
+        the new context. In training both take the context whole (with dropout on the readout's; gradients
+        of a context are cheaper than of its projections). Otherwise they take it through the frames'
+        projections (see :meth:`encode`): per hypothesis, a step multiplies the attention weights instead
+        of the context, and keeps the weights as its state."""
+        lstm, last = state
+        if ll.is_training():
+            h, lstm = self.cell(ll.concat(self.emb(label), last, axis=[self.emb_dim, self.enc_dim]), state=lstm)
+        else:
+            w_emb, _ = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
+            # (the embedding's projection is a table over the phonemes, made once before the loop)
+            emb_gates = ll.gather(ll.dot(self.emb.weight, w_emb, reduce=self.emb_dim), index=label,
+                                  axis=self.phonemes)
+            h, lstm = self.cell.step_from_gates(emb_gates + ll.dot(last, memory.gates, reduce=src), state=lstm)
         att = ll.softmax(ll.dot(memory.keys, h, reduce=self.dec_dim) + memory.key_bias, axis=src)
-        if ll.is_training():   # (dropout on the context: the readout takes it whole)
+        if ll.is_training():
             ctx = ll.dot(att, memory.enc, reduce=src)
             logits = self.readout(self.dropout(ll.concat(h, ctx, axis=[self.dec_dim, self.enc_dim])))
-        else:   # the readout of the context through the frames' projections, as the LSTM's input
-            w_h, _ = ll.split(self.readout.weight, axis=self.readout.in_dim)
-            logits = (ll.linear(h, w_h, self.readout.bias, in_dim=self.dec_dim, out_dim=self.phonemes)
-                      + ll.dot(att, memory.readout, reduce=src))
+            return ll.log_softmax(logits, axis=self.phonemes), (lstm, ctx)
+        w_h, _ = ll.split(self.readout.weight, axis=self.readout.in_dim)
+        logits = (ll.linear(h, w_h, self.readout.bias, in_dim=self.dec_dim, out_dim=self.phonemes)
+                  + ll.dot(att, memory.readout, reduce=src))
         return ll.log_softmax(logits, axis=self.phonemes), (lstm, att)
 
 
