@@ -84,6 +84,11 @@ def test_eval_prints_the_error_rates_of_the_model(trained, capsys):
     want = recipe.evaluate(model, data.split(data.load())["dev"][:20], vocabs, beam=2)
     assert (int(m[2]), int(m[3]), int(m[5])) == (want.phoneme_errors, want.phonemes, want.word_errors)
     assert float(m[1]) == pytest.approx(100 * want.per, abs=0.006)
+    # (batches of 4 words searched side by side by 3 workers: the same counts)
+    side = run(capsys, "eval", "--dir", d, "--split", "dev", "--limit", "20", "--beam", "2", "--batch", "4",
+               "--workers", "3").out
+    assert re.search(r"dev: 20 words, beam 2: PER [\d.]+% \((\d+)/(\d+) phonemes\), WER [\d.]+% \((\d+) words",
+                     side).groups() == (m[2], m[3], m[5]), side
 
 
 def test_convert_prints_nbest_with_scores(trained, capsys):
