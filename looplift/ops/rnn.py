@@ -95,7 +95,8 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> t
     """
     gates, (h, c) = as_tensor(gates), (as_tensor(state[0]), as_tensor(state[1]))
     weight_hh, bias_ih, bias_hh = (as_tensor(w) for w in weights)
-    (gate_dim,) = [d for d in weight_hh.dims if d != hidden] or [None]
+    others = [d for d in weight_hh.dims if d != hidden]
+    gate_dim = others[0] if len(others) == 1 and len(weight_hh.dims) == 2 else None
     if gate_dim is None or gate_dim.size != hidden.size * 4:
         raise DimError(f"lstm_cell_gates: weight_hh must be over (hidden*4, hidden) with hidden {hidden!r}, got "
                        f"the {weight_hh.describe()}")
