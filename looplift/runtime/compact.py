@@ -88,13 +88,14 @@ def _collect(d: Dim, seen: dict) -> None:
 
 
 class Rows:
-    """The rows of one loop run's steps: all entries at first, later only those not ended."""
+    """The rows of one loop run's steps: all entries at first, later only those not ended (never fewer
+    without a `plan`: then every method leaves its value as it is)."""
 
-    def __init__(self, plan: Plan, env: Env):
+    def __init__(self, plan: Plan | None, env: Env):
         self.plan = plan
         self.env = env                 # (the run's)
         self.step_env = env            # where the steps run: `env`, or one with the batch cut down
-        self.full = env.size(plan.dim)
+        self.full = env.size(plan.dim) if plan is not None else None
         self.index: torch.Tensor | None = None   # the entries the rows are (None: all, in order)
         self.finals: list | None = None          # the states over the whole batch, of the entries left out
 
@@ -102,10 +103,10 @@ class Rows:
     def size(self) -> int:
         return self.full if self.index is None else len(self.index)
 
-    def worth_cutting(self, alive: torch.Tensor, scratch: dict, inner: dict) -> bool:
+    def worth_cutting(self, alive: torch.Tensor | None, scratch: dict, inner: dict) -> bool:
         """Whether to leave out the rows not `alive` now: enough of them ended, and the run's memory holds no
         more than a search's sources (no history over the rows) and no dim was made per step."""
-        if inner or scratch.keys() - {SOURCES}:
+        if self.plan is None or alive is None or inner or scratch.keys() - {SOURCES}:
             return False
         ended = self.size - int(alive.sum())
         return 0 < ended < self.size and ended >= MIN_ENDED_SHARE * self.size

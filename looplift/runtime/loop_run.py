@@ -93,7 +93,7 @@ class LoopRun:
         inner: dict[Dim, list] = {}
         scratch: dict = {}  # what ops accumulate over this run's steps (cum_concat)
         width = env.size(spec.beam[0]) if spec.beam is not None else None   # (the beam's, this step)
-        rows = _compact.Rows(self.compact, env) if self.compact is not None else None
+        rows = _compact.Rows(self.compact, env)
         limit = None if max_len is None or not spec.own_dim else (
             self.max_align(max_len) if self.max_align is not None else max_len)
         t = 0
@@ -102,13 +102,12 @@ class LoopRun:
                 if alive is not None and not bool(alive.any()):
                     break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
                 if limit is not None:
-                    alive, stop = self._at_max_len(rows.step_env if rows else env, t, max_len,
-                                                   rows.per_entry(limit) if rows else limit, alive)
+                    alive, stop = self._at_max_len(rows.step_env, t, max_len, rows.per_entry(limit), alive)
                     if stop:
                         break
-                if rows is not None and alive is not None and rows.worth_cutting(alive, scratch, inner):
+                if rows.worth_cutting(alive, scratch, inner):
                     alive, state, captured = rows.cut(alive, state, captured)
-            step_env = (rows.step_env if rows else env).child(
+            step_env = rows.step_env.child(
                 {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
@@ -130,15 +129,14 @@ class LoopRun:
                 active = step_counts
             state = self._next_states(env, t, state, new_state, active, axis_len)
             if active is not None and spec.own_dim:
-                steps = rows.widen_counts(active.long()) if rows else active.long()
+                steps = rows.widen_counts(active.long())
                 counted = steps if counted is None else counted + steps
             for k, v in enumerate(results[ns:ns + len(stacks)]):
-                frames[k].append(rows.widen_frame(k, v) if rows else v)
+                frames[k].append(rows.widen_frame(k, v))
             self._keep_lasts(env, results[ns + len(stacks):ns + len(stacks) + len(lasts)], active, last_vals)
             _collect_inner_dims(step_env, axis, inner)
             t += 1
-        if rows is not None:
-            state = rows.put_back(state)
+        state = rows.put_back(state)
         if width is not None:
             env.sizes[spec.beam[0]] = width   # (the final states' beam)
         self._set_dims(env, t, counted, inner)
