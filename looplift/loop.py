@@ -495,7 +495,7 @@ class Loop:
         return self.search_result
 
     def last(self, value) -> Tensor:
-        """After the loop: each batch entry's `value` at its last step."""
+        """After the loop: each batch entry's `value` at its last step (zeros for an entry that ran no step)."""
         if self.phase != "after":
             raise TraceError(f"loop.last is used after the loop (loop at {self.source}, at "
                              f"{user_source_line()})")

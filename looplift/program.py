@@ -344,9 +344,11 @@ def _make_env(named: list[Named], first_param, where: _CallSite) -> Env:
             raise InputError(f"the lengths of dim {d.name!r} have shape {tuple(n.shape)}, expected {expect} "
                              f"over {[str(ld) for ld in ldims]} (call at {where})")
         # The range check reads the values: done for lengths on the CPU, where it costs no device sync.
-        if d in sizes and n.numel() and n.device.type == "cpu" and (int(n.max()) > sizes[d] or int(n.min()) < 0):
-            raise InputError(f"the lengths of dim {d.name!r} must lie in [0, {sizes[d]}] (its padded size), "
-                             f"got values from {int(n.min())} to {int(n.max())} (call at {where})")
+        if d in sizes and n.numel() and n.device.type == "cpu":
+            lo, hi = (int(v) for v in torch.aminmax(n))
+            if hi > sizes[d] or lo < 0:
+                raise InputError(f"the lengths of dim {d.name!r} must lie in [0, {sizes[d]}] (its padded size), "
+                                 f"got values from {lo} to {hi} (call at {where})")
         lengths[d] = n.to(device=device, dtype=torch.int64)
     derived = []   # (a dim derived from given ones, e.g. labels + 1: its lengths follow from theirs)
     for d in sizes:
@@ -380,13 +382,16 @@ def _check_labels(x: Named, what: str, env: Env, where: _CallSite, vocab: Dim | 
     if vocab is None or not vocab.is_static or t.dtype.is_floating_point or t.dtype.is_complex or \
             t.dtype == torch.bool or not t.numel():
         return
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    if lo >= 0 and hi < vocab.size:
+        return   # (padding included: the common case, one op)
     layout = [d.canonical() for d in x.dims]
     ragged = [d for d in layout if d.is_dynamic]
     if any(ld not in layout for d in ragged for ld in d.length_dims):
         return   # (its lengths run over dims it lacks: its padding cannot be told apart here)
     valid = env.mask(ragged, layout) if ragged else None
     values = t if valid is None else torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    lo, hi = torch.stack([values.min(), values.max()]).tolist()
+    lo, hi = torch.stack(torch.aminmax(values)).tolist()
     if lo >= 0 and hi < vocab.size:
         return
     bad = (t < 0) | (t >= vocab.size)

@@ -479,6 +479,23 @@ def test_kernel_failure_in_the_reference_interpreter_is_an_execution_error():
     assert_error(info, ExecutionError, "kernel-failure", "batch", "pair")
 
 
+def _floor_div_in_a_loop(x, y):
+    loop = ll.Loop(axis=ll.batch_dim)
+    with loop:
+        q = loop.stack(loop.unstack(x) // loop.unstack(y))  # <loop-kernel-failure>
+    return q
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_kernel_failure_in_a_loop_step_names_the_line_in_the_loop(optimize):
+    """A loop's step runs as generated code called from the program's generated code: the error names the
+    failing node's line (in the step, or moved out of the loop), never the loop's."""
+    with pytest.raises(ExecutionError) as info:
+        ll.compile(_floor_div_in_a_loop, mode="eval", optimize=optimize)(*_int_pair())
+    assert_error(info, ExecutionError, "loop-kernel-failure", "pair")
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 def test_dim_no_input_has_fails_at_run_time_naming_the_line():
     unseen = ll.Dim("unseen")
 

@@ -340,6 +340,50 @@ def test_nested_structure_state_last_and_index():
         assert align_to(acc.count, B, sizes={B: 3})[bi].item() == count
 
 
+_TWO_LAYOUTS: dict = {}
+
+
+def two_layouts_prog():
+    """A loop with two states laid out differently (one starts without the batch dim) and two lasts."""
+    if not _TWO_LAYOUTS:
+        torch.manual_seed(5)
+        lin = ll.nn.Linear(F + H, H).double()
+
+        def f(x):
+            loop = ll.Loop(axis=T)
+            loop.state.h = ll.zeros([H])
+            loop.state.s = ll.zeros([F])
+            with loop:
+                x_t = loop.unstack(x)
+                h = ll.tanh(lin(ll.concat(x_t, loop.state.h)))
+                loop.state.h = h
+                loop.state.s = loop.state.s * 0.5 + x_t
+            return loop.last(h), loop.last(x_t), loop.state.h, loop.state.s
+
+        _TWO_LAYOUTS.update(prog=ll.compile(f), lin=lin)
+    return _TWO_LAYOUTS["prog"], _TWO_LAYOUTS["lin"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lens=st.lists(st.integers(0, 5), min_size=1, max_size=4), pad=st.integers(0, 2), seed=st.integers(0, 99))
+def test_states_of_two_layouts_and_lasts_per_entry_length(lens, pad, seed):
+    """States frozen past each entry's length and ``loop.last`` of two values, for any lengths (0 and 1
+    included): as the Python loop over each entry; an entry that ran no step has zeros as its lasts."""
+    prog, lin = two_layouts_prog()
+    n = torch.tensor(lens)
+    x = rand(len(lens), max(lens) + pad, F.size, seed=seed)
+    last_h, last_x, h, s = run_both(prog, ll.Named(x, (B, T, F), {T: n}))
+    for b, length in enumerate(lens):
+        h_b, s_b = torch.zeros(H.size, dtype=DTYPE), torch.zeros(F.size, dtype=DTYPE)
+        for t in range(length):
+            h_b = torch.tanh(torch.cat([x[b, t], h_b]) @ lin.weight.T + lin.bias)
+            s_b = s_b * 0.5 + x[b, t]
+        close(h.align(B, H)[b], h_b)
+        close(align_to(s, B, F, sizes={B: len(lens)})[b], s_b)
+        close(last_h.align(B, H)[b], h_b)   # (an entry of length 0: zeros, which its initial state is too)
+        close(last_x.align(B, F)[b], x[b, length - 1] if length else torch.zeros(F.size, dtype=DTYPE))
+
+
 def test_last_of_loop_ended_by_end():
     """`last` is the value at each entry's last counted step (include_eos decides which step that is)."""
     for include_eos in (True, False):

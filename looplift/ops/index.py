@@ -50,8 +50,11 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     n_shared, n_x = len(shared), len(x_only)
     sparse = x.sparse_dim
 
+    keep_order = x_perm == tuple(range(len(x_perm)))
+
     def kernel(env, v, i):
-        v = v.permute(x_perm)
+        if not keep_order:
+            v = v.permute(x_perm)
         if not isinstance(i, torch.Tensor):
             i = torch.as_tensor(i, device=v.device)
         i = i_al(i)
@@ -63,7 +66,12 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         if v.shape[n_shared] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
             return v.new_zeros(out_shape)
         size = v.shape[n_shared]
-        i = i.clamp(0, size - 1).long().expand(lead + picked)
+        i = i.clamp(0, size - 1).long()
+        if tuple(i.shape) != lead + picked:
+            i = i.expand(lead + picked)
+        if not n_x:
+            # one value per pick (a label's log-probability): torch.gather as it is, the index never expanded
+            return torch.gather(v, n_shared, i.reshape(*lead, math.prod(picked))).reshape(out_shape)
         if v.stride()[:n_shared] == () or 0 not in v.stride()[:n_shared]:
             # rows of x flattened with the shared dims (one index_select: a row per pick, not an element; far
             # faster than torch.gather with the index expanded over x's own dims)

@@ -59,8 +59,13 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
         states, ws = rest[:len(s_al)], rest[len(s_al):]
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
-        if n == 1 and v.dim() == 2 and all(s.dim() == 2 and s.shape[0] == v.shape[0] for s in states):
-            return cell(v, tuple(states) if len(states) > 1 else states[0], *ws)   # (the shapes agree already)
+        if n == 1 and v.dim() == 2:
+            rows = v.shape[0]
+            for s in states:
+                if s.dim() != 2 or s.shape[0] != rows:
+                    break
+            else:
+                return cell(v, tuple(states) if len(states) > 1 else states[0], *ws)   # (the shapes agree already)
         shape = broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
         flat = math.prod(shape)
         v = v.expand(*shape, v.shape[-1]).reshape(flat, v.shape[-1])

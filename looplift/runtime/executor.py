@@ -1,15 +1,29 @@
-"""The executor: runs a traced graph with the per-call work reduced to kernel calls.
+"""The executor: runs a traced graph as generated straight-line Python, one torch kernel call per node.
 
-At build time it drops the nodes the outputs do not need and resolves every
-input of every node to a slot number, so a call is a loop over prepared
-``(kernel, input slots, output slots)`` steps. Loops and Conds get their
-kernels here too, running their graphs with executors of their own
+At build time it drops the nodes the outputs do not need, names every value
+the graph computes, and writes the graph as the source of one plain Python
+function (as ``torch.fx.GraphModule`` does)::
+
+    def run(env, raws):
+        v0 = raws[0]
+        v1 = raws[1]
+        v2 = k0(env, v0, v1)          # %2 = add(...) at model.py:12
+        v3, v4 = k1(env, v2)
+        return [v3, v4]
+
+so a call does no per-node Python work beyond the kernel call itself: no
+argument lists, no slot table, no per-node ``try``. A failing kernel is found
+afterwards from the generated line in the traceback, and named by its node's
+source line (:func:`looplift.runtime.reference.node_error`). Loops and Conds
+get their kernels here too, running their graphs with executors of their own
 (:func:`executor_runner`). It must agree exactly with the reference
 interpreter (:mod:`looplift.runtime.reference`).
 """
 
 from __future__ import annotations
 
+import itertools
+import linecache
 from collections.abc import Sequence
 
 from ..errors import LoopliftError
@@ -22,15 +36,21 @@ from .regions import region_kernel
 
 __all__ = ["Executor", "executor_runner", "live_nodes"]
 
+_serial = itertools.count()
+
 
 class Executor:
-    """A graph prepared for repeated calls."""
+    """A graph prepared for repeated calls: ``executor(env, raws)`` returns the raw values of the outputs."""
 
     def __init__(self, graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]):
-        slot: dict[int, int] = {}
-        for t in inputs:
-            slot[id(t)] = len(slot)
-        self._steps = []
+        name: dict[int, str] = {}
+        lines = ["def run(env, raws):"]
+        for k, t in enumerate(inputs):
+            name[id(t)] = f"v{k}"
+            lines.append(f"    v{k} = raws[{k}]")
+        kernels: dict[str, object] = {}
+        #: the node of each generated line that calls a kernel, by its line number (1-based, as tracebacks say)
+        self._node_at: dict[int, object] = {}
         read = read_by(graph, outputs)
         for node in live_nodes(graph, outputs):
             kernel = node.kernel
@@ -40,37 +60,47 @@ class Executor:
                 continue   # a placeholder: fed through `inputs`
             else:
                 kernel = for_outputs(kernel, node, read)
-            ins = tuple(slot[id(t)] for t in node.inputs)
+            k = f"k{len(kernels)}"
+            kernels[k] = kernel
+            args = "".join(f", {name[id(t)]}" for t in node.inputs)
             outs = []
             for t in node.outputs:
-                slot[id(t)] = len(slot)
-                outs.append(slot[id(t)])
-            self._steps.append((node, kernel, ins, outs[0] if len(outs) == 1 else tuple(outs)))
-        self._n_slots = len(slot)
-        self._n_inputs = len(inputs)
-        self._outputs = tuple(slot[id(t)] for t in outputs)
+                name[id(t)] = f"v{len(name)}"
+                outs.append(name[id(t)])
+            target = outs[0] if len(outs) == 1 else ", ".join(outs)
+            where = str(node.source).replace("\n", " ")
+            lines.append(f"    {target} = {k}(env{args})   # {node.op} at {where}")
+            self._node_at[len(lines)] = node
+        lines.append(f"    return [{', '.join(name[id(t)] for t in outputs)}]")
+        self.source = "\n".join(lines) + "\n"
+        filename = f"<looplift executor {next(_serial)}>"
+        linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
+        namespace = dict(kernels)
+        exec(compile(self.source, filename, "exec"), namespace)
+        self._run = namespace["run"]
+        self._code = self._run.__code__
 
     @property
     def num_nodes(self) -> int:
-        return len(self._steps)
+        return len(self._node_at)
 
     def __call__(self, env: Env, raw_inputs: Sequence) -> list:
-        values = list(raw_inputs) + [None] * (self._n_slots - self._n_inputs)
-        for node, kernel, ins, out in self._steps:
-            try:
-                result = kernel(env, *[values[i] for i in ins])
-            except LoopliftError as e:
-                if is_placed(e):
-                    raise
-                raise node_error(node, e) from e
-            except Exception as e:
-                raise node_error(node, e) from e
-            if isinstance(out, int):
-                values[out] = result
-            else:
-                for i, v in zip(out, result):
-                    values[i] = v
-        return [values[i] for i in self._outputs]
+        try:
+            return self._run(env, raw_inputs)
+        except Exception as e:
+            node = self._failed_node(e)
+            if node is None or (isinstance(e, LoopliftError) and is_placed(e)):
+                raise
+            raise node_error(node, e) from e
+
+    def _failed_node(self, e: Exception):
+        """The node whose kernel raised `e` (from the generated line in its traceback), or None."""
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is self._code:
+                return self._node_at.get(tb.tb_lineno)
+            tb = tb.tb_next
+        return None
 
 
 def executor_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:

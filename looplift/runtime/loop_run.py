@@ -36,6 +36,9 @@ from . import compact as _compact
 
 __all__ = ["LoopRun", "Runner"]
 
+#: A leading dim of steps, for aligning the masks of all of a run's steps at once
+_STEPS = Dim("steps")
+
 #: ``runner(graph, inputs, outputs)`` -> ``run(env, raws) -> raw outputs``: how a region's graph is run
 Runner = Callable[[Graph, Sequence[Tensor], Sequence[Tensor]], Callable]
 
@@ -53,8 +56,13 @@ class LoopRun:
             self.axis_lengths = aligner(spec.axis_length_dims, length_dims)
         self.end_align = aligner(spec.end.dims, length_dims) if spec.end is not None else None
         self.max_align = aligner(spec.max_len.dims, length_dims) if isinstance(spec.max_len, Tensor) else None
-        self.state_align = [aligner(length_dims, p.dims) for p in spec.placeholders]
-        self.last_align = [aligner(length_dims, v.dims) for v in spec.lasts]
+        # `active` (over the length dims) as each state and each loop.last value is laid out: one aligner per
+        # distinct layout, for one step or (after a leading dim of steps) for all steps of a run at once
+        layouts = list(dict.fromkeys(v.dims for v in spec.placeholders + spec.lasts))
+        self.state_layout = [layouts.index(p.dims) for p in spec.placeholders]
+        self.last_layout = [layouts.index(v.dims) for v in spec.lasts]
+        self.layout_align = [aligner(length_dims, dims) for dims in layouts]
+        self.layout_align_all = [aligner((_STEPS,) + tuple(length_dims), (_STEPS,) + dims) for dims in layouts]
         src = _frame_source(spec) if self.axis_lengths is not None else None
         #: (the captured sequence, the position of the loop's axis in it, its aligner to (axis, length dims))
         self.cond_seq = None if src is None else (
@@ -65,6 +73,12 @@ class LoopRun:
                          for p in spec.placeholders]
         # per-entry bookkeeping only where something depends on it
         self.track = spec.freeze or bool(spec.lasts) or spec.end is not None or spec.own_dim
+        # a loop over an axis that ends no entry before its length, whose final states nobody reads: entries
+        # past their length give only padding frames, so no state need be frozen
+        #: whether a step makes dims (inner loops that end per entry, compresses): their sizes are collected
+        self.makes_dims = any(node.makes_dims or node.region is not None for node in spec.body.nodes)
+        self.never_freeze = not spec.freeze or (spec.end is None and not spec.freeze_past_length
+                                                and not spec.own_dim)
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
         self.compact = _compact.plan(spec) if compact else None
 
@@ -96,6 +110,11 @@ class LoopRun:
         rows = _compact.Rows(self.compact, env)
         limit = None if max_len is None or not spec.own_dim else (
             self.max_align(max_len) if self.max_align is not None else max_len)
+        # per step, `active` laid out as each state and last (None: every entry runs): for a loop over an axis
+        # without an end condition, made for all steps at once before the first
+        masks_at = None
+        if axis_len is not None and track and spec.end is None:
+            masks_at = self._masks_of_steps(axis_len, n_steps)
         t = 0
         while n_steps is None or t < n_steps:
             if spec.own_dim:
@@ -116,7 +135,7 @@ class LoopRun:
             if width is not None:
                 width = step_env.sizes.get(spec.beam[1], width)
                 state = [_to_width(old, new, pos) for old, new, pos in zip(state, new_state, self.beam_pos)]
-            active = None if axis_len is None or not track else (t < axis_len)
+            active = None if axis_len is None or not track or masks_at is not None else (t < axis_len)
             if spec.end is not None and not untracked:
                 cond = self.end_align(torch.as_tensor(results[-1], device=env.device))  # may be a Python bool
                 if alive is None:
@@ -127,14 +146,20 @@ class LoopRun:
                 step_counts = alive if spec.include_eos else alive & ~cond
                 alive = alive & ~cond
                 active = step_counts
-            state = self._next_states(env, t, state, new_state, active, axis_len)
+            if masks_at is not None:
+                masks = masks_at[t]
+            else:
+                masks = None if active is None else [al(active) for al in self.layout_align]
+            state = new_state if self.never_freeze else self._next_states(env, state, new_state, masks)
             if active is not None and spec.own_dim:
                 steps = rows.widen_counts(active.long())
                 counted = steps if counted is None else counted + steps
             for k, v in enumerate(results[ns:ns + len(stacks)]):
-                frames[k].append(rows.widen_frame(k, v))
-            self._keep_lasts(env, results[ns + len(stacks):ns + len(stacks) + len(lasts)], active, last_vals)
-            _collect_inner_dims(step_env, axis, inner)
+                frames[k].append(v if rows.index is None else rows.widen_frame(k, v))
+            if lasts:
+                self._keep_lasts(env, results[ns + len(stacks):ns + len(stacks) + len(lasts)], masks, last_vals)
+            if self.makes_dims:
+                _collect_inner_dims(step_env, axis, inner)
             t += 1
         state = rows.put_back(state)
         if width is not None:
@@ -194,25 +219,33 @@ class LoopRun:
             raise err
         return alive, False
 
-    def _next_states(self, env, t: int, state: list, new_state: list, active, axis_len) -> list:
-        """The states for the next step: the new ones, but the old ones for entries not `active` (frozen)."""
-        spec = self.spec
-        if active is None or not spec.freeze:
-            return new_state
-        if not spec.freeze_past_length and axis_len is not None and bool((active | (t >= axis_len)).all()):
-            return new_state   # (no entry ended before its length: only padding frames would differ)
-        return [torch.where(al(active), _raw(new, p.dtype, env), _raw(old, p.dtype, env))
-                for al, new, old, p in zip(self.state_align, new_state, state, self.spec.placeholders)]
+    def _masks_of_steps(self, axis_len: torch.Tensor, n_steps: int) -> list[list[torch.Tensor]]:
+        """Per step of a loop over an axis, which entries are within their length (``t < axis_len``), laid out
+        as each state and last: made for all steps at once, so a step only picks its own (a view)."""
+        steps = torch.arange(n_steps, device=axis_len.device).view(-1, *[1] * axis_len.dim())
+        inside = steps < axis_len.unsqueeze(0)
+        per_layout = [al(inside).unbind(0) for al in self.layout_align_all]
+        return [list(masks) for masks in zip(*per_layout)] if per_layout else [[] for _ in range(n_steps)]
 
-    def _keep_lasts(self, env, values, active, last_vals: list) -> None:
-        """Update each ``loop.last`` value with this step's, for the entries `active` at it."""
+    def _next_states(self, env, state: list, new_state: list, masks) -> list:
+        """The states for the next step: the new ones, but the old ones for entries not active (frozen);
+        `masks`: the active entries laid out as each state (None: every entry is active)."""
+        if masks is None:
+            return new_state
+        return [torch.where(masks[k], new, old) if type(new) is torch.Tensor and type(old) is torch.Tensor
+                else torch.where(masks[k], _raw(new, p.dtype, env), _raw(old, p.dtype, env))
+                for k, new, old, p in zip(self.state_layout, new_state, state, self.spec.placeholders)]
+
+    def _keep_lasts(self, env, values, masks, last_vals: list) -> None:
+        """Update each ``loop.last`` value with this step's, for the entries active at it (`masks`: laid out as
+        each value; None: every entry is active)."""
         for k, v in enumerate(values):
             v = _raw(v, self.spec.lasts[k].dtype, env)
-            if active is None or last_vals[k] is None:
-                last_vals[k] = v if active is None else torch.where(self.last_align[k](active), v,
-                                                                    torch.zeros_like(v))
-            else:
-                last_vals[k] = torch.where(self.last_align[k](active), v, last_vals[k])
+            if masks is None:
+                last_vals[k] = v
+                continue
+            active = masks[self.last_layout[k]]
+            last_vals[k] = torch.where(active, v, torch.zeros_like(v) if last_vals[k] is None else last_vals[k])
 
     def _set_dims(self, env, n_run: int, counted, inner: dict) -> None:
         """After `n_run` steps: the sizes and lengths of the dims the loop makes (its own dim, the dims inner
