@@ -41,7 +41,7 @@ def aligner(src: Sequence[Dim], dst: Sequence[Dim]) -> Callable:
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
     """The broadcast of `shapes` (as ``torch.broadcast_shapes``, for kernels run every loop step: that one
     costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast."""
-    n = max((len(s) for s in shapes), default=0)
+    n = max([len(s) for s in shapes]) if shapes else 0
     out = [1] * n
     for s in shapes:
         for i, size in enumerate(s, n - len(s)):

@@ -65,16 +65,21 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     perm_b = tuple(b.dims.index(d) for d in batch + red + b_only)
     nb, na, nr = len(batch), len(a_only), len(red)
     out_dims = batch + a_only + b_only
+    keep_a, keep_b = perm_a == tuple(range(len(perm_a))), perm_b == tuple(range(len(perm_b)))
 
     if na == 1 and nr == 1 and len(b_only) == 1:
         # already (batch..., m, k) @ (batch..., k, n): matmul takes the strided views, no reshape copies
         def kernel(env, x, y):
-            return torch.matmul(_blas_ready(x.permute(perm_a)), _blas_ready(y.permute(perm_b)))
+            return torch.matmul(_blas_ready(x if keep_a else x.permute(perm_a)),
+                                _blas_ready(y if keep_b else y.permute(perm_b)))
 
         return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
 
     def kernel(env, x, y):
-        x, y = x.permute(perm_a), y.permute(perm_b)
+        if not keep_a:
+            x = x.permute(perm_a)
+        if not keep_b:
+            y = y.permute(perm_b)
         bshape = x.shape[:nb]
         ashape, rshape = x.shape[nb:nb + na], x.shape[nb + na:]
         oshape = y.shape[nb + nr:]

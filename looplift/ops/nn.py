@@ -67,14 +67,15 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
                                f"got the {p.describe()}")
             params.append((p, tuple(p.dims.index(d) for d in dims)))
     has_w, has_b = weight is not None, bias is not None
-    w_perm = params[0][1] if has_w else None
-    b_perm = params[-1][1] if has_b else None
+    # (a weight laid out as the normalized dims already, a one-dim weight always, is used as it is)
+    w_perm = params[0][1] if has_w and params[0][1] != tuple(range(len(dims))) else None
+    b_perm = params[-1][1] if has_b and params[-1][1] != tuple(range(len(dims))) else None
 
     def kernel(env, v, *wb):
         if not identity_perm:
             v = v.permute(perm)
-        w = wb[0].permute(w_perm) if has_w else None
-        b = wb[-1].permute(b_perm) if has_b else None
+        w = (wb[0] if w_perm is None else wb[0].permute(w_perm)) if has_w else None
+        b = (wb[-1] if b_perm is None else wb[-1].permute(b_perm)) if has_b else None
         return F.layer_norm(v, shape, w, b, eps)
 
     return emit("layer_norm", (x, *(p for p, _ in params)), kernel, out_dims, x.dtype,
