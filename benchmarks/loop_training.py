@@ -20,7 +20,9 @@ Models (``--models``):
   heads, feed-forward 512); forward + backward + Adam.
 
 The losses of the three ways are asserted equal, and for the speech models every parameter's gradient
-too. The last line is one JSON object with the ratios of median step times.
+too. The last line is one JSON object with the ratios of step times: optimized vs hand-written is the
+median over rounds of the two times in the same round (the order alternating); reference vs optimized is
+the ratio of the medians.
 """
 from __future__ import annotations
 
@@ -295,9 +297,10 @@ def speech_transformer_by_hand(m: SpeechTransformer, feats, src_len, tgt, tgt_le
 # -- timing ------------------------------------------------------------------------------------------------
 
 def _time(fns: dict, repeats: int, warmup: int = 0, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Median time of forward + backward (and the `optimizer`'s step) per function, interleaved; the first
-    `warmup` rounds are not timed (the allocator and caches settle after the first steps, as they do early in
-    a training run)."""
+    """Times of forward + backward (and the `optimizer`'s step) per function, one list per function, in
+    rounds that run each function once, in turn, the order reversed every other round (so neither runs
+    always first after the other); the first `warmup` rounds are not timed (the allocator and caches settle
+    after the first steps, as they do early in a training run)."""
     times = {k: [] for k in fns}
 
     def train_step(fn):
@@ -309,12 +312,18 @@ def _time(fns: dict, repeats: int, warmup: int = 0, optimizer: torch.optim.Optim
     for _ in range(warmup):
         for fn in fns.values():
             train_step(fn)
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        for name, fn in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
             start = time.perf_counter()
             train_step(fn)
             times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _paired_ratio(a: list, b: list) -> float:
+    """The median over rounds of `a`'s time over `b`'s in the same round: a burst of load on this machine
+    slows both runs of a round alike, so it cancels, where a ratio of two medians keeps it."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _gradients(model: ll.Module, fn) -> dict:
@@ -343,11 +352,12 @@ def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args
                                            msg=lambda m, n=n, k=k: f"{name}: gradient of {n} ({k}): {m}")
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     print(prog.explain())
-    med = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup, optimizer)
-    med.update(_time({"reference": fns["reference"]}, args.reference_repeats, optimizer=optimizer))
+    times = _time({k: v for k, v in fns.items() if k != "reference"}, args.repeats, args.warmup, optimizer)
+    times.update(_time({"reference": fns["reference"]}, args.reference_repeats, optimizer=optimizer))
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{name}: loss {losses['optimized']:.4f}; median step: optimized {med['optimized'] * 1e3:.1f} ms, "
           f"reference {med['reference'] * 1e3:.1f} ms, hand-written {med['handwritten'] * 1e3:.1f} ms")
-    return {f"{name}_optimized_vs_handwritten": med["optimized"] / med["handwritten"],
+    return {f"{name}_optimized_vs_handwritten": _paired_ratio(times["optimized"], times["handwritten"]),
             f"{name}_reference_vs_optimized": med["reference"] / med["optimized"]}
 
 
