@@ -79,7 +79,7 @@ class Trace:
     """One traced signature of a program: the graph and its prepared executor."""
 
     def __init__(self, graph: _graph.Graph, inputs: list[Tensor], out_spec, out_leaves: list, start: float, *,
-                 optimized: Optimized | None = None, label_inputs: dict | None = None):
+                 optimized: Optimized | None = None, label_inputs: dict | None = None, backend=None):
         #: The graph as traced (what the reference interpreter runs).
         self.graph = graph
         self.inputs = inputs
@@ -94,6 +94,8 @@ class Trace:
             self.executor = Executor(optimized.graph, optimized.inputs, optimized.outputs)
         else:
             self.executor = Executor(graph, inputs, self.out_tensors)
+        if backend is not None:
+            self.executor.compile(backend)
         #: Wall time of tracing, optimizing and preparing, in seconds.
         self.seconds = time.perf_counter() - start
 
@@ -106,11 +108,13 @@ class Trace:
 class Program:
     """A traced model: call it with :class:`~looplift.Named` tensors. See :func:`compile`."""
 
-    def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None, optimize: bool = True):
+    def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None, optimize: bool = True,
+                 backend=None):
         self.fn = fn
         self.mode = mode
         self.root = root
         self.optimize = optimize
+        self.backend = backend
         self._traces: dict[Any, Trace] = {}
 
     # -- tracing -------------------------------------------------------------------------
@@ -151,6 +155,7 @@ class Program:
         leaves, spec = flatten((args, kwargs), _is_input)
         return self._trace(leaves, spec)
 
+    @torch.compiler.disable   # (tracing is Python work done once: under a user's torch.compile, never traced)
     def _trace(self, leaves: list, spec) -> Trace:
         key = self._key(leaves, spec)
         trace = self._traces.get(key)
@@ -184,7 +189,8 @@ class Program:
             optimized = optimize_loops(graph, inputs, [x for x in out_leaves if isinstance(x, Tensor)],
                                        mode=self.mode, float_dtype=self._float_dtype(leaves))
             optimized.graph.check()
-        trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized, label_inputs=label_inputs)
+        trace = Trace(graph, inputs, out_spec, out_leaves, start, optimized=optimized, label_inputs=label_inputs,
+                      backend=self.backend)
         self._traces[key] = trace
         return trace
 
@@ -416,7 +422,8 @@ def _to_named(t: Tensor, raw, env: Env) -> Named:
 
 
 @entry_point
-def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> Program:  # noqa: A001
+def compile(model: Callable, *, mode: str = "train", optimize: bool = True,  # noqa: A001
+            backend: str | Callable | None = None) -> Program:
     """Trace `model` (a :class:`looplift.Module`, any callable, or a bound method) into a :class:`Program`.
 
     Args:
@@ -427,6 +434,12 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
         optimize: move out of loops what does not depend on the previous
             step (see :meth:`Program.explain`). Off, every loop runs as
             written, step by step, as in :meth:`Program.reference`.
+        backend: also hand the program's code outside loops to ``torch.compile`` with this backend
+            (``"inductor"``, ``"aot_eager"``, or a backend callable), with dynamic sizes: a new batch size
+            or sequence length does not compile again. Not supported yet: a loop's step compiled (loops run
+            eagerly, step by step, as they do inside a user's own ``torch.compile``); error messages naming
+            the user's line for a failure inside compiled code. Compiling takes seconds to minutes on the
+            first call of each traced signature.
 
     Programs compiled from one model share its parameters and do not
     interfere with each other.
@@ -441,7 +454,10 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True) -> P
     root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     if not isinstance(root, torch.nn.Module):
         root = None
-    return Program(model, mode, root=root, optimize=optimize)
+    if backend is not None and not (isinstance(backend, str) or callable(backend)):
+        raise ArgumentError(f"backend must be the name of a torch.compile backend or a backend callable, "
+                            f"got {backend!r}")
+    return Program(model, mode, root=root, optimize=optimize, backend=backend)
 
 
 def _check_signature(fn: Callable, args, kwargs, error: TypeError) -> None:

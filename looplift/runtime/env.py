@@ -115,7 +115,11 @@ class Env:
         return n
 
     def nonempty(self, dim: Dim) -> bool:
-        """Whether every entry of the dynamic `dim` has at least one frame (asked once per call and dim)."""
+        """Whether every entry of the dynamic `dim` has at least one frame (asked once per call and dim).
+        Inside ``torch.compile``: False, without reading the lengths back (the answer only lets a kernel skip
+        work that is correct either way)."""
+        if torch.compiler.is_compiling():
+            return False
         if dim not in self.lengths_of and self.parent is not None and self.parent.knows_lengths(dim):
             return self.parent.nonempty(dim)
         key = ("nonempty", dim)

@@ -26,6 +26,8 @@ import itertools
 import linecache
 from collections.abc import Sequence
 
+import torch
+
 from ..errors import LoopliftError
 from ..graph import Graph
 from ..tensor import Tensor
@@ -83,6 +85,11 @@ class Executor:
     @property
     def num_nodes(self) -> int:
         return len(self._node_at)
+
+    def compile(self, backend) -> None:
+        """Run the generated code through ``torch.compile`` with `backend`, every size dynamic (a new batch
+        size or length does not compile again). Loops inside run eagerly (:class:`LoopRun` is not traced)."""
+        self._run = torch.compile(self._run, backend=backend, dynamic=True)
 
     def __call__(self, env: Env, raw_inputs: Sequence) -> list:
         try:

@@ -82,6 +82,7 @@ class LoopRun:
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
         self.compact = _compact.plan(spec) if compact else None
 
+    @torch.compiler.disable   # (traced by torch.compile, the loop would be unrolled: compiled anew per length)
     def __call__(self, env, *raws):
         spec = self.spec
         axis = spec.axis
