@@ -22,6 +22,7 @@ __all__ = [
     "LoopliftError", "DimError", "DimMismatchError", "DTypeError", "TraceError",
     "ModeError", "SymbolicTensorError", "SymbolicAttributeError",
     "InputError", "ExecutionError", "CheckpointError", "CheckpointWriteError", "GraphError", "ConfigError",
+    "ExportError",
     "ArgumentError", "entry_point", "at_entry",
 ]
 
@@ -101,6 +102,10 @@ class GraphError(LoopliftError):
 
 class ConfigError(LoopliftError, ValueError):
     """A setting (of a module, the trainer, the search or a recipe) is out of its range or of the wrong type."""
+
+
+class ExportError(LoopliftError):
+    """A program has a part without a ``torch.fx`` form yet (:meth:`looplift.Program.to_fx`)."""
 
 
 class ArgumentError(LoopliftError, TypeError):

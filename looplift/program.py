@@ -36,6 +36,7 @@ from .passes.move_out import Optimized
 from .passes.move_out import optimize as optimize_loops
 from .runtime.env import Env
 from .runtime.executor import Executor
+from .runtime.export import to_fx
 from .runtime.named import Named
 from .runtime.reference import run_reference
 from .source import user_source_line
@@ -239,6 +240,33 @@ class Program:
         outcome (render with ``dot -Tpng``)."""
         trace = self._last_trace()
         return loops_to_dot(trace.optimized.reports if trace.optimized is not None else [])
+
+    def to_fx(self, *args, **kwargs) -> torch.fx.GraphModule:
+        """The program, as it runs for arguments like these example ones (``Named`` tensors, as for a call),
+        as a ``torch.fx.GraphModule`` of torch calls, for ``torch.compile``, ``torch.export`` or your own
+        tooling. Its ``forward`` takes the raw tensors of the ``Named`` inputs in order, then one lengths
+        tensor per dynamic dim in the order the inputs first give them, and returns the raw outputs (their
+        dims in ``module.meta["looplift"]``). Sizes are symbolic: other batch sizes and lengths run too
+        (give an example with sizes of 2 or more: a size of 1 may be taken as fixed). The module holds the
+        model's parameters under their names, so training it trains the model.
+
+        Not supported yet (an :class:`~looplift.errors.ExportError` naming the line): a loop left after the
+        optimizer, a Cond, and the ops that read values back (the LSTM over sequences of different
+        lengths, which packs them; a masked computation's compress). See :mod:`looplift.runtime.export`."""
+        leaves, spec = flatten((args, kwargs), _is_input)
+        named = [x for x in leaves if isinstance(x, Named)]
+        if len(named) != sum(_is_input(x) for x in leaves):
+            raise InputError("to_fx takes example inputs as looplift.Named tensors (Spec has no values)")
+        env = _make_env(named, self._first_float_param(), _CALL_SITE)
+        trace = self._trace(leaves, spec)
+        lengths = {}
+        for x in named:
+            for d in x.lengths:
+                lengths.setdefault(d.canonical(), env.lengths_of[d.canonical()])
+        module = to_fx(trace.executor, trace.optimized.inputs if trace.optimized is not None else trace.inputs,
+                       [x.tensor for x in named], lengths, env.device, self.root)
+        module.meta["looplift"]["outputs"] = [tuple(d.name for d in t.dims) for t in trace.out_tensors]
+        return module
 
     @property
     def traces(self) -> list[Trace]:
@@ -476,4 +504,4 @@ def _check_signature(fn: Callable, args, kwargs, error: TypeError) -> None:
 
 
 entry_methods(Spec, "__init__", public="looplift.Spec")
-entry_methods(Program, "__call__", "reference", "trace", "explain", "to_dot", public="looplift.Program")
+entry_methods(Program, "__call__", "reference", "trace", "explain", "to_dot", "to_fx", public="looplift.Program")

@@ -79,12 +79,26 @@ class Executor:
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
         namespace = dict(kernels)
         exec(compile(self.source, filename, "exec"), namespace)
-        self._run = namespace["run"]
+        self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
 
     @property
     def num_nodes(self) -> int:
         return len(self._node_at)
+
+    @property
+    def nodes(self) -> list:
+        """The nodes the generated code runs, in order (placeholders excepted)."""
+        return list(self._node_at.values())
+
+    @property
+    def function(self):
+        """The generated function itself, ``run(env, raws) -> raw outputs`` (not compiled, errors not named)."""
+        return self._eager
+
+    def node_at(self, filename: str, lineno: int):
+        """The node that line `lineno` of the generated file `filename` runs, or None (another file)."""
+        return self._node_at.get(lineno) if filename == self._code.co_filename else None
 
     def compile(self, backend) -> None:
         """Run the generated code through ``torch.compile`` with `backend`, every size dynamic (a new batch

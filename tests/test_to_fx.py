@@ -1,0 +1,159 @@
+"""``Program.to_fx``: the program as a ``torch.fx.GraphModule`` of torch calls.
+
+The module must compute what the program computes (the same torch calls: equal outputs and gradients), for
+other batch sizes and lengths than the example's, refer to the model's own parameters by their names, and
+work under ``torch.compile``. A part without an fx form yet is an ``ExportError`` naming the user's line.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from error_helpers import check_error
+
+import looplift as ll
+from looplift.errors import ExportError
+
+B, T = ll.batch_dim, ll.Dim("time")
+F, H, V = ll.Dim("feat", 6), ll.Dim("hidden", 8), ll.Dim("vocab", 5)
+SHAPES = [(3, 5), (4, 9), (2, 12)]   # (batch, padded length): the first is the example
+
+
+def _inputs(batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, steps, F.size, generator=g)
+    n = torch.randint(2, steps + 1, (batch,), generator=g)
+    n[0] = steps
+    y = torch.randint(0, V.size, (batch, steps), generator=g)
+    return ll.Named(x, (B, T, F), {T: n}), ll.Named(y, (B, T), sparse_dim=V)
+
+
+class Pooling(ll.Module):
+    """No loop: a projection, a softmax over the padded time dim, a layer norm, a cross entropy per frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.out = ll.nn.Linear(F, H), ll.nn.LayerNorm(H), ll.nn.Linear(H, V)
+
+    def forward(self, x, y):
+        h = ll.tanh(self.lin(x))
+        pooled = ll.sum(ll.softmax(h, axis=T) * h, axis=T)
+        logits = self.out(self.norm(h + pooled))
+        return ll.sum(ll.cross_entropy(logits, y, axis=V), axis=[B, T])
+
+
+class SelfAttentionLoop(ll.Module):
+    """A step-wise self-attention over the history (``cum_concat``): the optimizer moves the whole loop out."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = ll.nn.Linear(F, H), ll.nn.Linear(F, H), ll.nn.Linear(F, H)
+        self.out = ll.nn.Linear(H, V)
+
+    def forward(self, x, y):
+        loop = ll.Loop(axis=T)
+        with loop:
+            x_t = loop.unstack(x)
+            keys, values = ll.cum_concat(self.k(x_t)), ll.cum_concat(self.v(x_t))
+            w = ll.softmax(ll.dot(self.q(x_t), keys, reduce=H), axis=keys.dims[0])
+            ctx = ll.dot(w, values, reduce=keys.dims[0])
+            ce = loop.stack(ll.cross_entropy(self.out(ctx), loop.unstack(y), axis=V))
+        return ll.sum(ce, axis=[B, T])
+
+
+def _raw_args(x, y):
+    return x.tensor, y.tensor, x.lengths[T]
+
+
+@pytest.mark.parametrize("cls", [Pooling, SelfAttentionLoop])
+def test_the_module_computes_what_the_program_computes_for_any_size(cls):
+    torch.manual_seed(0)
+    model = cls()
+    prog = ll.compile(model)
+    module = prog.to_fx(*_inputs(*SHAPES[0], seed=0))
+    params = list(model.parameters())
+    for i, shape in enumerate(SHAPES):
+        x, y = _inputs(*shape, seed=i)
+        want = prog(x, y).tensor
+        (got,) = module(*_raw_args(x, y))
+        assert torch.equal(got, want)
+        for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            assert torch.equal(g, w)
+
+
+def test_the_module_holds_the_models_parameters_by_name():
+    torch.manual_seed(0)
+    model = Pooling()
+    module = ll.compile(model).to_fx(*_inputs(*SHAPES[0], seed=0))
+    theirs = dict(model.named_parameters())
+    ours = dict(module.named_parameters())
+    assert set(ours) == set(theirs)
+    assert all(ours[n] is theirs[n] for n in ours)   # (training the module trains the model)
+    assert module.meta["looplift"] == {"inputs": [("batch", "time", "feat"), ("batch", "time")],
+                                       "lengths": ["time"], "outputs": [()]}
+
+
+def test_the_module_under_torch_compile():
+    torch.manual_seed(0)
+    model = SelfAttentionLoop()
+    prog = ll.compile(model)
+    compiled = torch.compile(prog.to_fx(*_inputs(*SHAPES[0], seed=0)), backend="aot_eager", dynamic=True)
+    for i, shape in enumerate(SHAPES):
+        x, y = _inputs(*shape, seed=i)
+        torch.testing.assert_close(compiled(*_raw_args(x, y))[0], prog(x, y).tensor)
+
+
+def _tanh_rnn():
+    torch.manual_seed(0)
+    lin = ll.nn.Linear(F + H, H)
+
+    def model(x, y):
+        loop = ll.Loop(axis=T)  # <loop-left>
+        loop.state.h = ll.zeros([H])
+        with loop:
+            loop.state.h = ll.tanh(lin(ll.concat(loop.unstack(x), loop.state.h)))
+            s = loop.stack(ll.sum(loop.state.h, axis=H))
+        return ll.sum(s, axis=[B, T])
+
+    return model
+
+
+def test_a_loop_left_after_the_optimizer_is_an_export_error_naming_its_line():
+    with pytest.raises(ExportError) as info:
+        ll.compile(_tanh_rnn()).to_fx(*_inputs(*SHAPES[0], seed=0))
+    check_error(__file__, info, ExportError, "loop-left")
+
+
+def _bilstm():
+    torch.manual_seed(0)
+    lstm = ll.nn.LSTM(F, H)
+
+    def model(x, y):
+        out, _ = lstm(x, axis=T)  # <packed-lstm>
+        return ll.sum(out, axis=[B, T, H])
+
+    return model
+
+
+def test_an_lstm_over_sequences_of_different_lengths_is_an_export_error_naming_its_line():
+    with pytest.raises(ExportError) as info:
+        ll.compile(_bilstm()).to_fx(*_inputs(*SHAPES[0], seed=0))
+    check_error(__file__, info, ExportError, "packed-lstm")
+
+
+def test_the_readmes_first_example_as_a_module():
+    """The README's classifier (no loop): the module gives the program's loss and best labels."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    ns: dict = {"__name__": "readme"}
+    exec(compile(example, "README.md", "exec"), ns)
+    train, time, feat, classes = ns["train"], ns["time"], ns["feat"], ns["classes"]
+    x, lengths, labels = ns["x"], ns["lengths"], ns["labels"]
+    args = (ll.Named(x, (B, time, feat), lengths={time: lengths}), ll.Named(labels, (B, time), sparse_dim=classes))
+    module = train.to_fx(*args, axis=time)
+    loss, best = train(*args, axis=time)
+    got_loss, got_best = module(x, labels, lengths)
+    assert torch.equal(got_loss, loss.tensor) and torch.equal(got_best, best.tensor)
