@@ -251,8 +251,9 @@ class Program:
         model's parameters under their names, so training it trains the model.
 
         Not supported yet (an :class:`~looplift.errors.ExportError` naming the line): a loop left after the
-        optimizer, a Cond, and the ops that read values back (the LSTM over sequences of different
-        lengths, which packs them; a masked computation's compress). See :mod:`looplift.runtime.export`."""
+        optimizer, a Cond, and the ops that read values back (an LSTM over sequences of different lengths
+        whose final cell states are read, which packs them; a masked computation's compress). See
+        :mod:`looplift.runtime.export`."""
         leaves, spec = flatten((args, kwargs), _is_input)
         named = [x for x in leaves if isinstance(x, Named)]
         if len(named) != sum(_is_input(x) for x in leaves):

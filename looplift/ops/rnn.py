@@ -191,8 +191,10 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
             lengths = torch.full((flat,), steps, dtype=torch.int64)
         if steps == 0 or flat == 0:  # no frames or no entries (nothing to pack): the initial states are final
             return (v.new_zeros(steps, *shape, n_dirs * hidden.size), *(s.reshape(*shape, s.shape[-1]) for s in states))
-        if (len_al is not None and v.device.type == "cpu" and steps >= PADDED_MIN_STEPS
-                and (kind == "gru" or not c_finals) and not bool((lengths == steps).all())):
+        # (captured by Program.to_fx, the padded kernel wherever it is exact: packing reads the lengths back)
+        exporting = torch.compiler.is_exporting() and drop == 0
+        if len_al is not None and (kind == "gru" or not c_finals) and (exporting or (
+                v.device.type == "cpu" and steps >= PADDED_MIN_STEPS and not bool((lengths == steps).all()))):
             out, *finals = _padded(fn, kind, v, states, ws, lengths, num_layers=num_layers, dirs=n_dirs, drop=drop,
                                    per_dir=per_dir, hidden=hidden.size)
             return (out.reshape(steps, *shape, out.shape[-1]),
@@ -258,7 +260,10 @@ def _padded(fn, kind: str, v: torch.Tensor, states: list, ws: list, lengths: tor
     x = v.masked_fill(~valid[..., None], 0)
     flip = torch.where(valid, lengths - 1 - t, t)[..., None] if dirs == 2 else None   # (its own inverse)
     last = (lengths - 1).clamp(min=0).view(1, flat, 1).expand(1, flat, hidden)
-    empty = None if bool((lengths > 0).all()) else (lengths == 0)[:, None]
+    if torch.compiler.is_exporting():
+        empty = (lengths == 0)[:, None]   # (no lengths read back: the empty entries' initial states taken always)
+    else:
+        empty = None if bool((lengths > 0).all()) else (lengths == 0)[:, None]
     finals: list = []
     for layer in range(num_layers):
         outs = []

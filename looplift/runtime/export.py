@@ -12,11 +12,14 @@ Why capture and not a lowering per op: the kernels are the program's exact
 torch calls already, with their layout decisions made at build time; dynamo
 records them as they run, so the module computes what the program computes.
 
-Not supported yet: a loop left after the optimizer (its step depends on the
-previous step), a ``Cond``, and ops that read values back to decide what to
-do (the packed LSTM over sequences of different lengths, a masked
-computation's compress): they raise :class:`~looplift.errors.ExportError`
-naming the user's line.
+An LSTM or GRU over sequences of different lengths runs over the padded
+batch there (each entry's reverse direction over its own frames reversed), as
+the program does on CPU for long sequences, not packed: the same results up to
+float rounding. Not supported yet: a loop left after the optimizer (its step
+depends on the previous step), a ``Cond``, and ops that read values back to
+decide what to do (an LSTM whose final cell states are read, which packs; a
+multi-layer one with dropout; a masked computation's compress): they raise
+:class:`~looplift.errors.ExportError` naming the user's line.
 """
 
 from __future__ import annotations
