@@ -77,9 +77,9 @@ def _raw_args(x, y):
     return x.tensor, y.tensor, x.lengths[T]
 
 
-@pytest.mark.parametrize("cls", [Pooling, SelfAttentionLoop])
-def test_the_module_computes_what_the_program_computes_for_any_size(cls):
-    """The same torch calls: equal bits."""
+def _assert_module_computes_what_the_program_computes(cls, same) -> None:
+    """For every shape of SHAPES (the first the example's), the module's loss and gradients are `same` as the
+    program's."""
     torch.manual_seed(0)
     model = cls()
     prog = ll.compile(model)
@@ -89,27 +89,27 @@ def test_the_module_computes_what_the_program_computes_for_any_size(cls):
         x, y = _inputs(*shape, seed=i)
         want = prog(x, y).tensor
         (got,) = module(*_raw_args(x, y))
-        assert torch.equal(got, want)
+        same(got, want)
         for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
-            assert torch.equal(g, w)
+            same(g, w)
+
+
+def _equal(a, b):
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", [Pooling, SelfAttentionLoop])
+def test_the_module_computes_what_the_program_computes_for_any_size(cls):
+    """The same torch calls: equal bits."""
+    _assert_module_computes_what_the_program_computes(cls, _equal)
 
 
 def test_an_lstm_over_sequences_of_different_lengths_runs_over_the_padded_batch():
     """Packing reads the lengths back; the module runs the fused kernel over the padded batch (each entry's
     reverse direction over its own frames reversed), which the program uses for long sequences: equal to
     float rounding."""
-    torch.manual_seed(0)
-    model = BiLSTMEncoder()
-    prog = ll.compile(model)
-    module = prog.to_fx(*_inputs(*SHAPES[0], seed=0))
-    params = list(model.parameters())
-    for i, shape in enumerate(SHAPES):
-        x, y = _inputs(*shape, seed=i)
-        want = prog(x, y).tensor
-        (got,) = module(*_raw_args(x, y))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    _assert_module_computes_what_the_program_computes(
+        BiLSTMEncoder, lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5))
 
 
 def test_the_module_holds_the_models_parameters_by_name():
