@@ -73,10 +73,10 @@ class LoopRun:
                          for p in spec.placeholders]
         # per-entry bookkeeping only where something depends on it
         self.track = spec.freeze or bool(spec.lasts) or spec.end is not None or spec.own_dim
-        # a loop over an axis that ends no entry before its length, whose final states nobody reads: entries
-        # past their length give only padding frames, so no state need be frozen
         #: whether a step makes dims (inner loops that end per entry, compresses): their sizes are collected
         self.makes_dims = any(node.makes_dims or node.region is not None for node in spec.body.nodes)
+        # a loop over an axis that ends no entry before its length, whose final states nobody reads: entries
+        # past their length give only padding frames, so no state need be frozen
         self.never_freeze = not spec.freeze or (spec.end is None and not spec.freeze_past_length
                                                 and not spec.own_dim)
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
