@@ -134,6 +134,18 @@ def test_the_module_under_torch_compile():
         torch.testing.assert_close(compiled(*_raw_args(x, y))[0], prog(x, y).tensor)
 
 
+def test_the_module_goes_through_torch_export_with_dynamic_sizes():
+    torch.manual_seed(0)
+    prog = ll.compile(SelfAttentionLoop())
+    x, y = _inputs(*SHAPES[0], seed=0)
+    batch, steps = torch.export.Dim("batch", min=2), torch.export.Dim("time", min=2)
+    exported = torch.export.export(prog.to_fx(x, y), _raw_args(x, y),
+                                   dynamic_shapes=({0: batch, 1: steps}, {0: batch, 1: steps}, {0: batch}))
+    for i, shape in enumerate(SHAPES[1:], 1):
+        x, y = _inputs(*shape, seed=i)
+        torch.testing.assert_close(exported.module()(*_raw_args(x, y))[0], prog(x, y).tensor)
+
+
 def _tanh_rnn():
     torch.manual_seed(0)
     lin = ll.nn.Linear(F + H, H)
