@@ -185,15 +185,21 @@ def test_the_final_cell_state_of_an_lstm_over_different_lengths_is_an_export_err
     check_error(__file__, info, ExportError, "packed-lstm")
 
 
-def test_the_readmes_first_example_as_a_module():
-    """The README's classifier (no loop): the module gives the program's loss and best labels."""
+def _readme_example(k: int) -> dict:
+    """The names the README's `k`-th python example defines, after running it."""
     import pathlib
     import re
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    example = re.findall(r"```python\n(.*?)```", readme, re.S)[k]
     ns: dict = {"__name__": "readme"}
     exec(compile(example, "README.md", "exec"), ns)
+    return ns
+
+
+def test_the_readmes_first_example_as_a_module():
+    """The README's classifier (no loop): the module gives the program's loss and best labels."""
+    ns = _readme_example(0)
     train, time, feat, classes = ns["train"], ns["time"], ns["feat"], ns["classes"]
     x, lengths, labels = ns["x"], ns["lengths"], ns["labels"]
     args = (ll.Named(x, (B, time, feat), lengths={time: lengths}), ll.Named(labels, (B, time), sparse_dim=classes))
@@ -201,3 +207,14 @@ def test_the_readmes_first_example_as_a_module():
     loss, best = train(*args, axis=time)
     got_loss, got_best = module(x, labels, lengths)
     assert torch.equal(got_loss, loss.tensor) and torch.equal(got_best, best.tensor)
+
+
+def test_the_readmes_lstm_loop_as_a_module():
+    """The README's LSTM loop with a running total and ``loop.last``: the optimizer leaves no loop, and the
+    module gives the program's outputs (its LSTM over the padded batch: equal to float rounding)."""
+    ns = _readme_example(2)
+    prog, x, lengths, time, feat = ns["step_by_step"], ns["x"], ns["lengths"], ns["time"], ns["feat"]
+    named = ll.Named(x, (B, time, feat), lengths={time: lengths})
+    module = prog.to_fx(named)
+    for got, want in zip(module(x, lengths), prog(named)):
+        torch.testing.assert_close(got, want.tensor)

@@ -87,23 +87,24 @@ def pow(a, b) -> Tensor:  # noqa: A001 - the user-facing name
 
 def minimum(a, b) -> Tensor:
     """Elementwise minimum."""
-    return _binary("minimum", _scalar_safe(torch.minimum), a, b)
+    a, b = as_tensor(a), as_tensor(b)
+    return _binary("minimum", _scalar_safe(torch.minimum, result_dtype(a, b)), a, b)
 
 
 def maximum(a, b) -> Tensor:
     """Elementwise maximum."""
-    return _binary("maximum", _scalar_safe(torch.maximum), a, b)
+    a, b = as_tensor(a), as_tensor(b)
+    return _binary("maximum", _scalar_safe(torch.maximum, result_dtype(a, b)), a, b)
 
 
-def _scalar_safe(fn: Callable) -> Callable:
-    # A Python number becomes a 0-d tensor of the dtype torch promotes the pair to (int tensor vs 2.5
-    # gives float), never truncated to the other operand's dtype.
+def _scalar_safe(fn: Callable, dtype: torch.dtype) -> Callable:
+    # A Python number becomes a 0-d tensor of the dtype the pair promotes to (`dtype`, known when traced: an
+    # int tensor vs 2.5 gives float), never truncated to the other operand's dtype.
     def apply(x, y):
         if not isinstance(x, torch.Tensor):
-            x = torch.as_tensor(x, dtype=torch.result_type(y, x) if isinstance(y, torch.Tensor) else None,
-                                device=y.device if isinstance(y, torch.Tensor) else None)
+            x = torch.as_tensor(x, dtype=dtype, device=y.device if isinstance(y, torch.Tensor) else None)
         if not isinstance(y, torch.Tensor):
-            y = torch.as_tensor(y, dtype=torch.result_type(x, y), device=x.device)
+            y = torch.as_tensor(y, dtype=dtype, device=x.device)
         return fn(x, y)
     return apply
 
@@ -143,7 +144,7 @@ def _logical(name: str, fn: Callable) -> Callable:
             if t.dtype != torch.bool:
                 raise DTypeError(f"{name} needs bool tensors, got the {t.describe()}; compare first, "
                                  f"e.g. x != 0")
-        return _binary(name, _scalar_safe(fn), a, b, out_dtype=torch.bool)
+        return _binary(name, _scalar_safe(fn, torch.bool), a, b, out_dtype=torch.bool)
     logical.__name__ = name
     logical.__doc__ = f"Elementwise ``{name}`` of two bool tensors."
     return logical
