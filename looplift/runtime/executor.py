@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import linecache
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -77,6 +78,7 @@ class Executor:
         self.source = "\n".join(lines) + "\n"
         filename = f"<looplift executor {next(_serial)}>"
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
+        weakref.finalize(self, linecache.cache.pop, filename, None)   # (programs made per call leave none behind)
         namespace = dict(kernels)
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
