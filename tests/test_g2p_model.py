@@ -7,6 +7,7 @@ prediction loop gone, equal to the step-by-step reference, and learns to decode 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import pathlib
 
@@ -170,10 +171,25 @@ def test_decoding_batches_side_by_side_gives_what_one_at_a_time_gives(words):
     alone = recipe.decode(model, encoded, beam=4, batch_size=3, workers=1)
     together = recipe.decode(model, encoded, beam=4, batch_size=3, workers=3)
     assert torch.get_num_threads() == threads
+    assert gc.isenabled()   # (paused while decoding, on again after)
     assert len(encoded) > 3 * 3   # (more batches than workers)
     assert [[q for q, _ in hyps] for hyps in together] == [[q for q, _ in hyps] for hyps in alone]
     for g, w in zip(together, alone):
         assert torch.allclose(torch.tensor([s for _, s in g]), torch.tensor([s for _, s in w]), rtol=0, atol=1e-9)
+
+
+def test_decoding_leaves_the_garbage_collector_as_it_found_it(words):
+    entries, vocabs = words
+    model = G2P(Config(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, dec=10)).double()
+    encoded = [vocabs.chars.encode(e.word) for e in entries[:4]]
+    gc.disable()
+    try:
+        recipe.decode(model, encoded, beam=2, workers=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    recipe.decode(model, encoded, beam=2, workers=1)
+    assert gc.isenabled()
 
 
 def _assert_training_equals_the_reference(model, examples):
