@@ -45,11 +45,12 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
     over the dims of the symbolic `inputs`) and `lengths` (a lengths tensor per dynamic dim); `root`: the
     model whose parameters the module refers to by their names (None: names made up)."""
     for node in executor.nodes:
-        if node.op in (Op.LOOP, Op.COND):
-            what = "the loop" if node.op == Op.LOOP else "the Cond"
-            raise ExportError(f"to_fx: {what} at {node.source} has no torch.fx form yet (a loop whose step depends on "
-                              f"the previous step stays a loop after the optimizer; program.explain() says why)",
+        if node.op == Op.LOOP:
+            raise ExportError(f"to_fx: the loop at {node.source} has no torch.fx form yet (a loop whose step depends "
+                              f"on the previous step stays a loop after the optimizer; program.explain() says why)",
                               where=node.source)
+        if node.op == Op.COND:
+            raise ExportError(f"to_fx: the Cond at {node.source} has no torch.fx form yet", where=node.source)
     length_dims = list(lengths)
     sizes_of = []   # per dim with a size: (input, axis) where the size is read
     for k, t in enumerate(inputs):
