@@ -167,6 +167,19 @@ def test_a_loop_left_after_the_optimizer_is_an_export_error_naming_its_line():
     check_error(__file__, info, ExportError, "loop-left")
 
 
+def _cond(x, y):
+    with ll.Cond(ll.sum(x, axis=[B, T, F]) > 0.0) as cond:  # <cond>
+        cond.true = ll.tanh(x)
+        cond.false = x * 2.0
+    return ll.sum(cond.result, axis=[B, T, F])
+
+
+def test_a_cond_is_an_export_error_naming_its_line():
+    with pytest.raises(ExportError) as info:
+        ll.compile(_cond).to_fx(*_inputs(*SHAPES[0], seed=0))
+    check_error(__file__, info, ExportError, "cond")
+
+
 def _lstm_final_cell_state():
     torch.manual_seed(0)
     lstm = ll.nn.LSTM(F, H)
