@@ -51,6 +51,7 @@ class Executor:
         for k, t in enumerate(inputs):
             name[id(t)] = f"v{k}"
             lines.append(f"    v{k} = raws[{k}]")
+        fresh = itertools.count(len(inputs))   # (names of computed values: never an input's)
         kernels: dict[str, object] = {}
         #: the node of each generated line that calls a kernel, by its line number (1-based, as tracebacks say)
         self._node_at: dict[int, object] = {}
@@ -68,7 +69,7 @@ class Executor:
             args = "".join(f", {name[id(t)]}" for t in node.inputs)
             outs = []
             for t in node.outputs:
-                name[id(t)] = f"v{len(name)}"
+                name[id(t)] = f"v{next(fresh)}"
                 outs.append(name[id(t)])
             target = outs[0] if len(outs) == 1 else ", ".join(outs)
             where = str(node.source).replace("\n", " ")
