@@ -231,3 +231,19 @@ def test_the_readmes_lstm_loop_as_a_module():
     module = prog.to_fx(named)
     for got, want in zip(module(x, lengths), prog(named)):
         torch.testing.assert_close(got, want.tensor)
+
+
+def test_example_inputs_are_checked_as_a_call_checks_them():
+    """A Spec has no values, and a tensor that does not fit its dims is the call's InputError: both name the
+    line that asks for the module."""
+    from looplift.errors import InputError
+
+    prog = ll.compile(Pooling())
+    x, y = _inputs(*SHAPES[0], seed=0)
+    with pytest.raises(InputError) as info:
+        prog.to_fx(ll.Spec((B, T, F), torch.float32), y)  # <spec-example>
+    check_error(__file__, info, InputError, "spec-example")
+    bad = ll.Named(torch.randn(3, 5, F.size + 1), (B, T, F), {T: x.lengths[T]})
+    with pytest.raises(InputError) as info:
+        prog.to_fx(bad, y)  # <misfit-example>
+    check_error(__file__, info, InputError, "misfit-example", "feat")
