@@ -237,3 +237,23 @@ def test_an_ensemble_of_a_run_with_itself_evaluates_and_converts_as_the_run(trai
     assert alone.split("; decoded")[0] == twice.split("; decoded")[0] and "WER" in alone
     alone = run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3").out
     assert run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3", "--ensemble", d).out == alone
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero_at_the_end_of_the_budget():
+    import argparse
+    done = [0.0]
+    factor = cli._schedule(argparse.Namespace(lr_schedule="cosine", warmup=0.1, lr_decay=0.9), lambda: done[0], 10)
+    assert factor(0) == pytest.approx(1e-3)
+    for progress, expected in [(0.05, 0.5), (0.1, 1.0), (0.55, 0.5), (1.0, 0.0)]:
+        done[0] = progress
+        assert factor(7) == pytest.approx(expected, abs=1e-12)
+    epochs = cli._schedule(argparse.Namespace(lr_schedule="epochs", warmup=0.1, lr_decay=0.9), lambda: 1 / 0, 10)
+    assert epochs(0) == 1.0 and epochs(5) == pytest.approx(0.9 ** 0.5) and epochs(20) == pytest.approx(0.81)
+
+
+def test_a_run_on_the_cosine_schedule_ends_with_a_learning_rate_of_zero(tmp_path):
+    d = str(tmp_path / "cos")
+    cli.main(["train", "--dir", d, "--epochs", "2", "--lr-schedule", "cosine", *TINY])
+    with safe_open(os.path.join(d, "last.safetensors"), framework="pt") as f:
+        scheduler = json.loads(f.metadata()["trainer/scheduler"])
+    assert dict(scheduler["state"]["dict"])["_last_lr"] == [0.0]   # (the checkpoint's encoding of a dict)

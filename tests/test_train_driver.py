@@ -608,3 +608,56 @@ def test_two_processes_train_like_one_on_the_combined_batches(tmp_path):
         assert json.loads(f.metadata()["trainer/position"])["world_size"] == 2
         for name, value in results[0]["tagger"].items():
             assert torch.equal(f.get_tensor(name), value), name
+
+
+# -- progress: the fraction of the budget behind the run, for schedules over the whole run ------------
+
+def _record_progress(trainer):
+    """The trainer's progress as its scheduler sees it, step by step."""
+    seen = []
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer, lambda step: seen.append(trainer.progress) or 1.0)
+    seen.clear()   # (the scheduler's first call, at construction)
+    return seen
+
+
+def test_progress_counts_steps_of_max_steps_and_of_epochs():
+    trainer = make_tagger_trainer(scheduler=False)
+    seen = _record_progress(trainer)
+    trainer.fit(make_batches, max_steps=7)
+    assert seen == pytest.approx([k / 7 for k in range(1, 8)])
+
+    trainer = make_tagger_trainer(scheduler=False)
+    seen = _record_progress(trainer)
+    trainer.fit(make_batches, epochs=2)                  # 5 batches per epoch
+    assert seen == pytest.approx([k / 10 for k in range(1, 11)])
+
+    trainer = make_tagger_trainer(scheduler=False)      # both: whichever is further along
+    seen = _record_progress(trainer)
+    trainer.fit(make_batches, epochs=4, max_steps=8)
+    assert seen == pytest.approx([k / 8 for k in range(1, 9)])
+
+
+def test_progress_counts_the_time_of_a_time_budget_across_a_resume(tmp_path, monkeypatch):
+    """A clock that moves 1 s per step: progress after a step is the time at its start over the budget, and a
+    resumed run goes on from the time the first one spent."""
+    import looplift.train.driver as driver
+    now = [1000.0]
+    monkeypatch.setattr(driver.time, "perf_counter", lambda: now[0])
+
+    def slow_loss(model, batch):
+        now[0] += 1.0
+        return tagger_loss(model, batch)
+
+    first = make_tagger_trainer(str(tmp_path), scheduler=False, loss_fn=slow_loss)
+    seen = _record_progress(first)
+    first.fit(make_batches, time_budget=3.0)
+    # steps start at 0, 1, 2 and 3 s; the one that starts at 3 s is the last
+    assert seen == pytest.approx([0 / 3, 1 / 3, 2 / 3, 3 / 3]) and first.global_step == 4
+
+    second = make_tagger_trainer(str(tmp_path), scheduler=False, loss_fn=slow_loss)
+    seen = _record_progress(second)
+    second.fit(make_batches, time_budget=8.0, resume=True)
+    # resumed at 4 s of 8: steps start at 4, 5, 6, 7 and 8 s; the one that starts at 8 s is the last
+    assert seen == pytest.approx([4 / 8, 5 / 8, 6 / 8, 7 / 8, 1.0])
+    assert second.global_step == 9

@@ -118,6 +118,12 @@ class Trainer:
 
     The position (`epoch`, `step_in_epoch`, `global_step`, `elapsed_seconds`)
     and `history` live in the trainer: calling `fit` again continues.
+
+    `progress` is the fraction of the running `fit`'s budget behind it (0 to 1),
+    for a schedule over the whole run, e.g. a learning rate that decays to
+    zero as a time budget runs out::
+
+        scheduler = LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * trainer.progress)))
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, *,
@@ -184,6 +190,8 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.elapsed_seconds = 0.0
+        self.progress = 0.0
+        self._budget: tuple[int | None, int | None, float | None] = (None, None, None)
         self.history: list[dict[str, Any]] = []
         self._totals = _Totals()
         self._epoch_batches: int | None = None   # the epoch's number of batches, once known
@@ -261,6 +269,7 @@ class Trainer:
             raise ConfigError(f"fit: time_budget must be a positive number of seconds (or None), got {time_budget!r}")
         if resume:
             self._resume()
+        self._budget = (epochs, max_steps, time_budget)
         self._clock = (time.perf_counter(), self._agreed(self.elapsed_seconds))
         self._out_of_time = time_budget is not None and self._clock[1] >= time_budget
         self.model.train()
@@ -317,7 +326,8 @@ class Trainer:
 
     def _step(self, batch: Any, time_budget: float | None) -> None:
         start = time.perf_counter()
-        over_budget = time_budget is not None and self._elapsed() >= time_budget
+        elapsed = self._elapsed()
+        over_budget = time_budget is not None and elapsed >= time_budget
         self.optimizer.zero_grad(set_to_none=True)
         result = self._forward(batch)
         if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -328,10 +338,11 @@ class Trainer:
         if not isinstance(loss_sum, torch.Tensor) or loss_sum.ndim != 0:
             raise ArgumentError(f"loss_fn must return (loss_sum, count) with loss_sum a scalar tensor, got "
                                 f"{_short(loss_sum)}", where=_code_line(self.loss_fn))
-        # one all-reduce: the loss and count summed over ranks, and whether any rank is out of time
-        stats = torch.stack([loss_sum.detach().to(torch.float64),
-                             torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(()),
-                             torch.tensor(float(over_budget), dtype=torch.float64, device=loss_sum.device)])
+        # one all-reduce: the loss and count summed over ranks, whether any rank is out of time, and the time
+        # (its mean over the ranks is the time `progress` reads: the same on every rank)
+        stats = torch.cat([loss_sum.detach().to(torch.float64).reshape(1),
+                           torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(1),
+                           torch.tensor([float(over_budget), elapsed], dtype=torch.float64, device=loss_sum.device)])
         if self.world_size > 1:
             dist.all_reduce(stats)
         total = stats[1].to(loss_sum.dtype)
@@ -343,17 +354,30 @@ class Trainer:
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
         self.optimizer.step()
+        loss_total, count_total, out_of_time, elapsed_sum = stats.tolist()
+        self.progress = self._progress(elapsed_sum / self.world_size)
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
         self.step_in_epoch += 1
-        loss_total, count_total, out_of_time = stats.tolist()
         self._totals.loss_sum += loss_total
         self._totals.count += count_total
         self._totals.seconds += time.perf_counter() - start
         self._totals.steps += 1
         self._out_of_time = out_of_time > 0
         self._updating = False
+
+    def _progress(self, elapsed: float) -> float:
+        """The fraction of the budget done after this step: of the time, the steps or the epochs, the most."""
+        epochs, max_steps, time_budget = self._budget
+        done = [0.0]
+        if time_budget is not None:
+            done.append(elapsed / time_budget)
+        if max_steps is not None:
+            done.append((self.global_step + 1) / max_steps)
+        if epochs is not None and self._epoch_batches:
+            done.append((self.epoch + (self.step_in_epoch + 1) / self._epoch_batches) / epochs)
+        return min(1.0, max(done))
 
     def _elapsed(self) -> float:
         start, before = self._clock

@@ -74,8 +74,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
                    help="stop after this many steps (in all, with --resume)")
     p.add_argument("--batch", type=POSITIVE, default=256, help="words per batch (length-bucketed)")
     p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=["cosine", "epochs"], default="epochs",
+                   help="cosine: the learning rate rises over the first --warmup of the budget (--minutes, "
+                        "--epochs or --max-steps, whichever ends first) and falls to 0 at its end on a half "
+                        "cosine; epochs: it decays by --lr-decay per epoch")
+    p.add_argument("--warmup", type=_FRACTION, default=0.02,
+                   help="the cosine schedule's warm-up, a fraction of the budget")
     p.add_argument("--lr-decay", type=_DECAY, default=0.9,
-                   help="multiply the learning rate by this after each epoch (1: constant)")
+                   help="with --lr-schedule epochs: multiply the learning rate by this after each epoch (1: constant)")
     p.add_argument("--clip", type=NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=_FRACTION, default=0.3, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=_FRACTION, default=0.1, help="label smoothing of the cross-entropy")
@@ -185,6 +191,23 @@ def _check(args) -> None:
         raise UsageError("a WORD to convert is empty")
 
 
+def _schedule(args, progress, steps_per_epoch: int):
+    """The learning rate's factor as a function of the step: over the budget (`progress()`, 0 to 1) for the
+    cosine schedule, per epoch for the other (smoothly over an epoch's steps)."""
+    if args.lr_schedule == "epochs":
+        return lambda step: args.lr_decay ** (step / steps_per_epoch)
+
+    def cosine(step: int) -> float:
+        if step == 0:
+            return 1e-3 if args.warmup else 1.0   # (the trainer is not built yet when the scheduler starts)
+        done = progress()
+        if done < args.warmup:
+            return max(done / args.warmup, 1e-3)
+        return 0.5 * (1 + math.cos(math.pi * (done - args.warmup) / (1 - args.warmup)))
+
+    return cosine
+
+
 def train(args) -> G2P:
     from looplift.train import Trainer, bucketed_batches
     splits = data.split(data.load(stress=args.stress))
@@ -212,9 +235,8 @@ def train(args) -> G2P:
               f"characters, {len(vocabs.phonemes) - 1} phonemes; model: {n_params / 1e6:.2f} M parameters",
               flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # the learning rate decays by --lr-decay per epoch, smoothly over its steps
     steps_per_epoch = len(bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: args.lr_decay ** (step / steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, lambda: trainer.progress, steps_per_epoch))
     dev = data.sample(splits["dev"], args.eval_words) if args.eval_words else []
 
     def make_batches(epoch: int):
