@@ -78,7 +78,7 @@ def make_batches(epoch, world_size=1, rank=0):
 
 
 def make_tagger_trainer(directory=None, *, seed=0, dropout=0.3, hidden=8, optimizer="adam", scheduler=True,
-                        loss_fn=tagger_loss, **options):
+                        loss_fn=tagger_loss, progress=False, **options):
     torch.manual_seed(seed)
     model = Tagger(hidden=hidden, dropout=dropout)
     if optimizer == "adam":
@@ -86,7 +86,7 @@ def make_tagger_trainer(directory=None, *, seed=0, dropout=0.3, hidden=8, optimi
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + 0.1 * step)) if scheduler else None
-    return Trainer(model, loss_fn, opt, scheduler=sched, checkpoint_dir=directory, progress=False, **options)
+    return Trainer(model, loss_fn, opt, scheduler=sched, checkpoint_dir=directory, progress=progress, **options)
 
 
 def noisy_evaluate(model):
@@ -610,18 +610,18 @@ def test_two_processes_train_like_one_on_the_combined_batches(tmp_path):
             assert torch.equal(f.get_tensor(name), value), name
 
 
-# -- progress: the fraction of the budget behind the run, for schedules over the whole run ------------
+# -- budget_done: the fraction of the budget behind the run, for schedules over the whole run ------------
 
 def _record_progress(trainer):
-    """The trainer's progress as its scheduler sees it, step by step."""
+    """The trainer's budget_done as its scheduler sees it, step by step."""
     seen = []
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, lambda step: seen.append(trainer.progress) or 1.0)
+        trainer.optimizer, lambda step: seen.append(trainer.budget_done) or 1.0)
     seen.clear()   # (the scheduler's first call, at construction)
     return seen
 
 
-def test_progress_counts_steps_of_max_steps_and_of_epochs():
+def test_budget_done_counts_steps_of_max_steps_and_of_epochs():
     trainer = make_tagger_trainer(scheduler=False)
     seen = _record_progress(trainer)
     trainer.fit(make_batches, max_steps=7)
@@ -638,8 +638,8 @@ def test_progress_counts_steps_of_max_steps_and_of_epochs():
     assert seen == pytest.approx([k / 8 for k in range(1, 9)])
 
 
-def test_progress_counts_the_time_of_a_time_budget_across_a_resume(tmp_path, monkeypatch):
-    """A clock that moves 1 s per step: progress after a step is the time at its start over the budget, and a
+def test_budget_done_counts_the_time_of_a_time_budget_across_a_resume(tmp_path, monkeypatch):
+    """A clock that moves 1 s per step: budget_done after a step is the time at its start over the budget, and a
     resumed run goes on from the time the first one spent."""
     import looplift.train.driver as driver
     now = [1000.0]
@@ -661,3 +661,11 @@ def test_progress_counts_the_time_of_a_time_budget_across_a_resume(tmp_path, mon
     # resumed at 4 s of 8: steps start at 4, 5, 6, 7 and 8 s; the one that starts at 8 s is the last
     assert seen == pytest.approx([4 / 8, 5 / 8, 6 / 8, 7 / 8, 1.0])
     assert second.global_step == 9
+
+
+def test_progress_epochs_prints_a_line_per_epoch_and_no_bar(capsys):
+    trainer = make_tagger_trainer(progress="epochs")
+    trainer.fit(make_batches, epochs=3)
+    err = capsys.readouterr().err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert "step/s" not in err and "|" not in err

@@ -119,11 +119,11 @@ class Trainer:
     The position (`epoch`, `step_in_epoch`, `global_step`, `elapsed_seconds`)
     and `history` live in the trainer: calling `fit` again continues.
 
-    `progress` is the fraction of the running `fit`'s budget behind it (0 to 1),
+    `budget_done` is the fraction of the running `fit`'s budget behind it (0 to 1),
     for a schedule over the whole run, e.g. a learning rate that decays to
     zero as a time budget runs out::
 
-        scheduler = LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * trainer.progress)))
+        scheduler = LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * trainer.budget_done)))
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, *,
@@ -190,7 +190,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.elapsed_seconds = 0.0
-        self.progress = 0.0
+        self.budget_done = 0.0
         self._budget: tuple[int | None, int | None, float | None] = (None, None, None)
         self.history: list[dict[str, Any]] = []
         self._totals = _Totals()
@@ -339,7 +339,7 @@ class Trainer:
             raise ArgumentError(f"loss_fn must return (loss_sum, count) with loss_sum a scalar tensor, got "
                                 f"{_short(loss_sum)}", where=_code_line(self.loss_fn))
         # one all-reduce: the loss and count summed over ranks, whether any rank is out of time, and the time
-        # (its mean over the ranks is the time `progress` reads: the same on every rank)
+        # (its mean over the ranks is the time `budget_done` reads: the same on every rank)
         stats = torch.cat([loss_sum.detach().to(torch.float64).reshape(1),
                            torch.as_tensor(count, dtype=torch.float64, device=loss_sum.device).reshape(1),
                            torch.tensor([float(over_budget), elapsed], dtype=torch.float64, device=loss_sum.device)])
@@ -355,7 +355,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self._params, self.clip_norm)
         self.optimizer.step()
         loss_total, count_total, out_of_time, elapsed_sum = stats.tolist()
-        self.progress = self._progress(elapsed_sum / self.world_size)
+        self.budget_done = self._budget_done(elapsed_sum / self.world_size)
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
@@ -367,7 +367,7 @@ class Trainer:
         self._out_of_time = out_of_time > 0
         self._updating = False
 
-    def _progress(self, elapsed: float) -> float:
+    def _budget_done(self, elapsed: float) -> float:
         """The fraction of the budget done after this step: of the time, the steps or the epochs, the most."""
         epochs, max_steps, time_budget = self._budget
         done = [0.0]

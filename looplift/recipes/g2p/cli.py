@@ -236,7 +236,8 @@ def train(args) -> G2P:
               flush=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = len(bucketed_batches(lengths, batch_size=args.batch, seed=args.seed, epoch=0))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args, lambda: trainer.progress, steps_per_epoch))
+    factor = _schedule(args, lambda: trainer.budget_done, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     dev = data.sample(splits["dev"], args.eval_words) if args.eval_words else []
 
     def make_batches(epoch: int):
