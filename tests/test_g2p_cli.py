@@ -19,6 +19,7 @@ from looplift.recipes.g2p.transformer import TransformerG2P
 
 TINY = ["--words", "120", "--emb", "8", "--enc", "16", "--dec", "16", "--batch", "32", "--eval-words", "16",
         "--minutes", "0", "--no-progress", "--seed", "3"]
+EPOCHS = ["--lr-schedule", "epochs"]
 
 
 def run(capsys, *argv):
@@ -28,11 +29,12 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run trained 1 epoch, then resumed for a second."""
+    """A run trained 1 epoch, then resumed for a second (on the per-epoch schedule: the cosine one spans the
+    budget of each call)."""
     d = str(tmp_path_factory.mktemp("g2p"))
-    cli.main(["train", "--dir", d, "--epochs", "1", *TINY])
+    cli.main(["train", "--dir", d, "--epochs", "1", *TINY, *EPOCHS])
     first = {n: p.clone() for n, p in recipe.load_model(d, which="last")[0].named_parameters()}
-    cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *TINY])
+    cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *TINY, *EPOCHS])
     return d, first
 
 
@@ -42,7 +44,7 @@ def test_train_writes_the_model_and_resume_continues(trained):
                                                                           "model.safetensors"]
     model, vocabs = recipe.load_model(d, which="last")
     assert len(vocabs.phonemes) == 40 and not vocabs.stress
-    assert model.config == Config(len(vocabs.chars), 40, emb=8, enc=16, enc_layers=2, dec=16, dropout=0.3,
+    assert model.config == Config(len(vocabs.chars), 40, emb=8, enc=16, enc_layers=2, dec=16, dropout=0.1,
                                   label_smoothing=0.1)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, first[n])]
     assert changed, "the resumed second epoch changed nothing"
@@ -68,7 +70,7 @@ def test_eval_and_convert_use_the_best_model_unless_told_otherwise(trained, monk
 
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
     d, _ = trained
-    cli.main(["train", "--dir", str(tmp_path), "--epochs", "2", *TINY])
+    cli.main(["train", "--dir", str(tmp_path), "--epochs", "2", *TINY, *EPOCHS])
     resumed, _ = recipe.load_model(d, which="last")
     straight, _ = recipe.load_model(tmp_path, which="last")
     for (n, a), (_, b) in zip(resumed.named_parameters(), straight.named_parameters()):
@@ -201,7 +203,7 @@ def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys
     """``--arch transformer``: the checkpoint records the architecture (load_model builds a TransformerG2P of
     the trained sizes); 1 epoch resumed to 2 equals 2 straight; eval prints the recipe's counts; convert
     prints the recipe's best hypothesis."""
-    tiny = [*TINY, "--arch", "transformer", "--model-dim", "8", "--heads", "2", "--ff", "12", "--layers", "1"]
+    tiny = [*TINY, "--arch", "transformer", "--model-dim", "8", "--heads", "2", "--ff", "12", "--layers", "1", *EPOCHS]
     d, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
     cli.main(["train", "--dir", d, "--epochs", "1", *tiny])
     cli.main(["train", "--dir", d, "--epochs", "2", "--resume", *tiny])
@@ -257,3 +259,31 @@ def test_a_run_on_the_cosine_schedule_ends_with_a_learning_rate_of_zero(tmp_path
     with safe_open(os.path.join(d, "last.safetensors"), framework="pt") as f:
         scheduler = json.loads(f.metadata()["trainer/scheduler"])
     assert dict(scheduler["state"]["dict"])["_last_lr"] == [0.0]   # (the checkpoint's encoding of a dict)
+
+
+def test_a_run_interrupted_and_resumed_on_the_cosine_schedule_equals_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                           capsys):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    cli.main(["train", "--dir", straight, "--epochs", "2", *TINY])
+    make_loss = recipe.loss_function
+
+    def interrupting(examples):
+        loss_fn, steps = make_loss(examples), [0]
+
+        def loss(model, batch):
+            steps[0] += 1
+            if steps[0] == 6:   # (in the second epoch)
+                raise KeyboardInterrupt
+            return loss_fn(model, batch)
+        return loss
+
+    monkeypatch.setattr(recipe, "loss_function", interrupting)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--dir", interrupted, "--epochs", "2", *TINY])
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(recipe, "loss_function", make_loss)
+    cli.main(["train", "--dir", interrupted, "--epochs", "2", "--resume", *TINY])
+    a, _ = recipe.load_model(straight, which="last")
+    b, _ = recipe.load_model(interrupted, which="last")
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), n

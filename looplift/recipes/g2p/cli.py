@@ -72,9 +72,9 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--epochs", type=POSITIVE, default=None, help="stop after this many epochs")
     p.add_argument("--max-steps", type=POSITIVE, default=None,
                    help="stop after this many steps (in all, with --resume)")
-    p.add_argument("--batch", type=POSITIVE, default=256, help="words per batch (length-bucketed)")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3, help="Adam learning rate")
-    p.add_argument("--lr-schedule", choices=["cosine", "epochs"], default="epochs",
+    p.add_argument("--batch", type=POSITIVE, default=128, help="words per batch (length-bucketed)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-3, help="Adam learning rate (the cosine schedule's peak)")
+    p.add_argument("--lr-schedule", choices=["cosine", "epochs"], default="cosine",
                    help="cosine: the learning rate rises over the first --warmup of the budget (--minutes, "
                         "--epochs or --max-steps, whichever ends first) and falls to 0 at its end on a half "
                         "cosine; epochs: it decays by --lr-decay per epoch")
@@ -83,7 +83,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--lr-decay", type=_DECAY, default=0.9,
                    help="with --lr-schedule epochs: multiply the learning rate by this after each epoch (1: constant)")
     p.add_argument("--clip", type=NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
-    p.add_argument("--dropout", type=_FRACTION, default=0.3, help="dropout of embeddings, encoder layers, readout")
+    p.add_argument("--dropout", type=_FRACTION, default=0.1, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=_FRACTION, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--arch", choices=["lstm", "transformer", "transducer"], default="lstm",
                    help="the model: BiLSTM encoder + attention LSTM decoder, a Transformer, or a transducer "
