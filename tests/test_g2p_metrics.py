@@ -104,3 +104,19 @@ def test_score_rejects_mismatched_counts():
 def test_score_rejects_a_word_without_references_or_with_an_empty_one(refs):
     with pytest.raises(ValueError, match="word 0 has no references or an empty one"):
         score([["A"]], [refs])
+
+
+@given(st.lists(st.tuples(st.lists(st.sampled_from("ab"), max_size=4),
+                          st.lists(st.tuples(*[st.sampled_from("ab")] * 2).map(tuple) | st.just(("a",)),
+                                   min_size=1, max_size=3)), min_size=1, max_size=6))
+def test_score_is_the_nearest_reference_by_definition(words):
+    """Against the definition: per word, the first reference at the least edit distance gives the errors
+    and the length (hypotheses equal to a reference included)."""
+    hyps, refs = [h for h, _ in words], [r for _, r in words]
+    errors = lengths = wrong = 0
+    for hyp, word_refs in zip(hyps, refs):
+        distances = [edit_distance(hyp, list(ref)) for ref in word_refs]
+        k = distances.index(min(distances))
+        errors, lengths, wrong = errors + distances[k], lengths + len(word_refs[k]), wrong + (distances[k] > 0)
+    s = score(hyps, refs)
+    assert (s.phoneme_errors, s.phonemes, s.word_errors) == (errors, lengths, wrong)

@@ -71,7 +71,12 @@ def score(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[str]]]
             raise ValueError(f"word {n} has no references or an empty one: {[list(ref) for ref in word_refs]}; "
                              "each word needs at least one non-empty reference pronunciation")
         hyp = list(hyp)
-        errors, length = min(((edit_distance(hyp, ref), len(ref)) for ref in word_refs), key=lambda e: e[0])
+        # (a hypothesis equal to a reference is nearest to the first such one: no distances to compute)
+        equal = next((ref for ref in word_refs if list(ref) == hyp), None)
+        if equal is not None:
+            errors, length = 0, len(equal)
+        else:
+            errors, length = min(((edit_distance(hyp, ref), len(ref)) for ref in word_refs), key=lambda e: e[0])
         phoneme_errors += errors
         phonemes += length
         word_errors += errors > 0  # distance 0 to the nearest reference = equal to some reference
