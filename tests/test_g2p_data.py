@@ -244,3 +244,8 @@ def test_encode_batch_uses_the_given_pad():
 def test_encode_batch_of_nothing_is_empty():
     ids, lengths = encode_batch([])
     assert ids.shape == (0, 0) and lengths.shape == (0,)
+
+
+def test_encode_batch_of_empty_sequences_has_no_columns():
+    ids, lengths = encode_batch([[], []])
+    assert ids.shape == (2, 0) and ids.dtype == torch.int64 and lengths.tolist() == [0, 0]

@@ -242,8 +242,8 @@ def encode_batch(seqs: Sequence[Sequence[int]], *, pad: int = 0) -> tuple[torch.
 
     ``max_len`` is the longest length (0 for an empty batch or only empty sequences).
     """
-    lengths = torch.tensor([len(seq) for seq in seqs], dtype=torch.int64)
-    ids = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0), pad, dtype=torch.int64)
-    for i, seq in enumerate(seqs):
-        ids[i, :len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
-    return ids, lengths
+    sizes = [len(seq) for seq in seqs]
+    width = max(sizes, default=0)
+    # (padded as lists, then one tensor: not a tensor and a copy per sequence)
+    ids = torch.tensor([[*seq, *[pad] * (width - n)] for seq, n in zip(seqs, sizes)], dtype=torch.int64)
+    return ids.reshape(len(seqs), width), torch.tensor(sizes, dtype=torch.int64)
