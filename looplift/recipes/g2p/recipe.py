@@ -137,12 +137,12 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
             for idx in batches:
                 decode_batch(idx)
         else:
-            decode_batch(batches[0])   # (traces the program, before the threads share it)
+            decode_batch(batches[0][:1])   # (one word traces the program, before the threads share it)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
                 with ThreadPoolExecutor(workers) as pool:   # (the longest words first: no long batch left alone)
-                    list(pool.map(decode_batch, batches[:0:-1]))
+                    list(pool.map(decode_batch, batches[::-1]))
             finally:
                 torch.set_num_threads(threads)
     finally:
