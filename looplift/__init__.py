@@ -12,6 +12,7 @@ from .module import Module, Parameter
 from .ops import *  # noqa: F401,F403 - the op functions are the public API
 from .ops import __all__ as _ops_all
 from .program import Program, Spec, compile
+from .runtime.memory import reuse_freed_memory
 from .runtime.named import Named
 from .search import choice
 from .tensor import Tensor
@@ -23,5 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "errors", "nn", "search", "choice", "Dim", "batch_dim", "Cond", "Loop", "MaskedComputation", "is_search",
     "is_training", "mode", "Module", "Parameter", "Program", "Spec", "compile", "Named", "Tensor", "load", "save",
+    "reuse_freed_memory",
     *_ops_all,
 ]

@@ -330,6 +330,33 @@ def test_a_step_from_the_input_projection_equals_torch_lstm_cell_with_gradients(
         torch.testing.assert_close(g, w, **tol)
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_a_step_from_gates_without_gradients_equals_torch_lstm_cell_and_leaves_its_inputs(grad_mode):
+    """Without gradients the step works in place on a tensor of its own: the same values as torch.lstm_cell,
+    and the gates and state it was given are left as they were (read again after it)."""
+    module, cell = cell_pair("lstm", torch.float64)
+    G = module.gates
+
+    def model(gates, h, c):
+        out, state = module.step_from_gates(gates, state=(h, c))
+        return out, state.c, gates * 1.0, h * 1.0
+
+    torch.manual_seed(5)
+    x, h, c = (torch.randn(3, n, dtype=torch.float64) for n in (F.size, H.size, H.size))
+    gates = x @ module.weight_ih_l0.detach().t()
+    kept = [t.clone() for t in (gates, h, c)]
+    with grad_mode():
+        out, new_c, gates_after, h_after = ll.compile(model)(ll.Named(gates, (B, G)), ll.Named(h, (B, H)),
+                                                             ll.Named(c, (B, H)))
+        ref_h, ref_c = cell(x, (h, c))
+    torch.testing.assert_close(out.align(B, H), ref_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_c.align(B, H), ref_c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gates_after.align(B, G), kept[0], rtol=0, atol=0)
+    torch.testing.assert_close(h_after.align(B, H), kept[1], rtol=0, atol=0)
+    for t, k in zip((gates, h, c), kept):
+        assert torch.equal(t, k)
+
+
 def test_a_step_from_gates_needs_the_gate_dim():
     module, _ = cell_pair("lstm", torch.float64)
     with pytest.raises(DimError, match="gate dim"):

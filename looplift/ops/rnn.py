@@ -122,11 +122,15 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> t
         g = g.expand(*shape, g.shape[-1]).reshape(flat, g.shape[-1])
         hv = hv.expand(*shape, hv.shape[-1]).reshape(flat, hv.shape[-1])
         cv = cv.expand(*shape, cv.shape[-1]).reshape(flat, cv.shape[-1])
-        g = torch.addmm(g + (b_ih + b_hh), hv, w_hh.t())   # (the gates, as torch.lstm_cell sums them)
+        grads = torch.is_grad_enabled() and any(t.requires_grad for t in (g, hv, cv, w_hh, b_ih, b_hh))
+        if grads:
+            g = torch.addmm(g + (b_ih + b_hh), hv, w_hh.t())   # (the gates, as torch.lstm_cell sums them)
+        else:   # (in place on one new tensor: each new [rows, 4 * hidden] is one more pass over memory)
+            g = torch.add(g, b_ih + b_hh).addmm_(hv, w_hh.t())
         # tanh(x) = 2 sigmoid(2x) - 1: one sigmoid over all four gates (on CPU, tanh costs ~3 sigmoids)
         size = g.shape[1] // 4
         g[:, 2 * size:3 * size].mul_(2.0)
-        i, f, cand, o = torch.sigmoid(g).chunk(4, 1)
+        i, f, cand, o = (torch.sigmoid(g) if grads else g.sigmoid_()).chunk(4, 1)
         c_new = torch.addcmul(f * cv, i, cand * 2.0 - 1.0)
         h_new = o * (torch.sigmoid(c_new * 2.0) * 2.0 - 1.0)
         return h_new.reshape(*shape, -1), c_new.reshape(*shape, -1)

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+import looplift as ll
+
 from .._cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, run_command
 
 DEFAULT_DIR = "asr-run"
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
 def _command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
+    ll.reuse_freed_memory()   # (a step's large tensors reuse the last step's memory: no page faults)
     if args.command in ("train", "run"):
         train(args)
         if args.command == "run":

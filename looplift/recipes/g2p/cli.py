@@ -17,6 +17,8 @@ import time
 
 import torch
 
+import looplift as ll
+
 from .._cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_FLOAT, Parser, UsageError, number, run_command
 from . import data, recipe
 from .model import G2P, Config
@@ -307,6 +309,7 @@ def _command(args) -> None:
     _check(args)   # (before any work)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ll.reuse_freed_memory()   # (a step's large tensors reuse the last step's memory: no page faults)
     if args.command == "train":
         train(args)
     elif args.command == "run":
