@@ -93,6 +93,17 @@ def test_eval_prints_the_error_rates_of_the_model(trained, capsys):
                      side).groups() == (m[2], m[3], m[5]), side
 
 
+def test_eval_and_convert_keep_freed_memory_for_the_next_tensors(trained, monkeypatch, capsys):
+    """The command line makes the process reuse freed CPU memory (``looplift.reuse_freed_memory``) before any
+    work: a search step's large tensors then take the last step's memory, not fresh pages."""
+    d, _ = trained
+    calls = []
+    monkeypatch.setattr(cli.ll, "reuse_freed_memory", lambda: calls.append("reuse") or True)
+    run(capsys, "eval", "--dir", d, "--split", "dev", "--limit", "4", "--beam", "1")
+    run(capsys, "convert", "--dir", d, "hello", "--beam", "1")
+    assert calls == ["reuse", "reuse"]
+
+
 def test_convert_prints_nbest_with_scores(trained, capsys):
     d, _ = trained
     out = run(capsys, "convert", "--dir", d, "Hello", "world", "--beam", "3", "--nbest", "3").out
