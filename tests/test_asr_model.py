@@ -111,6 +111,8 @@ def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monke
     from looplift.recipes.asr import cli
     from looplift.recipes.asr.synth import Synthesizer, write_wav
     monkeypatch.setenv("LOOPLIFT_CACHE", str(tmp_path / "cache"))
+    reused = []   # (each command first makes the process reuse freed memory: looplift.reuse_freed_memory)
+    monkeypatch.setattr(cli.ll, "reuse_freed_memory", lambda: reused.append(True) or True)
     run = str(tmp_path / "run")
     cli.main(["train", "--dir", run, "--sentences", "4", "--voices", "1", "--epochs", "2", "--batch", "2",
               "--eval-utterances", "2", "--no-progress"])
@@ -118,6 +120,7 @@ def test_the_cli_trains_evaluates_and_transcribes_a_wav_it_wrote(tmp_path, monke
     assert "training on" in out and "dev WER" in out
     cli.main(["eval", "--dir", run, "--split", "test", "--limit", "3", "--sentences", "4", "--beam", "2"])
     assert "test: 3 utterances" in capsys.readouterr().out
+    assert reused == [True, True]
     wav = tmp_path / "hello.wav"
     write_wav(wav, Synthesizer().synthesize("hello there", voice="en-us"))
     cli.main(["transcribe", "--dir", run, str(wav)])
