@@ -5,7 +5,7 @@ serves each block above its mmap threshold (128 KiB at first, adapting up to 32 
 the system and returns them when the tensor is freed; the kernel then zero-fills every page on first touch.
 For a beam search's gates (1,280 hypotheses x 1,024 floats, 5 MiB) that page-faulting costs more than the
 elementwise op that fills the tensor: in a plain-PyTorch replica of the G2P search's decoder step, two
-thirds of the step's time (the whole search: 1.12x faster without it, see the README). Keeping freed blocks
+thirds of the step's time (the whole search ran 1.12x faster once it was gone; see the README). Keeping freed blocks
 in the process and handing them to the next tensors removes it. PyTorch has no caching allocator on
 CPU to do this, so it is malloc's settings, process-wide, and a choice for the application: the recipes'
 command lines make it; a library import does not.
