@@ -357,6 +357,32 @@ def test_a_step_from_gates_without_gradients_equals_torch_lstm_cell_and_leaves_i
         assert torch.equal(t, k)
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_step_from_gates_that_hold_the_biases_equals_torch_lstm_cell(grad):
+    """``step_from_gates(x @ weight_ih^T + b_ih + b_hh, bias=False)`` adds no biases: the step ``lstm(x)``,
+    with gradients into the projection, the state and weight_hh, and without gradients."""
+    module, cell = cell_pair("lstm", torch.float64)
+
+    def model(x, h, c):
+        projected = ll.dot(x, module.weight_ih_l0, reduce=F) + module.bias_ih_l0 + module.bias_hh_l0
+        out, state = module.step_from_gates(projected, state=(h, c), bias=False)
+        return out, state.c
+
+    torch.manual_seed(6)
+    x, h, c = (torch.randn(3, n, dtype=torch.float64, requires_grad=grad) for n in (F.size, H.size, H.size))
+    with torch.set_grad_enabled(grad):
+        out, new_c = ll.compile(model)(ll.Named(x, (B, F)), ll.Named(h, (B, H)), ll.Named(c, (B, H)))
+        ref_h, ref_c = cell(x, (h, c))
+    torch.testing.assert_close(out.align(B, H), ref_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_c.align(B, H), ref_c, rtol=1e-12, atol=1e-12)
+    if grad:
+        weights = [module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0]
+        got = torch.autograd.grad((out.align(B, H) * 1.5 + new_c.align(B, H)).sum(), [x, h, c, *weights])
+        want = torch.autograd.grad((ref_h * 1.5 + ref_c).sum(), [x, h, c, *cell.parameters()])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_a_step_from_gates_needs_the_gate_dim():
     module, _ = cell_pair("lstm", torch.float64)
     with pytest.raises(DimError, match="gate dim"):

@@ -135,19 +135,22 @@ class LSTM(_RNN):
         """Zeros over ``batch_dims + (hidden,)`` (a loop adds the batch dims it needs by itself)."""
         return LstmState(zeros([*batch_dims, self.hidden]), zeros([*batch_dims, self.hidden]))
 
-    def step_from_gates(self, gates: Tensor, state: LstmState | tuple | None = None):
+    def step_from_gates(self, gates: Tensor, state: LstmState | tuple | None = None, *, bias: bool = True):
         """One step whose input's projection ``x @ weight_ih^T`` (over :attr:`gates`) was made elsewhere:
         ``out, new_state`` as ``lstm(x, state=state)`` gives (:func:`looplift.ops.rnn.lstm_cell_gates`).
 
         A projection can be cheaper made elsewhere: of an attention context ``sum_s a_s e_s``, it is
         ``sum_s a_s (W e_s)``, with ``W e_s`` made once per frame before the loop, not once per step.
+        ``bias=False``: `gates` hold the biases ``bias_ih + bias_hh`` already (added once, to a projection made
+        before the loop, say), and the step adds none.
         """
         if isinstance(state, tuple):
             state = LstmState(*state)
         self._check_step(gates)
         state = state if state is not None else self.default_initial_state()
         weight_hh, bias_ih, bias_hh = self._weights()[1:]
-        h, c = lstm_cell_gates(gates, (state.h, state.c), (weight_hh, bias_ih, bias_hh), hidden=self.hidden)
+        h, c = lstm_cell_gates(gates, (state.h, state.c), (weight_hh, bias_ih, bias_hh), hidden=self.hidden,
+                               bias=bias)
         return h, LstmState(h, c)
 
     def forward(self, x: Tensor, state: LstmState | tuple | None = None, *, axis: Dim | None = None):

@@ -90,13 +90,13 @@ def lstm_cell(x, state: tuple, weights: Sequence, *, in_dim: Dim, hidden: Dim) -
     return h, c
 
 
-def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> tuple[Tensor, Tensor]:
+def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim, bias: bool = True) -> tuple[Tensor, Tensor]:
     """One LSTM step from its input's projection made elsewhere: ``(h, c)``, as :func:`lstm_cell` gives for an
     input `x` whose ``x @ weight_ih^T`` is `gates` (over ``hidden*4``, torch's gate order i, f, g, o).
 
     `weights` are ``(weight_hh, bias_ih, bias_hh)``. A projection may be cheaper made elsewhere: for every
     frame at once before a loop, or, for an attention context ``sum_s a_s e_s``, as ``sum_s a_s (W e_s)``
-    with ``W e_s`` made once per frame.
+    with ``W e_s`` made once per frame. ``bias=False``: `gates` include ``bias_ih + bias_hh`` already.
     """
     gates, (h, c) = as_tensor(gates), (as_tensor(state[0]), as_tensor(state[1]))
     weight_hh, bias_ih, bias_hh = (as_tensor(w) for w in weights)
@@ -123,7 +123,9 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> t
         hv = hv.expand(*shape, hv.shape[-1]).reshape(flat, hv.shape[-1])
         cv = cv.expand(*shape, cv.shape[-1]).reshape(flat, cv.shape[-1])
         grads = torch.is_grad_enabled() and any(t.requires_grad for t in (g, hv, cv, w_hh, b_ih, b_hh))
-        if grads:
+        if not bias:   # (the gates hold the biases already)
+            g = torch.addmm(g, hv, w_hh.t())
+        elif grads:
             g = torch.addmm(g + (b_ih + b_hh), hv, w_hh.t())   # (the gates, as torch.lstm_cell sums them)
         else:   # (in place on one new tensor: each new [rows, 4 * hidden] is one more pass over memory)
             g = torch.add(g, b_ih + b_hh).addmm_(hv, w_hh.t())
@@ -137,7 +139,7 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim) -> t
 
     outputs = [(batch + (hidden,), gates.dtype, None)] * 2
     h, c = emit_many("lstm_cell_gates", (gates, h, c, weight_hh, bias_ih, bias_hh), kernel, outputs,
-                     attrs={"hidden": hidden.name})
+                     attrs={"hidden": hidden.name, "bias": bias})
     return h, c
 
 

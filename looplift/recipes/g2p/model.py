@@ -127,10 +127,11 @@ class G2P(ll.Module):
             h, lstm = self.cell(ll.concat(self.emb(label), last, axis=[self.emb_dim, self.enc_dim]), state=lstm)
         else:
             w_emb, _ = ll.split(self.cell.weight_ih_l0, axis=self.cell.in_dim)
-            # (the embedding's projection is a table over the phonemes, made once before the loop)
-            emb_gates = ll.gather(ll.dot(self.emb.weight, w_emb, reduce=self.emb_dim), index=label,
-                                  axis=self.phonemes)
-            h, lstm = self.cell.step_from_gates(emb_gates + ll.dot(last, memory.gates, reduce=src), state=lstm)
+            # (the embedding's projection is a table over the phonemes, made once before the loop, with the biases)
+            table = ll.dot(self.emb.weight, w_emb, reduce=self.emb_dim) + self.cell.bias_ih_l0 + self.cell.bias_hh_l0
+            emb_gates = ll.gather(table, index=label, axis=self.phonemes)
+            h, lstm = self.cell.step_from_gates(emb_gates + ll.dot(last, memory.gates, reduce=src), state=lstm,
+                                                bias=False)
         att = ll.softmax(ll.dot(memory.keys, h, reduce=self.dec_dim) + memory.key_bias, axis=src)
         if ll.is_training():
             ctx = ll.dot(att, memory.enc, reduce=src)
