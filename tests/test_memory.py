@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import looplift as ll
+from looplift.errors import LoopliftError
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -15,6 +16,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 PROBE = """
 import ctypes, sys, torch
 import looplift as ll
+from looplift.errors import LoopliftError
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -49,6 +51,7 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2048, 1.5, True, "64"])
-def test_bad_limit_is_an_error_naming_it(bad):
-    with pytest.raises(ValueError, match=r"limit_mb must be an integer from 1 to 2047 \(MiB\), got"):
+def test_bad_limit_is_an_error_naming_it_and_the_line(bad):
+    with pytest.raises(ValueError, match=r"limit_mb must be an integer from 1 to 2047 \(MiB\), got") as e:
         ll.reuse_freed_memory(bad)
+    assert isinstance(e.value, LoopliftError) and "test_memory.py" in str(e.value)

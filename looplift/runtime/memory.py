@@ -16,11 +16,14 @@ from __future__ import annotations
 import ctypes
 import platform
 
+from ..errors import entry_point
+
 __all__ = ["reuse_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # (glibc's malloc.h)
 
 
+@entry_point(name="looplift.reuse_freed_memory")
 def reuse_freed_memory(limit_mb: int = 1024) -> bool:
     """Keep the CPU memory of freed tensors in this process, up to `limit_mb` MiB of it, for the next tensors,
     instead of handing each large block back to the system and faulting in fresh pages for the next one.
