@@ -97,6 +97,10 @@ class Node:
     makes_dims: tuple[Dim, ...] = ()
     #: The node draws anew each time it runs (dropout, sampling): never computed once for several steps.
     random: bool = False
+    #: The kernel keeps memory across the steps of the loop run around it (``env.scratch``: a ``cum_concat``'s
+    #: frames so far, a prune's source hypotheses), so that loop's step is never compiled (see
+    #: :meth:`looplift.runtime.executor.Executor.compile`).
+    keeps_run_memory: bool = False
     #: Dims in whose padding the output is exactly zero (so a consumer need not mask it again).
     zero_padding: tuple[Dim, ...] = ()
     #: CONSTANT: the Python number.

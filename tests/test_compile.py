@@ -1,7 +1,9 @@
 """Programs under ``torch.compile``: ``looplift.compile(..., backend=...)``, and a program called inside a
 user's own ``torch.compile``. Either way the results and gradients are the eager program's, and a new batch
 size or sequence length does not compile again (a compile counter, wrapped around the backend, counts the
-frames dynamo compiles). Loops run eagerly, step by step, inside compiled code.
+frames dynamo compiles). A loop runs its steps itself; with ``backend=`` its step is compiled as one
+function (the step index a symbolic int), except the step of a loop that keeps memory across its steps
+(a search, ``cum_concat``), which runs eagerly.
 """
 
 from __future__ import annotations
@@ -91,15 +93,145 @@ def test_inductor_backend_equals_eager_and_compiles_once_for_all_lengths():
     assert counter.frame_count == frames   # (no new length or batch size compiled again)
 
 
-def test_a_loop_runs_eagerly_inside_the_compiled_program():
+def _graphs_with(counter, *calls: str) -> list[str]:
+    """The code of the graphs dynamo compiled that call all of `calls`."""
+    return [g.code for g in counter.graphs if all(c in g.code for c in calls)]
+
+
+def test_the_step_of_a_loop_is_compiled_as_one_function():
+    """The loop kept step by step: the frame picked at the step, the LSTM cell and the readout are one
+    compiled graph, the step index an input of it (a symbolic int: no graph per step, none per length)."""
     model, modules = _lstm_loop()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = ll.compile(model, optimize=False, backend=counter)
     eager = ll.compile(model, optimize=False)
     compiled(_batch(*SHAPES[0], seed=0))
     frames = counter.frame_count
+    (step,) = _graphs_with(counter, "torch.lstm_cell", "torch.tanh")
+    assert ".select(1, l_env_steps" in step and "SymInt" in step, step
     _assert_same(lambda v: compiled(v).tensor, lambda v: eager(v).tensor, modules)
     assert counter.frame_count == frames
+
+
+class _AttentionDecoder(ll.Module):
+    """An LSTM decoder over targets with dot attention over padded encoder frames, its context fed back:
+    after the optimizer, the loop keeps the LSTM cell and the attention (masked softmax over the frames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vocab, self.emb, self.dec = ll.Dim("vocab", 7), ll.Dim("emb", 5), ll.Dim("dec", 6)
+        self.embed = ll.nn.Embedding(self.vocab, self.emb)
+        self.lstm = ll.nn.LSTM(self.emb + F, self.dec)
+        self.query = ll.nn.Linear(self.dec, F)
+        self.out = ll.nn.Linear(self.dec + F, self.vocab)
+
+    def forward(self, x, y):
+        loop = ll.Loop(axis=U)
+        loop.state.label = ll.full(0, sparse_dim=self.vocab)
+        loop.state.s = self.lstm.default_initial_state()
+        loop.state.ctx = ll.zeros([F])
+        with loop:
+            h, loop.state.s = self.lstm(ll.concat(self.embed(loop.state.label), loop.state.ctx), state=loop.state.s)
+            weights = ll.softmax(ll.dot(self.query(h), x, reduce=F), axis=T)
+            loop.state.ctx = ll.dot(weights, x, reduce=T)
+            target = loop.unstack(y)
+            ce = loop.stack(ll.cross_entropy(self.out(ll.concat(h, loop.state.ctx)), target, axis=self.vocab))
+            loop.state.label = target
+        return ll.sum(ce, axis=[B, U])
+
+
+U = ll.Dim("target")
+
+
+def _targets(batch: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(100 + seed)
+    n = torch.randint(1, steps + 2, (batch,), generator=g)
+    n[-1] = steps + 1
+    return ll.Named(torch.randint(0, 7, (batch, steps + 1), generator=g), (B, U), {U: n}, sparse_dim=_DEC.vocab)
+
+
+torch.manual_seed(2)
+_DEC = _AttentionDecoder()
+
+
+def test_an_attention_decoders_step_compiled_equals_eager_for_all_lengths():
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = ll.compile(_DEC, backend=counter)
+    eager = ll.compile(_DEC)
+    compiled(_batch(*SHAPES[0], seed=0), _targets(SHAPES[0][0], SHAPES[0][1], seed=0))
+    frames = counter.frame_count
+    # (a second graph of the step at most: for its inputs made by the eager first step, views there)
+    steps = _graphs_with(counter, "torch.lstm_cell", "softmax")
+    assert 1 <= len(steps) <= 2 and all("masked_fill" in c for c in steps), steps   # (the padding masked)
+    _assert_same(lambda v: compiled(v, _targets(v.tensor.shape[0], v.tensor.shape[1], 1)).tensor,
+                 lambda v: eager(v, _targets(v.tensor.shape[0], v.tensor.shape[1], 1)).tensor, [_DEC])
+    assert counter.frame_count == frames
+
+
+def test_nested_loops_compile_both_steps():
+    """An inner loop over a static dim that reads the outer loop's carried state stays in the outer step:
+    the outer step is compiled (the inner loop runs its own steps there, compiled too)."""
+    S = ll.Dim("sub", 3)
+    torch.manual_seed(4)
+    lin = ll.nn.Linear(F + H, H)
+
+    def model(x, y):
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.zeros([H])
+        with loop:
+            x_t = loop.unstack(x)
+            inner = ll.Loop(axis=S)
+            inner.state.a = loop.state.h
+            with inner:
+                inner.state.a = ll.tanh(lin(ll.concat(inner.unstack(y) + x_t, inner.state.a, axis=[F, H])))
+            loop.state.h = inner.state.a
+            out = loop.stack(loop.state.h)
+        return ll.sum(out * out, axis=[B, T, H])
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = ll.compile(model, backend=counter)
+    eager = ll.compile(model)
+    y = torch.randn(5, S.size, F.size, generator=torch.Generator().manual_seed(9))
+
+    def sub(v):
+        return ll.Named(y[:v.tensor.shape[0]], (B, S, F))
+
+    compiled(_batch(*SHAPES[0], seed=0), sub(_batch(*SHAPES[0], seed=0)))
+    frames = counter.frame_count
+    assert _graphs_with(counter, "torch._C._nn.linear", "torch.tanh"), [g.code for g in counter.graphs]
+    _assert_same(lambda v: compiled(v, sub(v)).tensor, lambda v: eager(v, sub(v)).tensor, [lin])
+    assert counter.frame_count == frames
+
+
+def test_a_search_step_keeps_its_memory_and_runs_eagerly():
+    """A search's step keeps the prunes' source hypotheses across its steps: it is not compiled (no graph
+    has the top-k), and the n-best equals the eager program's."""
+    V = ll.Dim("vocab", 5)
+    torch.manual_seed(5)
+    emb, rec, out = ll.nn.Embedding(V, H), ll.nn.Linear(H, H), ll.nn.Linear(H, V)
+
+    def search(h0):
+        loop = ll.Loop(max_seq_len=6)
+        loop.state.label = ll.full(0, sparse_dim=V)
+        loop.state.h = h0
+        with loop:
+            loop.state.h = ll.tanh(emb(loop.state.label) + rec(loop.state.h))
+            label = ll.choice(ll.log_softmax(out(loop.state.h), axis=V), beam_size=3, axis=V)
+            loop.state.label = label
+            loop.end(label == 0, include_eos=True)
+            ys = loop.stack(label)
+        return ys, loop.search.scores
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = ll.compile(search, mode="search", backend=counter)
+    eager = ll.compile(search, mode="search")
+    for batch in (3, 5, 2):
+        h0 = ll.Named(torch.randn(batch, H.size, generator=torch.Generator().manual_seed(batch)), (B, H))
+        (ys, scores), (ys_e, scores_e) = compiled(h0), eager(h0)
+        assert torch.equal(ys.tensor, ys_e.tensor) and [d.name for d in ys.dims] == [d.name for d in ys_e.dims]
+        assert [torch.equal(n, m) for n, m in zip(ys.lengths.values(), ys_e.lengths.values())] == [True]
+        torch.testing.assert_close(scores.tensor, scores_e.tensor)
+    assert not _graphs_with(counter, "topk"), [g.code for g in counter.graphs]
 
 
 def test_a_program_inside_a_users_torch_compile():

@@ -82,7 +82,7 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
             return torch.stack(history.frames, 0)
 
         return emit("cum_concat", (x,), kernel, (history,) + x.dims, x.dtype, sparse_dim=x.sparse_dim,
-                    attrs={"axis": axis.name})
+                    attrs={"axis": axis.name}, keeps_run_memory=True)
     if axis not in x.dims:
         x = expand(x, [axis])
     # x with `axis` renamed: the history dim's lengths run over `axis`, so frame t sees t + 1 frames

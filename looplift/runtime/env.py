@@ -129,6 +129,17 @@ class Env:
             found = self._masks[key] = bool((n > 0).all()) if isinstance(n, torch.Tensor) else n > 0
         return found
 
+    def mark_dynamic(self) -> None:
+        """For ``torch.compile``: every size of the tensors this environment and those around it keep (masks,
+        lengths) is dynamic, so a compiled loop step that reads them does not compile again for a new length
+        (dynamo takes the tensors it finds in objects to be of fixed size until they change)."""
+        env = self
+        while env is not None:
+            for v in (*env._masks.values(), *env.lengths_of.values()):
+                if isinstance(v, torch.Tensor) and v.dim():
+                    torch._dynamo.maybe_mark_dynamic(v, list(range(v.dim())))
+            env = env.parent
+
     def knows_lengths(self, dim: Dim) -> bool:
         return dim in self.lengths_of or (self.parent is not None and self.parent.knows_lengths(dim))
 

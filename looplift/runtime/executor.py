@@ -34,10 +34,11 @@ from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
 from .live import live_nodes, read_by
+from .loop_run import LoopRun
 from .reference import for_outputs, is_placed, node_error
 from .regions import region_kernel
 
-__all__ = ["Executor", "executor_runner", "live_nodes"]
+__all__ = ["Executor", "executor_runner", "compiled_runner", "live_nodes"]
 
 _serial = itertools.count()
 
@@ -81,6 +82,7 @@ class Executor:
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
         weakref.finalize(self, linecache.cache.pop, filename, None)   # (programs made per call leave none behind)
         namespace = dict(kernels)
+        self._kernels = list(kernels.values())
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
@@ -103,14 +105,38 @@ class Executor:
         """The node that line `lineno` of the generated file `filename` runs, or None (another file)."""
         return self._node_at.get(lineno) if filename == self._code.co_filename else None
 
-    def compile(self, backend) -> None:
+    def compile(self, backend, *, itself: bool = True) -> None:
         """Run the generated code through ``torch.compile`` with `backend`, every size dynamic (a new batch
-        size or length does not compile again). Loops inside run eagerly (:class:`LoopRun` is not traced)."""
-        self._run = torch.compile(self._run, backend=backend, dynamic=True)
+        size or length does not compile again); `itself`: False leaves this graph's own code eager and
+        compiles only the steps of its loops.
+
+        A loop is not traced here (it would be unrolled, and compiled anew for every length): it runs its
+        steps itself, and its step (its body's executor) is compiled as one function the same way, and so
+        on down nested loops. Not the step of a loop whose body keeps memory across its steps
+        (``Node.keeps_run_memory``: a ``cum_concat`` in the loop, a search's prune): that memory grows per
+        step, and a compiled step would compile again for each length of it. Such a step runs eagerly
+        (the loops inside it compiled)."""
+        if itself:
+            self._run = _without_duck_shapes(torch.compile(self._run, backend=backend, dynamic=True))
+        for kernel in self._kernels:
+            if isinstance(kernel, LoopRun):
+                steps = not any(node.keeps_run_memory for node in kernel.spec.body.nodes)
+                kernel.runner = compiled_runner(backend, itself=steps)
+
+    @property
+    def compiled(self) -> bool:
+        return self._run is not self._eager
 
     def __call__(self, env: Env, raw_inputs: Sequence) -> list:
+        return self._call(self._run, env, raw_inputs)
+
+    def eager(self, env: Env, raw_inputs: Sequence) -> list:
+        """As a call, but never compiled: the generated code run as it is."""
+        return self._call(self._eager, env, raw_inputs)
+
+    def _call(self, run, env: Env, raw_inputs: Sequence) -> list:
         try:
-            return self._run(env, raw_inputs)
+            return run(env, raw_inputs)
         except Exception as e:
             node = self._failed_node(e)
             if node is None or (isinstance(e, LoopliftError) and is_placed(e)):
@@ -134,3 +160,36 @@ def executor_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Te
     if runner is None:
         runner = graph.prepared[key] = Executor(graph, inputs, outputs)
     return runner
+
+
+def compiled_runner(backend, *, itself: bool = True):
+    """A runner like :func:`executor_runner` whose executors are compiled with `backend` (`itself`: False,
+    only their loops' steps; see :meth:`Executor.compile`), kept in ``graph.prepared`` apart from the eager
+    ones, per backend."""
+
+    def runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:
+        key = ("compiled", backend, itself, tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
+        found = graph.prepared.get(key)
+        if found is None:
+            found = graph.prepared[key] = Executor(graph, inputs, outputs)
+            found.compile(backend, itself=itself)
+        return found
+
+    return runner
+
+
+def _without_duck_shapes(compiled):
+    """`compiled`, whose sizes are never taken to be equal because they were equal when it compiled (torch's
+    "duck shapes": a batch of 5 entries and a static dim of 5 would be one symbol, compiled again for the
+    first batch of another size). Set around each call, as dynamo compiles on a call."""
+    from torch.fx.experimental import _config as fx_config
+
+    def run(env, raws):
+        old = fx_config.use_duck_shape
+        fx_config.use_duck_shape = False
+        try:
+            return compiled(env, raws)
+        finally:
+            fx_config.use_duck_shape = old
+
+    return run

@@ -92,6 +92,10 @@ class LoopRun:
         stacks, lasts = spec.stacks, spec.lasts
         outputs = spec.new_states + stacks + lasts + ([spec.end] if spec.end is not None else [])
         run_body = self.runner(spec.body, spec.captured + spec.placeholders, outputs)
+        # a compiled body runs its first step with each outer environment eagerly: that step makes what the
+        # environment keeps for the later steps (masks), which compiled steps then only read
+        run_first = getattr(run_body, "eager", run_body) if getattr(run_body, "compiled", False) else run_body
+        outer = None
 
         n_steps = None if spec.own_dim else env.size(axis)
         axis_len = None
@@ -131,7 +135,13 @@ class LoopRun:
                 {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
-            results = run_body(step_env, captured + state)
+            if rows.step_env is outer:
+                results = run_body(step_env, captured + state)
+            else:
+                results = run_first(step_env, captured + state)
+                if run_first is not run_body:
+                    rows.step_env.mark_dynamic()   # (what the compiled steps read of it: any size)
+                outer = rows.step_env
             new_state = results[:ns]
             if width is not None:
                 width = step_env.sizes.get(spec.beam[1], width)

@@ -189,7 +189,8 @@ def prune(scores, *, beam_size: int, axis: Dim, threshold: float | None = None,
         "prune", (scores,), kernel,
         [(batch + (nxt,), torch.int64, beam), (batch + (nxt,), torch.int64, axis),
          (batch + (nxt,), scores.dtype, None), (batch + (nxt,), torch.int64, None)],
-        attrs={"beam_size": beam_size}, random=bool(sample), makes_dims=(nxt,) if search.dynamic else ())
+        attrs={"beam_size": beam_size}, random=bool(sample), makes_dims=(nxt,) if search.dynamic else (),
+        keeps_run_memory=True)
     search.src = src
     search.new_valid = _math.gt(top, NEG_INF)
     _trace.current().pruned[nxt] = (beam, src)   # (cleared when the loop's step ends)
