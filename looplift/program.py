@@ -463,12 +463,14 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True,  # n
         optimize: move out of loops what does not depend on the previous
             step (see :meth:`Program.explain`). Off, every loop runs as
             written, step by step, as in :meth:`Program.reference`.
-        backend: also hand the program's code outside loops to ``torch.compile`` with this backend
-            (``"inductor"``, ``"aot_eager"``, or a backend callable), with dynamic sizes: a new batch size
-            or sequence length does not compile again. Not supported yet: a loop's step compiled (loops run
-            eagerly, step by step, as they do inside a user's own ``torch.compile``); error messages naming
-            the user's line for a failure inside compiled code. Compiling takes seconds to minutes on the
-            first call of each traced signature.
+        backend: also hand the program's code to ``torch.compile`` with this backend (``"inductor"``,
+            ``"aot_eager"``, or a backend callable), with dynamic sizes: a new batch size or sequence
+            length does not compile again. The code before and after each loop is compiled, and the step
+            of each loop as one function (its first step in each call runs eagerly; the step index is a
+            symbolic int), not unrolled. The step of a loop that keeps memory across its steps (a search,
+            ``cum_concat`` in the loop) runs eagerly, as do loops inside a user's own ``torch.compile``.
+            Not supported yet: error messages naming the user's line for a failure inside compiled code.
+            Compiling takes seconds to minutes on the first call of each traced signature.
 
     Programs compiled from one model share its parameters and do not
     interfere with each other.

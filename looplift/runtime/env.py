@@ -130,12 +130,13 @@ class Env:
         return found
 
     def mark_dynamic(self) -> None:
-        """For ``torch.compile``: every size of the tensors this environment and those around it keep (masks,
-        lengths) is dynamic, so a compiled loop step that reads them does not compile again for a new length
-        (dynamo takes the tensors it finds in objects to be of fixed size until they change)."""
+        """For ``torch.compile``: every size of the masks this environment and those around it keep is
+        dynamic, so a compiled loop step that reads them does not compile again for a new length (dynamo
+        takes the tensors it finds in objects to be of fixed size until they change). Not the lengths: they
+        may be the caller's own tensors."""
         env = self
         while env is not None:
-            for v in (*env._masks.values(), *env.lengths_of.values()):
+            for v in env._masks.values():
                 if isinstance(v, torch.Tensor) and v.dim():
                     torch._dynamo.maybe_mark_dynamic(v, list(range(v.dim())))
             env = env.parent
