@@ -1005,11 +1005,11 @@ def run(prog: ll.Program, params: list, tensors: dict, named, *, reference: bool
     return out, [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
 
 
-def assert_equivalent(prog: ll.Program, params: dict, tensors: dict, named) -> None:
-    """The optimized run of `prog` gives the outputs and gradients of its reference run, and no loop was
-    left unoptimized. `params`: name -> parameter; `tensors`: name -> float input; `named(tensors)`: the
-    program's arguments; its first output is a scalar loss. Outputs are compared at valid positions, the
-    gradients everywhere (those of padding are zero in the reference)."""
+def assert_equivalent(prog: ll.Program, params: dict, tensors: dict, named, *, optimized: bool = True) -> None:
+    """The optimized run of `prog` gives the outputs and gradients of its reference run, and (`optimized`)
+    no loop was left unoptimized. `params`: name -> parameter; `tensors`: name -> float input;
+    `named(tensors)`: the program's arguments; its first output is a scalar loss. Outputs are compared at
+    valid positions, the gradients everywhere (those of padding are zero in the reference)."""
     out, grads = run(prog, params.values(), tensors, named, reference=False)
     ref, ref_grads = run(prog, params.values(), tensors, named, reference=True)
     la, lb = named_leaves(out), named_leaves(ref)
@@ -1027,6 +1027,8 @@ def assert_equivalent(prog: ll.Program, params: dict, tensors: dict, named) -> N
     scale = max([1.0] + [float(r.detach().abs().max()) for r in ref_grads if r.numel()])
     for name, g, r in zip([*params, *tensors], grads, ref_grads):
         _close(g, r, f"gradient of {name}", atol=ATOL * scale)
+    if not optimized:
+        return
     explain = prog.explain()
     assert "not optimized" not in explain, explain
     assert all(report.not_optimized is None for report in prog.traces[-1].optimized.reports), explain

@@ -11,7 +11,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import random_programs as rp
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import looplift as ll
@@ -254,3 +257,42 @@ def test_backend_must_name_a_backend():
     model, _ = _attention_pooling()
     with pytest.raises(ArgumentError, match="backend"):
         ll.compile(model, backend=3)
+
+
+KINDS = [("axis", False), ("axis", True), ("static", None), ("max_len", None), ("align", True)]
+
+
+def _random_settings(n: int):
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.large_base_example])
+
+
+def _check_random(kind, end, data, backend) -> None:
+    spec = data.draw(rp.programs(kind, end), label="program")
+    inputs = data.draw(rp.data(kind), label="data")
+    optimize = data.draw(st.booleans(), label="optimize")
+    model = rp.Model(spec, 0)
+    prog = ll.compile(model, optimize=optimize, backend=backend)
+    params = {f"{key}.{n}": p for key, m in model.modules.items() for n, p in m.named_parameters()}
+    rp.assert_equivalent(prog, params, inputs.make(), inputs.named, optimized=False)
+
+
+@pytest.mark.parametrize("kind, end", KINDS)
+@_random_settings(4)
+@given(data=st.data())
+def test_random_loops_with_compiled_steps_equal_the_reference(kind, end, data):
+    """Random loop programs (:mod:`random_programs`: states nested, frozen entries, ``loop.last``, end
+    conditions, masked blocks, the transducer's alignment loop), kept step by step or optimized, their code
+    and loop steps compiled (dynamo's ``eager`` backend: what dynamo makes of the generated code and the
+    environment): the outputs and gradients of the reference interpreter."""
+    _check_random(kind, end, data, "eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, end", KINDS)
+@_random_settings(30)
+@given(data=st.data())
+def test_random_loops_with_compiled_steps_equal_the_reference_many(kind, end, data):
+    """As above, more programs, through AOT autograd too (``aot_eager``)."""
+    _check_random(kind, end, data, "aot_eager")
