@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import linecache
+import types
 import weakref
 from collections.abc import Sequence
 
@@ -83,6 +84,8 @@ class Executor:
         weakref.finalize(self, linecache.cache.pop, filename, None)   # (programs made per call leave none behind)
         namespace = dict(kernels)
         self._kernels = list(kernels.values())
+        self._names = list(kernels)
+        self._kernel_nodes = [node for _, node in sorted(self._node_at.items())]
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
@@ -122,6 +125,13 @@ class Executor:
             if isinstance(kernel, LoopRun):
                 steps = not any(node.keeps_run_memory for node in kernel.spec.body.nodes)
                 kernel.runner = compiled_runner(backend, itself=steps)
+
+    def with_kernels(self, kernels: dict):
+        """The generated function, ``run(env, raws)``, with the kernels of some nodes (`kernels`: node -> kernel)
+        replaced (not compiled, errors not named)."""
+        names = {node: name for name, node in zip(self._names, self._kernel_nodes)}
+        namespace = {**self._eager.__globals__, **{names[node]: k for node, k in kernels.items()}}
+        return types.FunctionType(self._code, namespace, "run")
 
     @property
     def compiled(self) -> bool:

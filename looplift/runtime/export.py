@@ -12,18 +12,33 @@ Why capture and not a lowering per op: the kernels are the program's exact
 torch calls already, with their layout decisions made at build time; dynamo
 records them as they run, so the module computes what the program computes.
 
+A loop left after the optimizer (its step depends on the previous step) is
+one call of the op ``torch.ops.looplift.loop`` in the graph, on the loop's
+inputs, the lengths and the sizes of its dims: it runs the steps as the program
+does (the same kernels, so the same results), and for the gradients runs them
+again recording them (the op ``looplift.loop_backward``: the steps' activations
+are not kept between forward and backward, at the cost of a second run of the
+steps). Both ops are opaque to ``torch.compile`` and ``torch.export``, with
+their output shapes from the loop's dims, so a module with loops compiles and
+exports with symbolic sizes. The op names its loop by a number: the loop lives
+as long as the process (a module exported again adds another).
+
 An LSTM or GRU over sequences of different lengths runs over the padded
 batch there (each entry's reverse direction over its own frames reversed), as
 the program does on CPU for long sequences, not packed: the same results up to
-float rounding. Not supported yet: a loop left after the optimizer (its step
-depends on the previous step), a ``Cond``, and ops that read values back to
-decide what to do (an LSTM whose final cell states are read, which packs; a
-multi-layer one with dropout; a masked computation's compress): they raise
-:class:`~looplift.errors.ExportError` naming the user's line.
+float rounding. Not supported yet: a loop that makes a dim of its own (one
+that ends by ``loop.end``, a search) or dims in its step, a loop drawing random
+numbers in its step (dropout: the second run would draw anew), a ``Cond``, and
+ops that read values back to decide what to do (an LSTM whose final cell
+states are read, which packs; a multi-layer one with dropout; a masked
+computation's compress): they raise :class:`~looplift.errors.ExportError`
+naming the user's line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import operator
 import re
 
@@ -32,7 +47,8 @@ import torch
 from ..errors import ExportError
 from ..graph import Op
 from .env import Env
-from .executor import Executor
+from .executor import Executor, executor_runner
+from .loop_run import LoopRun
 
 __all__ = ["to_fx"]
 
@@ -44,11 +60,10 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
     """The graph `executor` runs as a GraphModule, captured on the example `raws` (the inputs' raw tensors,
     over the dims of the symbolic `inputs`) and `lengths` (a lengths tensor per dynamic dim); `root`: the
     model whose parameters the module refers to by their names (None: names made up)."""
+    loops = {}
     for node in executor.nodes:
         if node.op == Op.LOOP:
-            raise ExportError(f"to_fx: the loop at {node.source} has no torch.fx form yet (a loop whose step depends "
-                              f"on the previous step stays a loop after the optimizer; program.explain() says why)",
-                              where=node.source)
+            loops[node] = _loop_call(node, device)
         if node.op == Op.COND:
             raise ExportError(f"to_fx: the Cond at {node.source} has no torch.fx form yet", where=node.source)
     length_dims = list(lengths)
@@ -59,7 +74,7 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
             if d.size is None and all(d is not e for e, _, _ in sizes_of):
                 sizes_of.append((d, k, axis))
     n_in = len(raws)
-    run = executor.function
+    run = executor.function if not loops else executor.with_kernels(loops)
 
     def forward(*tensors):
         sizes = {d: tensors[k].shape[axis] for d, k, axis in sizes_of}
@@ -79,6 +94,160 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
         "lengths": [d.name for d in length_dims],
     }
     return module
+
+
+# -- loops: one call of the op ``looplift::loop`` each ------------------------------------------------------
+
+#: The loops of exported modules, by the number their op calls name (a module refers to its loops by it).
+_LOOPS: dict[int, _Loop] = {}
+_loop_ids = itertools.count()
+
+
+class _Loop:
+    """A loop node of an exported program: its kernel (:class:`LoopRun`, which runs the steps eagerly, its body
+    with a prepared executor), the dims whose sizes and lengths its call is given, and its outputs' dims."""
+
+    def __init__(self, node, device: torch.device):
+        spec = node.region
+        self.run = LoopRun(spec, executor_runner)
+        self.node = node
+        self.device = device
+        outside = [*spec.captured, *spec.placeholders]
+        dims = dict.fromkeys(d.canonical() for t in outside + node.outputs for d in t.dims)
+        dims[spec.axis.canonical()] = None
+        for d in list(dims):
+            for e in d.length_dims if d.is_dynamic else ():
+                dims.setdefault(e.canonical(), None)
+        #: dims given to the loop by size, and those given by lengths too (dynamic dims)
+        self.size_dims = [d for d in dims if d.size is None]
+        self.length_dims = [d for d in dims if d.is_dynamic]
+        self.outputs = [(tuple(d.canonical() for d in t.dims), t.dtype) for t in node.outputs]
+        self.dtypes = [t.dtype for t in node.inputs]
+
+    def env(self, lengths, sizes) -> Env:
+        return Env(self.device, dict(zip(self.size_dims, sizes)), dict(zip(self.length_dims, lengths)))
+
+    def __call__(self, raws, lengths, sizes) -> list[torch.Tensor]:
+        out = self.run(self.env(lengths, sizes), *raws)
+        out = list(out) if isinstance(out, tuple) else [out]
+        return [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=self.device)
+                for v, (_, dtype) in zip(out, self.outputs)]
+
+
+def _loop_call(node, device: torch.device):
+    """The kernel that stands for the loop `node` while the program is captured: one call of the op
+    ``looplift::loop`` on the loop's inputs, the lengths and sizes of its dims."""
+    spec = node.region
+    if spec.own_dim or spec.beam is not None:
+        raise ExportError(f"to_fx: the loop at {node.source} makes a dim of its own (it ends by loop.end or is a "
+                          f"search); only loops over a dim the program has before them have a torch.fx form yet",
+                          where=node.source)
+    if any(n.random for n in _nodes_in(spec.body)):
+        raise ExportError(f"to_fx: the loop at {node.source} draws random numbers in its step (dropout, sampling); "
+                          f"its exported form recomputes the steps for the gradients and would draw anew",
+                          where=node.source)
+    if any(n.makes_dims for n in _nodes_in(spec.body)):
+        raise ExportError(f"to_fx: the loop at {node.source} makes dims in its step (an inner loop that ends by "
+                          f"itself, a masked computation's compress); it has no torch.fx form yet",
+                          where=node.source)
+    loop = _Loop(node, device)
+    key = next(_loop_ids)
+    _LOOPS[key] = loop
+
+    def kernel(env, *raws):
+        raws = [r if isinstance(r, torch.Tensor) else torch.as_tensor(r, dtype=dtype, device=env.device)
+                for r, dtype in zip(raws, loop.dtypes)]
+        out = torch.ops.looplift.loop(raws, [env.lengths(d) for d in loop.length_dims],
+                                      [env.size(d) for d in loop.size_dims], key)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    kernel.loop = loop   # (keeps the loop alive as long as the module's code refers to it)
+    return kernel
+
+
+def _nodes_in(graph):
+    for node in graph.nodes:
+        yield node
+        region = node.region
+        if region is not None:
+            for g in ([region.body] if hasattr(region, "body") else region.branches.values()):
+                yield from _nodes_in(g)
+
+
+@torch.library.custom_op("looplift::loop", mutates_args=())
+def _loop_op(raws: list[torch.Tensor], lengths: list[torch.Tensor], sizes: list[int], loop: int) -> list[torch.Tensor]:
+    """A loop of an exported program (:data:`_LOOPS`), run step by step as the program runs it."""
+    seen = {r.untyped_storage().data_ptr() for r in raws if r.numel()}
+    result = []
+    # (an op's outputs are its own tensors: a state the loop never changed is a copy of its initial value)
+    for o in _LOOPS[loop](raws, lengths, sizes):
+        if o.numel():
+            if o.untyped_storage().data_ptr() in seen:
+                o = o.clone()
+            seen.add(o.untyped_storage().data_ptr())
+        result.append(o)
+    return result
+
+
+@_loop_op.register_fake
+def _loop_fake(raws, lengths, sizes, loop):
+    entry = _LOOPS[loop]
+    size = dict(zip(entry.size_dims, sizes))
+    device = raws[0].device if raws else entry.device
+    return [torch.empty([d.size if d.size is not None else size[d] for d in dims], dtype=dtype, device=device)
+            for dims, dtype in entry.outputs]
+
+
+def _loop_setup(ctx, inputs, output):
+    raws, lengths, sizes, loop = inputs
+    ctx.save_for_backward(*raws, *lengths)
+    ctx.n_raws, ctx.sizes, ctx.loop = len(raws), sizes, loop
+
+
+def _loop_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    raws, lengths = list(saved[:ctx.n_raws]), list(saved[ctx.n_raws:])
+    found = torch.ops.looplift.loop_backward(raws, lengths, ctx.sizes, ctx.loop, list(grads))
+    return ([g if r.dtype.is_floating_point else None for r, g in zip(raws, found)], [None] * len(lengths), None,
+            None)
+
+
+@torch.library.custom_op("looplift::loop_backward", mutates_args=())
+def _loop_backward_op(raws: list[torch.Tensor], lengths: list[torch.Tensor], sizes: list[int], loop: int,
+                      grads: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The gradients of a loop's inputs (zeros for those it does not reach, and for integer ones): its steps run
+    again, recorded, and differentiated. An op of its own, so that a compiler sees it as one call too."""
+    wrt = [r.detach().requires_grad_() if r.dtype.is_floating_point else r for r in raws]
+    with _recording():
+        out = _LOOPS[loop](wrt, lengths, sizes)
+    pairs = [(o, g) for o, g in zip(out, grads) if g is not None and o.requires_grad]
+    leaves = [w for w in wrt if w.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+                 if pairs and leaves else [None] * len(leaves))
+    result = []
+    for w in wrt:
+        g = next(found) if w.requires_grad else None
+        result.append(torch.zeros_like(w) if g is None else g)
+    return result
+
+
+@contextlib.contextmanager
+def _recording():
+    """Autograd on again inside an op's implementation (which runs below autograd: its keys excluded)."""
+    key = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for k in (key.AutogradFunctionality, key.AutogradOther, key.AutogradNestedTensor, key.ADInplaceOrView):
+        exclude = exclude.remove(k)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+@_loop_backward_op.register_fake
+def _loop_backward_fake(raws, lengths, sizes, loop, grads):
+    return [torch.empty_like(r) for r in raws]
+
+
+_loop_op.register_autograd(_loop_backward, setup_context=_loop_setup)
 
 
 def _named(executor: Executor, e: Exception) -> ExportError:
