@@ -120,7 +120,7 @@ class Executor:
         step, and a compiled step would compile again for each length of it. Such a step runs eagerly
         (the loops inside it compiled)."""
         if itself:
-            self._run = _without_duck_shapes(torch.compile(self._run, backend=backend, dynamic=True))
+            self._run = self._without_duck_shapes(torch.compile(self._run, backend=backend, dynamic=True))
         for kernel in self._kernels:
             if isinstance(kernel, LoopRun):
                 steps = not any(node.keeps_run_memory for node in kernel.spec.body.nodes)
@@ -132,6 +132,29 @@ class Executor:
         names = {node: name for name, node in zip(self._names, self._kernel_nodes)}
         namespace = {**self._eager.__globals__, **{names[node]: k for node, k in kernels.items()}}
         return types.FunctionType(self._code, namespace, "run")
+
+    def _without_duck_shapes(self, compiled, calls: int = 3):
+        """`compiled`, whose sizes are never taken to be equal because they were equal when it compiled
+        (torch's "duck shapes": a batch of 5 entries and a static dim of 5 would be one symbol, compiled again
+        for the first batch of another size). Dynamo compiles on a call: the setting is made around the first
+        `calls` calls (the first step with each kind of input), then this executor calls `compiled` itself
+        (a setting costs 20 us a call; a later compile without it is only a possible extra recompile)."""
+        from torch.fx.experimental import _config as fx_config
+
+        left = [calls]
+
+        def run(env, raws):
+            left[0] -= 1
+            if left[0] <= 0:
+                self._run = compiled
+            old = fx_config.use_duck_shape
+            fx_config.use_duck_shape = False
+            try:
+                return compiled(env, raws)
+            finally:
+                fx_config.use_duck_shape = old
+
+        return run
 
     @property
     def compiled(self) -> bool:
@@ -187,19 +210,3 @@ def compiled_runner(backend, *, itself: bool = True):
 
     return runner
 
-
-def _without_duck_shapes(compiled):
-    """`compiled`, whose sizes are never taken to be equal because they were equal when it compiled (torch's
-    "duck shapes": a batch of 5 entries and a static dim of 5 would be one symbol, compiled again for the
-    first batch of another size). Set around each call, as dynamo compiles on a call."""
-    from torch.fx.experimental import _config as fx_config
-
-    def run(env, raws):
-        old = fx_config.use_duck_shape
-        fx_config.use_duck_shape = False
-        try:
-            return compiled(env, raws)
-        finally:
-            fx_config.use_duck_shape = old
-
-    return run
