@@ -244,20 +244,51 @@ def test_a_module_with_a_loop_goes_through_torch_export():
         torch.testing.assert_close(exported.module()(*_raw_args(x, y))[0], prog(x, y).tensor)
 
 
-def _loop_ending_by_itself(x, y):
-    loop = ll.Loop(max_seq_len=4)  # <own-dim>
-    loop.state.s = ll.zeros([F])
+class Counter(ll.Module):
+    """A loop that makes its own dim: per entry, a running sum of a projection of the entry's mean frame,
+    until it passes a bound (at most 9 steps); the steps stacked and summed after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = ll.nn.Linear(F, H)
+
+    def forward(self, x, y):
+        step = ll.sigmoid(self.lin(ll.sum(x, axis=T)))
+        loop = ll.Loop(max_seq_len=9)
+        loop.state.s = ll.zeros([H])
+        with loop:
+            s = loop.state.s + step
+            loop.state.s = s
+            loop.end(ll.sum(s, axis=H) > 6.0, include_eos=True)
+            out = loop.stack(s)
+        return ll.sum(ll.tanh(out), axis=[B, loop.axis, H])
+
+
+def test_a_loop_that_makes_its_own_dim_is_one_op_call():
+    """The op returns the dim's lengths and size too: the masked sum after the loop uses them."""
+    _assert_loop_module(Counter, _inputs, _raw_args)
+
+
+def _search(x, y):
+    loop = ll.Loop(max_seq_len=5)  # <search>
+    loop.state.label = ll.full(0, sparse_dim=V)
+    loop.state.h = ll.sum(x, axis=[T, F])
     with loop:
-        loop.state.s = loop.state.s + 1.0
-        loop.end(ll.sum(loop.state.s, axis=F) > 10.0, include_eos=True)
-        out = loop.stack(loop.state.s)
-    return ll.sum(out, axis=[loop.axis, F]) + ll.sum(x, axis=[B, T, F])
+        loop.state.h = ll.tanh(loop.state.h + ll.cast(loop.state.label, "float32"))
+        label = ll.choice(ll.log_softmax(loop.state.h * ll.range_over_dim(V, dtype="float32"), axis=V),
+                          beam_size=2, axis=V)
+        loop.state.label = label
+        loop.end(label == 0, include_eos=True)
+        ys = loop.stack(label)
+    return ys, loop.search.scores
 
 
-def test_a_loop_that_makes_its_own_dim_is_an_export_error_naming_its_line():
+def test_a_beam_searchs_backtracking_is_an_export_error_naming_its_line():
+    """The search's loop is one op call; the backtracking after it steps over the loop's dim in Python, whose
+    size is known only once the loop ran."""
     with pytest.raises(ExportError) as info:
-        ll.compile(_loop_ending_by_itself).to_fx(*_inputs(*SHAPES[0], seed=0))
-    check_error(__file__, info, ExportError, "own-dim")
+        ll.compile(_search, mode="search").to_fx(*_inputs(*SHAPES[0], seed=0))
+    check_error(__file__, info, ExportError, "search", "backtrack")
 
 
 class DropoutLoop(ll.Module):

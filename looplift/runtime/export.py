@@ -20,15 +20,19 @@ again recording them (the op ``looplift.loop_backward``: the steps' activations
 are not kept between forward and backward, at the cost of a second run of the
 steps). Both ops are opaque to ``torch.compile`` and ``torch.export``, with
 their output shapes from the loop's dims, so a module with loops compiles and
-exports with symbolic sizes. The op names its loop by a number: the loop lives
-as long as the process (a module exported again adds another).
+exports with symbolic sizes. A loop that makes its dim (one that ends by
+``loop.end``) also returns that dim's lengths and size: its size is a symbol
+known once the loop ran (an unbacked size). The op names its loop by a number:
+the loop lives as long as the process (a module exported again adds another).
 
 An LSTM or GRU over sequences of different lengths runs over the padded
 batch there (each entry's reverse direction over its own frames reversed), as
 the program does on CPU for long sequences, not packed: the same results up to
-float rounding. Not supported yet: a loop that makes a dim of its own (one
-that ends by ``loop.end``, a search) or dims in its step, a loop drawing random
-numbers in its step (dropout: the second run would draw anew), a ``Cond``, and
+float rounding. Not supported yet: a search's backtracking after its loop (it
+steps over the loop's dim in Python, whose size is known only once the loop
+ran), a search whose beam changes its size per step, a loop that makes dims in
+its step, a loop drawing random numbers in its step (dropout: the second run
+would draw anew), a ``Cond``, and
 ops that read values back to decide what to do (an LSTM whose final cell
 states are read, which packs; a multi-layer one with dropout; a masked
 computation's compress): they raise :class:`~looplift.errors.ExportError`
@@ -112,24 +116,35 @@ class _Loop:
         self.run = LoopRun(spec, executor_runner)
         self.node = node
         self.device = device
+        #: the loop's dim when the loop makes it (its size and lengths are known only once it ran), else None
+        self.own = spec.axis.canonical() if spec.own_dim else None
         outside = [*spec.captured, *spec.placeholders]
         dims = dict.fromkeys(d.canonical() for t in outside + node.outputs for d in t.dims)
         dims[spec.axis.canonical()] = None
         for d in list(dims):
             for e in d.length_dims if d.is_dynamic else ():
                 dims.setdefault(e.canonical(), None)
+        dims.pop(self.own, None)
         #: dims given to the loop by size, and those given by lengths too (dynamic dims)
         self.size_dims = [d for d in dims if d.size is None]
         self.length_dims = [d for d in dims if d.is_dynamic]
+        #: the dims and dtype of each output: the node's, then for a loop that makes its dim, that dim's
+        #: lengths and an empty tensor of its size (the op's outputs carry them out)
         self.outputs = [(tuple(d.canonical() for d in t.dims), t.dtype) for t in node.outputs]
+        if self.own is not None:
+            self.outputs += [(tuple(d.canonical() for d in self.own.length_dims), torch.int64),
+                             ((self.own,), torch.float32)]
         self.dtypes = [t.dtype for t in node.inputs]
 
     def env(self, lengths, sizes) -> Env:
         return Env(self.device, dict(zip(self.size_dims, sizes)), dict(zip(self.length_dims, lengths)))
 
     def __call__(self, raws, lengths, sizes) -> list[torch.Tensor]:
-        out = self.run(self.env(lengths, sizes), *raws)
+        env = self.env(lengths, sizes)
+        out = self.run(env, *raws)
         out = list(out) if isinstance(out, tuple) else [out]
+        if self.own is not None:
+            out += [env.lengths(self.own), torch.empty(env.size(self.own), device=self.device)]
         return [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=self.device)
                 for v, (_, dtype) in zip(out, self.outputs)]
 
@@ -138,10 +153,9 @@ def _loop_call(node, device: torch.device):
     """The kernel that stands for the loop `node` while the program is captured: one call of the op
     ``looplift::loop`` on the loop's inputs, the lengths and sizes of its dims."""
     spec = node.region
-    if spec.own_dim or spec.beam is not None:
-        raise ExportError(f"to_fx: the loop at {node.source} makes a dim of its own (it ends by loop.end or is a "
-                          f"search); only loops over a dim the program has before them have a torch.fx form yet",
-                          where=node.source)
+    if spec.beam is not None:
+        raise ExportError(f"to_fx: the search at {node.source} changes its beam's size per step (a threshold); "
+                          f"it has no torch.fx form yet", where=node.source)
     if any(n.random for n in _nodes_in(spec.body)):
         raise ExportError(f"to_fx: the loop at {node.source} draws random numbers in its step (dropout, sampling); "
                           f"its exported form recomputes the steps for the gradients and would draw anew",
@@ -159,6 +173,10 @@ def _loop_call(node, device: torch.device):
                 for r, dtype in zip(raws, loop.dtypes)]
         out = torch.ops.looplift.loop(raws, [env.lengths(d) for d in loop.length_dims],
                                       [env.size(d) for d in loop.size_dims], key)
+        if loop.own is not None:   # (its dim's size and lengths, for what comes after the loop)
+            *out, lengths, size = out
+            env.sizes[loop.own] = size.shape[0]
+            env.lengths_of[loop.own] = lengths
         return out[0] if len(out) == 1 else tuple(out)
 
     kernel.loop = loop   # (keeps the loop alive as long as the module's code refers to it)
@@ -193,6 +211,8 @@ def _loop_op(raws: list[torch.Tensor], lengths: list[torch.Tensor], sizes: list[
 def _loop_fake(raws, lengths, sizes, loop):
     entry = _LOOPS[loop]
     size = dict(zip(entry.size_dims, sizes))
+    if entry.own is not None:   # (as many steps as the loop runs: known once it ran)
+        size[entry.own] = torch.library.get_ctx().new_dynamic_size()
     device = raws[0].device if raws else entry.device
     return [torch.empty([d.size if d.size is not None else size[d] for d in dims], dtype=dtype, device=device)
             for dims, dtype in entry.outputs]
