@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
 from .dims import Dim
 
 __all__ = ["aligner", "identity", "broadcast_shapes"]
@@ -40,7 +42,10 @@ def aligner(src: Sequence[Dim], dst: Sequence[Dim]) -> Callable:
 
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
     """The broadcast of `shapes` (as ``torch.broadcast_shapes``, for kernels run every loop step: that one
-    costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast."""
+    costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast. Inside
+    ``torch.compile`` torch's own, which takes a size known only at run time to be other than 1."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.broadcast_shapes(*shapes))
     n = max([len(s) for s in shapes]) if shapes else 0
     out = [1] * n
     for s in shapes:

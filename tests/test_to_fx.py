@@ -269,26 +269,52 @@ def test_a_loop_that_makes_its_own_dim_is_one_op_call():
     _assert_loop_module(Counter, _inputs, _raw_args)
 
 
-def _search(x, y):
-    loop = ll.Loop(max_seq_len=5)  # <search>
-    loop.state.label = ll.full(0, sparse_dim=V)
-    loop.state.h = ll.sum(x, axis=[T, F])
-    with loop:
-        loop.state.h = ll.tanh(loop.state.h + ll.cast(loop.state.label, "float32"))
-        label = ll.choice(ll.log_softmax(loop.state.h * ll.range_over_dim(V, dtype="float32"), axis=V),
-                          beam_size=2, axis=V)
-        loop.state.label = label
-        loop.end(label == 0, include_eos=True)
-        ys = loop.stack(label)
-    return ys, loop.search.scores
+class Search(ll.Module):
+    """A beam search (beam 3) over labels fed back through an embedding, from a start state pooled from the
+    frames, ending at label 0."""
+
+    def __init__(self, threshold=None):
+        super().__init__()
+        self.threshold = threshold
+        self.emb, self.start = ll.nn.Embedding(V, H), ll.nn.Linear(F, H)
+        self.rec, self.out = ll.nn.Linear(H, H), ll.nn.Linear(H, V)
+
+    def forward(self, x, y):
+        loop = ll.Loop(max_seq_len=ll.length(T) + 2)  # <search>
+        loop.state.label = ll.full(0, sparse_dim=V)
+        loop.state.h = ll.tanh(self.start(ll.sum(x, axis=T)))
+        with loop:
+            loop.state.h = ll.tanh(self.emb(loop.state.label) + self.rec(loop.state.h))
+            label = ll.choice(ll.log_softmax(self.out(loop.state.h), axis=V), beam_size=3, axis=V,
+                              threshold=self.threshold)
+            loop.state.label = label
+            loop.end(label == 0, include_eos=True)
+            ys = loop.stack(label)
+        return ys, loop.search.scores, loop.search.lengths, loop.search.valid
 
 
-def test_a_beam_searchs_backtracking_is_an_export_error_naming_its_line():
-    """The search's loop is one op call; the backtracking after it steps over the loop's dim in Python, whose
-    size is known only once the loop ran."""
+def test_a_beam_search_is_one_op_call_for_its_loop_and_one_for_its_backtracking():
+    """The n-best of the module (eagerly and under torch.compile) is the program's, for other batch sizes and
+    lengths (so other numbers of steps) than the example's."""
+    torch.manual_seed(3)
+    prog = ll.compile(Search(), mode="search")
+    module = prog.to_fx(*_inputs(*SHAPES[0], seed=0))
+    assert module.code.count("torch.ops.looplift.loop(") == 2, module.code
+    compiled = torch.compile(module, backend="aot_eager", dynamic=True)
+    for i, shape in enumerate(SHAPES):
+        x, y = _inputs(*shape, seed=i)
+        want = prog(x, y)
+        for run in (module, compiled):
+            got = run(*_raw_args(x, y))
+            assert [g.shape for g in got] == [w.tensor.shape for w in want]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w.tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_a_search_whose_beam_changes_its_size_is_an_export_error_naming_its_line():
     with pytest.raises(ExportError) as info:
-        ll.compile(_search, mode="search").to_fx(*_inputs(*SHAPES[0], seed=0))
-    check_error(__file__, info, ExportError, "search", "backtrack")
+        ll.compile(Search(threshold=1.0), mode="search").to_fx(*_inputs(*SHAPES[0], seed=0))
+    check_error(__file__, info, ExportError, "search", "threshold")
 
 
 class DropoutLoop(ll.Module):

@@ -22,21 +22,20 @@ steps). Both ops are opaque to ``torch.compile`` and ``torch.export``, with
 their output shapes from the loop's dims, so a module with loops compiles and
 exports with symbolic sizes. A loop that makes its dim (one that ends by
 ``loop.end``) also returns that dim's lengths and size: its size is a symbol
-known once the loop ran (an unbacked size). The op names its loop by a number:
-the loop lives as long as the process (a module exported again adds another).
+known once the loop ran (an unbacked size). A search's backtracking after its
+loop (a Python loop over that many steps) is one call of the same op (no
+gradients). The op names its loop by a number: the loop lives as long as the
+process (a module exported again adds another).
 
 An LSTM or GRU over sequences of different lengths runs over the padded
 batch there (each entry's reverse direction over its own frames reversed), as
 the program does on CPU for long sequences, not packed: the same results up to
-float rounding. Not supported yet: a search's backtracking after its loop (it
-steps over the loop's dim in Python, whose size is known only once the loop
-ran), a search whose beam changes its size per step, a loop that makes dims in
-its step, a loop drawing random numbers in its step (dropout: the second run
-would draw anew), a ``Cond``, and
-ops that read values back to decide what to do (an LSTM whose final cell
-states are read, which packs; a multi-layer one with dropout; a masked
-computation's compress): they raise :class:`~looplift.errors.ExportError`
-naming the user's line.
+float rounding. Not supported yet: a search whose beam changes its size per
+step (a threshold), a loop that makes dims in its step or draws random numbers
+in it (dropout: the second run would draw anew), a ``Cond``, and ops that read
+values back to decide what to do (an LSTM whose final cell states are read,
+which packs; a multi-layer one with dropout; a masked computation's compress):
+they raise :class:`~looplift.errors.ExportError` naming the user's line.
 """
 
 from __future__ import annotations
@@ -68,6 +67,8 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
     for node in executor.nodes:
         if node.op == Op.LOOP:
             loops[node] = _loop_call(node, device)
+        if node.op == "backtrack":
+            loops[node] = _backtrack_call(node, device)
         if node.op == Op.COND:
             raise ExportError(f"to_fx: the Cond at {node.source} has no torch.fx form yet", where=node.source)
     length_dims = list(lengths)
@@ -113,14 +114,21 @@ class _Loop:
 
     def __init__(self, node, device: torch.device):
         spec = node.region
-        self.run = LoopRun(spec, executor_runner)
         self.node = node
         self.device = device
-        #: the loop's dim when the loop makes it (its size and lengths are known only once it ran), else None
-        self.own = spec.axis.canonical() if spec.own_dim else None
-        outside = [*spec.captured, *spec.placeholders]
+        if spec is not None:
+            self.run = LoopRun(spec, executor_runner)
+            #: the dim the call makes (a loop's own dim: its size and lengths known once it ran), else None
+            self.own = spec.axis.canonical() if spec.own_dim else None
+            outside = [*spec.captured, *spec.placeholders]
+            axis = spec.axis.canonical()
+        else:   # (a search's backtracking: the dim it makes is as long as its steps, the first dim of its output)
+            self.run = node.kernel
+            self.own = node.makes_dims[0].canonical() if node.makes_dims else None
+            outside = list(node.inputs)
+            axis = node.outputs[0].dims[0].canonical()
         dims = dict.fromkeys(d.canonical() for t in outside + node.outputs for d in t.dims)
-        dims[spec.axis.canonical()] = None
+        dims[axis] = None
         for d in list(dims):
             for e in d.length_dims if d.is_dynamic else ():
                 dims.setdefault(e.canonical(), None)
@@ -164,6 +172,19 @@ def _loop_call(node, device: torch.device):
         raise ExportError(f"to_fx: the loop at {node.source} makes dims in its step (an inner loop that ends by "
                           f"itself, a masked computation's compress); it has no torch.fx form yet",
                           where=node.source)
+    return _op_call(node, device)
+
+
+def _backtrack_call(node, device: torch.device):
+    """The kernel that stands for a search's backtracking (a Python loop over the search's steps, whose number
+    is known only once the search ran): one call of the op ``looplift::loop`` too, without gradients."""
+    return _op_call(node, device, size_of_own=lambda out: out[0].shape[0])
+
+
+def _op_call(node, device: torch.device, size_of_own=None):
+    """The kernel that stands for `node` (a loop, a backtracking) while the program is captured: one call of the
+    op ``looplift::loop`` on its inputs, the lengths and sizes of its dims. A dim it makes gets its lengths from
+    the op, and its size from the op (`size_of_own` None) or from ``size_of_own(outputs)``."""
     loop = _Loop(node, device)
     key = next(_loop_ids)
     _LOOPS[key] = loop
@@ -175,7 +196,11 @@ def _loop_call(node, device: torch.device):
                                       [env.size(d) for d in loop.size_dims], key)
         if loop.own is not None:   # (its dim's size and lengths, for what comes after the loop)
             *out, lengths, size = out
-            env.sizes[loop.own] = size.shape[0]
+            n = size.shape[0]
+            if size_of_own is not None:
+                torch._check(n == size_of_own(out))
+                n = size_of_own(out)
+            env.sizes[loop.own] = n
             env.lengths_of[loop.own] = lengths
         return out[0] if len(out) == 1 else tuple(out)
 
