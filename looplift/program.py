@@ -250,14 +250,14 @@ class Program:
         (give an example with sizes of 2 or more: a size of 1 may be taken as fixed). The module holds the
         model's parameters under their names, so training it trains the model.
 
-        A loop left after the optimizer is one call of the op ``torch.ops.looplift.loop``, which runs its
-        steps as the program does (and again, recorded, for the gradients).
+        A loop left after the optimizer (and a search's backtracking, a Cond) is one call of the op
+        ``torch.ops.looplift.loop``, which runs its steps as the program does (and again, recorded, for the
+        gradients).
 
         Not supported yet (an :class:`~looplift.errors.ExportError` naming the line): a search whose beam
-        changes its size per step, a loop that makes dims in its step or draws random numbers in it, a Cond,
-        and the ops that read values back (an LSTM over sequences of different lengths whose final cell
-        states are read, which packs them; a masked computation's compress). See
-        :mod:`looplift.runtime.export`."""
+        changes its size per step, a loop or Cond that makes dims or draws random numbers, and the ops that
+        read values back (an LSTM over sequences of different lengths whose final cell states are read,
+        which packs them; a masked computation's compress). See :mod:`looplift.runtime.export`."""
         leaves, spec = flatten((args, kwargs), _is_input)
         named = [x for x in leaves if isinstance(x, Named)]
         if len(named) != sum(_is_input(x) for x in leaves):

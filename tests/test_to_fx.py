@@ -2,9 +2,10 @@
 
 The module must compute what the program computes (the same torch calls: equal outputs and gradients), for
 other batch sizes and lengths than the example's, refer to the model's own parameters by their names, and
-work under ``torch.compile`` and ``torch.export``. A loop left after the optimizer is one call of the op
-``looplift.loop`` (outputs and gradients the program's). A part without an fx form yet is an
-``ExportError`` naming the user's line.
+work under ``torch.compile`` and ``torch.export``. A loop left after the optimizer (one that makes its own
+dim too, a beam search with its backtracking) and a Cond are each one call of the op ``looplift.loop``
+(outputs and gradients the program's). A part without an fx form yet is an ``ExportError`` naming the
+user's line.
 """
 
 from __future__ import annotations
@@ -199,18 +200,18 @@ def _decoder_inputs(batch: int, steps: int, seed: int):
     return x, ll.Named(torch.randint(0, V.size, (batch, steps + 2), generator=g), (B, U), {U: n}, sparse_dim=V)
 
 
-def _assert_loop_module(cls, inputs, raw) -> torch.fx.GraphModule:
-    """The module of `cls`'s program, whose loop is one call of the op ``looplift.loop``, gives the program's
-    losses and gradients (the parameters' and the float inputs') for every shape of SHAPES, eagerly and
-    under torch.compile; returns the module."""
+def _assert_loop_module(cls, inputs, raw, shapes=SHAPES) -> torch.fx.GraphModule:
+    """The module of `cls`'s program, whose loop (or Cond) is one call of the op ``looplift.loop``, gives the
+    program's losses and gradients (the parameters' and the float inputs') for every shape of `shapes`,
+    eagerly and under torch.compile; returns the module."""
     torch.manual_seed(0)
     model = cls()
     prog = ll.compile(model)
-    module = prog.to_fx(*inputs(*SHAPES[0], seed=0))
+    module = prog.to_fx(*inputs(*shapes[0], seed=0))
     assert "torch.ops.looplift.loop(" in module.code, module.code
     compiled = torch.compile(module, backend="aot_eager", dynamic=True)
     params = list(model.parameters())
-    for i, shape in enumerate(SHAPES):
+    for i, shape in enumerate(shapes):
         x, y = inputs(*shape, seed=i)
         x = ll.Named(x.tensor.requires_grad_(), x.dims, x.lengths)
         want = prog(x, y).tensor
@@ -338,17 +339,27 @@ def test_a_loop_drawing_random_numbers_in_its_step_is_an_export_error_naming_its
     check_error(__file__, info, ExportError, "dropout-loop")
 
 
-def _cond(x, y):
-    with ll.Cond(ll.sum(x, axis=[B, T, F]) > 0.0) as cond:  # <cond>
-        cond.true = ll.tanh(x)
-        cond.false = x * 2.0
-    return ll.sum(cond.result, axis=[B, T, F])
+class CondModel(ll.Module):
+    """A Cond on the sign of the frames' sum: a tanh of a projection, or twice the projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = ll.nn.Linear(F, H)
+
+    def forward(self, x, y):
+        h = self.lin(x)
+        with ll.Cond(ll.sum(x, axis=[B, T, F]) > 0.0) as cond:
+            cond.true = ll.tanh(h)
+            cond.false = h * 2.0
+        return ll.sum(cond.result, axis=[B, T, H])
 
 
-def test_a_cond_is_an_export_error_naming_its_line():
-    with pytest.raises(ExportError) as info:
-        ll.compile(_cond).to_fx(*_inputs(*SHAPES[0], seed=0))
-    check_error(__file__, info, ExportError, "cond")
+def test_a_cond_is_one_op_call_running_the_branch_its_predicate_chooses():
+    def inputs(batch, steps, seed):   # (odd seeds: the frames negative, the other branch)
+        x, y = _inputs(batch, steps, seed)
+        return ll.Named(x.tensor.abs() * (-1.0 if seed % 2 else 1.0), x.dims, x.lengths), y
+
+    _assert_loop_module(CondModel, inputs, _raw_args, shapes=[s for s in SHAPES for _ in (0, 1)])
 
 
 def _lstm_final_cell_state():

@@ -24,16 +24,17 @@ exports with symbolic sizes. A loop that makes its dim (one that ends by
 ``loop.end``) also returns that dim's lengths and size: its size is a symbol
 known once the loop ran (an unbacked size). A search's backtracking after its
 loop (a Python loop over that many steps) is one call of the same op (no
-gradients). The op names its loop by a number: the loop lives as long as the
-process (a module exported again adds another).
+gradients), and so is a ``Cond`` (it runs the branch its predicate chooses).
+The op names its loop by a number: the loop lives as long as the process (a
+module exported again adds another).
 
 An LSTM or GRU over sequences of different lengths runs over the padded
 batch there (each entry's reverse direction over its own frames reversed), as
 the program does on CPU for long sequences, not packed: the same results up to
 float rounding. Not supported yet: a search whose beam changes its size per
-step (a threshold), a loop that makes dims in its step or draws random numbers
-in it (dropout: the second run would draw anew), a ``Cond``, and ops that read
-values back to decide what to do (an LSTM whose final cell states are read,
+step (a threshold), a loop or Cond that makes dims or draws random numbers
+(dropout: the second run would draw anew), and ops that read values back to
+decide what to do (an LSTM whose final cell states are read,
 which packs; a multi-layer one with dropout; a masked computation's compress):
 they raise :class:`~looplift.errors.ExportError` naming the user's line.
 """
@@ -49,9 +50,12 @@ import torch
 
 from ..errors import ExportError
 from ..graph import Op
+from ..regions import CondSpec
+from ..tensor import Tensor
 from .env import Env
 from .executor import Executor, executor_runner
 from .loop_run import LoopRun
+from .regions import CondRun
 
 __all__ = ["to_fx"]
 
@@ -70,7 +74,7 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
         if node.op == "backtrack":
             loops[node] = _backtrack_call(node, device)
         if node.op == Op.COND:
-            raise ExportError(f"to_fx: the Cond at {node.source} has no torch.fx form yet", where=node.source)
+            loops[node] = _cond_call(node, device)
     length_dims = list(lengths)
     sizes_of = []   # per dim with a size: (input, axis) where the size is read
     for k, t in enumerate(inputs):
@@ -116,19 +120,21 @@ class _Loop:
         spec = node.region
         self.node = node
         self.device = device
-        if spec is not None:
+        #: the dim the call makes (a loop's own dim: its size and lengths known once it ran), else None
+        self.own = None
+        outside = list(node.inputs)
+        if isinstance(spec, CondSpec):
+            self.run = CondRun(spec, executor_runner)
+        elif spec is not None:
             self.run = LoopRun(spec, executor_runner)
-            #: the dim the call makes (a loop's own dim: its size and lengths known once it ran), else None
             self.own = spec.axis.canonical() if spec.own_dim else None
-            outside = [*spec.captured, *spec.placeholders]
-            axis = spec.axis.canonical()
+            outside = [*spec.captured, *spec.placeholders, spec.axis]
         else:   # (a search's backtracking: the dim it makes is as long as its steps, the first dim of its output)
             self.run = node.kernel
             self.own = node.makes_dims[0].canonical() if node.makes_dims else None
-            outside = list(node.inputs)
-            axis = node.outputs[0].dims[0].canonical()
-        dims = dict.fromkeys(d.canonical() for t in outside + node.outputs for d in t.dims)
-        dims[axis] = None
+            outside.append(node.outputs[0].dims[0])
+        dims = dict.fromkeys(d.canonical() for t in outside + node.outputs
+                             for d in (t.dims if isinstance(t, Tensor) else (t,)))
         for d in list(dims):
             for e in d.length_dims if d.is_dynamic else ():
                 dims.setdefault(e.canonical(), None)
@@ -164,15 +170,27 @@ def _loop_call(node, device: torch.device):
     if spec.beam is not None:
         raise ExportError(f"to_fx: the search at {node.source} changes its beam's size per step (a threshold); "
                           f"it has no torch.fx form yet", where=node.source)
-    if any(n.random for n in _nodes_in(spec.body)):
-        raise ExportError(f"to_fx: the loop at {node.source} draws random numbers in its step (dropout, sampling); "
-                          f"its exported form recomputes the steps for the gradients and would draw anew",
-                          where=node.source)
-    if any(n.makes_dims for n in _nodes_in(spec.body)):
-        raise ExportError(f"to_fx: the loop at {node.source} makes dims in its step (an inner loop that ends by "
-                          f"itself, a masked computation's compress); it has no torch.fx form yet",
-                          where=node.source)
+    _check_region(node, spec.body, "loop")
     return _op_call(node, device)
+
+
+def _cond_call(node, device: torch.device):
+    """The kernel that stands for a Cond: one call of the op ``looplift::loop``, which runs the branch its
+    predicate chooses."""
+    for graph in node.region.branches.values():
+        _check_region(node, graph, "Cond")
+    return _op_call(node, device)
+
+
+def _check_region(node, graph, what: str) -> None:
+    """An ExportError naming `node`'s line if its region `graph` draws random numbers or makes dims."""
+    if any(n.random for n in _nodes_in(graph)):
+        raise ExportError(f"to_fx: the {what} at {node.source} draws random numbers (dropout, sampling); its "
+                          f"exported form computes it again for the gradients and would draw anew",
+                          where=node.source)
+    if any(n.makes_dims for n in _nodes_in(graph)):
+        raise ExportError(f"to_fx: the {what} at {node.source} makes dims (an inner loop that ends by itself, a "
+                          f"masked computation's compress); it has no torch.fx form yet", where=node.source)
 
 
 def _backtrack_call(node, device: torch.device):
