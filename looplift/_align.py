@@ -7,6 +7,7 @@ one indexing (which inserts size-1 axes for dims the source lacks).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,9 +43,10 @@ def aligner(src: Sequence[Dim], dst: Sequence[Dim]) -> Callable:
 
 def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
     """The broadcast of `shapes` (as ``torch.broadcast_shapes``, for kernels run every loop step: that one
-    costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast. Inside
-    ``torch.compile`` torch's own, which takes a size known only at run time to be other than 1."""
-    if torch.compiler.is_compiling():
+    costs tens of microseconds a call). Raises ValueError for shapes that do not broadcast. While a program is
+    captured for ``Program.to_fx`` (:func:`capturing`): torch's own, which takes a size known only at run time
+    to be other than 1."""
+    if _capturing:
         return tuple(torch.broadcast_shapes(*shapes))
     n = max([len(s) for s in shapes]) if shapes else 0
     out = [1] * n
@@ -55,3 +57,17 @@ def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
                     raise ValueError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
                 out[i] = size
     return tuple(out)
+
+
+_capturing = False
+
+
+@contextlib.contextmanager
+def capturing():
+    """While a program is captured as a graph with sizes known only at run time (``Program.to_fx``)."""
+    global _capturing
+    was, _capturing = _capturing, True
+    try:
+        yield
+    finally:
+        _capturing = was

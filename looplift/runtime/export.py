@@ -48,6 +48,7 @@ import re
 
 import torch
 
+from .._align import capturing
 from ..errors import ExportError
 from ..graph import Op
 from ..regions import CondSpec
@@ -94,7 +95,8 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
 
     example = [*raws, *(lengths[d] for d in length_dims)]
     try:
-        captured, _ = torch._dynamo.export(forward, aten_graph=False, assume_static_by_default=False)(*example)
+        with capturing():
+            captured, _ = torch._dynamo.export(forward, aten_graph=False, assume_static_by_default=False)(*example)
     except Exception as e:   # (dynamo's own errors: name the node whose generated line it stopped at)
         raise _named(executor, e) from e
     module = _named_parameters(captured, root)
