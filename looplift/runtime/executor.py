@@ -209,4 +209,3 @@ def compiled_runner(backend, *, itself: bool = True):
         return found
 
     return runner
-

@@ -115,8 +115,9 @@ _loop_ids = itertools.count()
 
 
 class _Loop:
-    """A loop node of an exported program: its kernel (:class:`LoopRun`, which runs the steps eagerly, its body
-    with a prepared executor), the dims whose sizes and lengths its call is given, and its outputs' dims."""
+    """A node of an exported program run as one call of the op (a loop, a Cond, a search's backtracking): what
+    runs it (for a loop :class:`LoopRun`, which runs the steps eagerly, its body with a prepared executor),
+    the dims whose sizes and lengths its call is given, and its outputs' dims."""
 
     def __init__(self, node, device: torch.device):
         spec = node.region
@@ -239,7 +240,7 @@ def _nodes_in(graph):
 
 @torch.library.custom_op("looplift::loop", mutates_args=())
 def _loop_op(raws: list[torch.Tensor], lengths: list[torch.Tensor], sizes: list[int], loop: int) -> list[torch.Tensor]:
-    """A loop of an exported program (:data:`_LOOPS`), run step by step as the program runs it."""
+    """A loop (or Cond, or backtracking) of an exported program (:data:`_LOOPS`), run as the program runs it."""
     seen = {r.untyped_storage().data_ptr() for r in raws if r.numel()}
     result = []
     # (an op's outputs are its own tensors: a state the loop never changed is a copy of its initial value)
