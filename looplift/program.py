@@ -473,8 +473,9 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True,  # n
             of each loop as one function (its first step in each call runs eagerly; the step index is a
             symbolic int), not unrolled. The step of a loop that keeps memory across its steps (a search,
             ``cum_concat`` in the loop) runs eagerly, as do loops inside a user's own ``torch.compile``.
-            Not supported yet: error messages naming the user's line for a failure inside compiled code.
-            Compiling takes seconds to minutes on the first call of each traced signature.
+            A failure inside compiled code runs the call again eagerly, which names the failing node's
+            line (an error of the compiler itself, which the eager run does not repeat, is raised as it
+            is). Compiling takes seconds to minutes on the first call of each traced signature.
 
     Programs compiled from one model share its parameters and do not
     interfere with each other.

@@ -496,6 +496,25 @@ def test_kernel_failure_in_a_loop_step_names_the_line_in_the_loop(optimize):
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
+@pytest.mark.parametrize("fn, optimize, marker", [(_floor_div, True, "kernel-failure"),
+                                                   (_floor_div_in_a_loop, True, "loop-kernel-failure"),
+                                                   (_floor_div_in_a_loop, False, "loop-kernel-failure")])
+def test_kernel_failure_in_compiled_code_names_the_line(fn, optimize, marker):
+    """Compiled code (``backend=``) has no generated line in its traceback: the call runs again eagerly, and
+    that run's error names the failing node (moved out of the loop, or in its compiled step)."""
+    with pytest.raises(ExecutionError) as info:
+        ll.compile(fn, mode="eval", optimize=optimize, backend="aot_eager")(*_int_pair())
+    assert_error(info, ExecutionError, marker, "pair")
+
+
+def test_a_compiler_failure_the_eager_run_does_not_repeat_is_raised_as_it_is():
+    def broken(gm, example_inputs):
+        raise RuntimeError("the backend broke")
+
+    with pytest.raises(Exception, match="the backend broke"):
+        ll.compile(lambda x, y: x + y, mode="eval", backend=broken)(*_int_pair())
+
+
 def test_dim_no_input_has_fails_at_run_time_naming_the_line():
     unseen = ll.Dim("unseen")
 

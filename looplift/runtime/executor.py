@@ -171,6 +171,11 @@ class Executor:
         try:
             return run(env, raw_inputs)
         except Exception as e:
+            if run is not self._eager and not isinstance(e, LoopliftError):
+                # (compiled code has no generated line in its traceback: the same call run eagerly names the
+                # node that fails; if it does not fail, the failure is the compiled code's own)
+                self._call(self._eager, env, raw_inputs)
+                raise
             node = self._failed_node(e)
             if node is None or (isinstance(e, LoopliftError) and is_placed(e)):
                 raise
