@@ -253,6 +253,22 @@ def test_a_program_inside_a_users_torch_compile():
     assert counter.frame_count == frames
 
 
+class _Unhashable:
+    """A backend callable that cannot be a dict key (it compares by value, say): compiles to the graph itself."""
+
+    __hash__ = None
+
+    def __call__(self, gm, example_inputs):
+        return gm.forward
+
+
+def test_a_backend_that_is_not_hashable():
+    model, modules = _lstm_loop()
+    compiled = ll.compile(model, optimize=False, backend=_Unhashable())
+    eager = ll.compile(model, optimize=False)
+    _assert_same(lambda v: compiled(v).tensor, lambda v: eager(v).tensor, modules)
+
+
 def test_backend_must_name_a_backend():
     model, _ = _attention_pooling()
     with pytest.raises(ArgumentError, match="backend"):

@@ -206,7 +206,10 @@ def compiled_runner(backend, *, itself: bool = True):
     ones, per backend."""
 
     def runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:
-        key = ("compiled", backend, itself, tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
+        # (a backend by its name, or by its identity: it may not be hashable; the executor kept under the key
+        # holds it, so the identity is not reused)
+        which = backend if isinstance(backend, str) else id(backend)
+        key = ("compiled", which, itself, tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
         found = graph.prepared.get(key)
         if found is None:
             found = graph.prepared[key] = Executor(graph, inputs, outputs)
