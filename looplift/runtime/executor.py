@@ -57,6 +57,8 @@ class Executor:
         kernels: dict[str, object] = {}
         #: the node of each generated line that calls a kernel, by its line number (1-based, as tracebacks say)
         self._node_at: dict[int, object] = {}
+        #: the name of each node's kernel in the generated code's namespace
+        self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
         for node in live_nodes(graph, outputs):
             kernel = node.kernel
@@ -66,7 +68,7 @@ class Executor:
                 continue   # a placeholder: fed through `inputs`
             else:
                 kernel = for_outputs(kernel, node, read)
-            k = f"k{len(kernels)}"
+            k = self._name_of[node] = f"k{len(kernels)}"
             kernels[k] = kernel
             args = "".join(f", {name[id(t)]}" for t in node.inputs)
             outs = []
@@ -83,9 +85,6 @@ class Executor:
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
         weakref.finalize(self, linecache.cache.pop, filename, None)   # (programs made per call leave none behind)
         namespace = dict(kernels)
-        self._kernels = list(kernels.values())
-        self._names = list(kernels)
-        self._kernel_nodes = [node for _, node in sorted(self._node_at.items())]
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
@@ -121,7 +120,7 @@ class Executor:
         (the loops inside it compiled)."""
         if itself:
             self._run = self._without_duck_shapes(torch.compile(self._run, backend=backend, dynamic=True))
-        for kernel in self._kernels:
+        for kernel in map(self._eager.__globals__.get, self._name_of.values()):
             if isinstance(kernel, LoopRun):
                 steps = not any(node.keeps_run_memory for node in kernel.spec.body.nodes)
                 kernel.runner = compiled_runner(backend, itself=steps)
@@ -129,8 +128,7 @@ class Executor:
     def with_kernels(self, kernels: dict):
         """The generated function, ``run(env, raws)``, with the kernels of some nodes (`kernels`: node -> kernel)
         replaced (not compiled, errors not named)."""
-        names = {node: name for name, node in zip(self._names, self._kernel_nodes)}
-        namespace = {**self._eager.__globals__, **{names[node]: k for node, k in kernels.items()}}
+        namespace = {**self._eager.__globals__, **{self._name_of[node]: k for node, k in kernels.items()}}
         return types.FunctionType(self._code, namespace, "run")
 
     def _without_duck_shapes(self, compiled, calls: int = 3):

@@ -110,11 +110,11 @@ def to_fx(executor: Executor, inputs: list, raws: list, lengths: dict, device: t
 # -- loops: one call of the op ``looplift::loop`` each ------------------------------------------------------
 
 #: The loops of exported modules, by the number their op calls name (a module refers to its loops by it).
-_LOOPS: dict[int, _Loop] = {}
+_LOOPS: dict[int, _Call] = {}
 _loop_ids = itertools.count()
 
 
-class _Loop:
+class _Call:
     """A node of an exported program run as one call of the op (a loop, a Cond, a search's backtracking): what
     runs it (for a loop :class:`LoopRun`, which runs the steps eagerly, its body with a prepared executor),
     the dims whose sizes and lengths its call is given, and its outputs' dims."""
@@ -206,7 +206,7 @@ def _op_call(node, device: torch.device, size_of_own=None):
     """The kernel that stands for `node` (a loop, a backtracking) while the program is captured: one call of the
     op ``looplift::loop`` on its inputs, the lengths and sizes of its dims. A dim it makes gets its lengths from
     the op, and its size from the op (`size_of_own` None) or from ``size_of_own(outputs)``."""
-    loop = _Loop(node, device)
+    loop = _Call(node, device)
     key = next(_loop_ids)
     _LOOPS[key] = loop
 
