@@ -1,9 +1,11 @@
 """Programs: tracing, modes, signatures, outputs, dtypes, and the reference interpreter."""
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import looplift as ll
 from looplift import Dim, Named
@@ -87,6 +89,29 @@ def test_nodes_the_outputs_do_not_need_are_not_run():
     assert [n.op for n in trace.graph.nodes if n.op != "input"] == ["exp", "log"]
     assert trace.num_nodes == 1
 
+
+
+def test_a_value_is_freed_after_its_last_use():
+    # exp's result is read only by the tanh: while the log after it runs, nothing should hold it any more
+    # (a hand-written model's temporaries are freed so; holding all of them raises a call's peak memory)
+    alive = {}
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.log.default:
+                alive["exp"] = watched["exp"]() is not None
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.exp.default:
+                watched["exp"] = weakref.ref(out)
+            return out
+
+    watched = {}
+    prog = ll.compile(lambda x: ll.log(ll.tanh(ll.exp(x)) + 2.0), mode="eval")
+    x = _x()
+    with torch.no_grad(), Watch():
+        got = prog(x).tensor
+    torch.testing.assert_close(got, torch.log(torch.tanh(torch.exp(x.tensor)) + 2.0))
+    assert alive == {"exp": False}
 
 def test_trace_ahead_from_specs():
     prog = ll.compile(lambda x: ll.mean(x, axis=T), mode="eval")

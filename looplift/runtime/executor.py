@@ -8,11 +8,12 @@ function (as ``torch.fx.GraphModule`` does)::
         v0 = raws[0]
         v1 = raws[1]
         v2 = k0(env, v0, v1)          # %2 = add(...) at model.py:12
-        v3, v4 = k1(env, v2)
+        v3, v4 = k1(env, v2); del v2
         return [v3, v4]
 
 so a call does no per-node Python work beyond the kernel call itself: no
-argument lists, no slot table, no per-node ``try``. A failing kernel is found
+argument lists, no slot table, no per-node ``try``; and, as in a hand-written
+model, a value is freed on the line that reads it last. A failing kernel is found
 afterwards from the generated line in the traceback, and named by its node's
 source line (:func:`looplift.runtime.reference.node_error`). Loops and Conds
 get their kernels here too, running their graphs with executors of their own
@@ -60,6 +61,7 @@ class Executor:
         #: the name of each node's kernel in the generated code's namespace
         self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
+        calls = []   # (node, kernel name, target names, argument names), in order
         for node in live_nodes(graph, outputs):
             kernel = node.kernel
             if node.region is not None:
@@ -70,14 +72,20 @@ class Executor:
                 kernel = for_outputs(kernel, node, read)
             k = self._name_of[node] = f"k{len(kernels)}"
             kernels[k] = kernel
-            args = "".join(f", {name[id(t)]}" for t in node.inputs)
-            outs = []
+            args = [name[id(t)] for t in node.inputs]
             for t in node.outputs:
                 name[id(t)] = f"v{next(fresh)}"
-                outs.append(name[id(t)])
+            calls.append((node, k, [name[id(t)] for t in node.outputs], args))
+        # (a value is deleted on the line that reads it last, or makes it unread, as a hand-written model's
+        # temporaries are freed: the peak memory of a call is that of the model, not of all its values)
+        kept = {name[id(t)] for t in outputs} | {f"v{k}" for k in range(len(inputs))}
+        last = {v: i for i, (_, _, outs, args) in enumerate(calls) for v in (*outs, *args)}
+        for i, (node, k, outs, args) in enumerate(calls):
+            dead = sorted({v for v in (*args, *outs) if last[v] == i and v not in kept}, key=lambda v: int(v[1:]))
             target = outs[0] if len(outs) == 1 else ", ".join(outs)
             where = str(node.source).replace("\n", " ")
-            lines.append(f"    {target} = {k}(env{args})   # {node.op} at {where}")
+            free = f"; del {', '.join(dead)}" if dead else ""
+            lines.append(f"    {target} = {k}(env{''.join(f', {a}' for a in args)}){free}   # {node.op} at {where}")
             self._node_at[len(lines)] = node
         lines.append(f"    return [{', '.join(name[id(t)] for t in outputs)}]")
         self.source = "\n".join(lines) + "\n"
