@@ -252,10 +252,11 @@ class Program:
 
         A loop left after the optimizer (and a search's backtracking, a Cond) is one call of the op
         ``torch.ops.looplift.loop``, which runs its steps as the program does (and again, recorded, for the
-        gradients).
+        gradients). A search whose beam changes its size per step (a threshold) returns the beam's size after
+        the loop from the op too.
 
-        Not supported yet (an :class:`~looplift.errors.ExportError` naming the line): a search whose beam
-        changes its size per step, a loop or Cond that makes dims or draws random numbers, and the ops that
+        Not supported yet (an :class:`~looplift.errors.ExportError` naming the line): a loop or Cond that
+        makes dims or draws random numbers, and the ops that
         read values back (an LSTM over sequences of different lengths whose final cell states are read,
         which packs them; a masked computation's compress). See :mod:`looplift.runtime.export`."""
         leaves, spec = flatten((args, kwargs), _is_input)

@@ -31,8 +31,10 @@ module exported again adds another).
 An LSTM or GRU over sequences of different lengths runs over the padded
 batch there (each entry's reverse direction over its own frames reversed), as
 the program does on CPU for long sequences, not packed: the same results up to
-float rounding. Not supported yet: a search whose beam changes its size per
-step (a threshold), a loop or Cond that makes dims or draws random numbers
+float rounding. A search whose beam changes its size per step (a threshold)
+also returns the beam's size after the loop (an unbacked size too), and its
+stacked values the widest step's (their frames are padded to it). Not
+supported yet: a loop or Cond that makes dims or draws random numbers
 (dropout: the second run would draw anew), and ops that read values back to
 decide what to do (an LSTM whose final cell states are read,
 which packs; a multi-layer one with dropout; a masked computation's compress):
@@ -125,12 +127,19 @@ class _Call:
         self.device = device
         #: the dim the call makes (a loop's own dim: its size and lengths known once it ran), else None
         self.own = None
+        self.stacks = range(0)
+        #: a search's beam whose size changes per step: given its size before the loop, its size after the loop
+        #: is known once the loop ran
+        self.beam = None
         outside = list(node.inputs)
         if isinstance(spec, CondSpec):
             self.run = CondRun(spec, executor_runner)
         elif spec is not None:
             self.run = LoopRun(spec, executor_runner)
             self.own = spec.axis.canonical() if spec.own_dim else None
+            self.beam = spec.beam[0].canonical() if spec.beam is not None else None
+            #: the stacked outputs: over a changing beam, each step's frames are padded to the widest step's
+            self.stacks = range(len(spec.new_states), len(spec.new_states) + len(spec.stacks))
             outside = [*spec.captured, *spec.placeholders, spec.axis]
         else:   # (a search's backtracking: the dim it makes is as long as its steps, the first dim of its output)
             self.run = node.kernel
@@ -151,6 +160,8 @@ class _Call:
         if self.own is not None:
             self.outputs += [(tuple(d.canonical() for d in self.own.length_dims), torch.int64),
                              ((self.own,), torch.float32)]
+        if self.beam is not None:   # (and an empty tensor of the beam's size after the loop)
+            self.outputs.append(((self.beam,), torch.float32))
         self.dtypes = [t.dtype for t in node.inputs]
 
     def env(self, lengths, sizes) -> Env:
@@ -162,6 +173,8 @@ class _Call:
         out = list(out) if isinstance(out, tuple) else [out]
         if self.own is not None:
             out += [env.lengths(self.own), torch.empty(env.size(self.own), device=self.device)]
+        if self.beam is not None:
+            out.append(torch.empty(env.size(self.beam), device=self.device))
         return [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=self.device)
                 for v, (_, dtype) in zip(out, self.outputs)]
 
@@ -170,10 +183,8 @@ def _loop_call(node, device: torch.device):
     """The kernel that stands for the loop `node` while the program is captured: one call of the op
     ``looplift::loop`` on the loop's inputs, the lengths and sizes of its dims."""
     spec = node.region
-    if spec.beam is not None:
-        raise ExportError(f"to_fx: the search at {node.source} changes its beam's size per step (a threshold); "
-                          f"it has no torch.fx form yet", where=node.source)
-    _check_region(node, spec.body, "loop")
+    # (a threshold's prune makes the next beam each step: the loop's op runs the steps and gives the last size)
+    _check_region(node, spec.body, "loop", beams=[d.canonical() for d in spec.beam or ()])
     return _op_call(node, device)
 
 
@@ -185,13 +196,14 @@ def _cond_call(node, device: torch.device):
     return _op_call(node, device)
 
 
-def _check_region(node, graph, what: str) -> None:
-    """An ExportError naming `node`'s line if its region `graph` draws random numbers or makes dims."""
+def _check_region(node, graph, what: str, beams=()) -> None:
+    """An ExportError naming `node`'s line if its region `graph` draws random numbers or makes dims (other than
+    `beams`)."""
     if any(n.random for n in _nodes_in(graph)):
         raise ExportError(f"to_fx: the {what} at {node.source} draws random numbers (dropout, sampling); its "
                           f"exported form computes it again for the gradients and would draw anew",
                           where=node.source)
-    if any(n.makes_dims for n in _nodes_in(graph)):
+    if any(d.canonical() not in beams for n in _nodes_in(graph) for d in n.makes_dims):
         raise ExportError(f"to_fx: the {what} at {node.source} makes dims (an inner loop that ends by itself, a "
                           f"masked computation's compress); it has no torch.fx form yet", where=node.source)
 
@@ -215,6 +227,14 @@ def _op_call(node, device: torch.device, size_of_own=None):
                 for r, dtype in zip(raws, loop.dtypes)]
         out = torch.ops.looplift.loop(raws, [env.lengths(d) for d in loop.length_dims],
                                       [env.size(d) for d in loop.size_dims], key)
+        if loop.beam is not None:   # (the beam's size after the loop)
+            *out, width = out
+            # (a search keeps one slot at least: its first step runs on one)
+            torch._check(width.shape[0] >= 1)
+            for i in loop.stacks:
+                if loop.beam in loop.outputs[i][0]:
+                    torch._check(out[i].shape[loop.outputs[i][0].index(loop.beam)] >= 1)
+            env.sizes[loop.beam] = width.shape[0]
         if loop.own is not None:   # (its dim's size and lengths, for what comes after the loop)
             *out, lengths, size = out
             n = size.shape[0]
@@ -259,9 +279,15 @@ def _loop_fake(raws, lengths, sizes, loop):
     size = dict(zip(entry.size_dims, sizes))
     if entry.own is not None:   # (as many steps as the loop runs: known once it ran)
         size[entry.own] = torch.library.get_ctx().new_dynamic_size()
+    sizes = [size] * len(entry.outputs)
+    if entry.beam is not None:   # (as wide as the last step's prune kept, a stack its widest step: known once run)
+        ctx = torch.library.get_ctx()
+        size[entry.beam] = ctx.new_dynamic_size()
+        for i in entry.stacks:
+            sizes[i] = {**size, entry.beam: ctx.new_dynamic_size()}
     device = raws[0].device if raws else entry.device
-    return [torch.empty([d.size if d.size is not None else size[d] for d in dims], dtype=dtype, device=device)
-            for dims, dtype in entry.outputs]
+    return [torch.empty([d.size if d.size is not None else at[d] for d in dims], dtype=dtype, device=device)
+            for (dims, dtype), at in zip(entry.outputs, sizes)]
 
 
 def _loop_setup(ctx, inputs, output):
