@@ -461,6 +461,7 @@ class Loop:
                          for slot in self.slots.values() for i in slot.tensor_leaves],
             stop_at_max_len=searching,
             beam=(search.beam, search.next) if searching and search.dynamic else None,
+            fixed_beam=search.beam if searching and not search.dynamic else None,
             also_steps=self.axis if steps is not self.axis else None)
         initial = [slot.initial[i] for slot in self.slots.values() for i in slot.tensor_leaves]
         # (a search's stacks are backtracked into the user's tensors after the loop)

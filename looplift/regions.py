@@ -66,6 +66,9 @@ class LoopSpec:
     #: a search whose beam size changes per step: (the loop's beam, the pruned beam). Each step runs with
     #: the beam as wide as the previous step's prune kept (the first with 1)
     beam: tuple[Dim, Dim] | None = None
+    #: a search whose beam has a fixed size: that beam. Its hypotheses start as the first one repeated (the
+    #: others invalid), so the optimized run may run the first step on one slot
+    fixed_beam: Dim | None = None
     #: a search over a dim of its own steps over `axis`, a dim of its own too: the loop's dim (whose history
     #: ``cum_concat`` keeps) is stepped alongside
     also_steps: Dim | None = None

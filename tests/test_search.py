@@ -33,6 +33,7 @@ from error_helpers import marked_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from loop_helpers import align_to
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import looplift as ll
 
@@ -259,6 +260,31 @@ def test_reference_interpreter_gives_the_same_nbest():
     got, ref = run_nbest(prog, x), run_nbest(prog, x, reference=True)
     assert_same_nbest(got, ref)
     assert_same_nbest(got, [py_beam_search(dec.torch_step, x[b], 4, 3, 4) for b in range(3)])
+
+
+
+def test_the_first_step_runs_on_one_slot_of_the_beam():
+    """At the start every hypothesis is the first one repeated: the optimized run computes the first step's
+    decoder on one slot per entry (the reference on all), and the n-best is the same."""
+    dec = Decoder(4, 11)
+    x = initial_states(3, 11)
+    prog = search_program(dec, beam=3, max_len=4)
+    rows = {}
+
+    class Tanh(TorchDispatchMode):   # (the decoder's tanh: its rows, call by call)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.tanh.default:
+                rows.setdefault(self.run, []).append(args[0].numel() // H.size)
+            return func(*args, **(kwargs or {}))
+
+    for run in ("optimized", "reference"):
+        mode = Tanh()
+        mode.run = run
+        with mode:
+            got = run_nbest(prog, x, reference=run == "reference")
+        assert_same_nbest(got, [py_beam_search(dec.torch_step, x[b], 4, 3, 4) for b in range(3)])
+    assert rows["optimized"][0] == 3 and rows["reference"][0] == 3 * 3, rows
+    assert rows["optimized"][1:] == rows["reference"][1:] == [3 * 3] * (len(rows["reference"]) - 1), rows
 
 
 # ---------------------------------------------------------------------------------------------------------

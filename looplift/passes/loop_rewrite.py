@@ -379,7 +379,8 @@ class LoopRewrite:
             freeze=freeze or (spec.end is not None and not spec.own_dim and bool(stack_values)),
             freeze_past_length=freeze or spec.freeze_past_length and not (spec.end is not None
                                                                          and not spec.own_dim),
-            stop_at_max_len=spec.stop_at_max_len, beam=spec.beam, also_steps=spec.also_steps)
+            stop_at_max_len=spec.stop_at_max_len, beam=spec.beam, fixed_beam=spec.fixed_beam,
+            also_steps=spec.also_steps)
         new_node = new_spec.add_node(self.parent, [self.initial[k] for k in self.kept])
         for v in lasts:
             new_spec.add_last(v)

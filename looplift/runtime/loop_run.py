@@ -81,6 +81,11 @@ class LoopRun:
                                                 and not spec.own_dim)
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
         self.compact = _compact.plan(spec) if compact else None
+        #: a search with a fixed beam, optimized: its first step runs on the first slot (the others repeat it
+        #: and are invalid), the position of the beam in each captured value and state (None: it has none)
+        first = spec.fixed_beam if compact else None
+        self.first_slot = None if first is None else (
+            first, [v.dims.index(first) if first in v.dims else None for v in spec.captured + spec.placeholders])
 
     @torch.compiler.disable   # (traced by torch.compile, the loop would be unrolled: compiled anew per length)
     def __call__(self, env, *raws):
@@ -137,6 +142,8 @@ class LoopRun:
                 step_env.sizes[spec.beam[0]] = width
             if rows.step_env is outer:
                 results = run_body(step_env, captured + state)
+            elif t == 0 and self.first_slot is not None:
+                results = run_first(step_env, self._first_slot(step_env, captured + state))
             else:
                 results = run_first(step_env, captured + state)
                 if run_first is not run_body:
@@ -184,6 +191,15 @@ class LoopRun:
                   for value, v in zip(lasts, last_vals)]
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
+
+    def _first_slot(self, step_env, raws: list) -> list:
+        """The first step's inputs on the beam's first slot, the beam one wide in `step_env`: at the start every
+        hypothesis is the first one repeated, and only it is valid (the prune pads the next beam to its size;
+        the states after the step are over it)."""
+        beam, positions = self.first_slot
+        step_env.sizes[beam] = 1
+        return [v.narrow(pos, 0, 1) if pos is not None and isinstance(v, torch.Tensor) and v.shape[pos] > 1 else v
+                for v, pos in zip(raws, positions)]
 
     def _ends_only_at_length(self, captured: list, axis_len: torch.Tensor, n_steps: int) -> bool:
         """Whether the loop can run without per-entry bookkeeping: a loop over an axis whose end condition
