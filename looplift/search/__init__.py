@@ -34,7 +34,8 @@ does the bookkeeping when the step ends:
 
 At the first step all hypotheses are the same (the states have no beam yet):
 only the first is valid; invalid hypotheses have score ``-inf`` and are never
-chosen while a valid candidate is left.
+chosen while a valid candidate is left. The optimized run computes that first
+step on the first slot alone (the reference interpreter on all of them).
 
 The atomic ops and ``choice`` are in :mod:`looplift.search.step`; the
 bookkeeping of a step's end and the backtracking after the loop in
