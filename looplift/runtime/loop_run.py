@@ -142,10 +142,11 @@ class LoopRun:
                 step_env.sizes[spec.beam[0]] = width
             if rows.step_env is outer:
                 results = run_body(step_env, captured + state)
-            elif t == 0 and self.first_slot is not None:
-                results = run_first(step_env, self._first_slot(step_env, captured + state))
             else:
-                results = run_first(step_env, captured + state)
+                inputs = captured + state
+                if t == 0 and self.first_slot is not None:
+                    inputs = self._first_slot(step_env, inputs)
+                results = run_first(step_env, inputs)
                 if run_first is not run_body:
                     rows.step_env.mark_dynamic()   # (what the compiled steps read of it: any size)
                 outer = rows.step_env
