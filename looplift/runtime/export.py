@@ -127,10 +127,10 @@ class _Call:
         self.device = device
         #: the dim the call makes (a loop's own dim: its size and lengths known once it ran), else None
         self.own = None
-        self.stacks = range(0)
         #: a search's beam whose size changes per step: given its size before the loop, its size after the loop
-        #: is known once the loop ran
-        self.beam = None
+        #: is known once the loop ran; and the outputs that are stacks (each step's frames padded to the
+        #: widest step's, which may be wider than the last)
+        self.beam, self.stacks = None, range(0)
         outside = list(node.inputs)
         if isinstance(spec, CondSpec):
             self.run = CondRun(spec, executor_runner)
@@ -138,7 +138,6 @@ class _Call:
             self.run = LoopRun(spec, executor_runner)
             self.own = spec.axis.canonical() if spec.own_dim else None
             self.beam = spec.beam[0].canonical() if spec.beam is not None else None
-            #: the stacked outputs: over a changing beam, each step's frames are padded to the widest step's
             self.stacks = range(len(spec.new_states), len(spec.new_states) + len(spec.stacks))
             outside = [*spec.captured, *spec.placeholders, spec.axis]
         else:   # (a search's backtracking: the dim it makes is as long as its steps, the first dim of its output)
@@ -279,12 +278,12 @@ def _loop_fake(raws, lengths, sizes, loop):
     size = dict(zip(entry.size_dims, sizes))
     if entry.own is not None:   # (as many steps as the loop runs: known once it ran)
         size[entry.own] = torch.library.get_ctx().new_dynamic_size()
+    if entry.beam is not None:   # (as wide as the last step's prune kept: known once it ran)
+        size[entry.beam] = torch.library.get_ctx().new_dynamic_size()
     sizes = [size] * len(entry.outputs)
-    if entry.beam is not None:   # (as wide as the last step's prune kept, a stack its widest step: known once run)
-        ctx = torch.library.get_ctx()
-        size[entry.beam] = ctx.new_dynamic_size()
+    if entry.beam is not None:   # (a stack as wide as its widest step, a symbol of its own)
         for i in entry.stacks:
-            sizes[i] = {**size, entry.beam: ctx.new_dynamic_size()}
+            sizes[i] = {**size, entry.beam: torch.library.get_ctx().new_dynamic_size()}
     device = raws[0].device if raws else entry.device
     return [torch.empty([d.size if d.size is not None else at[d] for d in dims], dtype=dtype, device=device)
             for (dims, dtype), at in zip(entry.outputs, sizes)]
