@@ -92,8 +92,8 @@ def test_nodes_the_outputs_do_not_need_are_not_run():
 
 
 def test_a_value_is_freed_after_its_last_use():
-    # exp's result is read only by the tanh: while the log after it runs, nothing should hold it any more
-    # (a hand-written model's temporaries are freed so; holding all of them raises a call's peak memory)
+    """exp's result is read only by the tanh: while the log after it runs, nothing holds it any more (as a
+    hand-written model's temporaries are freed; holding all of them would raise a call's peak memory)."""
     alive = {}
 
     class Watch(TorchDispatchMode):
