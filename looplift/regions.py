@@ -149,11 +149,38 @@ def mixes_entries(body: Graph, dim: Dim) -> bool:
         if node.region is not None:
             if any(mixes_entries(graph, dim) for graph, _ in node.region.regions()):
                 return True
-        elif any(dim in t.dims for t in node.inputs) and not all(dim in o.dims for o in node.outputs):
-            return True
-        elif node.op not in _LAYOUT_OPS and _names(node.attrs, dim.name):
+        elif _mixes(node, dim):
             return True
     return False
+
+
+def first_step_on_one_slot(spec: LoopSpec) -> bool:
+    """Whether a search with a fixed beam (``spec.fixed_beam``) computes exactly the same hypotheses when its
+    first step runs on the beam's first slot alone (its captured values and states cut to it): at the start
+    every hypothesis is the first one repeated, and only it is valid. So where no node draws random numbers
+    (their stream would change) or runs a region, and no node but the prune and a gather (a reorder by the
+    sources) mixes the slots of a value computed from the cut ones; a value with the beam from the prune's
+    results is as wide as the beam again."""
+    beam = spec.fixed_beam
+    cut = {id(t) for t in [*spec.captured, *spec.placeholders] if beam in t.dims}
+    for node in spec.body.nodes:
+        if node.random or node.region is not None:
+            return False
+        with_beam = [t for t in node.inputs if beam in t.dims]
+        if not any(id(t) in cut for t in with_beam):
+            continue
+        if node.op not in ("prune", "gather") and _mixes(node, beam):
+            return False
+        if all(id(t) in cut for t in with_beam):   # (else it broadcasts to the whole beam)
+            cut.update(id(o) for o in node.outputs if beam in o.dims)
+    return True
+
+
+def _mixes(node, dim: Dim) -> bool:
+    """Whether `node` (not a region) reduces over `dim` or names it (see :func:`mixes_entries`)."""
+    if any(dim in t.dims for t in node.inputs) and not all(dim in o.dims for o in node.outputs):
+        return True
+    return node.op not in _LAYOUT_OPS and _names(node.attrs, dim.name)
 
 
 def _names(value, name: str) -> bool:

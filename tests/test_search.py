@@ -755,6 +755,19 @@ def test_sampling_with_a_beam_keeps_labels_and_scores_together():
             assert abs(s - score_of(dec.torch_step, x[b], q)) <= TOL, (b, q, s, score_of(dec.torch_step, x[b], q))
 
 
+
+def test_a_sampling_search_draws_as_the_reference_interpreter():
+    """A search that draws random numbers runs its first step on every slot (on one it would draw fewer):
+    with the same seed, the optimized run samples the reference interpreter's hypotheses."""
+    dec = Decoder(4, 18, scale=1.0)
+    x = initial_states(4, 18)
+    prog = atomic_program(dec, beam=3, max_len=5, sample=True)
+    torch.manual_seed(5)
+    got = run_nbest(prog, x)
+    torch.manual_seed(5)
+    assert_same_nbest(got, run_nbest(prog, x, reference=True))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # recombination
 

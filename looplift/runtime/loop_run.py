@@ -30,7 +30,7 @@ from .._align import aligner
 from ..dims import Dim
 from ..errors import ExecutionError
 from ..graph import Graph
-from ..regions import LoopSpec
+from ..regions import LoopSpec, first_step_on_one_slot
 from ..tensor import Tensor
 from . import compact as _compact
 
@@ -82,8 +82,8 @@ class LoopRun:
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
         self.compact = _compact.plan(spec) if compact else None
         #: a search with a fixed beam, optimized: its first step runs on the first slot (the others repeat it
-        #: and are invalid), the position of the beam in each captured value and state (None: it has none)
-        first = spec.fixed_beam if compact else None
+        #: and are invalid) where that is exact; the position of the beam in each captured value and state
+        first = spec.fixed_beam if compact and spec.fixed_beam is not None and first_step_on_one_slot(spec) else None
         self.first_slot = None if first is None else (
             first, [v.dims.index(first) if first in v.dims else None for v in spec.captured + spec.placeholders])
 
