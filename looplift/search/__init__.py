@@ -35,7 +35,9 @@ does the bookkeeping when the step ends:
 At the first step all hypotheses are the same (the states have no beam yet):
 only the first is valid; invalid hypotheses have score ``-inf`` and are never
 chosen while a valid candidate is left. The optimized run computes that first
-step on the first slot alone (the reference interpreter on all of them).
+step on the first slot alone (the reference interpreter on all of them), unless
+the step draws random numbers, runs a region, or mixes the slots by other ops
+than the prune and the reorders: then on all of them too.
 
 The atomic ops and ``choice`` are in :mod:`looplift.search.step`; the
 bookkeeping of a step's end and the backtracking after the loop in
