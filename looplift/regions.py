@@ -160,8 +160,10 @@ def first_step_on_one_slot(spec: LoopSpec) -> bool:
     every hypothesis is the first one repeated, and only it is valid. So where no node draws random numbers
     (their stream would change) or runs a region, and no node but the prune and a gather (a reorder by the
     sources) mixes the slots of a value computed from the cut ones; a value with the beam from the prune's
-    results is as wide as the beam again."""
+    results is as wide as the beam again. False for a loop that is no such search."""
     beam = spec.fixed_beam
+    if beam is None:
+        return False
     cut = {id(t) for t in [*spec.captured, *spec.placeholders] if beam in t.dims}
     for node in spec.body.nodes:
         if node.random or node.region is not None:

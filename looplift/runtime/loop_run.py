@@ -83,7 +83,7 @@ class LoopRun:
         self.compact = _compact.plan(spec) if compact else None
         #: a search with a fixed beam, optimized: its first step runs on the first slot (the others repeat it
         #: and are invalid) where that is exact; the position of the beam in each captured value and state
-        first = spec.fixed_beam if compact and spec.fixed_beam is not None and first_step_on_one_slot(spec) else None
+        first = spec.fixed_beam if compact and first_step_on_one_slot(spec) else None
         self.first_slot = None if first is None else (
             first, [v.dims.index(first) if first in v.dims else None for v in spec.captured + spec.placeholders])
 
