@@ -103,6 +103,10 @@ class Node:
     keeps_run_memory: bool = False
     #: Dims in whose padding the output is exactly zero (so a consumer need not mask it again).
     zero_padding: tuple[Dim, ...] = ()
+    #: Dims in whose padding the output may hold a non-finite number (NaN, inf), where the parameters are
+    #: finite and the program's inputs are within their lengths; None: not known (anywhere, any dim). A dot
+    #: leaves an operand's padding as it is where it is finite and the other operand's is zero.
+    nonfinite_padding: tuple[Dim, ...] | None = None
     #: CONSTANT: the Python number.
     value: bool | int | float | None = None
     #: The ``looplift.MaskedComputation`` whose block traced this node, or None.
@@ -159,6 +163,9 @@ class Graph:
             source: str | None = None, **fields) -> Node:
         """Append a node computing `outputs` (``(dims, dtype, sparse_dim)`` each); `fields` are typed
         :class:`Node` fields (``region``, ``makes_dims``, ``random``, ...)."""
+        if "nonfinite_padding" not in fields and not any(dtype.is_floating_point or dtype.is_complex
+                                                         for _, dtype, _ in outputs):
+            fields["nonfinite_padding"] = ()   # (integers and booleans are finite)
         node = Node(op, inputs, kernel, attrs or {}, source=source or user_source_line(), graph=self, **fields)
         node.outputs = [Tensor(dims, dtype, sparse_dim=sparse, node=node, index=i)
                         for i, (dims, dtype, sparse) in enumerate(outputs)]

@@ -133,7 +133,8 @@ def param_tensor(graph: _graph.Graph, module: Module, name: str) -> Tensor:
     while root.parent is not None:
         root = root.parent
     node = root.add("param", (), lambda env: params[name], [(dims, raw.dtype, None)],
-                    attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}")
+                    attrs={"module": module, "name": name}, source=f"{type(module).__name__}.{name}",
+                    nonfinite_padding=())
     first_other = next((i for i, n in enumerate(root.nodes) if n.op != "param"), len(root.nodes) - 1)
     root.nodes.insert(first_other, root.nodes.pop())
     tensor = graph.params[key] = node.outputs[0]

@@ -206,7 +206,8 @@ class Program:
                     s = _spec_of(x)
                     _check_dims(s.dims, f"input {i}")
                     node = graph.add("input", (), None, [(s.dims, s.dtype, s.sparse_dim)],
-                                     attrs={"index": i}, source=f"<program input {i}>")
+                                     attrs={"index": i}, source=f"<program input {i}>",
+                                     nonfinite_padding=tuple(d for d in s.dims if d.is_dynamic))
                     inputs.append(node.outputs[0])
                     symbolic.append(node.outputs[0])
                 else:

@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from padding_helpers import (
     DTYPE,
+    FILLS,
     B,
     Case,
     Inp,
@@ -166,6 +167,25 @@ class EncoderClassifier(ll.Module):
                 "ce": ll.sum(ll.cross_entropy(logits, ll.argmax(logits, axis=V), axis=V), axis=T // 2)}
 
 
+class AttentionOver(ll.Module):
+    """An attention of a query over values made of the input: an LSTM's output projected, or labels embedded
+    and projected. Both are finite in their padding (an LSTM's output is zero there, an embedding's rows are
+    parameters), so the attention multiplies them by its zero weights as they are (nothing clears them)."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+        self.first = ll.nn.LSTM(F, H) if source == "lstm" else ll.nn.Embedding(V, H)
+        self.values = ll.nn.Linear(H, G)
+        self.query = ll.nn.Linear(F, G)
+
+    def forward(self, q, x):
+        h = self.first(x, axis=T)[0] if self.source == "lstm" else self.first(x)
+        values = self.values(h)
+        weights = ll.softmax(ll.dot(self.query(q), values, reduce=G), axis=T)
+        return {"weights": weights, "context": ll.dot(weights, values, reduce=T)}
+
+
 # -- the cases ---------------------------------------------------------------------------------
 
 CASES = [
@@ -282,6 +302,9 @@ CASES = [
                                                                                 axis=T), x, reduce=T)), [Q, X],
          pad_grad="zero", broadcast_grad_fills=FINITE),
     Case("encoder_classifier", EncoderClassifier().to(DTYPE), [LABELS_T]),
+    Case("LSTM_then_attention", AttentionOver("lstm").to(DTYPE), [Q, X], param_pad_grad_fills=FILLS),
+    Case("Embedding_then_attention", AttentionOver("embedding").to(DTYPE), [Q, LABELS_T],
+         param_pad_grad_fills=FILLS),
 ]
 torch.random.set_rng_state(_rng_state)
 BY_NAME = {c.name: c for c in CASES}
@@ -324,6 +347,18 @@ def test_padding_invariance(case, k):
 @pytest.mark.parametrize("case", [c for c in CASES if c.alone], ids=str)
 def test_batch_vs_alone(case, k):
     check_batch_vs_alone(case, fixed_lengths(case, k), extra=1, seed=k)
+
+
+@pytest.mark.parametrize("name, cleared", [("LSTM_then_attention", 0), ("Embedding_then_attention", 0),
+                                           ("attention", 1)])
+def test_a_dot_clears_only_padding_that_may_be_non_finite(name, cleared):
+    """Values finite in their padding (an LSTM's output projected, embedded labels projected) are multiplied
+    by the attention's zero weights as they are; values given as an input, whose padding may hold NaN, are
+    cleared first (the padding invariance of both is checked above, with NaN and inf in the padding)."""
+    case = BY_NAME[name]
+    check_invariance(case, fixed_lengths(case, 0), fills=("nan",))
+    ops = [n.op for n in case.program.traces[-1].optimized.graph.nodes]
+    assert ops.count("clear_padding") + ops.count("make_finite") == cleared, ops
 
 
 # -- random lengths and batch sizes (hypothesis) -------------------------------------------------

@@ -559,6 +559,42 @@ def test_cum_concat_self_attention_is_causal_attention_over_the_sequence():
     assert "gone" in loop, prog.explain()
 
 
+@pytest.mark.parametrize("source", ["labels", "features"])
+def test_history_values_are_made_finite_only_where_their_padding_may_not_be(source):
+    """Over the whole sequence, the attention's weights are zero in the history's padding (and its future),
+    but the values there are the padding frames: values from embedded labels are finite there (rows of the
+    table, whatever the labels in the padding), and are used as they are; values from an input's features
+    (whose padding may hold anything) are made finite first. Either way the step-by-step loop's results."""
+    T = new_time()
+    A = ll.Dim("att", 4)
+    torch.manual_seed(0)
+    emb = ll.nn.Embedding(V, F).to(DTYPE)
+    lq, lk, lv = (ll.nn.Linear(F, A).to(DTYPE) for _ in range(3))
+    modules = [emb, lq, lk, lv]
+
+    def model(x):
+        loop = ll.Loop(axis=T)
+        with loop:
+            x_t = emb(loop.unstack(x)) if source == "labels" else loop.unstack(x)
+            keys, values = ll.cum_concat(lk(x_t)), ll.cum_concat(lv(x_t))
+            w = ll.softmax(ll.dot(lq(x_t), keys, reduce=A), axis=T.history())
+            y = loop.stack(ll.dot(w, values, reduce=T.history()))
+        return y
+
+    prog = ll.compile(model)
+    if source == "labels":   # (labels out of the vocabulary in the padding)
+        labels = torch.randint(0, V.size, (len(LENGTHS), PADDED))
+        labels[torch.arange(PADDED)[None, :] >= LENGTHS[:, None]] = 99
+        x = ll.Named(labels, (B, T), {T: LENGTHS}, sparse_dim=V)
+    else:
+        x = seq_input(T)
+    y = check_equivalent(prog, [x], [p for m in modules for p in m.parameters()])
+    assert torch.isfinite(y.tensor).all()
+    ops = [n.op for n in prog.traces[-1].optimized.graph.nodes]
+    assert ops.count("make_finite") == (0 if source == "labels" else 1), ops
+    assert "gone" in only_loop(prog), prog.explain()
+
+
 def test_cum_concat_of_input_values_read_by_a_carried_state():
     """The history is input-side (its sequence form runs before the loop) but a recurrent state attends to
     it: the loop stays, and reads at step t the history of its t + 1 frames."""

@@ -3,8 +3,9 @@ emitting nodes, broadcasting by dim identity, masking and dim checks."""
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -65,7 +66,8 @@ def constant(value, dtype: torch.dtype | None = None) -> Tensor:
         raise DTypeError(f"cannot use {value!r} as a looplift value")
     dt = dtype or dt
     value = bool(value) if dt == torch.bool else (float(value) if dt.is_floating_point else int(value))
-    return emit(Op.CONSTANT, (), lambda env: value, (), dt, value=value)
+    return emit(Op.CONSTANT, (), lambda env: value, (), dt, value=value,
+                nonfinite_padding=() if math.isfinite(value) else None)
 
 
 def as_tensor(value: Any, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -207,6 +209,27 @@ def require_int(x: Tensor, op: str) -> None:
 
 
 # -- masking over dynamic dims -------------------------------------------------------------
+
+def nonfinite_padding(*inputs: Tensor, dims: Sequence[Dim], cleared: Iterable[Dim] = (),
+                      renamed: Mapping[Dim, Sequence[Dim]] | None = None) -> tuple[Dim, ...] | None:
+    """The ``nonfinite_padding`` of a result over `dims` computed from `inputs` position by position, by an op
+    that gives finite numbers for finite ones (not ``exp``, not a division): the dims in whose padding an
+    input may be non-finite, but those the op clears (`cleared`: zero or finite there) and those the
+    result lacks (the op masks the dims it reduces); `renamed`: an input's dim that is other dims in the
+    result. None where an input's is not known."""
+    renamed = renamed or {}
+    dirty: set[Dim] = set()
+    for t in inputs:
+        if not (t.dtype.is_floating_point or t.dtype.is_complex):
+            continue
+        if t.node is None or t.node.nonfinite_padding is None:
+            return None
+        for d in t.node.nonfinite_padding:
+            dirty.update(renamed.get(d, (d,)))
+    dirty.difference_update(cleared)
+    return tuple(d for d in dims if d in dirty)
+
+
 
 def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
     """Dynamic dims of `x` whose padding would leak into a reduction over `reduced`.

@@ -16,7 +16,7 @@ from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, emit, indexes_with, require_int, to_dtype
+from ._core import as_tensor, broadcast_dims, check_has, emit, indexes_with, nonfinite_padding, require_int, to_dtype
 
 __all__ = ["gather", "embedding", "one_hot"]
 
@@ -84,7 +84,12 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         i = i.reshape(*lead, k, *[1] * n_x).expand(*lead, k, *v.shape[n_shared + 1:])
         return torch.gather(v, n_shared, i).reshape(out_shape)
 
-    return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name})
+    # (the index may pick from the padding of `axis`: what may be non-finite there, anywhere in the result)
+    finite = nonfinite_padding(x, dims=out_dims)
+    if x.node is None or x.node.nonfinite_padding is None or axis in x.node.nonfinite_padding:
+        finite = None
+    return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name},
+                nonfinite_padding=finite)
 
 
 def embedding(table, index) -> Tensor:
@@ -105,7 +110,8 @@ def embedding(table, index) -> Tensor:
                 i = torch.as_tensor(i, device=w.device)
             return F.embedding(i.clamp(0, w.shape[0] - 1), w)
 
-        return emit("embedding", (table, index), kernel, out_dims, table.dtype, attrs={"vocab": vocab.name})
+        return emit("embedding", (table, index), kernel, out_dims, table.dtype, attrs={"vocab": vocab.name},
+                    nonfinite_padding=nonfinite_padding(table, dims=out_dims))
     return gather(table, index=index, axis=vocab)
 
 

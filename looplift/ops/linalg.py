@@ -12,7 +12,17 @@ from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_to_mask, emit, masker, result_dtype
+from ._core import (
+    as_tensor,
+    broadcast_dims,
+    check_has,
+    dim_list,
+    dims_to_mask,
+    emit,
+    masker,
+    nonfinite_padding,
+    result_dtype,
+)
 from .index import meet_beams
 from .math import cast
 from .shape import expand_for_masks
@@ -54,6 +64,18 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         mask_a = ()
     elif mask_b and (mask_a or finite_a) and _zero_padded(b, mask_b):
         mask_b = ()
+    # An operand finite in the padding need not be masked, or made finite, where the other one is zero there
+    # (masked, or zero already): zero times a finite value is zero.
+    zero_a = bool(mask_a) or _zero_padded(a, dims_to_mask(a, red))
+    zero_b = bool(mask_b) or _zero_padded(b, dims_to_mask(b, red))
+    if finite_b and _finite_in(b, dims_to_mask(b, red)):
+        finite_b = False
+    elif finite_a and _finite_in(a, dims_to_mask(a, red)):
+        finite_a = False
+    elif mask_b and zero_a and set(mask_b) <= set(dims_to_mask(a, red)) and _finite_in(b, mask_b):
+        mask_b = ()
+    elif mask_a and zero_b and set(mask_a) <= set(dims_to_mask(b, red)) and _finite_in(a, mask_a):
+        mask_a = ()
     a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)
     a_only = tuple(d for d in a.dims if d not in b.dims)
@@ -73,7 +95,8 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
             return torch.matmul(_blas_ready(x if keep_a else x.permute(perm_a)),
                                 _blas_ready(y if keep_b else y.permute(perm_b)))
 
-        return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+        return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]},
+                    nonfinite_padding=nonfinite_padding(a, b, dims=out_dims))
 
     def kernel(env, x, y):
         if not keep_a:
@@ -89,7 +112,8 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
             return torch.bmm(_blas_ready(x), _blas_ready(y)).view((*bshape, *ashape, *oshape))
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
-    return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]})
+    return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]},
+                nonfinite_padding=nonfinite_padding(a, b, dims=out_dims))
 
 
 def _blas_ready(v: torch.Tensor) -> torch.Tensor:
@@ -103,17 +127,22 @@ def _blas_ready(v: torch.Tensor) -> torch.Tensor:
 def _clear_padding(x: Tensor, masked, finite: bool) -> Tensor:
     """`x` with zeros in the padding of the dims `masked` (or, `finite`: with its padding made finite)."""
     if finite:
-        return emit("make_finite", (x,), _finite, x.dims, x.dtype, sparse_dim=x.sparse_dim)
+        return emit("make_finite", (x,), _finite, x.dims, x.dtype, sparse_dim=x.sparse_dim, nonfinite_padding=())
     if not masked:
         return x
     fill = masker(x.dims, masked, 0)
     return emit("clear_padding", (x,), fill, x.dims, x.dtype, sparse_dim=x.sparse_dim,
-                zero_padding=tuple(masked))
+                zero_padding=tuple(masked), nonfinite_padding=nonfinite_padding(x, dims=x.dims, cleared=masked))
 
 
 def _zero_padded(x: Tensor, masked) -> bool:
     """Whether `x` is known to be zero in the padding of the dims `masked`."""
     return x.node is not None and set(masked) <= set(x.node.zero_padding)
+
+
+def _finite_in(x: Tensor, dims) -> bool:
+    """Whether `x` is known to be finite in the padding of the dims `dims` (see ``Node.nonfinite_padding``)."""
+    return x.node is not None and x.node.nonfinite_padding is not None and not set(dims) & set(x.node.nonfinite_padding)
 
 
 def _needs_dims(x: Tensor, masked) -> bool:
@@ -163,7 +192,8 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
         return F.linear(v if identity_perm else v.permute(perm), w, b)
 
     return emit("linear", inputs, kernel, rest + (out_dim,), x.dtype,
-                attrs={"in_dim": in_dim.name, "out_dim": out_dim.name})
+                attrs={"in_dim": in_dim.name, "out_dim": out_dim.name},
+                nonfinite_padding=nonfinite_padding(*inputs, dims=rest + (out_dim,)))
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them

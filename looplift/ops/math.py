@@ -18,7 +18,7 @@ from .. import trace as _trace
 from .._align import aligner
 from ..errors import ConfigError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, emit, require_float, result_dtype, to_dtype
+from ._core import as_tensor, broadcast_dims, emit, nonfinite_padding, require_float, result_dtype, to_dtype
 from .masking import meet_masked
 
 __all__ = [
@@ -36,28 +36,30 @@ def _sparse_of(*tensors: Tensor):
 
 
 def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = None,
-            keep_sparse: bool = False) -> Tensor:
+            keep_sparse: bool = False, finite: bool = False) -> Tensor:
+    """`finite`: finite numbers give a finite result (see :func:`looplift.ops._core.nonfinite_padding`)."""
     a, b = meet_masked(as_tensor(a), as_tensor(b))
     dims = broadcast_dims(name, a, b)
     dtype = out_dtype or result_dtype(a, b)
     al, bl = aligner(a.dims, dims), aligner(b.dims, dims)
     sparse = _sparse_of(a, b) if keep_sparse else None
-    return emit(name, (a, b), lambda env, x, y: fn(al(x), bl(y)), dims, dtype, sparse_dim=sparse)
+    return emit(name, (a, b), lambda env, x, y: fn(al(x), bl(y)), dims, dtype, sparse_dim=sparse,
+                nonfinite_padding=nonfinite_padding(a, b, dims=dims) if finite else None)
 
 
 def add(a, b) -> Tensor:
     """``a + b``, broadcasting by dim identity."""
-    return _binary("add", operator.add, a, b, keep_sparse=True)
+    return _binary("add", operator.add, a, b, keep_sparse=True, finite=True)
 
 
 def sub(a, b) -> Tensor:
     """``a - b``."""
-    return _binary("sub", operator.sub, a, b, keep_sparse=True)
+    return _binary("sub", operator.sub, a, b, keep_sparse=True, finite=True)
 
 
 def mul(a, b) -> Tensor:
     """``a * b``."""
-    return _binary("mul", operator.mul, a, b)
+    return _binary("mul", operator.mul, a, b, finite=True)
 
 
 def truediv(a, b) -> Tensor:
@@ -88,13 +90,13 @@ def pow(a, b) -> Tensor:  # noqa: A001 - the user-facing name
 def minimum(a, b) -> Tensor:
     """Elementwise minimum."""
     a, b = as_tensor(a), as_tensor(b)
-    return _binary("minimum", _scalar_safe(torch.minimum, result_dtype(a, b)), a, b)
+    return _binary("minimum", _scalar_safe(torch.minimum, result_dtype(a, b)), a, b, finite=True)
 
 
 def maximum(a, b) -> Tensor:
     """Elementwise maximum."""
     a, b = as_tensor(a), as_tensor(b)
-    return _binary("maximum", _scalar_safe(torch.maximum, result_dtype(a, b)), a, b)
+    return _binary("maximum", _scalar_safe(torch.maximum, result_dtype(a, b)), a, b, finite=True)
 
 
 def _scalar_safe(fn: Callable, dtype: torch.dtype) -> Callable:
@@ -184,7 +186,8 @@ def where(cond, a, b) -> Tensor:
                 for v in (x, y))
         return torch.where(torch.as_tensor(c, device=env.device), x, y)
 
-    return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b))
+    return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b),
+                nonfinite_padding=nonfinite_padding(a, b, dims=dims))
 
 
 def cast(x, dtype: str | torch.dtype) -> Tensor:
@@ -195,10 +198,14 @@ def cast(x, dtype: str | torch.dtype) -> Tensor:
         return x
     sparse = x.sparse_dim if not dt.is_floating_point and dt != torch.bool else None
     return emit("cast", (x,), lambda env, v: v.to(dt) if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dt),
-                x.dims, dt, sparse_dim=sparse, attrs={"dtype": str(dt)})
+                x.dims, dt, sparse_dim=sparse, attrs={"dtype": str(dt)},
+                nonfinite_padding=nonfinite_padding(x, dims=x.dims))
 
 
-def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: bool = False) -> Callable:
+def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: bool = False,
+           finite: bool = True) -> Callable:
+    """An elementwise op; `finite`: finite numbers give finite results (not so ``exp``, ``log``, ``sqrt``)."""
+
     def unary(x) -> Tensor:
         x = as_tensor(x)
         if float_only:
@@ -206,7 +213,8 @@ def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: boo
         dtype = x.dtype   # (a Python number, as a state's initial value, is computed in the declared dtype)
         return emit(name, (x,), lambda env, v: fn(v if isinstance(v, torch.Tensor) else
                                                   torch.as_tensor(v, dtype=dtype, device=env.device)),
-                    x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None)
+                    x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None,
+                    nonfinite_padding=nonfinite_padding(x, dims=x.dims) if finite else None)
     unary.__name__ = name
     unary.__doc__ = f"Elementwise ``{name}``."
     return unary
@@ -215,10 +223,10 @@ def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: boo
 neg = _unary("neg", torch.neg, float_only=False)
 abs = _unary("abs", torch.abs, float_only=False)  # noqa: A001
 square = _unary("square", torch.square, float_only=False)
-exp = _unary("exp", torch.exp)
-log = _unary("log", torch.log)
-sqrt = _unary("sqrt", torch.sqrt)
-rsqrt = _unary("rsqrt", torch.rsqrt)
+exp = _unary("exp", torch.exp, finite=False)
+log = _unary("log", torch.log, finite=False)
+sqrt = _unary("sqrt", torch.sqrt, finite=False)
+rsqrt = _unary("rsqrt", torch.rsqrt, finite=False)
 sin = _unary("sin", torch.sin)
 cos = _unary("cos", torch.cos)
 relu = _unary("relu", torch.relu)
@@ -237,7 +245,7 @@ def leaky_relu(x, negative_slope: float = 0.01) -> Tensor:
     x = as_tensor(x)
     require_float(x, "leaky_relu")
     return emit("leaky_relu", (x,), lambda env, v: F.leaky_relu(v, negative_slope), x.dims, x.dtype,
-                attrs={"negative_slope": negative_slope})
+                attrs={"negative_slope": negative_slope}, nonfinite_padding=nonfinite_padding(x, dims=x.dims))
 
 
 def identity(x) -> Tensor:

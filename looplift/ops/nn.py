@@ -11,7 +11,7 @@ from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError
 from ..tensor import Tensor
-from ._core import as_tensor, check_has, dim_list, emit, require_float
+from ._core import as_tensor, check_has, dim_list, emit, nonfinite_padding, require_float
 
 __all__ = ["dropout", "layer_norm"]
 
@@ -40,7 +40,8 @@ def dropout(x, p: float, *, broadcast_over: Sequence[Dim] = ()) -> Tensor:
         return v * noise * scale
 
     # (random: a pass must not compute it once for several steps, which each draw their own mask)
-    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p}, random=True)
+    return emit("dropout", (x,), kernel, x.dims, x.dtype, attrs={"p": p}, random=True,
+                nonfinite_padding=nonfinite_padding(x, dims=x.dims))
 
 
 def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: float = 1e-5) -> Tensor:
@@ -79,7 +80,8 @@ def layer_norm(x, *, axis: Dim | Sequence[Dim], weight=None, bias=None, eps: flo
         return F.layer_norm(v, shape, w, b, eps)
 
     return emit("layer_norm", (x, *(p for p, _ in params)), kernel, out_dims, x.dtype,
-                attrs={"axis": [d.name for d in dims], "eps": eps})
+                attrs={"axis": [d.name for d in dims], "eps": eps},
+                nonfinite_padding=nonfinite_padding(x, *(p for p, _ in params), dims=out_dims))
 
 
 for _name in __all__:  # every public op records its calls, so passes can replay them

@@ -16,7 +16,7 @@ from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral, require_float
+from ._core import as_tensor, check_has, dim_list, dims_to_mask, emit, masker, neutral, nonfinite_padding, require_float
 from .shape import expand_for_masks
 
 __all__ = ["sum", "mean", "max", "min", "logsumexp", "argmax", "softmax", "log_softmax", "cumsum"]
@@ -128,7 +128,8 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
         require_float(x, name)
         ax = axes[0]
         if not masked:
-            return emit(name, (x,), lambda env, v: torch_fn(v, ax), x.dims, x.dtype, attrs={"axis": axis.name})
+            return emit(name, (x,), lambda env, v: torch_fn(v, ax), x.dims, x.dtype, attrs={"axis": axis.name},
+                        nonfinite_padding=nonfinite_padding(x, dims=x.dims))
         x_dims = x.dims
         # softmax gives exact zeros in the padding already, but for rows with no valid frame at all (NaN
         # there): only an axis whose entries can be empty needs the result masked again
@@ -143,7 +144,8 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
             return out.masked_fill(pad, 0.0)
 
         # (the padding of the result is zero: a dot over it need not mask it again)
-        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name}, zero_padding=masked)
+        return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name}, zero_padding=masked,
+                    nonfinite_padding=nonfinite_padding(x, dims=x.dims, cleared=masked))
     normalize.__name__ = name
     normalize.__doc__ = (f"``{name}`` over `axis`; padding positions do not take part in the "
                          "normalization, and the result there is 0.")

@@ -28,7 +28,7 @@ from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, emit_many
+from ._core import as_tensor, broadcast_dims, check_has, emit_many, nonfinite_padding
 from .shape import expand_for_masks
 
 __all__ = ["lstm_cell", "lstm_cell_gates", "gru_cell", "rnn_sequence"]
@@ -77,7 +77,8 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
 
     outputs = [(batch + (hidden,), x.dtype, None)] * len(state)
     return emit_many(kind, (x, *state, *weights), kernel, outputs,
-                     attrs={"in_dim": in_dim.name, "hidden": hidden.name})
+                     attrs={"in_dim": in_dim.name, "hidden": hidden.name},
+                     nonfinite_padding=nonfinite_padding(x, *state, *weights, dims=batch + (hidden,)))
 
 
 def lstm_cell(x, state: tuple, weights: Sequence, *, in_dim: Dim, hidden: Dim) -> tuple[Tensor, Tensor]:
@@ -138,8 +139,9 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim, bias
         return h_new.reshape(*shape, -1), c_new.reshape(*shape, -1)
 
     outputs = [(batch + (hidden,), gates.dtype, None)] * 2
-    h, c = emit_many("lstm_cell_gates", (gates, h, c, weight_hh, bias_ih, bias_hh), kernel, outputs,
-                     attrs={"hidden": hidden.name, "bias": bias})
+    inputs = (gates, h, c, weight_hh, bias_ih, bias_hh)
+    h, c = emit_many("lstm_cell_gates", inputs, kernel, outputs, attrs={"hidden": hidden.name, "bias": bias},
+                     nonfinite_padding=nonfinite_padding(*inputs, dims=batch + (hidden,)))
     return h, c
 
 
@@ -236,8 +238,9 @@ def rnn_sequence(kind: str, x, initial: Sequence, weights: Sequence, *, axis: Di
     outputs = [((axis,) + batch + (out_dim,), x.dtype, None)]
     outputs += [(batch + (hidden,), x.dtype, None)] * len(initial)
     # (the output is zero in the padding of `axis`, as pad_packed_sequence leaves it: a dot over it need not
-    # mask it; the final states have no `axis`)
-    return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs,
+    # mask it; the final states have no `axis`; an entry's frames never meet its padding frames)
+    finite = nonfinite_padding(x, *initial, *weights, dims=(axis,) + batch, cleared=(axis,))
+    return emit_many(f"{kind}_sequence", (x, *initial, *weights), kernel, outputs, nonfinite_padding=finite,
                      attrs={"axis": axis.name, "in_dim": in_dim.name, "hidden": hidden.name,
                             "bidirectional": bidirectional, "num_layers": num_layers, "dropout": drop},
                      random=drop > 0, zero_padding=(axis,) if axis.is_dynamic else ())

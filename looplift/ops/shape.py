@@ -20,7 +20,18 @@ from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, dim_list, dims_str, emit, emit_many, masker, to_dtype
+from ._core import (
+    as_tensor,
+    broadcast_dims,
+    check_has,
+    dim_list,
+    dims_str,
+    emit,
+    emit_many,
+    masker,
+    nonfinite_padding,
+    to_dtype,
+)
 
 __all__ = ["expand", "concat", "split", "slice", "pad", "split_dims", "merge_dims", "full", "zeros", "ones",
            "range_over_dim", "length", "replace_dim", "shift_right"]
@@ -60,7 +71,7 @@ def expand(x, dims: Sequence[Dim]) -> Tensor:
         return v.expand(*v.shape[:n], *_sizes(env, new))
 
     return emit("expand", (x,), kernel, out_dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"dims": [d.name for d in new]})
+                attrs={"dims": [d.name for d in new]}, nonfinite_padding=nonfinite_padding(x, dims=out_dims))
 
 
 def to_layout(x, dims: Sequence[Dim]) -> Tensor:
@@ -77,7 +88,7 @@ def to_layout(x, dims: Sequence[Dim]) -> Tensor:
         return x
     perm = tuple(x.dims.index(d) for d in layout)
     return emit("transpose", (x,), lambda env, v: v.permute(perm), layout, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"dims": [d.name for d in layout]})
+                attrs={"dims": [d.name for d in layout]}, nonfinite_padding=nonfinite_padding(x, dims=layout))
 
 
 def replace_dim(x, axis: Dim, new: Dim) -> Tensor:
@@ -91,7 +102,8 @@ def replace_dim(x, axis: Dim, new: Dim) -> Tensor:
     dims = tuple(new if d is axis.canonical() else d for d in x.dims)
     broadcast_dims("replace_dim", dims)
     return emit("replace_dim", (x,), lambda env, v: v, dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"axis": axis.name, "new": new.name})
+                attrs={"axis": axis.name, "new": new.name},
+                nonfinite_padding=nonfinite_padding(x, dims=dims, renamed={axis: (new,)}))
 
 
 def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = None) -> Tensor:
@@ -187,8 +199,10 @@ def concat(*xs, axis: Dim | Sequence[Dim] | None = None, out_dim: Dim | None = N
 
     # Labels stay labels (e.g. a BOS label prepended to a label sequence).
     sparse = xs[0].sparse_dim if all(x.sparse_dim is xs[0].sparse_dim for x in xs) else None
+    # (along a dynamic dim, frames move: what may be non-finite in the padding of one is not known after it)
+    finite = None if any(d.is_dynamic for d in axes) else nonfinite_padding(*xs, dims=out_dims)
     return emit("concat", xs, kernel, out_dims, dtype, sparse_dim=sparse,
-                attrs={"axis": [d.name for d in axes], "out_dim": result.name})
+                attrs={"axis": [d.name for d in axes], "out_dim": result.name}, nonfinite_padding=finite)
 
 
 def _lengths_over(env, d: Dim, dims: Sequence[Dim]):
@@ -348,7 +362,8 @@ def split_dims(x, axis: Dim, dims: Sequence[Dim | None]) -> Tensor:
         return v.reshape(*v.shape[:pos], n_outer, *inner_sizes, *v.shape[pos + 1:])
 
     return emit("split_dims", (x,), kernel, out_dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"axis": axis.name, "dims": [d.name for d in (outer, *inner)]})
+                attrs={"axis": axis.name, "dims": [d.name for d in (outer, *inner)]},
+                nonfinite_padding=nonfinite_padding(x, dims=out_dims, cleared=(axis,)))   # (its padding: zeros)
 
 
 def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
@@ -377,7 +392,8 @@ def merge_dims(x, dims: Sequence[Dim], out_dim: Dim | None = None) -> Tensor:
         return v.reshape(*v.shape[:n], -1)
 
     return emit("merge_dims", (x,), kernel, out_dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"dims": [d.name for d in dims], "out_dim": result.name})
+                attrs={"dims": [d.name for d in dims], "out_dim": result.name},
+                nonfinite_padding=nonfinite_padding(x, dims=out_dims, cleared=dims))   # (its padding: zeros)
 
 
 def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = None,
@@ -404,7 +420,8 @@ def full(value, dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = N
         raise DimError(f"full: the label {value} is not in its sparse_dim {sparse_dim.name!r} "
                        f"(0..{sparse_dim.size - 1})")
     return emit("full", (), lambda env: torch.full(_sizes(env, dims), value, dtype=dt, device=env.device),
-                dims, dt, sparse_dim=sparse_dim, attrs={"value": value})
+                dims, dt, sparse_dim=sparse_dim, attrs={"value": value},
+                nonfinite_padding=() if math.isfinite(value) else None)
 
 
 def zeros(dims: Sequence[Dim] = (), *, dtype: str | torch.dtype | None = None) -> Tensor:
@@ -441,7 +458,7 @@ def shift_right(x, *, axis: Dim, initial) -> Tensor:
         return torch.cat([first, v.narrow(pos, 0, max(v.shape[pos] - 1, 0))], pos).narrow(pos, 0, v.shape[pos])
 
     return emit("shift_right", (x, initial), kernel, x.dims, x.dtype, sparse_dim=x.sparse_dim,
-                attrs={"axis": axis.name})
+                attrs={"axis": axis.name}, nonfinite_padding=nonfinite_padding(x, initial, dims=x.dims))
 
 
 def range_over_dim(axis: Dim, *, dtype: str | torch.dtype = torch.int64) -> Tensor:

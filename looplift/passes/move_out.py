@@ -100,6 +100,7 @@ class Rewriter:
         new = graph.add(node.op, inputs, node.kernel, [(t.dims, t.dtype, t.sparse_dim) for t in node.outputs],
                         dict(node.attrs), node.source, region=region, makes_dims=node.makes_dims,
                         random=node.random, zero_padding=node.zero_padding, value=node.value,
+                        nonfinite_padding=node.nonfinite_padding,
                         masked_block=node.masked_block, on_behalf_of=node.on_behalf_of,
                         keeps_run_memory=node.keeps_run_memory)
         new.call = node.call
