@@ -235,7 +235,8 @@ def split(x, axis: Dim, parts: Sequence[Dim] | None = None) -> tuple[Tensor, ...
     sizes = [p.size for p in parts]
     outputs = [(tuple(p if d is axis else d for d in x.dims), x.dtype, x.sparse_dim) for p in parts]
     return tuple(emit_many("split", (x,), lambda env, v: tuple(torch.split(v, sizes, dim=pos)), outputs,
-                           attrs={"axis": axis.name, "parts": [p.name for p in parts]}))
+                           attrs={"axis": axis.name, "parts": [p.name for p in parts]},
+                           nonfinite_padding=nonfinite_padding(x, dims=x.dims)))   # (a static axis: no padding)
 
 
 def slice(x, axis: Dim, start: int = 0, end: int | None = None) -> Tensor:  # noqa: A001
@@ -256,7 +257,8 @@ def slice(x, axis: Dim, start: int = 0, end: int | None = None) -> Tensor:  # no
         new = axis.derived(("slice", lo, hi), lambda: _static_slice_dim(axis, lo, hi))
         index = (builtins_slice(None),) * pos + (builtins_slice(lo, hi),)
         return emit("slice", (x,), lambda env, v: v[index], _swap(x.dims, axis, new), x.dtype,
-                    sparse_dim=x.sparse_dim, attrs={"axis": axis.name, "start": lo, "end": hi})
+                    sparse_dim=x.sparse_dim, attrs={"axis": axis.name, "start": lo, "end": hi},
+                    nonfinite_padding=nonfinite_padding(x, dims=x.dims))
     if start < 0 or (end is not None and end >= 0):
         raise DimError(f"slice along the dynamic dim {axis.name!r} takes start >= 0 and end None or < 0 "
                        f"(per sequence from its end), got start={start}, end={end}")
