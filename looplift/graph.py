@@ -67,6 +67,9 @@ class Region(Protocol):
 #: ``kernel(env, *raw_inputs)``: the raw torch output, or a tuple of them for a node with several outputs.
 #: A kernel may offer ``kernel.for_outputs(used)`` (`used`: per output, whether anything reads it): the kernel
 #: to run when only those are read, which may return None for the others (the runtime asks it once per graph).
+#: A kernel may say ``kernel.fresh = True``: its result is a new tensor (or a Python number), whose memory no
+#: other value shares; and offer ``kernel.for_owned(owned)`` (`owned`: per input, whether it is such a
+#: result that nothing else reads): the kernel to run when it may overwrite those inputs (the executor asks).
 Kernel = Callable[..., Any]
 
 

@@ -113,6 +113,42 @@ def test_a_value_is_freed_after_its_last_use():
     torch.testing.assert_close(got, torch.log(torch.tanh(torch.exp(x.tensor)) + 2.0))
     assert alive == {"exp": False}
 
+
+@pytest.mark.parametrize("read_again", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_sum_adds_into_a_new_operand_that_only_it_reads(read_again, grad):
+    """Without gradients, a sum whose operand is a new tensor (a product) that nothing else reads adds into it
+    in place, as a hand-written model writes ``p.add_(1.5)`` into a temporary of its own. An operand read
+    again keeps its values, and with gradients nothing is overwritten."""
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    def model(x, y):
+        p = x * y
+        s = p + 1.5
+        return (s, p) if read_again else (s,)
+
+    x, y = _x(), _x()
+    x.tensor.requires_grad_(grad)
+    prog = ll.compile(model, mode="eval")
+    with torch.set_grad_enabled(grad):
+        prog(x, y)   # (traced)
+        with Watch():
+            results = prog(x, y)
+        want = x.tensor * y.tensor
+    torch.testing.assert_close(results[0].tensor, want + 1.5, rtol=0, atol=0)
+    if read_again:
+        torch.testing.assert_close(results[1].tensor, want, rtol=0, atol=0)
+    assert (torch.ops.aten.add_ in seen) == (not read_again and not grad), seen
+    if grad:
+        (g,) = torch.autograd.grad(results[0].tensor.sum(), [x.tensor])
+        torch.testing.assert_close(g, y.tensor, rtol=0, atol=0)
+
+
 def test_trace_ahead_from_specs():
     prog = ll.compile(lambda x: ll.mean(x, axis=T), mode="eval")
     trace = prog.trace(ll.Spec((B, T, F), torch.float64))

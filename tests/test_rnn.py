@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import looplift as ll
 from looplift.errors import DimError
@@ -381,6 +382,41 @@ def test_a_step_from_gates_that_hold_the_biases_equals_torch_lstm_cell(grad):
         want = torch.autograd.grad((ref_h * 1.5 + ref_c).sum(), [x, h, c, *cell.parameters()])
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("read_again", [False, True])
+def test_a_step_from_gates_overwrites_only_gates_that_nothing_else_reads(read_again):
+    """Without gradients, gates that are a new sum which only the step reads are the step's to overwrite: it
+    adds ``h @ weight_hh^T`` into them in place (no copy of them). Gates read again after the step are left
+    as they were: the step adds into a new tensor. Either way the values of torch.lstm_cell."""
+    module, cell = cell_pair("lstm", torch.float64)
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def model(x, h, c):
+        projected = ll.dot(x, module.weight_ih_l0, reduce=F) + (module.bias_ih_l0 + module.bias_hh_l0)
+        out, state = module.step_from_gates(projected, state=(h, c), bias=False)
+        return (out, state.c, projected * 1.0) if read_again else (out, state.c)
+
+    torch.manual_seed(7)
+    x, h, c = (torch.randn(3, n, dtype=torch.float64) for n in (F.size, H.size, H.size))
+    prog = ll.compile(model, mode="eval")
+    with torch.no_grad():
+        prog(ll.Named(x, (B, F)), ll.Named(h, (B, H)), ll.Named(c, (B, H)))   # (traced)
+        with Watch():
+            results = prog(ll.Named(x, (B, F)), ll.Named(h, (B, H)), ll.Named(c, (B, H)))
+        ref_h, ref_c = cell(x, (h, c))
+        projected = x @ module.weight_ih_l0.t() + module.bias_ih_l0 + module.bias_hh_l0
+    torch.testing.assert_close(results[0].align(B, H), ref_h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[1].align(B, H), ref_c, rtol=1e-12, atol=1e-12)
+    if read_again:
+        torch.testing.assert_close(results[2].align(B, module.gates), projected, rtol=1e-12, atol=1e-12)
+    assert (torch.ops.aten.addmm_.default in seen) != read_again, seen
+    assert (torch.ops.aten.addmm.default in seen) == read_again, seen
 
 
 def test_a_step_from_gates_needs_the_gate_dim():

@@ -84,6 +84,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         i = i.reshape(*lead, k, *[1] * n_x).expand(*lead, k, *v.shape[n_shared + 1:])
         return torch.gather(v, n_shared, i).reshape(out_shape)
 
+    kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
     # (the index may pick from the padding of `axis`: what may be non-finite there, anywhere in the result)
     finite = nonfinite_padding(x, dims=out_dims)
     if x.node is None or x.node.nonfinite_padding is None or axis in x.node.nonfinite_padding:
@@ -110,6 +111,7 @@ def embedding(table, index) -> Tensor:
                 i = torch.as_tensor(i, device=w.device)
             return F.embedding(i.clamp(0, w.shape[0] - 1), w)
 
+        kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
         return emit("embedding", (table, index), kernel, out_dims, table.dtype, attrs={"vocab": vocab.name},
                     nonfinite_padding=nonfinite_padding(table, dims=out_dims))
     return gather(table, index=index, axis=vocab)

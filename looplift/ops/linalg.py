@@ -95,6 +95,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
             return torch.matmul(_blas_ready(x if keep_a else x.permute(perm_a)),
                                 _blas_ready(y if keep_b else y.permute(perm_b)))
 
+        kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
         return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]},
                     nonfinite_padding=nonfinite_padding(a, b, dims=out_dims))
 
@@ -112,6 +113,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
             return torch.bmm(_blas_ready(x), _blas_ready(y)).view((*bshape, *ashape, *oshape))
         return torch.matmul(x, y).reshape((*bshape, *ashape, *oshape))   # (a tuple: the result may have no dims)
 
+    kernel.fresh = True
     return emit("dot", (a, b), kernel, out_dims, a.dtype, attrs={"reduce": [d.name for d in red]},
                 nonfinite_padding=nonfinite_padding(a, b, dims=out_dims))
 

@@ -6,6 +6,7 @@ operands' dims. They never need masking: padding stays padding.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from collections.abc import Callable
@@ -36,30 +37,50 @@ def _sparse_of(*tensors: Tensor):
 
 
 def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = None,
-            keep_sparse: bool = False, finite: bool = False) -> Tensor:
-    """`finite`: finite numbers give a finite result (see :func:`looplift.ops._core.nonfinite_padding`)."""
+            keep_sparse: bool = False, finite: bool = False, in_place: Callable | None = None,
+            commutes: bool = False) -> Tensor:
+    """`finite`: finite numbers give a finite result (see :func:`looplift.ops._core.nonfinite_padding`);
+    `in_place`: ``fn`` into its first operand (``operator.iadd``), for an operand the kernel may overwrite
+    (`commutes`: either operand)."""
     a, b = meet_masked(as_tensor(a), as_tensor(b))
     dims = broadcast_dims(name, a, b)
     dtype = out_dtype or result_dtype(a, b)
     al, bl = aligner(a.dims, dims), aligner(b.dims, dims)
     sparse = _sparse_of(a, b) if keep_sparse else None
-    return emit(name, (a, b), lambda env, x, y: fn(al(x), bl(y)), dims, dtype, sparse_dim=sparse,
+    def kernel(env, x, y):
+        return fn(al(x), bl(y))
+
+    def into(env, x, y, *, first: bool):
+        # (without gradients, into an operand of the result's shape and dtype that is this kernel's to overwrite)
+        x, y = al(x), bl(y)
+        mine, other = (x, y) if first else (y, x)
+        if (isinstance(mine, torch.Tensor) and mine.dtype == dtype
+                and tuple(mine.shape) == tuple(torch.broadcast_shapes(mine.shape, getattr(other, "shape", ())))
+                and not (torch.is_grad_enabled() and (mine.requires_grad or getattr(other, "requires_grad", False)))):
+            return in_place(mine, other)
+        return fn(x, y)
+
+    kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
+    if in_place is not None:
+        kernel.for_owned = lambda owned: (functools.partial(into, first=True) if owned[0] else
+                                          functools.partial(into, first=False) if owned[1] and commutes else kernel)
+    return emit(name, (a, b), kernel, dims, dtype, sparse_dim=sparse,
                 nonfinite_padding=nonfinite_padding(a, b, dims=dims) if finite else None)
 
 
 def add(a, b) -> Tensor:
     """``a + b``, broadcasting by dim identity."""
-    return _binary("add", operator.add, a, b, keep_sparse=True, finite=True)
+    return _binary("add", operator.add, a, b, keep_sparse=True, finite=True, in_place=operator.iadd, commutes=True)
 
 
 def sub(a, b) -> Tensor:
     """``a - b``."""
-    return _binary("sub", operator.sub, a, b, keep_sparse=True, finite=True)
+    return _binary("sub", operator.sub, a, b, keep_sparse=True, finite=True, in_place=operator.isub)
 
 
 def mul(a, b) -> Tensor:
     """``a * b``."""
-    return _binary("mul", operator.mul, a, b, finite=True)
+    return _binary("mul", operator.mul, a, b, finite=True, in_place=operator.imul, commutes=True)
 
 
 def truediv(a, b) -> Tensor:

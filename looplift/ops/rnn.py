@@ -116,15 +116,18 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim, bias
     h_al, c_al = (aligner(s.dims, batch + (hidden,)) for s in (h, c))
     n = len(batch)
 
-    def kernel(env, g, hv, cv, w_hh, b_ih, b_hh):
+    def kernel(env, g, hv, cv, w_hh, b_ih, b_hh, *, own_gates: bool = False):
         g, hv, cv = g_al(g), h_al(hv), c_al(cv)
         shape = broadcast_shapes(g.shape[:n], hv.shape[:n], cv.shape[:n])
         flat = math.prod(shape)
+        own_gates = own_gates and tuple(g.shape[:n]) == tuple(shape)   # (not broadcast: its own rows)
         g = g.expand(*shape, g.shape[-1]).reshape(flat, g.shape[-1])
         hv = hv.expand(*shape, hv.shape[-1]).reshape(flat, hv.shape[-1])
         cv = cv.expand(*shape, cv.shape[-1]).reshape(flat, cv.shape[-1])
         grads = torch.is_grad_enabled() and any(t.requires_grad for t in (g, hv, cv, w_hh, b_ih, b_hh))
-        if not bias:   # (the gates hold the biases already)
+        if own_gates and not grads:   # (the gates are this kernel's to overwrite: no copy of them)
+            g = (g if not bias else g.add_(b_ih + b_hh)).addmm_(hv, w_hh.t())
+        elif not bias:   # (the gates hold the biases already)
             g = torch.addmm(g, hv, w_hh.t())
         elif grads:
             g = torch.addmm(g + (b_ih + b_hh), hv, w_hh.t())   # (the gates, as torch.lstm_cell sums them)
@@ -138,6 +141,8 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim, bias
         h_new = o * (torch.sigmoid(c_new * 2.0) * 2.0 - 1.0)
         return h_new.reshape(*shape, -1), c_new.reshape(*shape, -1)
 
+    # (an executor whose gates are a new tensor that nothing else reads gives them to the kernel to overwrite)
+    kernel.for_owned = lambda owned: functools.partial(kernel, own_gates=True) if owned[0] else kernel
     outputs = [(batch + (hidden,), gates.dtype, None)] * 2
     inputs = (gates, h, c, weight_hh, bias_ih, bias_hh)
     h, c = emit_many("lstm_cell_gates", inputs, kernel, outputs, attrs={"hidden": hidden.name, "bias": bias},

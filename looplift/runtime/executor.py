@@ -61,8 +61,10 @@ class Executor:
         #: the name of each node's kernel in the generated code's namespace
         self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
+        live = live_nodes(graph, outputs)
+        owned = _owned(live, outputs)
         calls = []   # (node, kernel name, target names, argument names), in order
-        for node in live_nodes(graph, outputs):
+        for node in live:
             kernel = node.kernel
             if node.region is not None:
                 kernel = region_kernel(node, executor_runner)
@@ -70,6 +72,8 @@ class Executor:
                 continue   # a placeholder: fed through `inputs`
             else:
                 kernel = for_outputs(kernel, node, read)
+                if node in owned and hasattr(kernel, "for_owned"):
+                    kernel = kernel.for_owned(owned[node])
             k = self._name_of[node] = f"k{len(kernels)}"
             kernels[k] = kernel
             args = [name[id(t)] for t in node.inputs]
@@ -195,6 +199,30 @@ class Executor:
                 return self._node_at.get(tb.tb_lineno)
             tb = tb.tb_next
         return None
+
+
+def _owned(nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
+    """Per node whose kernel may overwrite inputs (``kernel.for_owned``), which of its inputs it may: a new
+    tensor (its maker's kernel is ``fresh``) that only this node reads, once, and that is no output. A hand-written
+    model does the same where it writes ``x.addmm_(...)`` into a temporary of its own."""
+    reads: dict[int, int] = {}
+    for node in nodes:
+        for t in node.inputs:
+            reads[id(t)] = reads.get(id(t), 0) + 1
+    returned = {id(t) for t in outputs}
+
+    def own(t: Tensor) -> bool:
+        maker = t.node
+        return (reads[id(t)] == 1 and id(t) not in returned and maker is not None and maker.region is None
+                and getattr(maker.kernel, "fresh", False) and len(maker.outputs) == 1)
+
+    found = {}
+    for node in nodes:
+        if node.region is None and hasattr(node.kernel, "for_owned"):
+            which = tuple(own(t) for t in node.inputs)
+            if any(which):
+                found[node] = which
+    return found
 
 
 def executor_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:
