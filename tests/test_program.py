@@ -149,6 +149,28 @@ def test_a_sum_adds_into_a_new_operand_that_only_it_reads(read_again, grad):
         torch.testing.assert_close(g, y.tensor, rtol=0, atol=0)
 
 
+def test_a_loop_step_never_overwrites_a_value_made_before_the_loop():
+    """A new tensor made before a loop (a product) and read once per step by a sum is the same at every step:
+    the step's sum never adds into it, however few times the step's own graph reads it."""
+    def model(x, q):
+        pre = q * 2.0
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.ones([F])
+        with loop:
+            loop.state.h = ll.tanh(pre + loop.state.h) + loop.unstack(x)
+            y = loop.stack(loop.state.h)
+        return y
+
+    x = _x(lengths=(4, 4))
+    q = Named(torch.randn(2, F.size, dtype=torch.float64), (B, F))
+    with torch.no_grad():
+        got = ll.compile(model, mode="eval")(x, q).align(B, T, F)
+    h = torch.ones(2, F.size, dtype=torch.float64)
+    for t in range(4):
+        h = torch.tanh(q.tensor * 2.0 + h) + x.tensor[:, t]
+        torch.testing.assert_close(got[:, t], h, rtol=1e-12, atol=1e-12)
+
+
 def test_trace_ahead_from_specs():
     prog = ll.compile(lambda x: ll.mean(x, axis=T), mode="eval")
     trace = prog.trace(ll.Spec((B, T, F), torch.float64))

@@ -62,7 +62,7 @@ class Executor:
         self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
         live = live_nodes(graph, outputs)
-        owned = _owned(live, outputs)
+        owned = _owned(graph, live, outputs)
         calls = []   # (node, kernel name, target names, argument names), in order
         for node in live:
             kernel = node.kernel
@@ -201,10 +201,12 @@ class Executor:
         return None
 
 
-def _owned(nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
+def _owned(graph: Graph, nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
     """Per node whose kernel may overwrite inputs (``kernel.for_owned``), which of its inputs it may: a new
-    tensor (its maker's kernel is ``fresh``) that only this node reads, once, and that is no output. A hand-written
-    model does the same where it writes ``x.addmm_(...)`` into a temporary of its own."""
+    tensor (its maker's kernel is ``fresh``) made by a node of `graph` itself (not of a graph around it: a
+    loop's step reads the values made before the loop at every step), that only this node reads, once, and
+    that is no output. A hand-written model does the same where it writes ``x.addmm_(...)`` into a temporary
+    of its own."""
     reads: dict[int, int] = {}
     for node in nodes:
         for t in node.inputs:
@@ -213,8 +215,8 @@ def _owned(nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
 
     def own(t: Tensor) -> bool:
         maker = t.node
-        return (reads[id(t)] == 1 and id(t) not in returned and maker is not None and maker.region is None
-                and getattr(maker.kernel, "fresh", False) and len(maker.outputs) == 1)
+        return (reads[id(t)] == 1 and id(t) not in returned and maker is not None and maker.graph is graph
+                and maker.region is None and getattr(maker.kernel, "fresh", False) and len(maker.outputs) == 1)
 
     found = {}
     for node in nodes:
