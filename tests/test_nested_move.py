@@ -107,8 +107,9 @@ def test_the_fused_char_lstm_runs_once_over_the_characters_of_all_words(monkeypa
     n_char = [[2, 4, 1], [3, 1]]
     _check_char_words([3, 2], n_char)
     # one call over the 11 characters of all 5 words (plus one frame for the padding word of the second
-    # entry, which has none: a packed sequence has at least one), one over the 5 words
-    assert sorted(calls) == [5, 11 + 1], calls
+    # entry, which has none: a packed sequence has at least one), one over the 5 words; per optimized run
+    # (the equivalence check runs it with and without gradients)
+    assert sorted(calls) == [5, 5, 11 + 1, 11 + 1], calls
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
