@@ -230,7 +230,6 @@ def nonfinite_padding(*inputs: Tensor, dims: Sequence[Dim], cleared: Iterable[Di
     return tuple(d for d in dims if d in dirty)
 
 
-
 def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
     """Dynamic dims of `x` whose padding would leak into a reduction over `reduced`.
 

@@ -86,9 +86,8 @@ def gather(x, *, index, axis: Dim) -> Tensor:
 
     kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
     # (the index may pick from the padding of `axis`: what may be non-finite there, anywhere in the result)
-    finite = nonfinite_padding(x, dims=out_dims)
-    if x.node is None or x.node.nonfinite_padding is None or axis in x.node.nonfinite_padding:
-        finite = None
+    known = x.node is not None and x.node.nonfinite_padding is not None and axis not in x.node.nonfinite_padding
+    finite = nonfinite_padding(x, dims=out_dims) if known else None
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name},
                 nonfinite_padding=finite)
 

@@ -47,7 +47,7 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     if not dtype.is_floating_point:
         dtype = _trace.current().float_dtype
     a, b = cast(a, dtype), cast(b, dtype)
-    mask_a, mask_b = dims_to_mask(a, red), dims_to_mask(b, red)
+    mask_a, mask_b = all_a, all_b = dims_to_mask(a, red), dims_to_mask(b, red)
     # Masking an operand whose masks need dims it lacks (a history dim, whose lengths run over the
     # query's time) would broadcast it over them. When the other operand's mask covers the same padding,
     # zeros there suffice if this operand's padding is finite: it is made finite instead.
@@ -66,15 +66,15 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
         mask_b = ()
     # An operand finite in the padding need not be masked, or made finite, where the other one is zero there
     # (masked, or zero already): zero times a finite value is zero.
-    zero_a = bool(mask_a) or _zero_padded(a, dims_to_mask(a, red))
-    zero_b = bool(mask_b) or _zero_padded(b, dims_to_mask(b, red))
-    if finite_b and _finite_in(b, dims_to_mask(b, red)):
+    zero_a = bool(mask_a) or _zero_padded(a, all_a)
+    zero_b = bool(mask_b) or _zero_padded(b, all_b)
+    if finite_b and _finite_in(b, all_b):
         finite_b = False
-    elif finite_a and _finite_in(a, dims_to_mask(a, red)):
+    elif finite_a and _finite_in(a, all_a):
         finite_a = False
-    elif mask_b and zero_a and set(mask_b) <= set(dims_to_mask(a, red)) and _finite_in(b, mask_b):
+    elif mask_b and zero_a and set(mask_b) <= set(all_a) and _finite_in(b, mask_b):
         mask_b = ()
-    elif mask_a and zero_b and set(mask_a) <= set(dims_to_mask(b, red)) and _finite_in(a, mask_a):
+    elif mask_a and zero_b and set(mask_a) <= set(all_b) and _finite_in(a, mask_a):
         mask_a = ()
     a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)

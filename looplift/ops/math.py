@@ -47,6 +47,7 @@ def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = No
     dtype = out_dtype or result_dtype(a, b)
     al, bl = aligner(a.dims, dims), aligner(b.dims, dims)
     sparse = _sparse_of(a, b) if keep_sparse else None
+
     def kernel(env, x, y):
         return fn(al(x), bl(y))
 
