@@ -1,6 +1,7 @@
 """Programs: tracing, modes, signatures, outputs, dtypes, and the reference interpreter."""
 
 import dataclasses
+import gc
 import weakref
 
 import pytest
@@ -112,6 +113,33 @@ def test_a_value_is_freed_after_its_last_use():
         got = prog(x).tensor
     torch.testing.assert_close(got, torch.log(torch.tanh(torch.exp(x.tensor)) + 2.0))
     assert alive == {"exp": False}
+
+
+def test_a_call_leaves_no_reference_cycles():
+    """What a call returns is freed as soon as the caller drops it, not when the garbage collector next runs:
+    nothing a call makes refers to itself (a recursive closure that flattens or rebuilds the outputs would,
+    and keep them alive)."""
+    def fn(x):
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.zeros([F], dtype=x.dtype)
+        with loop:
+            loop.state.h = ll.tanh(loop.state.h + loop.unstack(x))
+            ys = loop.stack(loop.state.h)
+        return {"ys": (ys, [loop.state.h * 2.0])}
+
+    prog = ll.compile(fn, mode="train")
+    x = _x()
+    prog(x)
+    gc.collect()
+    gc.disable()
+    try:
+        out = prog(x)
+        ys = weakref.ref(out["ys"][0].tensor)
+        del out
+        assert ys() is None
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("read_again", [False, True])
