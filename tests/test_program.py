@@ -199,6 +199,54 @@ def test_a_loop_step_never_overwrites_a_value_made_before_the_loop():
         torch.testing.assert_close(got[:, t], h, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("lengths", [(5, 5), (5, 2)])
+def test_a_step_reads_its_frame_of_a_sequence_without_a_gradient_the_size_of_the_sequence(lengths):
+    """A sequence that a loop's steps read only by their frames is split into its frames once per run: each
+    step's gradient is a frame, gathered into the sequence's once (unbind's backward), not a zero sequence
+    holding one frame made per step (select's backward: quadratic in the steps). The reference interpreter
+    selects, literally; values and gradients equal a plain PyTorch loop either way."""
+    def model(x):
+        pre = x * 2.0   # (a sequence made before the loop)
+        loop = ll.Loop(axis=T)
+        loop.state.h = ll.zeros([F])
+        with loop:
+            loop.state.h = ll.tanh(loop.unstack(pre) + loop.state.h * 0.5)
+            y = loop.stack(loop.state.h)
+        return ll.sum(y, axis=[B, T, F])
+
+    def by_hand(x):
+        h, total = torch.zeros(x.shape[0], F.size, dtype=x.dtype), 0.0
+        for t in range(x.shape[1]):
+            h_new = torch.tanh(x[:, t] * 2.0 + h * 0.5)
+            inside = (t < torch.tensor(lengths))[:, None]
+            h = torch.where(inside, h_new, h)
+            total = total + (h_new * inside).sum()
+        return total
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = _x(lengths=lengths)
+    want_x = x.tensor.clone().requires_grad_(True)
+    want = by_hand(want_x)
+    want.backward()
+    prog = ll.compile(model, mode="train")
+    for run in ("executor", "reference"):
+        got_x = x.tensor.clone().requires_grad_(True)
+        seen.clear()
+        with Watch():
+            call = prog if run == "executor" else prog.reference
+            got = call(Named(got_x, x.dims, x.lengths)).tensor
+            got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-12, atol=1e-12)
+        assert seen.count(torch.ops.aten.select_backward.default) == (0 if run == "executor" else 5)
+
+
 def test_trace_ahead_from_specs():
     prog = ll.compile(lambda x: ll.mean(x, axis=T), mode="eval")
     trace = prog.trace(ll.Spec((B, T, F), torch.float64))

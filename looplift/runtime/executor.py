@@ -61,7 +61,7 @@ class Executor:
         #: the name of each node's kernel in the generated code's namespace
         self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
-        live = live_nodes(graph, outputs)
+        live = live_nodes(graph, outputs, given=inputs)
         owned = _owned(graph, live, outputs)
         calls = []   # (node, kernel name, target names, argument names), in order
         for node in live:

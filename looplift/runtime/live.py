@@ -11,13 +11,15 @@ from ..tensor import Tensor
 __all__ = ["live_nodes", "read_by"]
 
 
-def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
-    """The nodes of `graph` that `outputs` depend on, in graph order.
+def live_nodes(graph: Graph, outputs: Sequence[Tensor], given: Sequence[Tensor] = ()) -> list[Node]:
+    """The nodes of `graph` that `outputs` depend on, in graph order; a node whose results are all `given`
+    (fed to the call as inputs) is not run, nor what only it needs.
 
     A value depends on the nodes that compute its inputs, and on the node that gives a dim of it its size
     and lengths (a loop ended by ``loop.end`` makes its dim, a compress its masked dim), even where it takes
     no value from that node.
     """
+    fed = {id(t) for t in given}
     makers = {}   # dim -> the node that makes it when it runs
     for node in graph.nodes:
         for d in node.makes_dims:
@@ -26,7 +28,7 @@ def live_nodes(graph: Graph, outputs: Sequence[Tensor]) -> list[Node]:
     stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
     while stack:
         node = stack.pop()
-        if id(node) in needed:
+        if id(node) in needed or (fed and all(id(t) in fed for t in node.outputs)):
             continue
         needed.add(id(node))
         stack.extend(t.node for t in node.inputs if t.node is not None)

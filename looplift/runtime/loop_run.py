@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from .._align import aligner
 from ..dims import Dim
 from ..errors import ExecutionError
-from ..graph import Graph
-from ..regions import LoopSpec, first_step_on_one_slot
+from ..graph import Graph, Op
+from ..regions import LoopSpec, first_step_on_one_slot, is_history_of
 from ..tensor import Tensor
 from . import compact as _compact
 
@@ -50,6 +50,14 @@ class LoopRun:
     def __init__(self, spec: LoopSpec, runner: Runner, *, compact: bool = True):
         self.spec = spec
         self.runner = runner
+        #: per captured sequence that the body reads only by its frames (``loop.unstack``): its position among
+        #: the captured values, and the position of the loop's axis in it. The executor splits it into its
+        #: frames once per run and gives each step its frame (the body's graph fed the unstack's result).
+        #: Selecting frame t in the step would make its gradient a zero sequence holding the frame's, per step:
+        #: quadratic in the steps. The reference interpreter selects, literally.
+        self.frame_inputs = _frame_inputs(spec) if compact else []
+        split = {i: u for i, _, u in self.frame_inputs}
+        self.body_inputs = [split.get(i, c) for i, c in enumerate(spec.captured)] + list(spec.placeholders)
         length_dims = spec.length_dims
         self.axis_lengths = None
         if spec.axis.is_dynamic and not spec.own_dim:
@@ -96,7 +104,7 @@ class LoopRun:
         max_len = raws[nc + ns] if self.max_align is not None else spec.max_len
         stacks, lasts = spec.stacks, spec.lasts
         outputs = spec.new_states + stacks + lasts + ([spec.end] if spec.end is not None else [])
-        run_body = self.runner(spec.body, spec.captured + spec.placeholders, outputs)
+        run_body = self.runner(spec.body, self.body_inputs, outputs)
         # a compiled body runs its first step with each outer environment eagerly: that step makes what the
         # environment keeps for the later steps (masks), which compiled steps then only read
         run_first = getattr(run_body, "eager", run_body) if getattr(run_body, "compiled", False) else run_body
@@ -125,6 +133,7 @@ class LoopRun:
         masks_at = None
         if axis_len is not None and track and spec.end is None:
             masks_at = self._masks_of_steps(axis_len, n_steps)
+        split_seqs = [(i, captured[i].unbind(pos)) for i, pos, _ in self.frame_inputs]
         t = 0
         while n_steps is None or t < n_steps:
             if spec.own_dim:
@@ -140,10 +149,16 @@ class LoopRun:
                 {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
-            if rows.step_env is outer:
-                results = run_body(step_env, captured + state)
+            if split_seqs:
+                step_captured = list(captured)
+                for i, seq in split_seqs:
+                    step_captured[i] = seq[t]
             else:
-                inputs = captured + state
+                step_captured = captured
+            if rows.step_env is outer:
+                results = run_body(step_env, step_captured + state)
+            else:
+                inputs = step_captured + state
                 if t == 0 and self.first_slot is not None:
                     inputs = self._first_slot(step_env, inputs)
                 results = run_first(step_env, inputs)
@@ -311,6 +326,30 @@ def _to_width(old, new, pos: int | None):
     if have < want:
         return torch.cat([old, new.narrow(pos, have, want - have)], pos)
     return old
+
+
+def _frame_inputs(spec: LoopSpec) -> list[tuple[int, int, Tensor]]:
+    """Per captured sequence of the loop over an axis `spec` that one ``unstack`` alone reads in the body (and
+    is no output of it), without cutting a history dim: its position among the captured values, the
+    position of the loop's axis in it, and the unstack's result (see :attr:`LoopRun.frame_inputs`)."""
+    if spec.own_dim:
+        return []
+    readers: dict[int, list] = {}
+    for node in spec.body.nodes:
+        for t in node.inputs:
+            readers.setdefault(id(t), []).append(node)
+    outputs = {id(t) for t in spec.new_states + spec.stacks + spec.lasts + [spec.end]}
+    found = []
+    for i, c in enumerate(spec.captured):
+        nodes = readers.get(id(c), [])
+        if len(nodes) != 1 or nodes[0].op != Op.UNSTACK or id(c) in outputs:
+            continue
+        at = [k for k, d in enumerate(c.dims) if d is spec.axis]
+        frame = nodes[0].outputs[0]
+        if len(at) == 1 and frame.dims == c.dims[:at[0]] + c.dims[at[0] + 1:] and not any(
+                is_history_of(d, spec.axis.canonical()) for d in frame.dims):
+            found.append((i, at[0], frame))
+    return found
 
 
 def _frame_source(spec: LoopSpec) -> Tensor | None:
