@@ -901,3 +901,55 @@ def test_an_lstm_step_over_two_state_parts_keeps_its_input_whole():
     prog = ll.compile(lambda x: model(x, time=time))
     check_equivalent(prog, [x], model.parameters())
     assert not any(item.startswith("the share of") for item in only_loop(prog).get(MOVED_IN, [])), prog.explain()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_linear_map_over_a_concat_of_a_frame_and_a_state_multiplies_the_frame_before_the_loop(bias):
+    """``h = tanh(rec(concat(x_t, ctx)))``, ``ctx = tanh(back(h))``: the frame's share of the product, with the
+    bias, is made for all steps before the loop; the step multiplies only the state. Equal to the reference
+    interpreter and to the same recurrence in plain PyTorch, with gradients."""
+    torch.manual_seed(0)
+    rec, back = ll.nn.Linear(F + C, H, with_bias=bias).to(DTYPE), ll.nn.Linear(H, C).to(DTYPE)
+    time = new_time()
+
+    def model(x):
+        loop = ll.Loop(axis=time)
+        loop.state.ctx = ll.zeros([C])
+        with loop:
+            h = ll.tanh(rec(ll.concat(loop.unstack(x), loop.state.ctx)))
+            loop.state.ctx = ll.tanh(back(h))
+            ys = loop.stack(h)
+        return ys
+
+    x = seq_input(time)
+    prog = ll.compile(model)
+    out = check_equivalent(prog, [x], [*rec.parameters(), *back.parameters()])
+    assert any(item.startswith("the share of") and "in the input product of linear" in item
+               for item in only_loop(prog)[MOVED_IN]), prog.explain()
+    ctx, want = torch.zeros(len(LENGTHS), C.size, dtype=DTYPE), []
+    with torch.no_grad():
+        for t in range(PADDED):
+            h = torch.tanh(torch.cat([x.tensor[:, t], ctx], 1) @ rec.weight.t() + (rec.bias if bias else 0))
+            ctx = torch.tanh(h @ back.weight.t() + back.bias)
+            want.append(h)
+    assert_valid_close(out.align(B, time, H), torch.stack(want, 1), LENGTHS)
+
+
+def test_a_map_of_the_state_to_itself_over_a_concat_keeps_its_input_whole():
+    """``h = tanh(rec(concat(x_t, h)))`` with ``rec`` from ``feat + hidden`` to ``hidden``: the state's columns
+    of the weight would be over hidden twice, so the product stays whole; the loop is still optimized."""
+    torch.manual_seed(0)
+    rec = ll.nn.Linear(F + H, H).to(DTYPE)
+    time = new_time()
+
+    def model(x):
+        loop = ll.Loop(axis=time)
+        loop.state.h = ll.zeros([H])
+        with loop:
+            loop.state.h = ll.tanh(rec(ll.concat(loop.unstack(x), loop.state.h)))
+            ys = loop.stack(loop.state.h)
+        return ys
+
+    prog = ll.compile(model)
+    check_equivalent(prog, [seq_input(time)], rec.parameters())
+    assert not any(item.startswith("the share of") for item in only_loop(prog).get(MOVED_IN, [])), prog.explain()
