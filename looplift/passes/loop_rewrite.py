@@ -93,8 +93,6 @@ class LoopRewrite:
         self._unfrozen = False
         self._seq_unfrozen: dict[int, Tensor] = {}
         self._on_moved_memo: dict[int, bool] = {}
-        #: core units that no longer run: a concat only an input split read
-        self._unread: set[int] = set()
         self._base_loops = list(rw.ctx.loops)
 
     # -- tracing into the new graphs ----------------------------------------------------------------------
@@ -298,8 +296,7 @@ class LoopRewrite:
             self.report.loop_removed = True
         self._map_outputs(new_node, stacked_core)
         for unit in core:
-            if id(unit) not in self._unread:
-                self.report.stayed.append((unit.describe(), plan.chain(unit)))
+            self.report.stayed.append((unit.describe(), plan.chain(unit)))
 
     def _checked(self, rewrite) -> None:
         """Run `rewrite` (which assumes that no entry ends before its axis length, see
@@ -439,11 +436,7 @@ class LoopRewrite:
         for o, v in zip(old, new):
             if isinstance(o, Tensor):
                 self.rw.map[id(o)] = v
-        if not any(x is t for u in plan.units if u is not unit for t in u.inputs) and not any(
-                x is t for t in self.spec.new_states + self.spec.stacks + self.spec.lasts):
-            self._unread.add(id(producer))
-        moved = ", ".join(plan.producer[id(p)].describe() if id(p) in plan.producer else p.describe()
-                          for k, p in enumerate(parts) if k != k_in)
+        moved = ", ".join(p.describe() for k, p in enumerate(parts) if k != k_in)
         self.report.before_loop.append(f"the share of {moved} in the input product of {unit.describe()}")
         return True
 
