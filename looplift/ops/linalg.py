@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import rules as _rules
 from .. import trace as _trace
 from ..dims import Dim
 from ..errors import DimError, DTypeError
@@ -25,7 +24,7 @@ from ._core import (
     result_dtype,
 )
 from .index import meet_beams
-from .math import add, cast
+from .math import cast
 from .shape import expand_for_masks
 
 __all__ = ["dot", "matmul", "linear"]
@@ -201,16 +200,3 @@ def linear(x, weight, bias=None, *, in_dim: Dim, out_dim: Dim) -> Tensor:
 
 for _name in __all__:  # every public op records its calls, so passes can replay them
     globals()[_name] = _trace.replayable(globals()[_name])
-
-
-def _linear_with(bound: dict, x: Tensor, dim: Dim, weight: Tensor, pre: Tensor) -> Tensor:
-    """The map of the call `bound` on the input part `x` (over `dim`, its columns of the weight `weight`),
-    the rest of the product and the bias (`pre`) made elsewhere."""
-    return add(linear(x, weight, in_dim=dim, out_dim=bound["out_dim"]), pre)
-
-
-# In a loop, ``linear(concat(frame, state))``: the frame's share of the product (with the bias) is made for all
-# steps at once, before the loop.
-_rules.input_split(linear, _rules.InputSplit(
-    arg="x", dim="in_dim", weight=lambda bound: bound["weight"], bias=lambda bound: bound.get("bias"),
-    run=_linear_with))

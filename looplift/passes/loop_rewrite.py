@@ -413,19 +413,15 @@ class LoopRewrite:
                 not isinstance(p, Tensor) or a is dim.canonical() for p, a in zip(parts, axes)):
             return False
         inside = [k for k, p in enumerate(parts) if plan.place(p) == Place.CORE]
-        weight = rule.weight(bound)
-        if len(inside) != 1 or len(parts) < 2 or not isinstance(weight, Tensor) or any(
-                d in axes for d in weight.dims if d is not dim.canonical()):
-            return False   # (a map of a part's space to itself: the weight's columns would be over it twice)
+        if len(inside) != 1 or len(parts) < 2:
+            return False
         (k_in,) = inside
         with self.inside(self.parent), _sourced(unit.nodes[0].source, user_source_line()):
-            columns = _shape.split(self.invariant(weight), axis=dim, parts=axes)
-            bias = rule.bias(bound)
-            pre = None if bias is None else self.invariant(bias)
+            columns = _shape.split(self.invariant(rule.weight(bound)), axis=dim, parts=axes)
+            pre = self.invariant(rule.bias(bound))
             for k, (part, axis) in enumerate(zip(parts, axes)):
                 if k != k_in:
-                    share = dot(self.sequence(part), columns[k], reduce=axis)
-                    pre = share if pre is None else _math.add(share, pre)
+                    pre = _math.add(dot(self.sequence(part), columns[k], reduce=axis), pre)
         with self.inside(self.body), _sourced(unit.nodes[0].source, user_source_line()):
             if self.axis in pre.dims:
                 pre = emit_unstack(self.body, pre, self.axis, unit.nodes[0].source)
