@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-__all__ = ["SequenceForm", "InputSplit", "OpRules", "rules_of", "sequence_form", "sequence_rule", "layout_only",
-           "input_split"]
+__all__ = ["SequenceForm", "OpRules", "rules_of", "sequence_form", "sequence_rule", "layout_only"]
 
 
 @dataclass(frozen=True)
@@ -46,26 +45,6 @@ class SequenceForm:
 
 
 @dataclass(frozen=True)
-class InputSplit:
-    """How an op whose argument `arg` enters only through a product ``arg @ weight^T`` (over the dim named by
-    the argument `dim`) runs with a share of that product made elsewhere.
-
-    In a loop, a call whose `arg` is a ``concat`` of parts some of which do not depend on the previous step
-    (frames, invariants) and one part that does: the product of the former parts with their columns of the
-    weight (plus ``bias(bound)``, if not None) is made for all steps at once before the loop, and the step
-    runs ``run(bound, x, dim, weight, pre)``: the op's outputs for the input `x` (the remaining part, over
-    `dim`) with `weight` (its columns) and `pre` (this step's frame of the product made before, over the
-    batch dims and the product's dim), with `bound` the call's bound arguments.
-    """
-
-    arg: str
-    dim: str
-    weight: Callable
-    bias: Callable
-    run: Callable
-
-
-@dataclass(frozen=True)
 class OpRules:
     """The rules of one op (see the module docstring)."""
 
@@ -76,8 +55,6 @@ class OpRules:
     sequence_rule: str | None = None
     #: the op only brings a value into another storage order (no part of the meaning)
     layout_only: bool = False
-    #: the op's input enters through a product that can be split over a concatenation's parts
-    input_split: InputSplit | None = None
 
 
 _RULES: dict[Callable, OpRules] = {}
@@ -106,8 +83,3 @@ def sequence_rule(op: Callable, text: str) -> None:
 def layout_only(op: Callable) -> None:
     """Declare that `op` only changes the storage order of its input."""
     _declare(op, layout_only=True)
-
-
-def input_split(op: Callable, rule: InputSplit) -> None:
-    """Declare how `op` runs with part of its input's product made elsewhere (see :class:`InputSplit`)."""
-    _declare(op, input_split=rule)

@@ -331,51 +331,6 @@ def test_a_step_from_the_input_projection_equals_torch_lstm_cell_with_gradients(
         torch.testing.assert_close(g, w, **tol)
 
 
-@pytest.mark.parametrize("layout", ["rows", "columns"])
-def test_an_lstm_step_with_an_input_bias_per_entry_adds_it_as_the_shared_one(layout):
-    """``lstm_cell`` with bias_ih over (batch, gates): each entry's own bias, added where the shared one is, in
-    any storage order, broadcast over a dim the input has and the bias has not; values and gradients equal
-    torch.lstm_cell's with that bias added to the input's projection."""
-    module, cell = cell_pair("lstm", torch.float64)
-    gates, other = module.gates, ll.Dim("other", 2)
-    w_ih, w_hh, b_ih, b_hh = (module.weight_ih_l0, module.weight_hh_l0, module.bias_ih_l0, module.bias_hh_l0)
-    torch.manual_seed(5)
-    x, h, c = (torch.randn(3, 2, n, dtype=torch.float64, requires_grad=True) for n in (F.size, H.size, H.size))
-    rows = torch.randn(3, 4 * H.size, dtype=torch.float64, requires_grad=True)
-    bias = ll.Named(rows, (B, gates)) if layout == "rows" else ll.Named(rows.t(), (gates, B))
-
-    def model(x, h, c, bias):
-        weights = (module.weight_ih_l0, module.weight_hh_l0, bias + module.bias_ih_l0, module.bias_hh_l0)
-        return ll.ops.rnn.lstm_cell(x, (h, c), weights, in_dim=F, hidden=H)
-
-    got_h, got_c = ll.compile(model)(ll.Named(x, (B, other, F)), ll.Named(h, (B, other, H)),
-                                     ll.Named(c, (B, other, H)), bias)
-    flat = [v.reshape(6, -1) for v in (x, h, c)]
-    per_row = (rows + b_ih).repeat_interleave(2, 0)
-    want_h, want_c = torch.lstm_cell(flat[0], (flat[1], flat[2]), w_ih, w_hh, per_row, b_hh)
-    torch.testing.assert_close(got_h.align(B, other, H).reshape(6, -1), want_h, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(got_c.align(B, other, H).reshape(6, -1), want_c, rtol=1e-12, atol=1e-12)
-    wrt = [x, h, c, rows, w_ih, w_hh, b_ih, b_hh]
-    got = torch.autograd.grad((got_h.align(B, other, H) * 1.5 + got_c.align(B, other, H)).sum(), wrt)
-    want = torch.autograd.grad((want_h * 1.5 + want_c).sum(), wrt)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-
-
-def test_an_input_bias_per_entry_needs_the_gate_dim():
-    module, _ = cell_pair("lstm", torch.float64)
-
-    def model(x, h, b):
-        weights = (module.weight_ih_l0, module.weight_hh_l0, b, module.bias_hh_l0)
-        return ll.ops.rnn.lstm_cell(x, (h, h), weights, in_dim=F, hidden=H)
-
-    with pytest.raises(DimError, match="input bias per entry must be over batch dims and the gate dim"):
-        ll.compile(model)(
-            ll.Named(torch.zeros(3, F.size, dtype=torch.float64), (B, F)),
-            ll.Named(torch.zeros(3, H.size, dtype=torch.float64), (B, H)),
-            ll.Named(torch.zeros(3, H.size, dtype=torch.float64), (B, H)))
-
-
 @pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
 def test_a_step_from_gates_without_gradients_equals_torch_lstm_cell_and_leaves_its_inputs(grad_mode):
     """Without gradients the step works in place on a tensor of its own: the same values as torch.lstm_cell,

@@ -17,13 +17,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from loop_helpers import assert_same_named, masked, named_leaves
 from torch.testing import assert_close
 
 import looplift as ll
-from looplift.runtime.live import live_nodes
 
 B = ll.batch_dim
 F = ll.Dim("feat", 3)
@@ -807,97 +804,3 @@ def test_readout_and_log_softmax_are_moved_out_after_the_loop():
     assert names(loop[MOVED_OUT]) == ["linear", "log_softmax"], prog.explain()
     assert sorted(names(loop[STAYED])) == ["add", "linear", "tanh"], prog.explain()
     assert not any(s.startswith("log_softmax") for s in loop[STAYED]), prog.explain()
-
-
-# -- an LSTM step over a concatenation: the share of its parts that do not depend on the step -----------------
-
-
-E, Q, C = ll.Dim("emb", 2), ll.Dim("query", 3), ll.Dim("ctx", 2)
-PART_DIMS = {"label": E, "frame": F, "invariant": Q, "state": C}
-
-
-class _ConcatStep(ll.Module):
-    """An LSTM step over ``concat`` of `parts` (in that order): a label's embedding (teacher forcing), a frame
-    of an input, a per-entry input without time, and a state fed back from the step (``tanh`` of a
-    projection of the LSTM's output)."""
-
-    def __init__(self, parts: list[str]):
-        super().__init__()
-        self.parts = parts
-        self.emb = ll.nn.Embedding(V, E)
-        in_dim = sum((PART_DIMS[p] for p in parts[1:]), PART_DIMS[parts[0]])
-        self.lstm = ll.nn.LSTM(in_dim, H)
-        self.back = ll.nn.Linear(H, C)
-
-    def forward(self, x, labels, q, *, time):
-        loop = ll.Loop(axis=time)
-        loop.state.label = ll.full(0, sparse_dim=V)
-        loop.state.s = self.lstm.default_initial_state()
-        loop.state.ctx = ll.zeros([C])
-        with loop:
-            values = {"label": lambda: self.emb(loop.state.label), "frame": lambda: loop.unstack(x),
-                      "invariant": lambda: q, "state": lambda: loop.state.ctx}
-            h, loop.state.s = self.lstm(ll.concat(*(values[p]() for p in self.parts)), state=loop.state.s)
-            loop.state.ctx = ll.tanh(self.back(h))
-            loop.state.label = loop.unstack(labels)
-            ys = loop.stack(h)
-        return ys, loop.state.s.c
-
-
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(parts=st.lists(st.sampled_from(["label", "frame", "invariant"]), min_size=1, max_size=3, unique=True),
-       at=st.integers(0, 3), lengths=st.lists(st.integers(0, PADDED), min_size=1, max_size=4), seed=st.integers(0, 9))
-def test_an_lstm_step_over_a_concat_makes_the_share_of_its_step_independent_parts_before_the_loop(
-        parts, at, lengths, seed):
-    """The parts of the step's input that do not depend on the previous step (a label's embedding, a frame, a
-    per-entry input) are multiplied with their columns of weight_ih for all steps at once, before the loop;
-    the step multiplies only the state fed back. Outputs (the stacked h, the final cell state: the loop
-    stays) and the gradients of inputs and parameters equal the reference interpreter's, on padded batches
-    with any lengths (0 included) and the parts in any order."""
-    parts = parts[:at] + ["state"] + parts[at:]
-    torch.manual_seed(seed)
-    model = _ConcatStep(parts).to(DTYPE)
-    time = new_time()
-    lengths = torch.tensor(lengths)
-    x = seq_input(time, lengths, seed=seed)
-    labels = ll.Named(torch.randint(0, V.size, (len(lengths), PADDED), generator=torch.Generator().manual_seed(seed)),
-                      (B, time), {time: lengths}, sparse_dim=V)
-    q = ll.Named(features([len(lengths), Q.size], seed=seed + 1), (B, Q))
-    prog = ll.compile(lambda x, labels, q: model(x, labels, q, time=time))
-    check_equivalent(prog, [x, labels, q], model.parameters())
-    moved = only_loop(prog)[MOVED_IN]
-    assert any(item.startswith("the share of") and "in the input product of lstm_cell" in item for item in moved), \
-        prog.explain()
-    (trace,) = prog.traces
-    (loop,) = [n.region for n in trace.optimized.graph.nodes if n.op == "loop"]
-    step = [n.op for n in live_nodes(loop.body, loop.new_states + loop.stacks + loop.lasts)]
-    assert "concat" not in step and step.count("lstm_cell") == 1, step   # (what the step runs)
-
-
-def test_an_lstm_step_over_two_state_parts_keeps_its_input_whole():
-    """Only one part of the concatenation may depend on the step: with two, the step keeps its input as it is
-    (the same product either way)."""
-    class TwoStates(ll.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = ll.nn.LSTM(C + H, H)
-            self.back = ll.nn.Linear(H, C)
-
-        def forward(self, x, *, time):
-            loop = ll.Loop(axis=time)
-            loop.state.s = self.lstm.default_initial_state()
-            loop.state.ctx = ll.zeros([C])
-            with loop:
-                h, loop.state.s = self.lstm(ll.concat(loop.state.ctx, loop.state.s.h), state=loop.state.s)
-                loop.state.ctx = ll.tanh(self.back(h) + loop.unstack(x))
-                ys = loop.stack(h)
-            return ys
-
-    torch.manual_seed(0)
-    model = TwoStates().to(DTYPE)
-    time = new_time()
-    x = ll.Named(features([len(LENGTHS), PADDED, C.size]), (B, time, C), {time: LENGTHS})
-    prog = ll.compile(lambda x: model(x, time=time))
-    check_equivalent(prog, [x], model.parameters())
-    assert not any(item.startswith("the share of") for item in only_loop(prog).get(MOVED_IN, [])), prog.explain()

@@ -28,7 +28,7 @@ from .._align import aligner, broadcast_shapes
 from ..dims import Dim
 from ..errors import DimError, DTypeError
 from ..tensor import Tensor
-from ._core import as_tensor, broadcast_dims, check_has, dims_str, emit_many, nonfinite_padding
+from ._core import as_tensor, broadcast_dims, check_has, emit_many, nonfinite_padding
 from .shape import expand_for_masks
 
 __all__ = ["lstm_cell", "lstm_cell_gates", "gru_cell", "rnn_sequence"]
@@ -48,20 +48,10 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
     for s in state:
         check_has(s, (hidden,), kind, "hidden dim")
     _check_float(kind, x, weights[0])
-    # (an LSTM's input bias per entry: over batch dims and the gate dim, the weight's dim other than in_dim)
-    gate = [d for d in weights[0].dims if d is not in_dim]
-    bias = weights[2] if kind == "lstm_cell" and len(weights) == 4 and len(weights[2].dims) > 1 else None
-    rows = ()
-    if bias is not None:
-        if len(gate) != 1 or gate[0] not in bias.dims:
-            raise DimError(f"{kind}: an input bias per entry must be over batch dims and the gate dim of weight_ih "
-                           f"({dims_str(gate)}), got the {bias.describe()}")
-        rows = (tuple(d for d in bias.dims if d is not gate[0]),)
     batch = broadcast_dims(kind, tuple(d for d in x.dims if d is not in_dim),
-                           *(tuple(d for d in s.dims if d is not hidden) for s in state), *rows)
+                           *(tuple(d for d in s.dims if d is not hidden) for s in state))
     x_al = aligner(x.dims, batch + (in_dim,))
     s_al = [aligner(s.dims, batch + (hidden,)) for s in state]
-    b_al = aligner(bias.dims, batch + (gate[0],)) if bias is not None else None
     n = len(batch)
     cell = torch.lstm_cell if kind == "lstm_cell" else torch.gru_cell
 
@@ -69,23 +59,17 @@ def _cell(kind: str, x, state: Sequence, weights: Sequence, in_dim: Dim, hidden:
         states, ws = rest[:len(s_al)], rest[len(s_al):]
         v = x_al(v)
         states = [al(s) for al, s in zip(s_al, states)]
-        if b_al is not None:   # (torch's cell adds a bias of one row per entry as it adds one for all)
-            ws = [*ws[:2], b_al(ws[2]), *ws[3:]]
-            states = [*states, ws[2]]
         if n == 1 and v.dim() == 2:
             rows = v.shape[0]
             for s in states:
                 if s.dim() != 2 or s.shape[0] != rows:
                     break
             else:
-                states = states[:len(s_al)]
                 return cell(v, tuple(states) if len(states) > 1 else states[0], *ws)   # (the shapes agree already)
         shape = broadcast_shapes(v.shape[:n], *(s.shape[:n] for s in states))
         flat = math.prod(shape)
         v = v.expand(*shape, v.shape[-1]).reshape(flat, v.shape[-1])
         states = [s.expand(*shape, s.shape[-1]).reshape(flat, s.shape[-1]) for s in states]
-        if b_al is not None:
-            ws[2] = states.pop()
         out = cell(v, tuple(states) if len(states) > 1 else states[0], *ws)
         outs = out if isinstance(out, tuple) else (out,)
         result = tuple(o.reshape(*shape, o.shape[-1]) for o in outs)
@@ -101,9 +85,7 @@ def lstm_cell(x, state: tuple, weights: Sequence, *, in_dim: Dim, hidden: Dim) -
     """One LSTM step: ``(h, c)`` from input `x` and ``state = (h, c)``.
 
     `weights` are ``(weight_ih, weight_hh, bias_ih, bias_hh)`` over
-    ``(hidden*4, in_dim)``, ``(hidden*4, hidden)``, ``(hidden*4,)``, ``(hidden*4,)``. `bias_ih` may also
-    vary per entry, over batch dims and ``hidden*4``: a share of the input's projection made elsewhere (the
-    loop optimizer makes the share of an input's parts that do not depend on the step before the loop).
+    ``(hidden*4, in_dim)``, ``(hidden*4, hidden)``, ``(hidden*4,)``, ``(hidden*4,)``.
     """
     h, c = _cell("lstm_cell", x, state, weights, in_dim, hidden)
     return h, c
@@ -354,17 +336,3 @@ _rules.sequence_form(lstm_cell, _rules.SequenceForm(
 _rules.sequence_form(gru_cell, _rules.SequenceForm(
     carried=("h",), invariant=("weights",), sequences=(True,), run=_gru_over_sequence,
     name="fused GRU over the sequence"))
-
-
-def _lstm_step_with(bound: dict, x: Tensor, dim: Dim, weight: Tensor, pre: Tensor):
-    """The LSTM step of the call `bound` on the input part `x` (over `dim`, its columns of weight_ih `weight`),
-    the rest of the input's projection and bias_ih (`pre`) made elsewhere: bias_ih per entry."""
-    _, weight_hh, _, bias_hh = bound["weights"]
-    return lstm_cell(x, bound["state"], (weight, weight_hh, pre, bias_hh), in_dim=dim, hidden=bound["hidden"])
-
-
-# In a loop, an LSTM step over ``concat(frame, state)`` (a label's embedding and the last attention context):
-# the frame's share of ``x @ weight_ih^T`` (with bias_ih) is made for all steps at once, before the loop.
-_rules.input_split(lstm_cell, _rules.InputSplit(
-    arg="x", dim="in_dim", weight=lambda bound: bound["weights"][0], bias=lambda bound: bound["weights"][2],
-    run=_lstm_step_with))

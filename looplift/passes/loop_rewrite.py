@@ -37,7 +37,6 @@ from ..ops import math as _math
 from ..ops import reduce as _reduce
 from ..ops import shape as _shape
 from ..ops.index import gather
-from ..ops.linalg import dot
 from ..regions import CondSpec, LoopSpec, emit_unstack, mixes_entries
 from ..rules import rules_of
 from ..source import user_source_line
@@ -355,8 +354,6 @@ class LoopRewrite:
                 elif unit.kind in ("unstack", "index"):
                     for n in unit.nodes:
                         rw.copy_node(n, body, self.body_value)
-                elif self._split_input(unit):
-                    pass
                 else:
                     for n in unit.nodes:
                         if self._hoistable(n):   # a part of the call that depends on nothing of the step
@@ -390,51 +387,6 @@ class LoopRewrite:
         n = len(placeholders)
         stacked_core = {id(v): new_node.outputs[n + i] for i, v in enumerate(core_stacks + extra)}
         return new_node, stacked_core
-
-    def _split_input(self, unit: Unit) -> bool:
-        """Emit into the new body a call whose op's input enters through a product (``rules.InputSplit``: an
-        LSTM step's ``x @ weight_ih^T``) and is a ``concat`` of parts that do not depend on the previous step
-        (frames, invariants) and one part that does: the former parts' share of the product (with the op's
-        bias) is made for all steps at once before the loop, one product instead of one per step; the step
-        multiplies only the remaining part. False (nothing emitted) where that does not apply."""
-        rule = rules_of(unit.call.fn).input_split if unit.call is not None and unit.kind == "call" else None
-        if rule is None:
-            return False
-        plan = self.plan
-        bound = bound_arguments(unit.call)
-        x, dim = bound.get(rule.arg), bound.get(rule.dim)
-        producer = plan.producer.get(id(x)) if isinstance(x, Tensor) else None
-        if producer is None or producer.call is None or producer.call.fn is not _shape.concat:
-            return False
-        cat = bound_arguments(producer.call)
-        parts = cat["xs"][0] if len(cat["xs"]) == 1 and isinstance(cat["xs"][0], (list, tuple)) else cat["xs"]
-        axes = cat["axis"]
-        if not isinstance(dim, Dim) or cat["out_dim"] is not dim.canonical() or len(axes) != len(parts) or any(
-                not isinstance(p, Tensor) or a is dim.canonical() for p, a in zip(parts, axes)):
-            return False
-        inside = [k for k, p in enumerate(parts) if plan.place(p) == Place.CORE]
-        if len(inside) != 1 or len(parts) < 2:
-            return False
-        (k_in,) = inside
-        with self.inside(self.parent), _sourced(unit.nodes[0].source, user_source_line()):
-            columns = _shape.split(self.invariant(rule.weight(bound)), axis=dim, parts=axes)
-            pre = self.invariant(rule.bias(bound))
-            for k, (part, axis) in enumerate(zip(parts, axes)):
-                if k != k_in:
-                    pre = _math.add(dot(self.sequence(part), columns[k], reduce=axis), pre)
-        with self.inside(self.body), _sourced(unit.nodes[0].source, user_source_line()):
-            if self.axis in pre.dims:
-                pre = emit_unstack(self.body, pre, self.axis, unit.nodes[0].source)
-            bound = {name: map_tree(v, self.body_value) for name, v in bound.items()}
-            result = rule.run(bound, self.body_value(parts[k_in]), axes[k_in], columns[k_in], pre)
-        old, _ = flatten(unit.call.outputs, _is_tensor)
-        new, _ = flatten(result, _is_tensor)
-        for o, v in zip(old, new):
-            if isinstance(o, Tensor):
-                self.rw.map[id(o)] = v
-        moved = ", ".join(p.describe() for k, p in enumerate(parts) if k != k_in)
-        self.report.before_loop.append(f"the share of {moved} in the input product of {unit.describe()}")
-        return True
 
     def _hoistable(self, n: Node) -> bool:
         """Whether the body node `n` (of a call that stays in the loop) reads only values from outside the
