@@ -28,7 +28,7 @@ def live_nodes(graph: Graph, outputs: Sequence[Tensor], given: Sequence[Tensor] 
     stack = [t.node for t in outputs if t.node is not None] + _makers_of(outputs, makers)
     while stack:
         node = stack.pop()
-        if id(node) in needed or (fed and all(id(t) in fed for t in node.outputs)):
+        if id(node) in needed or (fed and node.outputs and all(id(t) in fed for t in node.outputs)):
             continue
         needed.add(id(node))
         stack.extend(t.node for t in node.inputs if t.node is not None)

@@ -16,7 +16,10 @@ the body: node by node, or with a prepared executor; see `runner`). Per step:
   for any other loop that reaches it with entries not yet ended;
 * the executor's steps leave out the entries that ended, where no step reads
   one entry for another (:mod:`looplift.runtime.compact`); the reference
-  interpreter's run every entry.
+  interpreter's run every entry;
+* the executor gives each step its frame of a sequence that the body reads
+  only by its frames, split once per run (:attr:`LoopRun.frame_inputs`); the
+  reference interpreter selects the frame in the step.
 """
 
 from __future__ import annotations
@@ -45,14 +48,17 @@ Runner = Callable[[Graph, Sequence[Tensor], Sequence[Tensor]], Callable]
 
 class LoopRun:
     """The kernel of one loop node: ``run(env, *captured, *initial_states[, max_len])``; `compact`: leave the
-    entries that ended out of the steps where that changes no result (:mod:`looplift.runtime.compact`)."""
+    entries that ended out of the steps where that changes no result (:mod:`looplift.runtime.compact`), and
+    give the steps their frames of sequences split once per run (False: the reference interpreter's literal
+    steps)."""
 
     def __init__(self, spec: LoopSpec, runner: Runner, *, compact: bool = True):
         self.spec = spec
         self.runner = runner
         #: per captured sequence that the body reads only by its frames (``loop.unstack``): its position among
-        #: the captured values, and the position of the loop's axis in it. The executor splits it into its
-        #: frames once per run and gives each step its frame (the body's graph fed the unstack's result).
+        #: the captured values, the position of the loop's axis in it, and the unstack's result. The executor
+        #: splits it into its frames once per run and gives each step its frame (the body's graph fed the
+        #: unstack's result).
         #: Selecting frame t in the step would make its gradient a zero sequence holding the frame's, per step:
         #: quadratic in the steps. The reference interpreter selects, literally.
         self.frame_inputs = _frame_inputs(spec) if compact else []
