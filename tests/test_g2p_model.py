@@ -7,6 +7,7 @@ prediction loop gone, equal to the step-by-step reference, and learns to decode 
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import pathlib
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import looplift as ll
-from looplift.recipes.g2p import data, recipe
+from looplift.recipes.g2p import data, recipe, transducer
 from looplift.recipes.g2p.model import G2P, Config
 from looplift.recipes.g2p.transducer import TransducerConfig, TransducerG2P
 from looplift.recipes.g2p.transformer import TransformerConfig, TransformerG2P
@@ -305,3 +306,19 @@ def test_transducer_trains_on_a_handful_of_words_and_decodes_them(words):
             nll = score_of(recipe.char_batch(model, [word]), recipe.phoneme_batch(model, [ids]),
                            src=recipe.SRC, tgt=recipe.TGT).tensor
             assert score <= -float(nll.detach()) + 1e-9
+
+
+def test_transducer_search_through_the_label_table_equals_the_search_through_the_embedding(words, monkeypatch):
+    """The search's prediction LSTM reads a label's input projection from a table over the labels (made once,
+    with the biases): the same n-best lists, phonemes and scores, as the embedding then the LSTM step (float64,
+    40 words, beam 4)."""
+    entries, vocabs = words
+    model = _transducer(vocabs, seed=1)
+    encoded = [vocabs.chars.encode(e.word) for e in entries[:40]]
+    with_table = recipe.decode(model, encoded, beam=4, workers=1)
+    monkeypatch.setattr(transducer, "alignment_search", functools.partial(transducer.alignment_search, table=False))
+    plain = recipe.decode(model, encoded, beam=4, workers=1)
+    assert [[ids for ids, _ in hyps] for hyps in with_table] == [[ids for ids, _ in hyps] for hyps in plain]
+    for a, b in zip(with_table, plain):
+        assert [s for _, s in a] == pytest.approx([s for _, s in b], abs=1e-10)
+    assert any(len(hyps) > 1 for hyps in plain)

@@ -100,14 +100,23 @@ class TransducerG2P(ll.Module):
 
 
 def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Dim, max_labels: int, beam: int,
-                     max_len, threshold: float | None = None):
+                     max_len, threshold: float | None = None, table: bool = True):
     """A transducer's alignment-synchronous beam search, over the projected encoder frames `enc` (over
     `frames`): a loop over alignment steps (`steps`) with the frame position ``t`` as a state, the prediction
     LSTM (``model.pred`` on ``model.emb`` of the last label) stepping under a ``MaskedComputation`` where the
     last symbol was a label, ``model.joint(frame, model.from_pred(h))`` scoring `labels` (the blank is 0), at
     most `max_labels` labels per frame, and the hypotheses that reach the same frame with the same labels
     merged (log-sum-exp: the sum over their alignments). Returns the search's ``(labels over steps, blanks
-    included; scores, lengths, valid)``."""
+    included; scores, lengths, valid)``.
+
+    `table`: the LSTM's input projection of a label's embedding (with its biases) is a table over the labels,
+    made once before the loop, that each step gathers rows of (``LSTM.step_from_gates``): a fifth of the
+    step's product for an embedding of 64 and an LSTM of 256. False: the embedding, then the LSTM step, as
+    in training (the same values, but for rounding)."""
+    if table:   # {labels, gates}
+        pred = model.pred
+        projected = ll.dot(model.emb.weight, pred.weight_ih_l0, reduce=model.emb.out_dim) + pred.bias_ih_l0 \
+            + pred.bias_hh_l0
     loop = ll.Loop(axis=steps, max_seq_len=max_len)
     loop.state.t = ll.zeros([], dtype="int64")
     loop.state.label = ll.full(BLANK, sparse_dim=labels)
@@ -119,7 +128,11 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
         frame = ll.gather(enc, index=loop.state.t, axis=frames)
         # the prediction network steps on the start (the blank), then on each label emitted
         with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
-            h, loop.state.lstm = model.pred(model.emb(loop.state.label), loop.state.lstm)
+            if table:
+                h, loop.state.lstm = model.pred.step_from_gates(
+                    ll.gather(projected, index=loop.state.label, axis=labels), loop.state.lstm, bias=False)
+            else:
+                h, loop.state.lstm = model.pred(model.emb(loop.state.label), loop.state.lstm)
         loop.state.started = ll.full(True)
         log_probs = ll.log_softmax(model.joint(frame, model.from_pred(h)), axis=labels)
         log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=max_labels, blank=BLANK,
