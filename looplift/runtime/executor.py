@@ -17,7 +17,9 @@ model, a value is freed on the line that reads it last. A failing kernel is foun
 afterwards from the generated line in the traceback, and named by its node's
 source line (:func:`looplift.runtime.reference.node_error`). Loops and Conds
 get their kernels here too, running their graphs with executors of their own
-(:func:`executor_runner`). It must agree exactly with the reference
+(:func:`executor_runner`). A ``MaskedComputation`` block left in a loop's
+step runs as one kernel on the entries where its mask is True
+(:mod:`looplift.runtime.masked_rows`). It must agree exactly with the reference
 interpreter (:mod:`looplift.runtime.reference`).
 """
 
@@ -37,6 +39,7 @@ from ..tensor import Tensor
 from .env import Env
 from .live import live_nodes, read_by
 from .loop_run import LoopRun
+from .masked_rows import MaskedRows, find_blocks
 from .reference import for_outputs, is_placed, node_error
 from .regions import region_kernel
 
@@ -48,7 +51,8 @@ _serial = itertools.count()
 class Executor:
     """A graph prepared for repeated calls: ``executor(env, raws)`` returns the raw values of the outputs."""
 
-    def __init__(self, graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]):
+    def __init__(self, graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor], *,
+                 masked_rows: bool = True):
         name: dict[int, str] = {}
         lines = ["def run(env, raws):"]
         for k, t in enumerate(inputs):
@@ -62,9 +66,23 @@ class Executor:
         self._name_of: dict[object, str] = {}
         read = read_by(graph, outputs)
         live = live_nodes(graph, outputs, given=inputs)
-        owned = _owned(graph, live, outputs)
+        owned = _owned(live, outputs)
         calls = []   # (node, kernel name, target names, argument names), in order
+        # a masked block runs as one kernel on the rows where its mask is True, where its first where was
+        blocks = {id(b.wheres[0]): b for b in (self._masked_blocks(graph, live, outputs) if masked_rows else [])}
+        replaced = {id(n) for b in blocks.values() for n in (*b.nodes, *b.wheres)}
         for node in live:
+            block = blocks.get(id(node))
+            if block is not None:
+                k = self._name_of[node] = f"k{len(kernels)}"
+                kernels[k] = block.kernel
+                args = [name[id(t)] for t in block.arguments]
+                for w in block.wheres:
+                    name[id(w.outputs[0])] = f"v{next(fresh)}"
+                calls.append((node, k, [name[id(w.outputs[0])] for w in block.wheres], args))
+                continue
+            if id(node) in replaced:
+                continue
             kernel = node.kernel
             if node.region is not None:
                 kernel = region_kernel(node, executor_runner)
@@ -89,7 +107,8 @@ class Executor:
             target = outs[0] if len(outs) == 1 else ", ".join(outs)
             where = str(node.source).replace("\n", " ")
             free = f"; del {', '.join(dead)}" if dead else ""
-            lines.append(f"    {target} = {k}(env{''.join(f', {a}' for a in args)}){free}   # {node.op} at {where}")
+            what = "masked block" if id(node) in blocks else node.op
+            lines.append(f"    {target} = {k}(env{''.join(f', {a}' for a in args)}){free}   # {what} at {where}")
             self._node_at[len(lines)] = node
         lines.append(f"    return [{', '.join(name[id(t)] for t in outputs)}]")
         self.source = "\n".join(lines) + "\n"
@@ -100,6 +119,20 @@ class Executor:
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
+
+    @staticmethod
+    def _masked_blocks(graph: Graph, live: Sequence, outputs: Sequence[Tensor]) -> list:
+        """The masked blocks among `live` that run on the rows where their mask is True
+        (:mod:`looplift.runtime.masked_rows`), each with its kernel (``block.kernel``)."""
+        found = []
+        read = read_by(graph, outputs)
+        for block in find_blocks(live, outputs):
+            inner = Executor(graph, block.inputs, block.values, masked_rows=False)
+            if {id(n) for n in inner.nodes} != {id(n) for n in block.nodes}:
+                continue   # (the block's values need more than its own nodes)
+            block.kernel = MaskedRows(block, inner, [for_outputs(w.kernel, w, read) for w in block.wheres])
+            found.append(block)
+        return found
 
     @property
     def num_nodes(self) -> int:
@@ -201,21 +234,23 @@ class Executor:
         return None
 
 
-def _owned(graph: Graph, nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
+def _owned(nodes: Sequence, outputs: Sequence[Tensor]) -> dict:
     """Per node whose kernel may overwrite inputs (``kernel.for_owned``), which of its inputs it may: a new
-    tensor (its maker's kernel is ``fresh``) made by a node of `graph` itself (not of a graph around it: a
-    loop's step reads the values made before the loop at every step), that only this node reads, once, and
-    that is no output. A hand-written model does the same where it writes ``x.addmm_(...)`` into a temporary
-    of its own."""
+    tensor (its maker's kernel is ``fresh``) made by one of `nodes` (not by a node of a graph around it: a
+    loop's step reads the values made before the loop at every step; nor by one whose value is fed as an
+    input), that only this node reads, once, and that is no output. A hand-written model does the same where
+    it writes ``x.addmm_(...)`` into a temporary of its own."""
     reads: dict[int, int] = {}
     for node in nodes:
         for t in node.inputs:
             reads[id(t)] = reads.get(id(t), 0) + 1
     returned = {id(t) for t in outputs}
 
+    runs = {id(node) for node in nodes}
+
     def own(t: Tensor) -> bool:
         maker = t.node
-        return (reads[id(t)] == 1 and id(t) not in returned and maker is not None and maker.graph is graph
+        return (reads[id(t)] == 1 and id(t) not in returned and maker is not None and id(maker) in runs
                 and maker.region is None and getattr(maker.kernel, "fresh", False) and len(maker.outputs) == 1)
 
     found = {}
@@ -248,7 +283,8 @@ def compiled_runner(backend, *, itself: bool = True):
         key = ("compiled", which, itself, tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
         found = graph.prepared.get(key)
         if found is None:
-            found = graph.prepared[key] = Executor(graph, inputs, outputs)
+            # (without masked blocks on their rows: their row count would be read back mid-step)
+            found = graph.prepared[key] = Executor(graph, inputs, outputs, masked_rows=False)
             found.compile(backend, itself=itself)
         return found
 

@@ -103,8 +103,9 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
                      max_len, threshold: float | None = None, table: bool = True):
     """A transducer's alignment-synchronous beam search, over the projected encoder frames `enc` (over
     `frames`): a loop over alignment steps (`steps`) with the frame position ``t`` as a state, the prediction
-    LSTM (``model.pred`` on ``model.emb`` of the last label) stepping under a ``MaskedComputation`` where the
-    last symbol was a label, ``model.joint(frame, model.from_pred(h))`` scoring `labels` (the blank is 0), at
+    LSTM (``model.pred`` on ``model.emb`` of the last label) and its projection ``model.from_pred`` stepping
+    under a ``MaskedComputation`` where the last symbol was a label (the executor runs them on those hypotheses
+    alone), ``model.joint(frame, projection)`` scoring `labels` (the blank is 0), at
     most `max_labels` labels per frame, and the hypotheses that reach the same frame with the same labels
     merged (log-sum-exp: the sum over their alignments). Returns the search's ``(labels over steps, blanks
     included; scores, lengths, valid)``.
@@ -133,8 +134,9 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
                     ll.gather(projected, index=loop.state.label, axis=labels), loop.state.lstm, bias=False)
             else:
                 h, loop.state.lstm = model.pred(model.emb(loop.state.label), loop.state.lstm)
+            pred = model.from_pred(h)   # (in the block: projected only where the LSTM stepped)
         loop.state.started = ll.full(True)
-        log_probs = ll.log_softmax(model.joint(frame, model.from_pred(h)), axis=labels)
+        log_probs = ll.log_softmax(model.joint(frame, pred), axis=labels)
         log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=max_labels, blank=BLANK,
                                                      axis=labels)
         label = ll.choice(log_probs, beam_size=beam, axis=labels, threshold=threshold)
