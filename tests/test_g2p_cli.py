@@ -227,10 +227,11 @@ def test_transformer_arch_trains_resumes_evaluates_and_converts(tmp_path, capsys
     _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
 
 
-def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
+def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys, trained):
     """``--arch transducer``: full-sum training; the checkpoint records the architecture and its sizes (the
     prediction network is --dec); eval prints the recipe's counts; convert prints the best hypothesis,
-    without blanks."""
+    without blanks. ``--ensemble`` with itself evaluates and converts as the run alone; with an attention
+    model, it is an error naming the transducer."""
     d = str(tmp_path / "rnnt")
     cli.main(["train", "--dir", d, "--epochs", "1", *TINY, "--arch", "transducer", "--joint", "12",
               "--max-labels", "2"])
@@ -239,6 +240,15 @@ def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys):
     assert isinstance(model, TransducerG2P)
     assert (model.config.pred, model.config.joint, model.config.max_labels) == (16, 12, 2)
     _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
+    alone = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3").out
+    twice = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3", "--ensemble", d).out
+    assert alone.split("; decoded")[0] == twice.split("; decoded")[0] and "WER" in alone
+    alone = run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3").out
+    assert run(capsys, "convert", "--dir", d, "hello", "world", "--nbest", "3", "--ensemble", d).out == alone
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--dir", trained[0], "--limit", "5", "--ensemble", d])
+    assert e.value.code == 2 and f"{d}: a transducer can be part of an ensemble of transducers only" in \
+        capsys.readouterr().err
 
 
 def test_an_ensemble_of_a_run_with_itself_evaluates_and_converts_as_the_run(trained, capsys):

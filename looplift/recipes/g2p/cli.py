@@ -43,8 +43,9 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
                    help="the run's model with the best dev WER (best.safetensors; the last one if the run kept "
                         "none) or the last one (model.safetensors)")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
-                   help="decode with the models of these runs too (attention LSTM or Transformer, the same "
-                        "vocabularies): the mean of their log-probabilities picks each phoneme")
+                   help="decode with the models of these runs too (the same vocabularies; attention LSTM and "
+                        "Transformer models together, or transducers together): the mean of their "
+                        "log-probabilities picks each phoneme (a transducer's: each symbol)")
 
 
 def _load(args):
@@ -54,14 +55,20 @@ def _load(args):
     extra = getattr(args, "ensemble", [])
     if not extra:
         return model, vocabs
-    from .ensemble import Ensemble
+    from .ensemble import Ensemble, TransducerEnsemble
     members = [model]
     for directory in extra:
         m, v = recipe.load_model(directory, which=which)
         if (v.chars.symbols, v.phonemes.symbols) != (vocabs.chars.symbols, vocabs.phonemes.symbols):
             raise UsageError(f"--ensemble {directory}: its characters or phonemes differ from those of {args.dir}")
         members.append(m)
-    for directory, m in zip([args.dir, *extra], members):
+    transducers = [m.config.arch == "transducer" for m in members]
+    if all(transducers):
+        return TransducerEnsemble(members), vocabs
+    for directory, m, transducer in zip([args.dir, *extra], members, transducers):
+        if transducer:
+            raise UsageError(f"{directory}: a transducer can be part of an ensemble of transducers only (it "
+                             f"searches alignments; the others search phonemes)")
         if not hasattr(m, "decoder_step"):
             raise UsageError(f"{directory}: a {m.config.arch} model cannot be part of an ensemble (only attention "
                              f"LSTM and Transformer models)")

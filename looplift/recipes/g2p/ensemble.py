@@ -5,6 +5,11 @@ decoder (``decoder_step``) after the same phoneme, and the next phoneme is chose
 (``looplift.choice``) by the mean of the members' log-probabilities, the score of
 a hypothesis being the mean of the members' scores. Members may differ in
 architecture (the attention LSTM and the Transformer), not in their vocabularies.
+
+Transducers search alignments instead (:class:`TransducerEnsemble`): one
+alignment-synchronous search steps every member's prediction network after the
+same labels, and the mean of the members' joint log-probabilities picks each
+symbol, blank included.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import torch
 import looplift as ll
 
 from .model import decoder_loop, next_phoneme, result
+from .transducer import alignment_search
 
-__all__ = ["Ensemble"]
+__all__ = ["Ensemble", "TransducerEnsemble"]
 
 
 class Ensemble(ll.Module):
@@ -27,18 +33,9 @@ class Ensemble(ll.Module):
 
     def __init__(self, members: Sequence[ll.Module]):
         super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one model")
-        first = members[0]
-        for m in members[1:]:
-            if (m.chars.size, m.phonemes.size) != (first.chars.size, first.phonemes.size):
-                raise ValueError(f"the ensemble's models differ in their vocabularies: {m.chars.size} characters "
-                                 f"and {m.phonemes.size} phonemes, against {first.chars.size} and "
-                                 f"{first.phonemes.size}")
-            m.chars.declare_same_as(first.chars)
-            m.phonemes.declare_same_as(first.phonemes)
+        _same_vocabularies(members)
         self.members = torch.nn.ModuleList(members)
-        self.chars, self.phonemes = first.chars, first.phonemes
+        self.chars, self.phonemes = members[0].chars, members[0].phonemes
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
@@ -62,3 +59,46 @@ class Ensemble(ll.Module):
             stacked = next_phoneme(loop, mean, phonemes, axis=self.phonemes, beam=beam, threshold=threshold,
                                    label_smoothing=0.0)
         return result(loop, stacked)
+
+
+class TransducerEnsemble(ll.Module):
+    """``labels, scores, lengths, valid = ensemble(chars, src=..., tgt=..., beam=k)`` in search mode, as one
+    transducer's (:func:`looplift.recipes.g2p.transducer.alignment_search` over all members; at most as many
+    phonemes per character as the first member allows). It only searches: each member is trained alone. The
+    members' vocabularies are declared the same dims as the first member's (build the ensemble before
+    compiling anything with them)."""
+
+    #: the targets are the phonemes alone (the blank ends a word), as a transducer's
+    target_eos = False
+
+    def __init__(self, members: Sequence[ll.Module]):
+        super().__init__()
+        _same_vocabularies(members)
+        self.members = torch.nn.ModuleList(members)
+        self.chars, self.phonemes = members[0].chars, members[0].phonemes
+
+    def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
+                max_len: int | None = None, threshold: float | None = None):
+        if not ll.is_search():
+            raise ValueError("an ensemble of transducers only searches (compile it with mode='search'); train "
+                             "each member alone")
+        limit = self.members[0].config.max_labels
+        max_len = (limit + 1) * ll.length(src) if max_len is None else max_len
+        encs = [m.encode(chars, src=src) for m in self.members]
+        return alignment_search(list(self.members), encs, self.phonemes, frames=src, steps=tgt, max_labels=limit,
+                                beam=beam, max_len=max_len, threshold=threshold)
+
+
+def _same_vocabularies(members: Sequence[ll.Module]) -> None:
+    """Declares the members' character and phoneme dims the same as the first member's (an error where their
+    sizes differ)."""
+    if not members:
+        raise ValueError("an ensemble needs at least one model")
+    first = members[0]
+    for m in members[1:]:
+        if (m.chars.size, m.phonemes.size) != (first.chars.size, first.phonemes.size):
+            raise ValueError(f"the ensemble's models differ in their vocabularies: {m.chars.size} characters "
+                             f"and {m.phonemes.size} phonemes, against {first.chars.size} and "
+                             f"{first.phonemes.size}")
+        m.chars.declare_same_as(first.chars)
+        m.phonemes.declare_same_as(first.phonemes)

@@ -73,10 +73,14 @@ class TransducerG2P(ll.Module):
         {batch, src, tgt + 1, joint}, it would cost more than the rest of a training step.)"""
         return self.readout(ll.tanh(enc + pred))
 
+    def encode(self, chars, *, src: ll.Dim):
+        """The characters' encoding projected into the joint: ``{batch, src, joint}``."""
+        enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
+        return self.from_enc(self.dropout(enc))
+
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
-        enc, _ = self.encoder(self.dropout(self.char_emb(chars)), axis=src)
-        enc = self.from_enc(self.dropout(enc))
+        enc = self.encode(chars, src=src)
         if ll.is_search():
             return self._search(enc, src=src, tgt=tgt, beam=beam, max_len=max_len, threshold=threshold)
         # the prediction network over the prefixes of 0..U phonemes (the blank stands for the start)
@@ -105,38 +109,52 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
     `frames`): a loop over alignment steps (`steps`) with the frame position ``t`` as a state, the prediction
     LSTM (``model.pred`` on ``model.emb`` of the last label) and its projection ``model.from_pred`` stepping
     under a ``MaskedComputation`` where the last symbol was a label (the executor runs them on those hypotheses
-    alone), ``model.joint(frame, projection)`` scoring `labels` (the blank is 0), at
-    most `max_labels` labels per frame, and the hypotheses that reach the same frame with the same labels
-    merged (log-sum-exp: the sum over their alignments). Returns the search's ``(labels over steps, blanks
-    included; scores, lengths, valid)``.
+    alone), ``model.joint(frame, projection)`` scoring `labels` (the blank is 0), at most `max_labels` labels
+    per frame, and the hypotheses that reach the same frame with the same labels merged (log-sum-exp: the sum
+    over their alignments). Returns the search's ``(labels over steps, blanks included; scores, lengths,
+    valid)``.
+
+    An ensemble: `model` and `enc` are sequences (the models, each one's encoding). Each model steps its own
+    prediction LSTM after the same labels and scores its own frames; the mean of their log-probabilities
+    picks the labels (and is a hypothesis' score).
 
     `table`: the LSTM's input projection of a label's embedding (with its biases) is a table over the labels,
     made once before the loop, that each step gathers rows of (``LSTM.step_from_gates``): a fifth of the
     step's product for an embedding of 64 and an LSTM of 256. False: the embedding, then the LSTM step, as
     in training (the same values, but for rounding)."""
-    if table:   # {labels, gates}
-        pred = model.pred
-        projected = ll.dot(model.emb.weight, pred.weight_ih_l0, reduce=model.emb.out_dim) + pred.bias_ih_l0 \
-            + pred.bias_hh_l0
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    encs = list(enc) if isinstance(enc, (list, tuple)) else [enc]
+    if len(models) != len(encs):
+        raise ValueError(f"alignment_search: {len(models)} models and {len(encs)} encodings")
+    tables = [_label_table(m) for m in models] if table else None
     loop = ll.Loop(axis=steps, max_seq_len=max_len)
     loop.state.t = ll.zeros([], dtype="int64")
     loop.state.label = ll.full(BLANK, sparse_dim=labels)
     loop.state.started = ll.full(False)
-    loop.state.lstm = model.pred.default_initial_state()
+    loop.state.lstm = tuple(m.pred.default_initial_state() for m in models)
     loop.state.emitted = ll.zeros([], dtype="int64")
     loop.state.history = ll.search.label_history_start()
     with loop:
-        frame = ll.gather(enc, index=loop.state.t, axis=frames)
-        # the prediction network steps on the start (the blank), then on each label emitted
+        # the prediction networks step on the start (the blank), then on each label emitted
         with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
-            if table:
-                h, loop.state.lstm = model.pred.step_from_gates(
-                    ll.gather(projected, index=loop.state.label, axis=labels), loop.state.lstm, bias=False)
-            else:
-                h, loop.state.lstm = model.pred(model.emb(loop.state.label), loop.state.lstm)
-            pred = model.from_pred(h)   # (in the block: projected only where the LSTM stepped)
+            states, preds = [], []
+            for k, m in enumerate(models):
+                if table:
+                    h, state = m.pred.step_from_gates(ll.gather(tables[k], index=loop.state.label, axis=labels),
+                                                      loop.state.lstm[k], bias=False)
+                else:
+                    h, state = m.pred(m.emb(loop.state.label), loop.state.lstm[k])
+                states.append(state)
+                preds.append(m.from_pred(h))   # (in the block: projected only where the LSTM stepped)
+            loop.state.lstm = tuple(states)
         loop.state.started = ll.full(True)
-        log_probs = ll.log_softmax(model.joint(frame, pred), axis=labels)
+        log_probs = None
+        for m, e, pred in zip(models, encs, preds):
+            frame = ll.gather(e, index=loop.state.t, axis=frames)
+            one = ll.log_softmax(m.joint(frame, pred), axis=labels)
+            log_probs = one if log_probs is None else log_probs + one
+        if len(models) > 1:
+            log_probs = log_probs * (1.0 / len(models))
         log_probs = ll.search.limit_labels_per_frame(log_probs, loop.state.emitted, limit=max_labels, blank=BLANK,
                                                      axis=labels)
         label = ll.choice(log_probs, beam_size=beam, axis=labels, threshold=threshold)
@@ -148,3 +166,10 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
         loop.end(loop.state.t >= ll.length(frames), include_eos=True)
         stacked = loop.stack(label)
     return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
+
+
+def _label_table(model):
+    """``{labels, gates}``: the prediction LSTM's input projection of each label's embedding, with its
+    biases."""
+    pred = model.pred
+    return ll.dot(model.emb.weight, pred.weight_ih_l0, reduce=model.emb.out_dim) + pred.bias_ih_l0 + pred.bias_hh_l0
