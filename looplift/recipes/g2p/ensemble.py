@@ -61,7 +61,7 @@ class Ensemble(ll.Module):
         return result(loop, stacked)
 
 
-class TransducerEnsemble(ll.Module):
+class TransducerEnsemble(Ensemble):
     """``labels, scores, lengths, valid = ensemble(chars, src=..., tgt=..., beam=k)`` in search mode, as one
     transducer's (:func:`looplift.recipes.g2p.transducer.alignment_search` over all members; at most as many
     phonemes per character as the first member allows). It only searches: each member is trained alone. The
@@ -70,12 +70,6 @@ class TransducerEnsemble(ll.Module):
 
     #: the targets are the phonemes alone (the blank ends a word), as a transducer's
     target_eos = False
-
-    def __init__(self, members: Sequence[ll.Module]):
-        super().__init__()
-        _same_vocabularies(members)
-        self.members = torch.nn.ModuleList(members)
-        self.chars, self.phonemes = members[0].chars, members[0].phonemes
 
     def forward(self, chars, phonemes=None, *, src: ll.Dim, tgt: ll.Dim, beam: int = 1,
                 max_len: int | None = None, threshold: float | None = None):
