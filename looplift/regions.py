@@ -20,7 +20,8 @@ from .dims import Dim
 from .graph import Graph, Node, Op
 from .tensor import Tensor
 
-__all__ = ["LoopSpec", "CondSpec", "emit_unstack", "emit_loop_index", "is_history_of", "mixes_entries"]
+__all__ = ["LoopSpec", "CondSpec", "emit_unstack", "emit_loop_index", "is_history_of", "mixes_entries",
+           "node_mixes_entries"]
 
 
 @dataclass(eq=False)
@@ -149,7 +150,7 @@ def mixes_entries(body: Graph, dim: Dim) -> bool:
         if node.region is not None:
             if any(mixes_entries(graph, dim) for graph, _ in node.region.regions()):
                 return True
-        elif _mixes(node, dim):
+        elif node_mixes_entries(node, dim):
             return True
     return False
 
@@ -171,14 +172,14 @@ def first_step_on_one_slot(spec: LoopSpec) -> bool:
         with_beam = [t for t in node.inputs if beam in t.dims]
         if not any(id(t) in cut for t in with_beam):
             continue
-        if node.op not in ("prune", "gather") and _mixes(node, beam):
+        if node.op not in ("prune", "gather") and node_mixes_entries(node, beam):
             return False
         if all(id(t) in cut for t in with_beam):   # (else it broadcasts to the whole beam)
             cut.update(id(o) for o in node.outputs if beam in o.dims)
     return True
 
 
-def _mixes(node, dim: Dim) -> bool:
+def node_mixes_entries(node, dim: Dim) -> bool:
     """Whether `node` (not a region) reduces over `dim` or names it (see :func:`mixes_entries`)."""
     if any(dim in t.dims for t in node.inputs) and not all(dim in o.dims for o in node.outputs):
         return True

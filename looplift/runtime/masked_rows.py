@@ -37,7 +37,7 @@ import torch
 
 from ..dims import Dim
 from ..graph import Node
-from ..regions import _mixes
+from ..regions import node_mixes_entries
 from ..tensor import Tensor
 
 __all__ = ["Block", "MaskedRows", "find_blocks"]
@@ -116,7 +116,7 @@ def _block(members: list[Node], nodes: Sequence[Node], position: dict, returned:
         if not (tuple(value.dims) == tuple(before.dims) == tuple(out.dims)) or not all(d in out.dims for d in dims) \
                 or not value.dtype == before.dtype == out.dtype:
             return None
-    if any(_mixes(node, d) for node in members for d in dims):
+    if any(node_mixes_entries(node, d) for node in members for d in dims):
         return None
     for node in members:   # (a value over the mask's dims takes them from an input, not from the call's sizes)
         if any(dims[0] in o.dims for o in node.outputs) and not any(dims[0] in t.dims for t in node.inputs):
