@@ -251,6 +251,20 @@ def test_transducer_arch_trains_evaluates_and_converts(tmp_path, capsys, trained
         capsys.readouterr().err
 
 
+def test_a_stateless_transducer_trains_evaluates_and_joins_an_ensemble_of_transducers(tmp_path, capsys):
+    """``--pred-context 2``: the prediction network reads the last two phonemes (recorded in the checkpoint);
+    eval and convert print the recipe's results; it decodes in an ensemble with an LSTM transducer."""
+    d, lstm = str(tmp_path / "stateless"), str(tmp_path / "lstm")
+    cli.main(["train", "--dir", d, "--epochs", "1", *TINY, "--arch", "transducer", "--pred-context", "2"])
+    cli.main(["train", "--dir", lstm, "--epochs", "1", *TINY, "--arch", "transducer"])
+    capsys.readouterr()
+    model, vocabs = recipe.load_model(d)
+    assert model.config.pred_context == 2 and not hasattr(model, "pred")
+    _assert_eval_and_convert_agree_with_the_recipe(capsys, d, model, vocabs)
+    out = run(capsys, "eval", "--dir", d, "--limit", "20", "--beam", "3", "--ensemble", lstm).out
+    assert "WER" in out
+
+
 def test_an_ensemble_of_a_run_with_itself_evaluates_and_converts_as_the_run(trained, capsys):
     """``--ensemble DIR`` adds models to the search; the run's own model twice gives the same error rates and
     the same n-best as the model alone."""

@@ -61,11 +61,12 @@ def test_members_must_share_their_vocabularies():
 # -- transducers ---------------------------------------------------------------------------------------------
 
 
-def transducer(seed: int, blank: float = 0.5) -> TransducerG2P:
-    """A small random transducer; `blank` added to the blank's bias (about as likely as a phoneme at 0.5)."""
+def transducer(seed: int, blank: float = 0.5, context: int = 0) -> TransducerG2P:
+    """A small random transducer; `blank` added to the blank's bias (about as likely as a phoneme at 0.5);
+    `context`: its prediction network's (0: an LSTM)."""
     torch.manual_seed(seed)
     model = TransducerG2P(TransducerConfig(n_chars=12, n_phonemes=9, emb=6, enc=10, enc_layers=1, pred=8,
-                                           joint=8)).double()
+                                           joint=8, pred_context=context)).double()
     with torch.no_grad():
         model.readout.bias[BLANK] += blank
     return model
@@ -81,15 +82,8 @@ class Lattice(ll.Module):
 
     def forward(self, chars, phonemes, *, src: ll.Dim, tgt: ll.Dim):
         m = self.model
-        enc = m.encode(chars, src=src)
-        prefix = tgt + 1
-        inputs = ll.pad(phonemes, axis=tgt, left=1, value=BLANK)
-        loop = ll.Loop(axis=prefix)
-        loop.state.lstm = m.pred.default_initial_state()
-        with loop:
-            h, loop.state.lstm = m.pred(m.emb(loop.unstack(inputs)), state=loop.state.lstm)
-            pred = loop.stack(m.from_pred(h))
-        return ll.log_softmax(m.joint(enc, pred), axis=m.phonemes)
+        pred, _ = m.predict(phonemes, tgt=tgt)
+        return ll.log_softmax(m.joint(m.encode(chars, src=src), pred), axis=m.phonemes)
 
 
 def path_log_prob(model: TransducerG2P, word: list[int], path: list[int]) -> float:
@@ -110,16 +104,19 @@ def path_log_prob(model: TransducerG2P, word: list[int], path: list[int]) -> flo
 
 
 @pytest.mark.parametrize("beam", [1, 4])
-def test_one_transducer_given_twice_decodes_exactly_as_the_transducer_alone(beam):
-    model = transducer(0)
+@pytest.mark.parametrize("context", [0, 2])
+def test_one_transducer_given_twice_decodes_exactly_as_the_transducer_alone(beam, context):
+    model = transducer(0, blank=0.0 if context else 0.5, context=context)   # (some blanks, some phonemes)
     alone = recipe.decode(model, WORDS, beam=beam)
     twice = recipe.decode(TransducerEnsemble([model, model]), WORDS, beam=beam)
     assert twice == alone
     assert any(len(phonemes) > 1 for nbest in alone for phonemes, _ in nbest)
 
 
-def test_a_transducer_ensembles_alignment_scores_the_mean_of_its_members_log_probabilities():
-    members = [transducer(1, blank=0.0), transducer(2, blank=0.0)]
+@pytest.mark.parametrize("context", [0, 2])
+def test_a_transducer_ensembles_alignment_scores_the_mean_of_its_members_log_probabilities(context):
+    """(`context`: the second member's prediction network, an LSTM or the last two phonemes.)"""
+    members = [transducer(1, blank=0.0), transducer(2, blank=0.0, context=context)]
     ensemble = TransducerEnsemble(members)
     search = ll.compile(ensemble, mode="search")
     with torch.no_grad():

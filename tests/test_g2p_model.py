@@ -258,16 +258,19 @@ def _transducer(vocabs, seed: int = 0, **sizes):
     return TransducerG2P(config).double()
 
 
-def test_transducer_training_is_the_full_sum_over_the_step_by_step_prediction_network(words):
+@pytest.mark.parametrize("context", [0, 2])
+def test_transducer_training_is_the_full_sum_over_the_step_by_step_prediction_network(words, context):
     """The transducer in train mode: the prediction loop is gone (one fused LSTM), and the loss and every
     parameter's gradient equal the reference interpreter's (the prediction LSTM step by step) and the sum of
-    the per-word losses (padded CMUdict words, float64); the targets have no end symbol."""
+    the per-word losses (padded CMUdict words, float64); the targets have no end symbol. (`context` 2: the
+    stateless prediction network over the last two phonemes, no loop at all.)"""
     entries, vocabs = words
-    model = _transducer(vocabs)
+    model = _transducer(vocabs, pred_context=context)
     examples = recipe.Examples(entries, vocabs)
     train, _, y = _assert_training_equals_the_reference(model, examples)
     assert y.lengths[recipe.TGT].tolist() == [len(p) for p in examples.prons]
-    assert "nothing left in the loop: it is gone" in train.explain()
+    if not context:
+        assert "nothing left in the loop: it is gone" in train.explain()
     alone = sum(train(recipe.char_batch(model, [examples.chars[i]]), recipe.phoneme_batch(model, [examples.prons[i]]),
                       src=recipe.SRC, tgt=recipe.TGT).tensor for i in range(5))
     first = train(recipe.char_batch(model, examples.chars[:5]), recipe.phoneme_batch(model, examples.prons[:5]),
@@ -275,7 +278,36 @@ def test_transducer_training_is_the_full_sum_over_the_step_by_step_prediction_ne
     torch.testing.assert_close(first, alone, rtol=1e-10, atol=1e-10)
 
 
-def test_transducer_trains_on_a_handful_of_words_and_decodes_them(words):
+class _Prediction(ll.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, phonemes, *, tgt: ll.Dim):
+        return self.model.predict(phonemes, tgt=tgt)[0]
+
+
+@pytest.mark.parametrize("context", [1, 2, 3])
+def test_the_stateless_prediction_network_reads_the_last_phonemes_alone(words, context):
+    """``--pred-context k``: after u phonemes, the prediction is ``from_pred(relu(sum_j E_j[y_(u-1-j)]))``,
+    the blank standing for the phonemes before the first (plain PyTorch, per word, float64)."""
+    entries, vocabs = words
+    model = _transducer(vocabs, seed=3, pred_context=context).eval()
+    examples = recipe.Examples(entries[:7], vocabs)
+    y = recipe.phoneme_batch(model, examples.prons)
+    got = ll.compile(_Prediction(model), mode="eval")(y, tgt=recipe.TGT)
+    got = got.align(ll.batch_dim, recipe.TGT + 1, model.joint_dim)
+    tables = [getattr(model, f"context{j}").weight for j in range(context)]
+    for b, pron in enumerate(examples.prons):
+        padded = [transducer.BLANK] * context + list(pron)
+        for u in range(len(pron) + 1):
+            h = torch.relu(sum(tables[j][padded[context + u - 1 - j]] for j in range(context)))
+            want = h @ model.from_pred.weight.T + model.from_pred.bias
+            torch.testing.assert_close(got[b, u].detach(), want.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_transducer_trains_on_a_handful_of_words_and_decodes_them(words, context):
     """A few hundred steps on 8 words (through the recipe's loss function): it decodes them, by the
     alignment-synchronous beam search with recombination, into their pronunciations. Each hypothesis's score
     is the log of a sum over some of its alignments (those merged in the beam), so at most the full-sum
@@ -283,7 +315,7 @@ def test_transducer_trains_on_a_handful_of_words_and_decodes_them(words):
     character, which the full-sum lattice allows: the search's limit per character is raised to match.)"""
     entries, vocabs = words
     few = [e for e in entries if len(e.prons) == 1][:8]
-    model = _transducer(vocabs, seed=2, emb=16, enc=32, pred=32, joint=32, max_labels=8)
+    model = _transducer(vocabs, seed=2, emb=16, enc=32, pred=32, joint=32, max_labels=8, pred_context=context)
     examples = recipe.Examples(few, vocabs)
     loss_fn = recipe.loss_function(examples)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -329,6 +329,28 @@ def test_pad_with_negative_amount_is_an_error():
         run(lambda x: ll.pad(x, axis=T, left=-1), named(data()))
 
 
+# -- shift_right ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("initial", [2.5, "frame"])
+def test_shift_right_delays_each_sequence_by_one_frame(initial):
+    """Frame 0 is `initial` (a number, or a frame over the other dims), frame t is frame t - 1."""
+    x = data()
+    first = randn(3, 4, seed=5) if initial == "frame" else torch.full((3, 4), initial, dtype=x.dtype)
+    init = ll.Named(first, (B, F)) if initial == "frame" else initial
+    out = run(lambda x, i: ll.shift_right(x, axis=T, initial=i), named(x), init)
+    expected = torch.cat([first[:, None], x[:, :-1]], dim=1)
+    assert_valid_close(out, expected, (B, T, F), TMASK[:, :, None])
+
+
+def test_shift_right_of_labels_with_a_number_keeps_their_sparse_dim():
+    V = ll.Dim("s_vocab_sr", 6)
+    lab = with_garbage(randint(1, 6, (3, 5), seed=18), LENS, value=-1)
+    out = run(lambda lab: ll.shift_right(lab, axis=T, initial=0), ll.Named(lab, (B, T), {T: LENS}, sparse_dim=V))
+    assert out.sparse_dim == V and out.tensor.dtype == torch.int64
+    expected = tF.pad(lab, (1, 0))[:, :5]
+    assert_valid_close(out, expected, (B, T), TMASK, rtol=0, atol=0)
+
+
 # -- split_dims, merge_dims ----------------------------------------------------------------------------
 
 def test_split_dims_of_static_dim_is_a_reshape():

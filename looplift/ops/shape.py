@@ -456,7 +456,8 @@ def shift_right(x, *, axis: Dim, initial) -> Tensor:
     def kernel(env, v, i):
         shape = list(v.shape)
         shape[pos] = 1
-        first = init_al(torch.as_tensor(i, dtype=dtype, device=v.device)).unsqueeze(pos).expand(shape)
+        i = torch.as_tensor(i, dtype=dtype, device=v.device)
+        first = (init_al(i).unsqueeze(pos) if i.dim() else i).expand(shape)   # (a 0-d initial broadcasts as it is)
         return torch.cat([first, v.narrow(pos, 0, max(v.shape[pos] - 1, 0))], pos).narrow(pos, 0, v.shape[pos])
 
     return emit("shift_right", (x, initial), kernel, x.dims, x.dtype, sparse_dim=x.sparse_dim,

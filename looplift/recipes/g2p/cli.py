@@ -100,6 +100,9 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
                         "--joint; full-sum training). The --emb ... --dec sizes are the LSTM's and the "
                         "transducer's, --model-dim ... --layers the Transformer's")
     p.add_argument("--joint", type=POSITIVE, default=256, help="the transducer's joint network size")
+    p.add_argument("--pred-context", type=COUNT, default=0,
+                   help="the transducer's prediction network: 0, an LSTM (--dec wide) over all phonemes so far; "
+                        "k, the last k phonemes alone (stateless: a sum of their embeddings, --dec wide, and a ReLU)")
     p.add_argument("--max-labels", type=POSITIVE, default=3,
                    help="the transducer's phonemes per character at most, in search")
     p.add_argument("--emb", type=POSITIVE, default=64, help="character and phoneme embedding size")
@@ -231,7 +234,7 @@ def train(args) -> G2P:
     elif args.arch == "transducer":
         del sizes["label_smoothing"]   # (the full-sum loss has none)
         config = TransducerConfig(**sizes, emb=args.emb, enc=args.enc, enc_layers=args.enc_layers, pred=args.dec,
-                                  joint=args.joint, max_labels=args.max_labels)
+                                  pred_context=args.pred_context, joint=args.joint, max_labels=args.max_labels)
     else:
         config = Config(**sizes, emb=args.emb, enc=args.enc, enc_layers=args.enc_layers, dec=args.dec)
     torch.manual_seed(args.seed)

@@ -35,7 +35,8 @@ class TransducerConfig(JsonConfig):
     emb: int = 64
     enc: int = 256            # per layer, both directions together
     enc_layers: int = 2
-    pred: int = 256           # the prediction network's LSTM
+    pred: int = 256           # the prediction network's width (its LSTM's, or its context sum's)
+    pred_context: int = 0     # 0: an LSTM over all labels so far; k: the last k labels alone (no recurrence)
     joint: int = 256
     dropout: float = 0.0      # on the embeddings, between encoder layers and on the joint's two inputs
     max_labels: int = 3       # phonemes per character at most, in search
@@ -61,8 +62,13 @@ class TransducerG2P(ll.Module):
         self.encoder = nn.LSTM(self.char_emb_dim, self.enc_dim, bidirectional=True, num_layers=c.enc_layers,
                                dropout=c.dropout)
         self.dropout = nn.Dropout(c.dropout)
-        self.emb = nn.Embedding(self.phonemes, self.emb_dim)
-        self.pred = nn.LSTM(self.emb_dim, self.pred_dim)
+        if c.pred_context:
+            # stateless: relu(sum_k E_k[label k back]), an embedding per position of the context
+            for k in range(c.pred_context):
+                setattr(self, f"context{k}", nn.Embedding(self.phonemes, self.pred_dim))
+        else:
+            self.emb = nn.Embedding(self.phonemes, self.emb_dim)
+            self.pred = nn.LSTM(self.emb_dim, self.pred_dim)
         self.from_enc = nn.Linear(self.enc_dim, self.joint_dim)
         self.from_pred = nn.Linear(self.pred_dim, self.joint_dim)
         self.readout = nn.Linear(self.joint_dim, self.phonemes)
@@ -83,17 +89,63 @@ class TransducerG2P(ll.Module):
         enc = self.encode(chars, src=src)
         if ll.is_search():
             return self._search(enc, src=src, tgt=tgt, beam=beam, max_len=max_len, threshold=threshold)
-        # the prediction network over the prefixes of 0..U phonemes (the blank stands for the start)
+        pred, prefix = self.predict(phonemes, tgt=tgt)
+        logits = self.joint(enc, pred)                       # {batch, src, tgt + 1, phonemes}
+        loss = ll.rnnt_loss(logits, phonemes, blank=BLANK, enc_time=src, prefix=prefix, axis=self.phonemes)
+        return ll.sum(loss, axis=ll.batch_dim)
+
+    def predict(self, phonemes, *, tgt: ll.Dim):
+        """``pred, prefix``: the prediction network over the prefixes of 0..U `phonemes` (the blank stands for
+        the start), projected into the joint: ``{batch, prefix, joint}`` with ``prefix = tgt + 1``."""
         prefix = tgt + 1
         inputs = ll.pad(phonemes, axis=tgt, left=1, value=BLANK)
+        if self.config.pred_context:
+            context = [inputs]
+            while len(context) < self.config.pred_context:
+                context.append(ll.shift_right(context[-1], axis=prefix, initial=BLANK))
+            return self.from_pred(self.dropout(self._stateless(context))), prefix
         loop = ll.Loop(axis=prefix)
         loop.state.lstm = self.pred.default_initial_state()
         with loop:
             h, loop.state.lstm = self.pred(self.emb(loop.unstack(inputs)), state=loop.state.lstm)
             pred = loop.stack(self.from_pred(self.dropout(h)))
-        logits = self.joint(enc, pred)                       # {batch, src, tgt + 1, phonemes}
-        loss = ll.rnnt_loss(logits, phonemes, blank=BLANK, enc_time=src, prefix=prefix, axis=self.phonemes)
-        return ll.sum(loss, axis=ll.batch_dim)
+        return pred, prefix
+
+    def _stateless(self, context):
+        """The stateless prediction network's output from the last labels (`context[k]`: k labels back)."""
+        total = None
+        for k, labels in enumerate(context):
+            e = getattr(self, f"context{k}")(labels)
+            total = e if total is None else total + e
+        return ll.relu(total)
+
+    def prediction_start(self):
+        """The prediction network's state before the first label: an LSTM's state, or the labels of the
+        context but the last one (blanks)."""
+        if self.config.pred_context:
+            return tuple(ll.full(BLANK, sparse_dim=self.phonemes) for _ in range(self.config.pred_context - 1))
+        return self.pred.default_initial_state()
+
+    def prediction_step(self, label, state, table=None):
+        """``projection, state``: the prediction network's output after `label`, projected into the joint
+        (`table`: :func:`label_table`'s, for an LSTM)."""
+        if self.config.pred_context:
+            context = (label, *state)
+            return self.from_pred(self._stateless(context)), context[:-1]
+        if table is not None:
+            h, state = self.pred.step_from_gates(ll.gather(table, index=label, axis=self.phonemes), state,
+                                                 bias=False)
+        else:
+            h, state = self.pred(self.emb(label), state)
+        return self.from_pred(h), state
+
+    def label_table(self):
+        """``{labels, gates}``: the prediction LSTM's input projection of each label's embedding, with its
+        biases (None for a stateless prediction network)."""
+        if self.config.pred_context:
+            return None
+        pred = self.pred
+        return ll.dot(self.emb.weight, pred.weight_ih_l0, reduce=self.emb.out_dim) + pred.bias_ih_l0 + pred.bias_hh_l0
 
     def _search(self, enc, *, src: ll.Dim, tgt: ll.Dim, beam: int, max_len: int | None,
                 threshold: float | None):
@@ -126,27 +178,23 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
     encs = list(enc) if isinstance(enc, (list, tuple)) else [enc]
     if len(models) != len(encs):
         raise ValueError(f"alignment_search: {len(models)} models and {len(encs)} encodings")
-    tables = [_label_table(m) for m in models] if table else None
+    tables = [m.label_table() if table else None for m in models]
     loop = ll.Loop(axis=steps, max_seq_len=max_len)
     loop.state.t = ll.zeros([], dtype="int64")
     loop.state.label = ll.full(BLANK, sparse_dim=labels)
     loop.state.started = ll.full(False)
-    loop.state.lstm = tuple(m.pred.default_initial_state() for m in models)
+    loop.state.pred = tuple(m.prediction_start() for m in models)
     loop.state.emitted = ll.zeros([], dtype="int64")
     loop.state.history = ll.search.label_history_start()
     with loop:
         # the prediction networks step on the start (the blank), then on each label emitted
         with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
             states, preds = [], []
-            for k, m in enumerate(models):
-                if table:
-                    h, state = m.pred.step_from_gates(ll.gather(tables[k], index=loop.state.label, axis=labels),
-                                                      loop.state.lstm[k], bias=False)
-                else:
-                    h, state = m.pred(m.emb(loop.state.label), loop.state.lstm[k])
+            for m, tab, state in zip(models, tables, loop.state.pred):
+                pred, state = m.prediction_step(loop.state.label, state, tab)
                 states.append(state)
-                preds.append(m.from_pred(h))   # (in the block: projected only where the LSTM stepped)
-            loop.state.lstm = tuple(states)
+                preds.append(pred)   # (in the block: projected only where the prediction network stepped)
+            loop.state.pred = tuple(states)
         loop.state.started = ll.full(True)
         log_probs = None
         for m, e, pred in zip(models, encs, preds):
@@ -167,9 +215,3 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
         stacked = loop.stack(label)
     return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
 
-
-def _label_table(model):
-    """``{labels, gates}``: the prediction LSTM's input projection of each label's embedding, with its
-    biases."""
-    pred = model.pred
-    return ll.dot(model.emb.weight, pred.weight_ih_l0, reduce=model.emb.out_dim) + pred.bias_ih_l0 + pred.bias_hh_l0
