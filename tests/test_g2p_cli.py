@@ -322,3 +322,45 @@ def test_a_run_interrupted_and_resumed_on_the_cosine_schedule_equals_an_uninterr
     b, _ = recipe.load_model(interrupted, which="last")
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), n
+
+
+def test_members_train_side_by_side_as_the_runs_of_their_seeds_and_decode_as_an_ensemble(tmp_path, capfd):
+    """``train --members 2``: two processes, one thread each, seeds --seed and --seed + 1, into --dir/member-1
+    and member-2, their lines prefixed by their names; each member's model is the one the plain run with its
+    seed and one thread trains. eval and convert on --dir decode with both, as ``--ensemble`` of the second
+    member's run does. Training the folder as one run, or resuming with another count, is an error."""
+    d, alone = str(tmp_path / "pair"), str(tmp_path / "alone")
+    cli.main(["train", "--dir", d, "--members", "2", "--epochs", "1", *TINY, "--arch", "transducer"])
+    out = capfd.readouterr()
+    lines = (out.out + out.err).splitlines()
+    assert any(line.startswith("member-1: trained") for line in lines), lines
+    assert any(line.startswith("member-2: trained") for line in lines), lines
+    with open(os.path.join(d, "members.json")) as f:
+        assert json.load(f) == {"members": ["member-1", "member-2"]}
+    cli.main(["train", "--dir", alone, "--epochs", "1", *TINY, "--arch", "transducer", "--seed", "4",
+              "--threads", "1"])
+    capfd.readouterr()
+    first, _ = recipe.load_model(os.path.join(d, "member-1"))
+    second, _ = recipe.load_model(os.path.join(d, "member-2"))
+    for (n, a), (_, b) in zip(second.named_parameters(), recipe.load_model(alone)[0].named_parameters()):
+        assert torch.equal(a, b), n
+    assert any(not torch.equal(a, c) for a, c in zip(second.parameters(), first.parameters()))
+
+    def said(*argv):
+        cli.main(list(argv))
+        return capfd.readouterr().out
+
+    m1, m2 = os.path.join(d, "member-1"), os.path.join(d, "member-2")
+    both = said("eval", "--dir", d, "--limit", "20", "--beam", "3")
+    pair = said("eval", "--dir", m1, "--limit", "20", "--beam", "3", "--ensemble", m2)
+    assert both.split("; decoded")[0] == pair.split("; decoded")[0] and "WER" in both
+    words = ["hello", "world"]
+    converted = said("convert", "--dir", d, *words)
+    assert converted == said("convert", "--dir", m1, *words, "--ensemble", m2)
+    assert converted != said("convert", "--dir", m1, *words)   # (the ensemble, not the first member: other scores)
+    for argv, message in [(["train", "--dir", d], "holds a run of several members"),
+                          (["train", "--dir", d, "--members", "3", "--resume"], "has 2 members, not 3"),
+                          (["train", "--dir", alone, "--members", "2"], "holds a run of one model")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--epochs", "1", *TINY])
+        assert e.value.code == 2 and message in capfd.readouterr().err

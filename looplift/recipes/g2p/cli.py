@@ -10,6 +10,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ from .transducer import TransducerConfig
 from .transformer import TransformerConfig
 
 DEFAULT_DIR = "g2p-run"
+MEMBERS_FILE = "members.json"   # a run of several members (--members): their folders, in the run's folder
 EXAMPLE_WORDS = ["looplift", "transducer", "phoneme", "beam", "pytorch"]
 
 
@@ -48,11 +50,25 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
                         "log-probabilities picks each phoneme (a transducer's: each symbol)")
 
 
+def member_dirs(directory: str) -> list[str]:
+    """The folders of the models of a run: its members' (``--members``), or the run's own folder."""
+    path = os.path.join(directory, MEMBERS_FILE)
+    if not os.path.isfile(path):
+        return [directory]
+    try:
+        with open(path) as f:
+            names = json.load(f)["members"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a list of the run's members ({type(e).__name__}: {e})") from None
+    return [os.path.join(directory, name) for name in names]
+
+
 def _load(args):
-    """The model of ``--dir`` (with those of ``--ensemble``, an :class:`Ensemble`) and its vocabularies."""
+    """The model of ``--dir`` (with those of its members and of ``--ensemble``, an :class:`Ensemble`) and its
+    vocabularies."""
     which = getattr(args, "checkpoint", "best")
-    model, vocabs = recipe.load_model(args.dir, which=which)
-    extra = getattr(args, "ensemble", [])
+    first, *extra = [d for directory in [args.dir, *getattr(args, "ensemble", [])] for d in member_dirs(directory)]
+    model, vocabs = recipe.load_model(first, which=which)
     if not extra:
         return model, vocabs
     from .ensemble import Ensemble, TransducerEnsemble
@@ -60,12 +76,12 @@ def _load(args):
     for directory in extra:
         m, v = recipe.load_model(directory, which=which)
         if (v.chars.symbols, v.phonemes.symbols) != (vocabs.chars.symbols, vocabs.phonemes.symbols):
-            raise UsageError(f"--ensemble {directory}: its characters or phonemes differ from those of {args.dir}")
+            raise UsageError(f"--ensemble {directory}: its characters or phonemes differ from those of {first}")
         members.append(m)
     transducers = [m.config.arch == "transducer" for m in members]
     if all(transducers):
         return TransducerEnsemble(members), vocabs
-    for directory, m, transducer in zip([args.dir, *extra], members, transducers):
+    for directory, m, transducer in zip([first, *extra], members, transducers):
         if transducer:
             raise UsageError(f"{directory}: a transducer can be part of an ensemble of transducers only (it "
                              f"searches alignments; the others search phonemes)")
@@ -125,6 +141,10 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --dir exactly where it stopped (same options)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a line per epoch only)")
+    p.add_argument("--members", type=POSITIVE, default=1,
+                   help="train this many models side by side, each in a process of its own (--threads each; "
+                        "default: the CPUs shared out), with seeds --seed, --seed + 1, ..., into --dir/member-1, "
+                        "...; eval, convert and run decode with all of them as an ensemble")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,8 +211,21 @@ def _check(args) -> None:
             raise UsageError(f"--model-dim ({args.model_dim}) must be a multiple of 2 * --heads ({2 * args.heads})")
         if os.path.exists(args.dir) and not os.path.isdir(args.dir):
             raise UsageError(f"--dir {args.dir!r} is a file, not a folder")
-        if args.resume and not os.path.isfile(os.path.join(args.dir, "last.safetensors")):
-            raise UsageError(f"--resume: there is no run to resume in {args.dir!r} (no last.safetensors)")
+        members = os.path.join(args.dir, MEMBERS_FILE)
+        if args.members == 1 and os.path.isfile(members):
+            raise UsageError(f"--dir {args.dir!r} holds a run of several members ({MEMBERS_FILE}): train it with "
+                             f"--members, or another --dir")
+        if args.members > 1 and os.path.exists(args.dir) and not os.path.isfile(members) and \
+                os.path.isfile(os.path.join(args.dir, "last.safetensors")):
+            raise UsageError(f"--dir {args.dir!r} holds a run of one model: --members {args.members} needs "
+                             f"another --dir")
+        if args.resume:
+            dirs = member_dirs(args.dir) if os.path.isfile(members) else [args.dir]
+            if args.members > 1 and len(dirs) != args.members:
+                raise UsageError(f"--resume: the run in {args.dir!r} has {len(dirs)} members, not {args.members}")
+            for d in dirs:
+                if not os.path.isfile(os.path.join(d, "last.safetensors")):
+                    raise UsageError(f"--resume: there is no run to resume in {d!r} (no last.safetensors)")
         try:
             os.makedirs(args.dir, exist_ok=True)
         except OSError as e:
@@ -280,6 +313,69 @@ def train(args) -> G2P:
     return model
 
 
+class MemberFailed(Exception):
+    """A member of a ``--members`` run stopped with an error (its own message is above)."""
+
+
+def train_members(args) -> None:
+    """``--members N``: N runs side by side, each in a process of its own with ``--threads`` torch threads
+    (default: the CPUs shared out), seeds ``--seed + i``, into ``--dir/member-<i + 1>``, listed in
+    ``--dir/members.json``. Their epoch lines are prefixed with the member's name (no progress bars)."""
+    import multiprocessing
+    names = [f"member-{i + 1}" for i in range(args.members)]
+    path = os.path.join(args.dir, MEMBERS_FILE)
+    if not args.resume:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"members": names}, f)
+        os.replace(path + ".tmp", path)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or max(1, cpus // args.members)
+    context = multiprocessing.get_context("spawn")   # (no forked copy of torch's thread pools)
+    processes = []
+    for i, name in enumerate(names):
+        member = argparse.Namespace(**{**vars(args), "command": "train", "members": 1, "threads": threads,
+                                       "dir": os.path.join(args.dir, name), "seed": args.seed + i,
+                                       "no_progress": True})
+        os.makedirs(member.dir, exist_ok=True)
+        processes.append(context.Process(target=_train_member, args=(member, name), name=name))
+    for p in processes:
+        p.start()
+    try:
+        for p in processes:
+            p.join()
+    except KeyboardInterrupt:   # (each member saves its checkpoint on Ctrl-C too: wait for them)
+        for p in processes:
+            p.join()
+        raise
+    failed = [f"{p.name} (exit status {p.exitcode})" for p in processes if p.exitcode]
+    if failed:
+        raise MemberFailed(f"training stopped: {', '.join(failed)} failed")
+
+
+def _train_member(args, name: str) -> None:
+    """One member of :func:`train_members`, in its own process: its lines on stdout and stderr prefixed."""
+    sys.stdout, sys.stderr = _Prefixed(sys.stdout, f"{name}: "), _Prefixed(sys.stderr, f"{name}: ")
+    run_command("looplift-g2p", lambda: _command(args), expected=(data.UnknownSymbolError,))
+
+
+class _Prefixed:
+    """A text stream whose every line starts with `prefix`."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_start else "") + piece)
+            self.at_start = piece.endswith(("\n", "\r"))
+        self.stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def evaluate(args) -> None:
     model, vocabs = _load(args)
     entries = data.split(data.load(stress=vocabs.stress))[args.split]
@@ -312,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command is None:
         parser.print_help()
         raise SystemExit(2)
-    run_command("looplift-g2p", lambda: _command(args), expected=(data.UnknownSymbolError,))
+    run_command("looplift-g2p", lambda: _command(args), expected=(data.UnknownSymbolError, MemberFailed))
 
 
 def _command(args) -> None:
@@ -321,9 +417,9 @@ def _command(args) -> None:
         torch.set_num_threads(args.threads)
     ll.reuse_freed_memory()   # (a step's large tensors reuse the last step's memory: no page faults)
     if args.command == "train":
-        train(args)
+        train_members(args) if args.members > 1 else train(args)
     elif args.command == "run":
-        train(args)
+        train_members(args) if args.members > 1 else train(args)
         evaluate(args)
         args.words, args.nbest = EXAMPLE_WORDS, 2
         convert(args)
