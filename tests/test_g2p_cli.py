@@ -324,11 +324,13 @@ def test_a_run_interrupted_and_resumed_on_the_cosine_schedule_equals_an_uninterr
         assert torch.equal(x, y), n
 
 
-def test_members_train_side_by_side_as_the_runs_of_their_seeds_and_decode_as_an_ensemble(tmp_path, capfd):
+def test_members_train_side_by_side_as_the_runs_of_their_seeds_and_decode_as_an_ensemble(tmp_path, capfd,
+                                                                                          monkeypatch):
     """``train --members 2``: two processes, one thread each, seeds --seed and --seed + 1, into --dir/member-1
     and member-2, their lines prefixed by their names; each member's model is the one the plain run with its
     seed and one thread trains. eval and convert on --dir decode with both, as ``--ensemble`` of the second
-    member's run does. Training the folder as one run, or resuming with another count, is an error."""
+    member's run does. Training the folder as one run, resuming with another count, or --members under torchrun
+    is an error."""
     d, alone = str(tmp_path / "pair"), str(tmp_path / "alone")
     cli.main(["train", "--dir", d, "--members", "2", "--epochs", "1", *TINY, "--arch", "transducer"])
     out = capfd.readouterr()
@@ -360,7 +362,13 @@ def test_members_train_side_by_side_as_the_runs_of_their_seeds_and_decode_as_an_
     assert converted != said("convert", "--dir", m1, *words)   # (the ensemble, not the first member: other scores)
     for argv, message in [(["train", "--dir", d], "holds a run of several members"),
                           (["train", "--dir", d, "--members", "3", "--resume"], "has 2 members, not 3"),
-                          (["train", "--dir", alone, "--members", "2"], "holds a run of one model")]:
+                          (["train", "--dir", alone, "--members", "2"], "holds a run of one model"),
+                          (["train", "--dir", str(tmp_path / "none"), "--members", "2", "--resume"],
+                           "no run of members to resume")]:
         with pytest.raises(SystemExit) as e:
             cli.main([*argv, "--epochs", "1", *TINY])
         assert e.value.code == 2 and message in capfd.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--dir", str(tmp_path / "ddp"), "--members", "2", "--epochs", "1", *TINY])
+    assert e.value.code == 2 and "without torchrun" in capfd.readouterr().err

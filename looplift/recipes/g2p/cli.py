@@ -211,6 +211,8 @@ def _check(args) -> None:
             raise UsageError(f"--model-dim ({args.model_dim}) must be a multiple of 2 * --heads ({2 * args.heads})")
         if os.path.exists(args.dir) and not os.path.isdir(args.dir):
             raise UsageError(f"--dir {args.dir!r} is a file, not a folder")
+        if args.members > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--members trains its own processes: run it without torchrun")
         members = os.path.join(args.dir, MEMBERS_FILE)
         if args.members == 1 and os.path.isfile(members):
             raise UsageError(f"--dir {args.dir!r} holds a run of several members ({MEMBERS_FILE}): train it with "
@@ -220,6 +222,9 @@ def _check(args) -> None:
             raise UsageError(f"--dir {args.dir!r} holds a run of one model: --members {args.members} needs "
                              f"another --dir")
         if args.resume:
+            if args.members > 1 and not os.path.isfile(members):
+                raise UsageError(f"--resume: there is no run of members to resume in {args.dir!r} (no "
+                                 f"{MEMBERS_FILE})")
             dirs = member_dirs(args.dir) if os.path.isfile(members) else [args.dir]
             if args.members > 1 and len(dirs) != args.members:
                 raise UsageError(f"--resume: the run in {args.dir!r} has {len(dirs)} members, not {args.members}")
