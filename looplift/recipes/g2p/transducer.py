@@ -16,6 +16,7 @@ their alignments).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import looplift as ll
@@ -124,28 +125,19 @@ class TransducerG2P(ll.Module):
         context but the last one (blanks)."""
         if self.config.pred_context:
             return tuple(ll.full(BLANK, sparse_dim=self.phonemes) for _ in range(self.config.pred_context - 1))
-        return self.pred.default_initial_state()
+        return lstm_prediction_start(self)
 
     def prediction_step(self, label, state, table=None):
         """``projection, state``: the prediction network's output after `label`, projected into the joint
-        (`table`: :func:`label_table`'s, for an LSTM)."""
+        (`table`: :meth:`label_table`'s, for an LSTM)."""
         if self.config.pred_context:
             context = (label, *state)
             return self.from_pred(self._stateless(context)), context[:-1]
-        if table is not None:
-            h, state = self.pred.step_from_gates(ll.gather(table, index=label, axis=self.phonemes), state,
-                                                 bias=False)
-        else:
-            h, state = self.pred(self.emb(label), state)
-        return self.from_pred(h), state
+        return lstm_prediction_step(self, label, state, table)
 
     def label_table(self):
-        """``{labels, gates}``: the prediction LSTM's input projection of each label's embedding, with its
-        biases (None for a stateless prediction network)."""
-        if self.config.pred_context:
-            return None
-        pred = self.pred
-        return ll.dot(self.emb.weight, pred.weight_ih_l0, reduce=self.emb.out_dim) + pred.bias_ih_l0 + pred.bias_hh_l0
+        """The prediction LSTM's :func:`lstm_label_table` (None for a stateless prediction network)."""
+        return None if self.config.pred_context else lstm_label_table(self)
 
     def _search(self, enc, *, src: ll.Dim, tgt: ll.Dim, beam: int, max_len: int | None,
                 threshold: float | None):
@@ -178,20 +170,26 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
     encs = list(enc) if isinstance(enc, (list, tuple)) else [enc]
     if len(models) != len(encs):
         raise ValueError(f"alignment_search: {len(models)} models and {len(encs)} encodings")
-    tables = [m.label_table() if table else None for m in models]
+    # (a model's own prediction network, or the prediction LSTM of `pred`, `emb` and `from_pred`)
+    start, step, label_table = zip(*[(m.prediction_start, m.prediction_step, m.label_table)
+                                     if hasattr(type(m), "prediction_step") else
+                                     (functools.partial(lstm_prediction_start, m),
+                                      functools.partial(lstm_prediction_step, m),
+                                      functools.partial(lstm_label_table, m)) for m in models])
+    tables = [make() if table else None for make in label_table]
     loop = ll.Loop(axis=steps, max_seq_len=max_len)
     loop.state.t = ll.zeros([], dtype="int64")
     loop.state.label = ll.full(BLANK, sparse_dim=labels)
     loop.state.started = ll.full(False)
-    loop.state.pred = tuple(m.prediction_start() for m in models)
+    loop.state.pred = tuple(make() for make in start)
     loop.state.emitted = ll.zeros([], dtype="int64")
     loop.state.history = ll.search.label_history_start()
     with loop:
         # the prediction networks step on the start (the blank), then on each label emitted
         with ll.MaskedComputation(mask=(loop.state.label != BLANK) | ~loop.state.started):
             states, preds = [], []
-            for m, tab, state in zip(models, tables, loop.state.pred):
-                pred, state = m.prediction_step(loop.state.label, state, tab)
+            for predict, tab, state in zip(step, tables, loop.state.pred):
+                pred, state = predict(loop.state.label, state, tab)
                 states.append(state)
                 preds.append(pred)   # (in the block: projected only where the prediction network stepped)
             loop.state.pred = tuple(states)
@@ -215,3 +213,24 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
         stacked = loop.stack(label)
     return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
 
+
+def lstm_prediction_start(model):
+    """The state of `model`'s prediction LSTM (``model.pred``) before the first label."""
+    return model.pred.default_initial_state()
+
+
+def lstm_prediction_step(model, label, state, table=None):
+    """``projection, state``: `model`'s prediction LSTM (``model.pred`` on ``model.emb`` of the label, or on the
+    label's row of `table`) after `label`, projected into the joint (``model.from_pred``)."""
+    if table is not None:
+        h, state = model.pred.step_from_gates(ll.gather(table, index=label, axis=model.emb.vocab), state, bias=False)
+    else:
+        h, state = model.pred(model.emb(label), state)
+    return model.from_pred(h), state
+
+
+def lstm_label_table(model):
+    """``{labels, gates}``: the prediction LSTM's input projection of each label's embedding, with its
+    biases."""
+    pred = model.pred
+    return ll.dot(model.emb.weight, pred.weight_ih_l0, reduce=model.emb.out_dim) + pred.bias_ih_l0 + pred.bias_hh_l0
