@@ -151,7 +151,8 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
                      max_len, threshold: float | None = None, table: bool = True):
     """A transducer's alignment-synchronous beam search, over the projected encoder frames `enc` (over
     `frames`): a loop over alignment steps (`steps`) with the frame position ``t`` as a state, the prediction
-    LSTM (``model.pred`` on ``model.emb`` of the last label) and its projection ``model.from_pred`` stepping
+    network (the model's ``prediction_start`` and ``prediction_step`` where it has them; else the LSTM
+    ``model.pred`` on ``model.emb`` of the last label) and its projection ``model.from_pred`` stepping
     under a ``MaskedComputation`` where the last symbol was a label (the executor runs them on those hypotheses
     alone), ``model.joint(frame, projection)`` scoring `labels` (the blank is 0), at most `max_labels` labels
     per frame, and the hypotheses that reach the same frame with the same labels merged (log-sum-exp: the sum
