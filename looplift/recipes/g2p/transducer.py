@@ -171,12 +171,7 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
     encs = list(enc) if isinstance(enc, (list, tuple)) else [enc]
     if len(models) != len(encs):
         raise ValueError(f"alignment_search: {len(models)} models and {len(encs)} encodings")
-    # (a model's own prediction network, or the prediction LSTM of `pred`, `emb` and `from_pred`)
-    start, step, label_table = zip(*[(m.prediction_start, m.prediction_step, m.label_table)
-                                     if hasattr(type(m), "prediction_step") else
-                                     (functools.partial(lstm_prediction_start, m),
-                                      functools.partial(lstm_prediction_step, m),
-                                      functools.partial(lstm_label_table, m)) for m in models])
+    start, step, label_table = zip(*map(_prediction_network, models))
     tables = [make() if table else None for make in label_table]
     loop = ll.Loop(axis=steps, max_seq_len=max_len)
     loop.state.t = ll.zeros([], dtype="int64")
@@ -213,6 +208,15 @@ def alignment_search(model, enc, labels: ll.Dim, *, frames: ll.Dim, steps: ll.Di
         loop.end(loop.state.t >= ll.length(frames), include_eos=True)
         stacked = loop.stack(label)
     return stacked, loop.search.scores, loop.search.lengths, loop.search.valid
+
+
+def _prediction_network(model):
+    """``start, step, label_table`` of `model`'s prediction network: its own, or the LSTM of ``pred``, ``emb``
+    and ``from_pred``."""
+    if hasattr(type(model), "prediction_step"):
+        return model.prediction_start, model.prediction_step, model.label_table
+    return (functools.partial(lstm_prediction_start, model), functools.partial(lstm_prediction_step, model),
+            functools.partial(lstm_label_table, model))
 
 
 def lstm_prediction_start(model):
