@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from looplift.recipes.g2p import cli, data, recipe
 from looplift.recipes.g2p.model import G2P, Config
@@ -66,6 +67,34 @@ def test_eval_and_convert_use_the_best_model_unless_told_otherwise(trained, monk
     run(capsys, "convert", "--dir", d, "hello")
     run(capsys, "eval", "--dir", d, "--limit", "3", "--checkpoint", "last")
     assert asked == ["best", "last"]
+
+
+def test_average_keeps_the_mean_of_the_last_epochs_models_and_eval_reads_it(tmp_path, capsys):
+    """``train --average 2``: average.safetensors is the mean of the models at the ends of the last two of three
+    epochs (kept in epochs/), with the model's metadata; ``eval --checkpoint average`` decodes with it, and a
+    run trained without --average has none (an error, not another model)."""
+    d = str(tmp_path / "avg")
+    cli.main(["train", "--dir", d, "--epochs", "3", "--average", "2", *TINY, *EPOCHS])
+    assert sorted(os.listdir(os.path.join(d, "epochs"))) == ["epoch-1.safetensors", "epoch-2.safetensors"]
+    ends = [load_file(os.path.join(d, "epochs", f"epoch-{e}.safetensors")) for e in (1, 2)]
+    average, vocabs = recipe.load_model(d, which="average")
+    last, _ = recipe.load_model(d, which="last")
+    for name, p in average.named_parameters():
+        torch.testing.assert_close(p, (ends[0][name].double() + ends[1][name].double()).div(2).float(),
+                                   rtol=0, atol=1e-7)
+        assert torch.equal(ends[1][name], dict(last.named_parameters())[name])
+    assert any(not torch.equal(p, dict(last.named_parameters())[n]) for n, p in average.named_parameters())
+    words = [vocabs.chars.encode(w) for w in ("hello", "world", "phoneme")]
+    want = recipe.decode(average, words)
+    capsys.readouterr()   # (the training's lines)
+    out = run(capsys, "convert", "--dir", d, "--checkpoint", "average", "--nbest", "1", "hello", "world", "phoneme")
+    assert [re.match(r"^\S+\s+\S+\s+p=\S+\s*(.*)$", line)[1].split() for line in out.out.strip().splitlines()] == \
+        [vocabs.phonemes.decode(hyps[0][0]) for hyps in want]
+    plain = str(tmp_path / "plain")
+    cli.main(["train", "--dir", plain, "--epochs", "1", *TINY, *EPOCHS])
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--dir", plain, "--checkpoint", "average", "--limit", "3"])
+    assert "kept no average model: train it with --average K" in capsys.readouterr().err
 
 
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):

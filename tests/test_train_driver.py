@@ -293,6 +293,57 @@ def test_keep_best_names_a_result_the_evaluation_gives(tmp_path):
         trainer.fit(make_batches, epochs=1, evaluate=lambda model: {"wer": 0.25})
 
 
+# -- the average of the last epochs ----------------------------------------------------------------
+
+def test_average_last_is_the_mean_of_the_models_at_the_last_epochs_ends_across_a_resume(tmp_path):
+    """average.safetensors holds the element-wise mean of the models at the ends of the last 3 epochs, as an
+    evaluation at each epoch's end saw them; a run stopped within an epoch counts its end; after a resume the
+    average goes on over the models kept in epochs/, and older ones are deleted."""
+    seen = []
+
+    def record(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {}
+
+    def average_file():
+        tensors = load_file(tmp_path / "average.safetensors")
+        with safe_open(tmp_path / "average.safetensors", framework="pt") as f:
+            return tensors, json.loads(f.metadata()["average"]), f.metadata()["config"]
+
+    def mean(models):
+        return {k: torch.stack([m[k] for m in models]).double().mean(0).float() for k in models[0]}
+
+    trainer = make_tagger_trainer(tmp_path, average_last=3, metadata={"config": "{}"})
+    trainer.fit(make_batches, epochs=2, evaluate=record)
+    tensors, average, config = average_file()
+    assert average == {"epochs": [0, 1]} and config == "{}"
+    for name, t in mean(seen[:2]).items():
+        torch.testing.assert_close(tensors[name], t, rtol=0, atol=1e-7)
+    assert not all(torch.equal(tensors[n], t) for n, t in seen[1].items())   # (not merely the last model)
+
+    resumed = make_tagger_trainer(tmp_path, average_last=3, metadata={"config": "{}"})
+    resumed.fit(make_batches, epochs=4, evaluate=record, resume=True)
+    tensors, average, _ = average_file()
+    assert average == {"epochs": [1, 2, 3]}
+    for name, t in mean(seen[1:4]).items():
+        torch.testing.assert_close(tensors[name], t, rtol=0, atol=1e-7)
+    assert sorted(os.listdir(tmp_path / "epochs")) == [f"epoch-{e}.safetensors" for e in (1, 2, 3)]
+
+    resumed.fit(make_batches, max_steps=22, evaluate=record)   # stopped 2 steps into epoch 4: its end counts
+    tensors, average, _ = average_file()
+    assert average == {"epochs": [2, 3, 4]}
+    for name, t in mean(seen[2:5]).items():
+        torch.testing.assert_close(tensors[name], t, rtol=0, atol=1e-7)
+
+
+def test_average_last_needs_a_checkpoint_dir_and_a_number_of_epochs(tmp_path):
+    with pytest.raises(ll.errors.ConfigError, match="needs a checkpoint_dir"):
+        make_tagger_trainer(None, average_last=2)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ll.errors.ConfigError, match="average_last is a number of epochs"):
+            make_tagger_trainer(tmp_path, average_last=bad)
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 
 def test_checkpoint_layout(tmp_path):

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
@@ -53,7 +54,9 @@ from ..errors import ArgumentError, CheckpointError, ConfigError, entry_methods
 from .checkpoint import atomic_write, copy_into, cpu_state, mismatches
 from .distributed import LossFn, LossOfModel, init_distributed
 from .trainer_state import (
+    AVERAGE_FILE,
     BEST_FILE,
+    EPOCHS_DIR,
     FORMAT,
     LAST_CHECKPOINT,
     MODEL_FILE,
@@ -107,6 +110,14 @@ class Trainer:
             every earlier one, the model is written to ``best.safetensors`` in
             `checkpoint_dir` (with the metadata, and ``"best"``: the result, its
             value, epoch and step, as JSON); resumed runs remember the best.
+        average_last: after each epoch, the model's parameters averaged over
+            the ends of the last this many epochs (the end of a run stopped
+            within an epoch counts as that epoch's end) are written to
+            ``average.safetensors`` in `checkpoint_dir` (with the metadata, and
+            ``"average"``: the epochs averaged, as JSON). The models at those
+            epochs' ends are kept in ``checkpoint_dir/epochs/`` (older ones are
+            deleted), so a resumed run averages the same. Entries that are not
+            floating point (counters) are the last epoch's.
 
     Data parallel: if ``torch.distributed`` is initialized with more than one
     process, or the environment says ``WORLD_SIZE > 1`` (as under
@@ -130,7 +141,7 @@ class Trainer:
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip_norm: float | None = 1.0,
                  checkpoint_dir: str | os.PathLike | None = None, metadata: Mapping[str, str] | None = None,
                  progress: bool | str = True, ddp_options: Mapping[str, Any] | None = None,
-                 keep_best: str | None = None):
+                 keep_best: str | None = None, average_last: int | None = None):
         if not isinstance(model, torch.nn.Module):
             raise ArgumentError(f"Trainer needs the model (a looplift.Module) first, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -171,6 +182,11 @@ class Trainer:
             raise ConfigError(f"keep_best names an evaluation result (a str) and needs a checkpoint_dir, got "
                               f"keep_best={keep_best!r}, checkpoint_dir={checkpoint_dir!r}")
         self.keep_best = keep_best
+        if average_last is not None and (isinstance(average_last, bool) or not isinstance(average_last, int)
+                                         or average_last < 1 or checkpoint_dir is None):
+            raise ConfigError(f"average_last is a number of epochs (an int >= 1) and needs a checkpoint_dir, got "
+                              f"average_last={average_last!r}, checkpoint_dir={checkpoint_dir!r}")
+        self.average_last = average_last
         self.rank, self.world_size = init_distributed(model)
         if progress not in (True, False, "epochs"):
             raise ValueError(f"progress is True, False or 'epochs', got {progress!r}")
@@ -208,6 +224,11 @@ class Trainer:
     def best_path(self) -> str | None:
         """``checkpoint_dir/best.safetensors``: the model at its best evaluation (see `keep_best`)."""
         return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, BEST_FILE)
+
+    @property
+    def average_path(self) -> str | None:
+        """``checkpoint_dir/average.safetensors``: the model averaged over the last epochs (see `average_last`)."""
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, AVERAGE_FILE)
 
     @property
     def model_path(self) -> str | None:
@@ -396,6 +417,7 @@ class Trainer:
     def _end_epoch(self, evaluate: Callable | None, complete: bool) -> None:
         results = self._evaluate(evaluate) if evaluate is not None else {}
         self._keep_if_best(results)
+        self._keep_average()
         t = self._totals
         entry = {"epoch": self.epoch, "complete": complete, "steps": self.global_step, "epoch_steps": t.steps,
                  "train_loss": t.loss_sum / t.count if t.count else math.nan, "items": t.count,
@@ -438,6 +460,38 @@ class Trainer:
             except OSError as e:
                 raise CheckpointError(f"cannot write {self.best_path!r} (the previous one is kept): "
                                       f"{type(e).__name__}: {e}") from e
+
+    def _keep_average(self) -> None:
+        """With `average_last`: keep the model at this epoch's end, and write the mean of the last ones."""
+        if self.average_last is None or self.rank != 0:
+            return
+        folder = os.path.join(self.checkpoint_dir, EPOCHS_DIR)
+        first = self.epoch - self.average_last + 1
+        tensors = cpu_state(self.model)
+        try:
+            atomic_write(os.path.join(folder, f"epoch-{self.epoch}.safetensors"), _save_bytes(tensors))
+            kept = []
+            for name in sorted(os.listdir(folder)):
+                epoch = _epoch_of(name)
+                if epoch is None:
+                    continue
+                if epoch < first or epoch > self.epoch:   # (older, or left by a run before a resume from earlier)
+                    os.remove(os.path.join(folder, name))
+                else:
+                    kept.append(epoch)
+            kept.sort()
+            total = {k: v.double() for k, v in tensors.items() if v.is_floating_point()}
+            for epoch in kept:
+                if epoch != self.epoch:
+                    with safe_open(os.path.join(folder, f"epoch-{epoch}.safetensors"), framework="pt") as f:
+                        for k in total:
+                            total[k] += f.get_tensor(k).double()
+            mean = {k: (total[k] / len(kept)).to(v.dtype) if k in total else v for k, v in tensors.items()}
+            atomic_write(self.average_path, _save_bytes(mean, metadata={**self.metadata,
+                                                                       "average": json.dumps({"epochs": kept})}))
+        except OSError as e:
+            raise CheckpointError(f"cannot write the average model in {self.checkpoint_dir!r}: "
+                                  f"{type(e).__name__}: {e}") from e
 
     def _evaluate(self, evaluate: Callable) -> dict[str, float]:
         rng = rng_state()
@@ -592,6 +646,12 @@ class Trainer:
         self._totals = _Totals(**position["totals"])
         self.history = restored["history"]
 
+
+
+def _epoch_of(name: str) -> int | None:
+    """The epoch of a file ``epoch-<n>.safetensors`` kept for `average_last` (None: another file)."""
+    stem = name.removeprefix("epoch-").removesuffix(".safetensors")
+    return int(stem) if name.startswith("epoch-") and name.endswith(".safetensors") and stem.isdigit() else None
 
 
 def _note(rank: int, message: str) -> None:

@@ -24,6 +24,8 @@ __all__ = ["load_model"]
 LAST_CHECKPOINT = "last.safetensors"
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"      # the model at its best evaluation (Trainer(keep_best=...))
+AVERAGE_FILE = "average.safetensors"   # the mean of the models at the last epochs' ends (Trainer(average_last=...))
+EPOCHS_DIR = "epochs"      # the models at the epochs' ends that the average is made of
 PREFIX = "trainer/"        # names and metadata keys of everything in a checkpoint that is not the model
 FORMAT = "1"
 

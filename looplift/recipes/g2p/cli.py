@@ -41,9 +41,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+    p.add_argument("--checkpoint", choices=["best", "last", "average"], default="best",
                    help="the run's model with the best dev WER (best.safetensors; the last one if the run kept "
-                        "none) or the last one (model.safetensors)")
+                        "none), the last one (model.safetensors), or the mean of the last epochs' models "
+                        "(average.safetensors: trained with --average)")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
                    help="decode with the models of these runs too (the same vocabularies; attention LSTM and "
                         "Transformer models together, or transducers together): the mean of their "
@@ -107,6 +108,9 @@ def _add_train_options(p: argparse.ArgumentParser, *, minutes: float) -> None:
                    help="the cosine schedule's warm-up, a fraction of the budget")
     p.add_argument("--lr-decay", type=_DECAY, default=0.9,
                    help="with --lr-schedule epochs: multiply the learning rate by this after each epoch (1: constant)")
+    p.add_argument("--average", type=COUNT, default=0, metavar="K",
+                   help="also keep the model's parameters averaged over the ends of the last K epochs "
+                        "(average.safetensors; eval and convert read it with --checkpoint average); 0: off")
     p.add_argument("--clip", type=NONNEGATIVE, default=5.0, help="gradient clipping by total norm (0: off)")
     p.add_argument("--dropout", type=_FRACTION, default=0.1, help="dropout of embeddings, encoder layers, readout")
     p.add_argument("--label-smoothing", type=_FRACTION, default=0.1, help="label smoothing of the cross-entropy")
@@ -302,7 +306,8 @@ def train(args) -> G2P:
 
     trainer = Trainer(model, recipe.loss_function(examples), optimizer, scheduler=scheduler,
                       clip_norm=args.clip or None, checkpoint_dir=args.dir, metadata=vocabs.metadata(config),
-                      progress="epochs" if args.no_progress else True, keep_best="dev_wer" if dev else None)
+                      progress="epochs" if args.no_progress else True, keep_best="dev_wer" if dev else None,
+                      average_last=args.average or None)
     history = trainer.fit(make_batches, epochs=args.epochs, max_steps=args.max_steps,
                           time_budget=args.minutes * 60 if args.minutes else None, evaluate=evaluate,
                           resume=args.resume)

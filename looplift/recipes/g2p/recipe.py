@@ -15,7 +15,7 @@ import torch
 import looplift as ll
 from looplift.errors import CheckpointError
 from looplift.train.checkpoint import load as load_params
-from looplift.train.trainer_state import BEST_FILE, MODEL_FILE
+from looplift.train.trainer_state import AVERAGE_FILE, BEST_FILE, MODEL_FILE
 
 from . import data, metrics
 from .model import EOS, G2P, Config
@@ -168,13 +168,19 @@ def save_model(model: G2P, vocabs: Vocabs, path: str | os.PathLike) -> None:
 
 def load_model(path: str | os.PathLike, *, which: str = "best") -> tuple[G2P, Vocabs]:
     """The model and vocabularies of a G2P checkpoint: a file, or a training run's folder, whose
-    ``best.safetensors`` (the best dev WER; `which` = "best", if the run kept one) or ``model.safetensors``
-    (the last model) it reads."""
+    ``best.safetensors`` (the best dev WER; `which` = "best", if the run kept one), ``average.safetensors``
+    (the mean of the last epochs' models; `which` = "average") or ``model.safetensors`` (the last model) it
+    reads."""
     from safetensors import safe_open
     path = os.fspath(path)
     if os.path.isdir(path):
         best = os.path.join(path, BEST_FILE)
-        path = best if which == "best" and os.path.exists(best) else os.path.join(path, MODEL_FILE)
+        if which == "average":
+            if not os.path.exists(os.path.join(path, AVERAGE_FILE)):
+                raise CheckpointError(f"the run in {path!r} kept no average model: train it with --average K")
+            path = os.path.join(path, AVERAGE_FILE)
+        else:
+            path = best if which == "best" and os.path.exists(best) else os.path.join(path, MODEL_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"no G2P model at {path!r}: train one first (looplift-g2p train --dir ...)")
     try:
