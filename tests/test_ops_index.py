@@ -159,32 +159,6 @@ def test_gather_picks_like_fancy_indexing_for_any_layout_of_shared_and_own_dims(
     (g_got,) = torch.autograd.grad((got * weights).sum(), [x])
     (g_want,) = torch.autograd.grad((want * weights).sum(), [x])
     torch.testing.assert_close(g_got, g_want, **TOL)
-    with torch.inference_mode():   # (without autograd, rows are picked in x's own storage where it allows)
-        out = run(lambda v, i: ll.gather(v, index=i, axis=axis), ll.Named(x.detach(), tuple(x_dims)),
-                  ll.Named(idx, tuple(i_dims), sparse_dim=axis))
-    torch.testing.assert_close(out.align(*shared, *index_own, *x_own), want.detach(), rtol=0, atol=0)
-
-
-def test_gather_from_a_value_stored_axis_first_picks_its_rows_in_place(monkeypatch):
-    """A search's step gathering an encoder frame per hypothesis from ``{time, batch, feat}`` storage: without
-    autograd the rows are picked in that storage (no copy into (batch, time) order), with the same values; under
-    autograd the value is copied as before (same values, and gradients)."""
-    import looplift.ops.index as index_ops
-    taken = []
-    real = index_ops._rows_in_place
-    monkeypatch.setattr(index_ops, "_rows_in_place", lambda *a: taken.append(real(*a) is not None) or real(*a))
-    x = randn(5, 3, 4, seed=5)                              # (time, batch, feat)
-    idx = torch.tensor([[4, 0], [1, 1], [0, 3]])            # (batch, picks)
-    want = x.permute(1, 0, 2)[torch.arange(3)[:, None], idx]
-    with torch.inference_mode():
-        out = run(lambda v, i: ll.gather(v, index=i, axis=T), ll.Named(x, (T, B, F), {T: LENS}), ll.Named(idx, (B, K)))
-    torch.testing.assert_close(out.align(B, K, F), want, rtol=0, atol=0)
-    assert taken and all(taken)
-    taken.clear()
-    xg = x.clone().requires_grad_()
-    out = run(lambda v, i: ll.gather(v, index=i, axis=T), ll.Named(xg, (T, B, F), {T: LENS}), ll.Named(idx, (B, K)))
-    torch.testing.assert_close(out.align(B, K, F), want, rtol=0, atol=0)
-    assert taken and not any(taken)
 
 
 # -- embedding ------------------------------------------------------------------------------------

@@ -75,14 +75,10 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         if v.stride()[:n_shared] == () or 0 not in v.stride()[:n_shared]:
             # rows of x flattened with the shared dims (one index_select: a row per pick, not an element; far
             # faster than torch.gather with the index expanded over x's own dims)
-            found = _rows_in_place(v, n_shared, i, picked) if n_shared and not v.is_contiguous() else None
-            if found is not None:
-                rows, i = found
-            else:
-                if n_shared:
-                    offsets = torch.arange(math.prod(lead), device=i.device).reshape(*lead, *[1] * len(picked))
-                    i = i + offsets * size
-                rows = v.reshape(-1, *v.shape[n_shared + 1:]) if n_shared else v
+            if n_shared:
+                offsets = torch.arange(math.prod(lead), device=i.device).reshape(*lead, *[1] * len(picked))
+                i = i + offsets * size
+            rows = v.reshape(-1, *v.shape[n_shared + 1:]) if n_shared else v
             return rows.index_select(0, i.reshape(-1)).reshape(out_shape)
         k = math.prod(picked)
         i = i.reshape(*lead, k, *[1] * n_x).expand(*lead, k, *v.shape[n_shared + 1:])
@@ -94,38 +90,6 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     finite = nonfinite_padding(x, dims=out_dims) if known else None
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name},
                 nonfinite_padding=finite)
-
-
-def _rows_in_place(v: torch.Tensor, n_shared: int, i: torch.Tensor, picked: tuple):
-    """``(rows, index)``: `v` (shared dims, the gathered axis, its own dims) as a table of rows in its own
-    storage, and `i` (over the shared dims and the picks) as row numbers of it; None where `v`'s own dims are
-    not one contiguous block whose place every shared and axis position steps over whole (then the caller
-    copies `v` into rows). A loop's step gathering from a value laid out otherwise (an encoder over (time,
-    batch) read as (batch, time)) picks its rows in place instead of copying the value at every step; not
-    under autograd (as_strided's backward would make a gradient as large as the storage)."""
-    if torch.is_grad_enabled() and v.requires_grad:
-        return None
-    own = v.shape[n_shared + 1:]
-    row = math.prod(own)
-    expected, step = [], 1
-    for n in reversed(own):
-        expected.append(step)
-        step *= n
-    strides = v.stride()
-    if row == 0 or any(n != 1 and s != e for n, s, e in zip(own, strides[n_shared + 1:], reversed(expected))):
-        return None
-    lead_strides = strides[:n_shared + 1]
-    if any(s % row for s in lead_strides):
-        return None
-    span = 1 + sum((n - 1) * (s // row) for n, s in zip(v.shape[:n_shared + 1], lead_strides))
-    rows = v.as_strided((span, *own), (row, *reversed(expected)), v.storage_offset())
-    index = i * (lead_strides[-1] // row)
-    for d in range(n_shared):
-        if v.shape[d] > 1:
-            shape = [1] * (n_shared + len(picked))
-            shape[d] = v.shape[d]
-            index = index + torch.arange(v.shape[d], device=i.device).reshape(shape) * (lead_strides[d] // row)
-    return rows, index
 
 
 def embedding(table, index) -> Tensor:
