@@ -471,7 +471,7 @@ class Trainer:
         try:
             atomic_write(os.path.join(folder, f"epoch-{self.epoch}.safetensors"), _save_bytes(tensors))
             kept = []
-            for name in sorted(os.listdir(folder)):
+            for name in os.listdir(folder):
                 epoch = _epoch_of(name)
                 if epoch is None:
                     continue
