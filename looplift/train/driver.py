@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save as _save_bytes
 from tqdm import tqdm
 
@@ -483,9 +482,9 @@ class Trainer:
             total = {k: v.double() for k, v in tensors.items() if v.is_floating_point()}
             for epoch in kept:
                 if epoch != self.epoch:
-                    with safe_open(os.path.join(folder, f"epoch-{epoch}.safetensors"), framework="pt") as f:
-                        for k in total:
-                            total[k] += f.get_tensor(k).double()
+                    earlier, _ = read_file(os.path.join(folder, f"epoch-{epoch}.safetensors"))
+                    for k in total:
+                        total[k] += earlier[k].double()
             mean = {k: (total[k] / len(kept)).to(v.dtype) if k in total else v for k, v in tensors.items()}
             atomic_write(self.average_path, _save_bytes(mean, metadata={**self.metadata,
                                                                        "average": json.dumps({"epochs": kept})}))
