@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--steps", type=int, default=20, help="batches after the first (each of new lengths)")
     parser.add_argument("--batch", type=int, nargs=2, default=[24, 40], help="batch sizes drawn from this range")
+    parser.add_argument("--steps-per-call", type=int, default=8,
+                        help="a loop's compiled steps per call (looplift.compile's steps_per_call)")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
@@ -42,7 +44,7 @@ def main() -> None:
                     "speech_transformer": (SpeechTransformer, speech_transformer_by_hand)}[args.model]
     model = cls(feat, vocab)
     counter = CompileCounterWithBackend(args.backend)
-    compiled = ll.compile(model, mode="train", backend=counter)
+    compiled = ll.compile(model, mode="train", backend=counter, steps_per_call=args.steps_per_call)
     eager = ll.compile(model, mode="train")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     kw = dict(src_time=src_time, tgt_time=tgt_time)
@@ -84,7 +86,8 @@ def main() -> None:
         times = {k: train_step(fns[k]) for k in order}
         for k in ratios:
             ratios[k].append(times[k] / times["hand"])
-    result = {"model": args.model, "backend": args.backend, "first_step_s": round(first, 1),
+    result = {"model": args.model, "backend": args.backend, "steps_per_call": args.steps_per_call,
+              "first_step_s": round(first, 1),
               "frames_after_first_step": frames_first, "frames_after_all_steps": counter.frame_count,
               "compiled_vs_handwritten": round(statistics.median(ratios["compiled"]), 3),
               "eager_vs_handwritten": round(statistics.median(ratios["eager"]), 3)}

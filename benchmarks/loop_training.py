@@ -340,7 +340,7 @@ def _gradients(model: ll.Module, fn) -> dict:
 def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args, *, adam: bool = False) -> dict:
     """Time `model` optimized, step by step and by hand (asserting equal losses, and with `adam` equal
     gradients, timing Adam's step too); the two ratios."""
-    prog = ll.compile(model, mode="train", backend=args.backend)
+    prog = ll.compile(model, mode="train", backend=args.backend, steps_per_call=args.steps_per_call)
     fns = {"optimized": lambda: prog(*inputs, **kw).tensor,
            "reference": lambda: prog.reference(*inputs, **kw).tensor,
            "handwritten": by_hand}
@@ -386,6 +386,8 @@ def main() -> None:
     parser.add_argument("--backend", default=None,
                         help="compile the optimized program with this torch.compile backend (e.g. inductor); "
                              "the first call's time then includes compiling")
+    parser.add_argument("--steps-per-call", type=int, default=8,
+                        help="with --backend: a loop's compiled steps per call (looplift.compile's steps_per_call)")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")

@@ -107,7 +107,7 @@ def test_the_step_of_a_loop_is_compiled_as_one_function():
     symbolic (no graph per step, none per length)."""
     model, modules = _lstm_loop()
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = ll.compile(model, optimize=False, backend=counter)
+    compiled = ll.compile(model, optimize=False, backend=counter, steps_per_call=1)
     eager = ll.compile(model, optimize=False)
     compiled(_batch(*SHAPES[0], seed=0))
     frames = counter.frame_count
@@ -115,6 +115,30 @@ def test_the_step_of_a_loop_is_compiled_as_one_function():
     assert "select" not in step and "l_env_steps" not in step and "SymInt" in step, step
     _assert_same(lambda v: compiled(v).tensor, lambda v: eager(v).tensor, modules)
     assert counter.frame_count == frames
+
+
+def test_a_loops_steps_run_several_per_compiled_call():
+    """``steps_per_call=3``: after the eager first step, runs of 3 steps are one compiled function (the step's
+    kernels three times in one graph), the steps left over the compiled step; losses and gradients equal the
+    eager program's for lengths that leave 0, 1 and 2 steps over (and entries frozen past their lengths);
+    neither function compiles again for a new length."""
+    model, modules = _lstm_loop()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = ll.compile(model, optimize=False, backend=counter, steps_per_call=3)
+    eager = ll.compile(model, optimize=False)
+    compiled(_batch(3, 6, seed=0))   # (1 step eagerly, 3 in one call, 2 left over)
+    frames = counter.frame_count
+    cells = [g.count("torch.lstm_cell") for g in _graphs_with(counter, "torch.lstm_cell", "torch.tanh")]
+    assert sorted(cells) == [1, 3], cells
+    _assert_same(lambda v: compiled(v).tensor, lambda v: eager(v).tensor, modules)
+    assert counter.frame_count == frames
+
+
+def test_steps_per_call_must_be_a_positive_int():
+    model, _ = _lstm_loop()
+    for bad in (0, 1.5, True, "4"):
+        with pytest.raises(ArgumentError, match="steps_per_call"):
+            ll.compile(model, backend="eager", steps_per_call=bad)
 
 
 class _AttentionDecoder(ll.Module):
@@ -160,13 +184,14 @@ _DEC = _AttentionDecoder()
 
 def test_an_attention_decoders_step_compiled_equals_eager_for_all_lengths():
     counter = CompileCounterWithBackend("aot_eager")
-    compiled = ll.compile(_DEC, backend=counter)
+    compiled = ll.compile(_DEC, backend=counter, steps_per_call=3)
     eager = ll.compile(_DEC)
+    # (6 steps: the first eagerly, 3 in one compiled call, 2 by the step compiled alone)
     compiled(_batch(*SHAPES[0], seed=0), _targets(SHAPES[0][0], SHAPES[0][1], seed=0))
     frames = counter.frame_count
-    # (a second graph of the step at most: for its inputs made by the eager first step, views there)
     steps = _graphs_with(counter, "torch.lstm_cell", "softmax")
-    assert 1 <= len(steps) <= 2 and all("masked_fill" in c for c in steps), steps   # (the padding masked)
+    assert sorted(c.count("torch.lstm_cell") for c in steps) == [1, 3], steps
+    assert all("masked_fill" in c for c in steps), steps   # (the padding masked)
     _assert_same(lambda v: compiled(v, _targets(v.tensor.shape[0], v.tensor.shape[1], 1)).tensor,
                  lambda v: eager(v, _targets(v.tensor.shape[0], v.tensor.shape[1], 1)).tensor, [_DEC])
     assert counter.frame_count == frames
@@ -289,8 +314,9 @@ def _check_random(kind, end, data, backend) -> None:
     spec = data.draw(rp.programs(kind, end), label="program")
     inputs = data.draw(rp.data(kind), label="data")
     optimize = data.draw(st.booleans(), label="optimize")
+    steps = data.draw(st.sampled_from([1, 2, 3]), label="steps_per_call")
     model = rp.Model(spec, 0)
-    prog = ll.compile(model, optimize=optimize, backend=backend)
+    prog = ll.compile(model, optimize=optimize, backend=backend, steps_per_call=steps)
     params = {f"{key}.{n}": p for key, m in model.modules.items() for n, p in m.named_parameters()}
     rp.assert_equivalent(prog, params, inputs.make(), inputs.named, optimized=False)
 

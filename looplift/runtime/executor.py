@@ -38,7 +38,7 @@ from ..graph import Graph
 from ..tensor import Tensor
 from .env import Env
 from .live import live_nodes, read_by
-from .loop_run import LoopRun
+from .loop_run import LoopRun, without_duck_shapes
 from .masked_rows import MaskedRows, find_blocks
 from .reference import for_outputs, is_placed, node_error
 from .regions import region_kernel
@@ -119,6 +119,7 @@ class Executor:
         exec(compile(self.source, filename, "exec"), namespace)
         self._run = self._eager = namespace["run"]
         self._code = self._run.__code__
+        self.backend = None
 
     @staticmethod
     def _masked_blocks(graph: Graph, live: Sequence, outputs: Sequence[Tensor]) -> list:
@@ -152,10 +153,11 @@ class Executor:
         """The node that line `lineno` of the generated file `filename` runs, or None (another file)."""
         return self._node_at.get(lineno) if filename == self._code.co_filename else None
 
-    def compile(self, backend, *, itself: bool = True) -> None:
+    def compile(self, backend, *, itself: bool = True, steps_per_call: int = 1) -> None:
         """Run the generated code through ``torch.compile`` with `backend`, every size dynamic (a new batch
         size or length does not compile again); `itself`: False leaves this graph's own code eager and
-        compiles only the steps of its loops.
+        compiles only the steps of its loops; `steps_per_call`: a loop's compiled step runs that many steps
+        a call where nothing between them needs Python (:meth:`LoopRun._chunk_of`).
 
         A loop is not traced here (it would be unrolled, and compiled anew for every length): it runs its
         steps itself, and its step (its body's executor) is compiled as one function the same way, and so
@@ -163,12 +165,15 @@ class Executor:
         (``Node.keeps_run_memory``: a ``cum_concat`` in the loop, a search's prune): that memory grows per
         step, and a compiled step would compile again for each length of it. Such a step runs eagerly
         (the loops inside it compiled)."""
+        #: the backend it was compiled with (None: not compiled): a loop runs several of its steps at once with it
+        self.backend = backend if itself else None
         if itself:
             self._run = self._without_duck_shapes(torch.compile(self._run, backend=backend, dynamic=True))
         for kernel in map(self._eager.__globals__.get, self._name_of.values()):
             if isinstance(kernel, LoopRun):
                 steps = not any(node.keeps_run_memory for node in kernel.spec.body.nodes)
-                kernel.runner = compiled_runner(backend, itself=steps)
+                kernel.runner = compiled_runner(backend, itself=steps, steps_per_call=steps_per_call)
+                kernel.chunk_steps = steps_per_call
 
     def with_kernels(self, kernels: dict):
         """The generated function, ``run(env, raws)``, with the kernels of some nodes (`kernels`: node -> kernel)
@@ -182,20 +187,14 @@ class Executor:
         for the first batch of another size). Dynamo compiles on a call: the setting is made around the first
         `calls` calls (the first step with each kind of input), then this executor calls `compiled` itself
         (a setting costs 20 us a call; a later compile without it is only a possible extra recompile)."""
-        from torch.fx.experimental import _config as fx_config
-
         left = [calls]
 
         def run(env, raws):
             left[0] -= 1
             if left[0] <= 0:
                 self._run = compiled
-            old = fx_config.use_duck_shape
-            fx_config.use_duck_shape = False
-            try:
+            with without_duck_shapes():
                 return compiled(env, raws)
-            finally:
-                fx_config.use_duck_shape = old
 
         return run
 
@@ -271,21 +270,22 @@ def executor_runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Te
     return runner
 
 
-def compiled_runner(backend, *, itself: bool = True):
+def compiled_runner(backend, *, itself: bool = True, steps_per_call: int = 1):
     """A runner like :func:`executor_runner` whose executors are compiled with `backend` (`itself`: False,
-    only their loops' steps; see :meth:`Executor.compile`), kept in ``graph.prepared`` apart from the eager
-    ones, per backend."""
+    only their loops' steps; `steps_per_call`: their loops' steps a call; see :meth:`Executor.compile`), kept
+    in ``graph.prepared`` apart from the eager ones, per backend."""
 
     def runner(graph: Graph, inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Executor:
         # (a backend by its name, or by its identity: it may not be hashable; the executor kept under the key
         # holds it, so the identity is not reused)
         which = backend if isinstance(backend, str) else id(backend)
-        key = ("compiled", which, itself, tuple(id(t) for t in inputs), tuple(id(t) for t in outputs))
+        key = ("compiled", which, itself, steps_per_call, tuple(id(t) for t in inputs),
+               tuple(id(t) for t in outputs))
         found = graph.prepared.get(key)
         if found is None:
             # (without masked blocks on their rows: their row count would be read back mid-step)
             found = graph.prepared[key] = Executor(graph, inputs, outputs, masked_rows=False)
-            found.compile(backend, itself=itself)
+            found.compile(backend, itself=itself, steps_per_call=steps_per_call)
         return found
 
     return runner

@@ -19,11 +19,15 @@ the body: node by node, or with a prepared executor; see `runner`). Per step:
   interpreter's run every entry;
 * the executor gives each step its frame of a sequence that the body reads
   only by its frames, split once per run (:attr:`LoopRun.frame_inputs`); the
-  reference interpreter selects the frame in the step.
+  reference interpreter selects the frame in the step;
+* a compiled step whose steps need no Python between them (no end
+  condition, no beam, no dims made per step) runs several steps per
+  compiled call after the first (:meth:`LoopRun._chunk_of`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -95,6 +99,10 @@ class LoopRun:
                                                 and not spec.own_dim)
         #: how the steps leave out the entries that ended (None: they run every entry to the end)
         self.compact = _compact.plan(spec) if compact else None
+        #: a compiled step runs this many steps at a time as one compiled function, where nothing between steps
+        #: needs Python (:meth:`_chunk_of`; 1: one at a time). Set by :meth:`Executor.compile`.
+        self.chunk_steps = 1
+        self._chunks: dict = {}
         #: a search with a fixed beam, optimized: its first step runs on the first slot (the others repeat it
         #: and are invalid) where that is exact; the position of the beam in each captured value and state
         first = spec.fixed_beam if compact and first_step_on_one_slot(spec) else None
@@ -140,8 +148,25 @@ class LoopRun:
         if axis_len is not None and track and spec.end is None:
             masks_at = self._masks_of_steps(axis_len, n_steps)
         split_seqs = [(i, captured[i].unbind(pos)) for i, pos, _ in self.frame_inputs]
+        # a compiled step over an axis whose steps need no per-entry bookkeeping between them: after the first,
+        # `chunk_steps` steps at a time as one compiled function (see :meth:`_chunk_of`)
+        chunk = self._chunk_of(run_body) if (
+            run_first is not run_body and n_steps is not None and spec.end is None and width is None
+            and not lasts and not self.makes_dims and not spec.own_dim) else None
         t = 0
         while n_steps is None or t < n_steps:
+            if chunk is not None and rows.step_env is outer and rows.index is None and n_steps - t >= self.chunk_steps:
+                run = range(t, t + self.chunk_steps)
+                envs = [rows.step_env.child({axis: u} if spec.also_steps is None else {axis: u, spec.also_steps: u},
+                                            scratch) for u in run]
+                inputs = [self._step_captured(captured, split_seqs, u) for u in run]
+                masks = None if masks_at is None or self.never_freeze else [masks_at[u] for u in run]
+                state, outs = chunk(envs, inputs, [_unviewed(v) for v in state], masks)
+                for per_step in outs:
+                    for k, v in enumerate(per_step):
+                        frames[k].append(v)
+                t += self.chunk_steps
+                continue
             if spec.own_dim:
                 if alive is not None and not bool(alive.any()):
                     break   # (a loop over an axis runs all its frames: they are stacked, its ended entries frozen)
@@ -155,12 +180,7 @@ class LoopRun:
                 {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
-            if split_seqs:
-                step_captured = list(captured)
-                for i, seq in split_seqs:
-                    step_captured[i] = seq[t]
-            else:
-                step_captured = captured
+            step_captured = self._step_captured(captured, split_seqs, t)
             if rows.step_env is outer:
                 results = run_body(step_env, step_captured + state)
             else:
@@ -202,6 +222,8 @@ class LoopRun:
                 _collect_inner_dims(step_env, axis, inner)
             t += 1
         state = rows.put_back(state)
+        if chunk is not None:   # (as the chunks leave them: code compiled around the loop reads them alike)
+            state = [_unviewed(v) for v in state]
         if width is not None:
             env.sizes[spec.beam[0]] = width   # (the final states' beam)
         self._set_dims(env, t, counted, inner)
@@ -213,6 +235,63 @@ class LoopRun:
                   for value, v in zip(lasts, last_vals)]
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
+
+    @staticmethod
+    def _step_captured(captured: list, split_seqs: list, t: int) -> list:
+        """The captured values of step `t`: each sequence split into its frames (`split_seqs`) given as frame t."""
+        if not split_seqs:
+            return captured
+        step_captured = list(captured)
+        for i, seq in split_seqs:
+            step_captured[i] = seq[t]
+        return step_captured
+
+    def _chunk_of(self, run_body):
+        """``chunk(envs, inputs, states, masks) -> (states, per step: stacked frames)``: `chunk_steps` steps of
+        the compiled step `run_body` (an :class:`~looplift.runtime.executor.Executor`), its generated code run
+        once per step with the states kept frozen for the entries not active at each (`masks`: per step, as
+        :meth:`_next_states` takes them; None: every entry active), compiled as one function with the step's
+        backend and dynamic sizes (as the step is: a new length does not compile again). None where
+        `chunk_steps` is below 2 or the step is not an executor compiled here.
+
+        A compiled call costs its wrappers (guards, autograd's function, the backward's own call) once per
+        call: per step, they cost more than the step's small kernels save; and steps compiled together fuse
+        across their boundaries, forward and backward. The steps are the same kernels in the same order, so
+        the values are the step-by-step ones but for the rounding of fused kernels."""
+        backend = getattr(run_body, "backend", None)
+        if self.chunk_steps < 2 or backend is None:
+            return None
+        key = (id(run_body), self.chunk_steps)
+        found = self._chunks.get(key)
+        if found is not None and found[0] is run_body:
+            return found[1]
+        body, ns, n_stacks, steps = run_body.function, len(self.spec.placeholders), len(self.spec.stacks), \
+            self.chunk_steps
+        next_states = self._next_states
+
+        def chunk(envs, inputs, state, masks):
+            outs = []
+            for k in range(steps):   # (unrolled where it is compiled)
+                results = body(envs[k], inputs[k] + state)
+                new_state = results[:ns]
+                state = new_state if masks is None else next_states(envs[k], state, new_state, masks[k])
+                outs.append(results[ns:ns + n_stacks])
+            return state, outs
+
+        compiled = _without_duck_shapes(torch.compile(chunk, backend=backend, dynamic=True))
+
+        def run(envs, inputs, state, masks):
+            try:
+                return compiled(envs, inputs, state, masks)
+            except Exception:
+                # (compiled code names no node: the same steps run eagerly name the one that fails, if any)
+                for k in range(steps):
+                    new_state = run_body.eager(envs[k], inputs[k] + state)[:ns]
+                    state = new_state if masks is None else next_states(envs[k], state, new_state, masks[k])
+                raise
+
+        self._chunks[key] = (run_body, run)
+        return run
 
     def _first_slot(self, step_env, raws: list) -> list:
         """The first step's inputs on the beam's first slot, the beam one wide in `step_env`: at the start every
@@ -321,6 +400,13 @@ class LoopRun:
                                                         dtype=torch.int64, device=env.device)
 
 
+def _unviewed(v):
+    """`v`, or a copy of it where it is a view of another tensor: compiled code guards on the layout of the
+    tensor a view is of, so a step given views (from an eager step) and later not (from a compiled one)
+    would compile twice."""
+    return v.clone() if isinstance(v, torch.Tensor) and v._base is not None else v
+
+
 def _to_width(old, new, pos: int | None):
     """The state `old` cut or widened to the beam of `new` (at `pos`), for keeping entries that ended: their
     hypotheses are the first slots of both (a prune keeps them all), the slots beyond are `new`'s (empty)."""
@@ -420,3 +506,34 @@ def _stack_frames(frames: list, size: int, device, dtype, frame_shape: list[int]
     if size > out.shape[0]:
         out = torch.cat([out, out.new_zeros((size - out.shape[0],) + out.shape[1:])], 0)
     return out
+
+
+
+@contextlib.contextmanager
+def without_duck_shapes():
+    """Within: ``torch.compile`` never takes two sizes to be one symbol because they are equal when it compiles
+    (torch's "duck shapes": a batch of 5 entries and a static dim of 5 would be one, and the first batch of
+    another size would compile again). Dynamo compiles on a call, so compiled code is called within this for
+    its first calls (the first step with each kind of input)."""
+    from torch.fx.experimental import _config as fx_config
+
+    old = fx_config.use_duck_shape
+    fx_config.use_duck_shape = False
+    try:
+        yield
+    finally:
+        fx_config.use_duck_shape = old
+
+
+def _without_duck_shapes(compiled, calls: int = 3):
+    """`compiled`, its first `calls` calls :func:`without_duck_shapes`."""
+    left = [calls]
+
+    def run(*args):
+        if left[0] <= 0:
+            return compiled(*args)
+        left[0] -= 1
+        with without_duck_shapes():
+            return compiled(*args)
+
+    return run
