@@ -265,18 +265,20 @@ class LoopRun:
         found = self._chunks.get(key)
         if found is not None and found[0] is run_body:
             return found[1]
-        body, ns, n_stacks, steps = run_body.function, len(self.spec.placeholders), len(self.spec.stacks), \
-            self.chunk_steps
+        body, ns, n_stacks = run_body.function, len(self.spec.placeholders), len(self.spec.stacks)
         next_states = self._next_states
 
-        def chunk(envs, inputs, state, masks):
+        def run_steps(step, envs, inputs, state, masks):
             outs = []
-            for k in range(steps):   # (unrolled where it is compiled)
-                results = body(envs[k], inputs[k] + state)
+            for k in range(len(envs)):   # (unrolled where it is compiled)
+                results = step(envs[k], inputs[k] + state)
                 new_state = results[:ns]
                 state = new_state if masks is None else next_states(envs[k], state, new_state, masks[k])
                 outs.append(results[ns:ns + n_stacks])
             return state, outs
+
+        def chunk(envs, inputs, state, masks):
+            return run_steps(body, envs, inputs, state, masks)
 
         compiled = _without_duck_shapes(torch.compile(chunk, backend=backend, dynamic=True))
 
@@ -285,9 +287,7 @@ class LoopRun:
                 return compiled(envs, inputs, state, masks)
             except Exception:
                 # (compiled code names no node: the same steps run eagerly name the one that fails, if any)
-                for k in range(steps):
-                    new_state = run_body.eager(envs[k], inputs[k] + state)[:ns]
-                    state = new_state if masks is None else next_states(envs[k], state, new_state, masks[k])
+                run_steps(run_body.eager, envs, inputs, state, masks)
                 raise
 
         self._chunks[key] = (run_body, run)
