@@ -111,7 +111,7 @@ class Program:
     """A traced model: call it with :class:`~looplift.Named` tensors. See :func:`compile`."""
 
     def __init__(self, fn: Callable, mode: str, *, root: torch.nn.Module | None, optimize: bool = True,
-                 backend=None, steps_per_call: int = 8):
+                 backend=None, steps_per_call: int = 1):
         self.fn = fn
         self.mode = mode
         self.root = root
@@ -488,9 +488,9 @@ def compile(model: Callable, *, mode: str = "train", optimize: bool = True,  # n
             (its guards, autograd's function, the backward's call) is paid once per call, and steps compiled
             together fuse across their boundaries, forward and backward. On this project's 2-core CPU, the
             ``speech_aed`` of ``benchmarks/loop_training.py`` (an LSTM decoder fed back its attention
-            context) trained in 0.72 of its hand-written eager twin's time with 8, 0.86 with 4 and 0.94 with
-            1 (one process, alternating), and its first call compiled in 84 s with an empty inductor cache
-            (49 s with 1).
+            context) trained in 0.72–0.79 of its hand-written eager twin's time with 8, 0.85–0.86 with 4
+            and 0.93–0.94 with 1 (one process, alternating, two runs), and its first call compiled in 84 s
+            with an empty inductor cache (49 s with 1).
 
     Programs compiled from one model share its parameters and do not
     interfere with each other.

@@ -103,6 +103,10 @@ class LoopRun:
         #: needs Python (:meth:`_chunk_of`; 1: one at a time). Set by :meth:`Executor.compile`.
         self.chunk_steps = 1
         self._chunks: dict = {}
+        #: whether nothing between two steps needs Python: a loop over an axis without an end condition, a
+        #: changing beam, ``loop.last`` values or dims made per step (the condition for :meth:`_chunk_of`)
+        self.chunkable = not (spec.own_dim or spec.end is not None or spec.beam is not None or spec.lasts
+                              or self.makes_dims)
         #: a search with a fixed beam, optimized: its first step runs on the first slot (the others repeat it
         #: and are invalid) where that is exact; the position of the beam in each captured value and state
         first = spec.fixed_beam if compact and first_step_on_one_slot(spec) else None
@@ -150,15 +154,12 @@ class LoopRun:
         split_seqs = [(i, captured[i].unbind(pos)) for i, pos, _ in self.frame_inputs]
         # a compiled step over an axis whose steps need no per-entry bookkeeping between them: after the first,
         # `chunk_steps` steps at a time as one compiled function (see :meth:`_chunk_of`)
-        chunk = self._chunk_of(run_body) if (
-            run_first is not run_body and n_steps is not None and spec.end is None and width is None
-            and not lasts and not self.makes_dims and not spec.own_dim) else None
+        chunk = self._chunk_of(run_body) if self.chunkable and run_first is not run_body else None
         t = 0
         while n_steps is None or t < n_steps:
-            if chunk is not None and rows.step_env is outer and rows.index is None and n_steps - t >= self.chunk_steps:
+            if chunk is not None and rows.step_env is outer and n_steps - t >= self.chunk_steps:
                 run = range(t, t + self.chunk_steps)
-                envs = [rows.step_env.child({axis: u} if spec.also_steps is None else {axis: u, spec.also_steps: u},
-                                            scratch) for u in run]
+                envs = [rows.step_env.child(self._steps_at(u), scratch) for u in run]
                 inputs = [self._step_captured(captured, split_seqs, u) for u in run]
                 masks = None if masks_at is None or self.never_freeze else [masks_at[u] for u in run]
                 state, outs = chunk(envs, inputs, [_unviewed(v) for v in state], masks)
@@ -176,8 +177,7 @@ class LoopRun:
                         break
                 if rows.worth_cutting(alive, scratch, inner):
                     alive, state, captured = rows.cut(alive, state, captured)
-            step_env = rows.step_env.child(
-                {axis: t} if spec.also_steps is None else {axis: t, spec.also_steps: t}, scratch)
+            step_env = rows.step_env.child(self._steps_at(t), scratch)
             if width is not None:
                 step_env.sizes[spec.beam[0]] = width
             step_captured = self._step_captured(captured, split_seqs, t)
@@ -235,6 +235,11 @@ class LoopRun:
                   for value, v in zip(lasts, last_vals)]
         result = tuple(state + stacked + finals)
         return result[0] if len(result) == 1 else result
+
+    def _steps_at(self, t: int) -> dict:
+        """The steps of step `t`'s environment: the loop's axis (and the dim it also steps) at `t`."""
+        axis, also = self.spec.axis, self.spec.also_steps
+        return {axis: t} if also is None else {axis: t, also: t}
 
     @staticmethod
     def _step_captured(captured: list, split_seqs: list, t: int) -> list:
