@@ -29,7 +29,7 @@ from .._align import aligner
 from ..dims import Dim
 from ..errors import DimError, ExecutionError, TraceError
 from ..tensor import Tensor
-from ._core import as_tensor, dims_str, emit
+from ._core import as_tensor, dims_str, emit, nonfinite_padding
 from .shape import expand, replace_dim
 
 __all__ = ["cum_concat", "shift_in"]
@@ -81,8 +81,10 @@ def cum_concat(x, *, axis: Dim | None = None) -> Tensor:
             history.frames.append(v)
             return torch.stack(history.frames, 0)
 
+        # (in a step, the history has no padding: all t + 1 frames are valid)
         return emit("cum_concat", (x,), kernel, (history,) + x.dims, x.dtype, sparse_dim=x.sparse_dim,
-                    attrs={"axis": axis.name}, keeps_run_memory=True)
+                    attrs={"axis": axis.name}, keeps_run_memory=True,
+                    nonfinite_padding=nonfinite_padding(x, dims=(history,) + x.dims))
     if axis not in x.dims:
         x = expand(x, [axis])
     # x with `axis` renamed: the history dim's lengths run over `axis`, so frame t sees t + 1 frames

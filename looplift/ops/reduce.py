@@ -9,6 +9,7 @@ so results never depend on padding values.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -127,22 +128,32 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
         x, dims, masked, axes, _ = _prepare(x, axis, name)
         require_float(x, name)
         ax = axes[0]
-        if not masked:
-            return emit(name, (x,), lambda env, v: torch_fn(v, ax), x.dims, x.dtype, attrs={"axis": axis.name},
-                        nonfinite_padding=nonfinite_padding(x, dims=x.dims))
         x_dims = x.dims
+        if not masked:
+            def plain(env, v):
+                return torch_fn(v, ax)
+
+            if name == "softmax":
+                plain.softmax = SoftmaxOver(dims[0], x_dims, (), _always)
+            return emit(name, (x,), plain, x.dims, x.dtype, attrs={"axis": axis.name},
+                        nonfinite_padding=nonfinite_padding(x, dims=x.dims))
         # softmax gives exact zeros in the padding already, but for rows with no valid frame at all (NaN
         # there): only an axis whose entries can be empty needs the result masked again
         rows_ok = name == "softmax" and masked == (axis.canonical(),)
         never_empty = rows_ok and _is_history(axis)
 
+        def full_rows(env) -> bool:
+            return never_empty or (rows_ok and env.nonempty(axis))
+
         def kernel(env, v):
             pad = env.padding(masked, x_dims)
             out = torch_fn(v.masked_fill(pad, float("-inf")), ax)
-            if never_empty or (rows_ok and env.nonempty(axis)):
+            if full_rows(env):
                 return out
             return out.masked_fill(pad, 0.0)
 
+        if name == "softmax":
+            kernel.softmax = SoftmaxOver(dims[0], x_dims, masked, full_rows)
         # (the padding of the result is zero: a dot over it need not mask it again)
         return emit(name, (x,), kernel, x.dims, x.dtype, attrs={"axis": axis.name}, zero_padding=masked,
                     nonfinite_padding=nonfinite_padding(x, dims=x.dims, cleared=masked))
@@ -150,6 +161,23 @@ def _normalize(name: str, torch_fn: Callable) -> Callable:
     normalize.__doc__ = (f"``{name}`` over `axis`; padding positions do not take part in the "
                          "normalization, and the result there is 0.")
     return normalize
+
+
+@dataclass(frozen=True)
+class SoftmaxOver:
+    """What a softmax's kernel computes (``kernel.softmax``), for a kernel that runs it fused with the ops
+    around it (:mod:`looplift.runtime.attention`): the softmax over `axis` of its input over `dims`, the padding
+    of the dims `masked` left out; ``full(env)``: whether every row has a valid frame in this call (where one
+    has none, the kernel gives zeros there)."""
+
+    axis: Dim
+    dims: tuple[Dim, ...]
+    masked: tuple[Dim, ...]
+    full: Callable[..., bool]
+
+
+def _always(env) -> bool:
+    return True
 
 
 def _is_history(d: Dim) -> bool:

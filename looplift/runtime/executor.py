@@ -36,6 +36,7 @@ import torch
 from ..errors import LoopliftError
 from ..graph import Graph
 from ..tensor import Tensor
+from .attention import FusedAttention, find_attention
 from .env import Env
 from .live import live_nodes, read_by
 from .loop_run import LoopRun, without_duck_shapes
@@ -71,7 +72,20 @@ class Executor:
         # a masked block runs as one kernel on the rows where its mask is True, where its first where was
         blocks = {id(b.wheres[0]): b for b in (self._masked_blocks(graph, live, outputs) if masked_rows else [])}
         replaced = {id(n) for b in blocks.values() for n in (*b.nodes, *b.wheres)}
+        # attention (two dots around a softmax) runs as one fused kernel, where its second dot was
+        fused = {id(a.nodes[-1]): a for a in find_attention(live, outputs) if not {id(n) for n in a.nodes} & replaced}
+        replaced |= {id(n) for a in fused.values() for n in a.nodes if n not in a.shared}
+        #: the nodes the generated code runs (those of fused kernels too), in order
+        self._runs = []
         for node in live:
+            chain = fused.get(id(node))
+            if chain is not None:
+                k = self._name_of[node] = f"k{len(kernels)}"
+                kernels[k] = FusedAttention(chain, {n: for_outputs(n.kernel, n, read) for n in chain.nodes})
+                name[id(chain.output)] = f"v{next(fresh)}"
+                calls.append((node, k, [name[id(chain.output)]], [name[id(t)] for t in chain.arguments]))
+                self._runs += [n for n in chain.nodes if n not in chain.shared]
+                continue
             block = blocks.get(id(node))
             if block is not None:
                 k = self._name_of[node] = f"k{len(kernels)}"
@@ -80,6 +94,7 @@ class Executor:
                 for w in block.wheres:
                     name[id(w.outputs[0])] = f"v{next(fresh)}"
                 calls.append((node, k, [name[id(w.outputs[0])] for w in block.wheres], args))
+                self._runs += [*block.nodes, *block.wheres]
                 continue
             if id(node) in replaced:
                 continue
@@ -92,6 +107,7 @@ class Executor:
                 kernel = for_outputs(kernel, node, read)
                 if node in owned and hasattr(kernel, "for_owned"):
                     kernel = kernel.for_owned(owned[node])
+            self._runs.append(node)
             k = self._name_of[node] = f"k{len(kernels)}"
             kernels[k] = kernel
             args = [name[id(t)] for t in node.inputs]
@@ -107,7 +123,7 @@ class Executor:
             target = outs[0] if len(outs) == 1 else ", ".join(outs)
             where = str(node.source).replace("\n", " ")
             free = f"; del {', '.join(dead)}" if dead else ""
-            what = "masked block" if id(node) in blocks else node.op
+            what = "masked block" if id(node) in blocks else "attention" if id(node) in fused else node.op
             lines.append(f"    {target} = {k}(env{''.join(f', {a}' for a in args)}){free}   # {what} at {where}")
             self._node_at[len(lines)] = node
         lines.append(f"    return [{', '.join(name[id(t)] for t in outputs)}]")
@@ -141,8 +157,9 @@ class Executor:
 
     @property
     def nodes(self) -> list:
-        """The nodes the generated code runs, in order (placeholders excepted)."""
-        return list(self._node_at.values())
+        """The nodes the generated code runs, in order (placeholders excepted; those of a kernel that runs
+        several, a masked block or an attention, where it runs)."""
+        return list(self._runs)
 
     @property
     def function(self):
