@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--time", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=15, help="timed repetitions")
+    parser.add_argument("--steps", type=int, default=41, help="timed rounds")
     args = parser.parse_args()
     torch.manual_seed(0)
     B, T = ll.batch_dim, ll.Dim("time")

@@ -8,7 +8,10 @@ Each model is trained three ways in one process with the same weights:
 * hand-written: the same model written by hand in vectorized PyTorch.
 
 With ``--backend``, the optimized program is also handed to ``torch.compile`` (``looplift.compile(...,
-backend=...)``); its first call, which compiles, is timed apart.
+backend=...)``); its first call, which compiles, is timed apart. With ``--unfused-attention``, the
+optimized program is also timed with its attention run as the ops it is written with (not as one call of
+``scaled_dot_product_attention``, as the executor runs it: ``looplift.runtime.attention``), in the same
+rounds.
 
 Models (``--models``):
 
@@ -34,11 +37,13 @@ import json
 import math
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import looplift as ll
+import looplift.runtime.executor as _executor
 from looplift import nn
 
 B = ll.batch_dim
@@ -347,6 +352,13 @@ def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args
     start = time.perf_counter()
     losses = {"optimized": float(fns["optimized"]().detach())}
     first_call = time.perf_counter() - start   # (tracing, optimizing, and with --backend compiling)
+    if args.unfused_attention:
+        # the same program with its attention run as the ops it is written with (the executor finds none to
+        # fuse as it is built, on the first call), timed in the same rounds
+        unfused = ll.compile(model, mode="train", backend=args.backend, steps_per_call=args.steps_per_call)
+        with mock.patch.object(_executor, "find_attention", lambda *a: []):
+            losses["unfused"] = float(unfused(*inputs, **kw).tensor.detach())
+        fns["unfused"] = lambda: unfused(*inputs, **kw).tensor
     losses.update({k: float(f().detach()) for k, f in fns.items() if k != "optimized"})
     assert all(math.isclose(v, losses["handwritten"], rel_tol=1e-4) for v in losses.values()), losses
     optimizer = None
@@ -368,6 +380,8 @@ def _compare(name: str, model: ll.Module, inputs: tuple, kw: dict, by_hand, args
           f"first call {first_call:.1f} s")
     result = {f"{name}_optimized_vs_handwritten": _paired_ratio(times["optimized"], times["handwritten"]),
               f"{name}_reference_vs_optimized": med["reference"] / med["optimized"]}
+    if "unfused" in times:
+        result[f"{name}_unfused_attention_vs_handwritten"] = _paired_ratio(times["unfused"], times["handwritten"])
     if args.backend is not None:
         result[f"{name}_first_call_s"] = first_call
     return result
@@ -390,6 +404,9 @@ def main() -> None:
                              "the first call's time then includes compiling")
     parser.add_argument("--steps-per-call", type=int, default=8,
                         help="with --backend: a loop's compiled steps per call (looplift.compile's steps_per_call)")
+    parser.add_argument("--unfused-attention", action="store_true",
+                        help="also time each program with its attention unfused (the ops as written, not one "
+                             "scaled_dot_product_attention call), in the same rounds")
     args = parser.parse_args()
     torch.manual_seed(0)
     src_time, tgt_time = ll.Dim("src_time"), ll.Dim("tgt_time")
