@@ -10,17 +10,17 @@ runs them: the scores and the weights are made whole, forward and backward.
 The executor runs such a chain as one call of
 ``torch.nn.functional.scaled_dot_product_attention`` instead, whose fused
 kernels compute the same without making them (on this project's CPU, the
-causal self-attention of a Transformer decoder trains in about 0.7 of the time
-of its four ops). The softmax's mask becomes the call's mask: the padding of
-`A` (and of dims whose lengths vary along it), or, for the history dim of
-``cum_concat`` over the queries' dim (frame t sees frames 0..t),
-``is_causal``.
+causal self-attention of a Transformer decoder, 4 heads of 32 or 64 over 64
+steps, trains in 0.70-0.77 of the time of its ops, forward and backward).
+The softmax's mask becomes the call's mask: the padding of `A` (and of dims
+whose lengths vary along it), or, for the history dim of ``cum_concat`` over
+the queries' dim (frame t sees frames 0..t), ``is_causal``.
 
 :func:`find_attention` checks the chain on the graph before the first call:
 the scores and weights read by nothing else; one dim reduced by the first dot,
 one only the values have, every other dim of the three shared (batch dims) or
-the queries' own; a float constant as the scale; the keys
-known to be finite in `A`'s padding (the mask is added to the scores). At run
+the queries' own; a number as the scale; the keys known
+to be finite in `A`'s padding (the mask is added to the scores). At run
 time, where a row of the scores may have no valid frame (an empty entry of
 `A`: the softmax gives zeros there), the chain runs as traced.
 
