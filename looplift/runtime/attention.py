@@ -59,6 +59,8 @@ class Attention:
     scale: float
     #: the softmax's kernel's description (:class:`looplift.ops.reduce.SoftmaxOver`)
     softmax: object
+    #: the dims by role: (batch dims, the queries' own dims, the dim the first dot reduces, the values' own dim)
+    layout: tuple
 
     @property
     def arguments(self) -> list[Tensor]:
@@ -113,29 +115,33 @@ def _chain(softmax: Node, form, only_reader) -> Attention | None:
     q, k = first.inputs
     v, out = second.inputs[1], second.outputs[0]
     axis = form.axis
-    if q is k or tuple(form.dims) != tuple(scores.dims) or not _fits(q, k, v, scores, out, axis):
+    layout = None if q is k or tuple(form.dims) != tuple(scores.dims) else _layout(q, k, v, scores, out, axis)
+    if layout is None:
         return None
     # (the mask is added to the scores: a non-finite key in the padding would spoil its row)
     if k.node is None or k.node.nonfinite_padding is None or axis in k.node.nonfinite_padding:
         return None
     if q.dtype != k.dtype or k.dtype != v.dtype or not q.dtype.is_floating_point:
         return None
-    return Attention(nodes, shared, q, k, v, out, scale, form)
+    return Attention(nodes, shared, q, k, v, out, scale, form, layout)
 
 
-def _fits(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, out: Tensor, axis: Dim) -> bool:
-    """Whether the dims are those of attention: scores over (batch..., queries?, axis) with one dim reduced,
-    the result over (batch..., queries?, value dim)."""
+def _layout(q: Tensor, k: Tensor, v: Tensor, scores: Tensor, out: Tensor, axis: Dim) -> tuple | None:
+    """The dims by role (see :attr:`Attention.layout`) where they are those of attention: scores over
+    (batch..., queries..., axis) with one dim reduced, the result over (batch..., queries..., value dim);
+    else None."""
     batch = [d for d in scores.dims if d in q.dims and d in k.dims]
     q_only = [d for d in scores.dims if d in q.dims and d not in k.dims]
     reduced = [d for d in q.dims if d in k.dims and d not in scores.dims]
     if len(reduced) != 1 or tuple(scores.dims) != (*batch, *q_only, axis):
-        return False
+        return None
     if set(q.dims) != {*batch, *q_only, *reduced} or set(k.dims) != {*batch, axis, *reduced}:
-        return False
+        return None
     v_only = [d for d in out.dims if d in v.dims and d not in scores.dims]
-    return (len(v_only) == 1 and tuple(out.dims) == (*batch, *q_only, *v_only)
-            and set(v.dims) == {*batch, axis, *v_only} and axis not in out.dims)
+    if not (len(v_only) == 1 and tuple(out.dims) == (*batch, *q_only, *v_only)
+            and set(v.dims) == {*batch, axis, *v_only} and axis not in out.dims):
+        return None
+    return batch, q_only, reduced[0], v_only[0]
 
 
 class FusedAttention:
@@ -147,10 +153,7 @@ class FusedAttention:
     def __init__(self, chain: Attention, traced: dict):
         q, k, v, scores = chain.queries, chain.keys, chain.values, chain.softmax.dims
         axis = chain.softmax.axis
-        batch = [d for d in scores if d in q.dims and d in k.dims]
-        q_only = [d for d in scores if d in q.dims and d not in k.dims]
-        (reduced,) = [d for d in q.dims if d in k.dims and d not in scores]
-        (v_only,) = [d for d in chain.output.dims if d in v.dims and d not in scores]
+        batch, q_only, reduced, v_only = chain.layout
         self.perm_q = tuple(q.dims.index(d) for d in (*batch, *q_only, reduced))
         self.perm_k = tuple(k.dims.index(d) for d in (*batch, axis, reduced))
         self.perm_v = tuple(v.dims.index(d) for d in (*batch, axis, v_only))
