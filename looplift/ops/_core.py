@@ -230,6 +230,11 @@ def nonfinite_padding(*inputs: Tensor, dims: Sequence[Dim], cleared: Iterable[Di
     return tuple(d for d in dims if d in dirty)
 
 
+def finite_in(x: Tensor, dims: Iterable[Dim]) -> bool:
+    """Whether `x` is known to be finite in the padding of the dims `dims` (see ``Node.nonfinite_padding``)."""
+    return x.node is not None and x.node.nonfinite_padding is not None and not set(dims) & set(x.node.nonfinite_padding)
+
+
 def dims_to_mask(x: Tensor, reduced: Iterable[Dim]) -> tuple[Dim, ...]:
     """Dynamic dims of `x` whose padding would leak into a reduction over `reduced`.
 

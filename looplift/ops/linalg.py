@@ -19,6 +19,7 @@ from ._core import (
     dim_list,
     dims_to_mask,
     emit,
+    finite_in,
     masker,
     nonfinite_padding,
     result_dtype,
@@ -68,13 +69,13 @@ def dot(a, b, *, reduce: Dim | Sequence[Dim]) -> Tensor:
     # (masked, or zero already): zero times a finite value is zero.
     zero_a = bool(mask_a) or _zero_padded(a, all_a)
     zero_b = bool(mask_b) or _zero_padded(b, all_b)
-    if finite_b and _finite_in(b, all_b):
+    if finite_b and finite_in(b, all_b):
         finite_b = False
-    elif finite_a and _finite_in(a, all_a):
+    elif finite_a and finite_in(a, all_a):
         finite_a = False
-    elif mask_b and zero_a and set(mask_b) <= set(all_a) and _finite_in(b, mask_b):
+    elif mask_b and zero_a and set(mask_b) <= set(all_a) and finite_in(b, mask_b):
         mask_b = ()
-    elif mask_a and zero_b and set(mask_a) <= set(all_b) and _finite_in(a, mask_a):
+    elif mask_a and zero_b and set(mask_a) <= set(all_b) and finite_in(a, mask_a):
         mask_a = ()
     a, b = expand_for_masks(a, mask_a), expand_for_masks(b, mask_b)
     batch = tuple(d for d in a.dims if d in b.dims and d not in red)
@@ -140,11 +141,6 @@ def _clear_padding(x: Tensor, masked, finite: bool) -> Tensor:
 def _zero_padded(x: Tensor, masked) -> bool:
     """Whether `x` is known to be zero in the padding of the dims `masked`."""
     return x.node is not None and set(masked) <= set(x.node.zero_padding)
-
-
-def _finite_in(x: Tensor, dims) -> bool:
-    """Whether `x` is known to be finite in the padding of the dims `dims` (see ``Node.nonfinite_padding``)."""
-    return x.node is not None and x.node.nonfinite_padding is not None and not set(dims) & set(x.node.nonfinite_padding)
 
 
 def _needs_dims(x: Tensor, masked) -> bool:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..dims import Dim
 from ..graph import Node, Op
+from ..ops._core import finite_in
 from ..tensor import Tensor
 
 __all__ = ["Attention", "FusedAttention", "find_attention"]
@@ -96,6 +97,7 @@ def _chain(softmax: Node, form, only_reader) -> Attention | None:
     if second is None or second.op != "dot" or second.inputs[0] is not weights or second.inputs[1] is weights:
         return None
     scores, scale, nodes, shared = softmax.inputs[0], 1.0, [softmax, second], []
+    reader = softmax   # (of the scores)
     scaling = scores.node
     if scaling is not None and scaling.op == "mul" and only_reader(scores) is softmax:
         constant = next((t for t in scaling.inputs if t.node is not None and t.node.op == Op.CONSTANT), None)
@@ -107,9 +109,9 @@ def _chain(softmax: Node, form, only_reader) -> Attention | None:
         nodes[:0] = [constant.node, scaling]
         if only_reader(constant) is not scaling:
             shared.append(constant.node)   # (read by other nodes too: the executor keeps it)
-        scores = other[0]
+        scores, reader = other[0], scaling
     first = scores.node
-    if first is None or first.op != "dot" or only_reader(scores) is not (scaling if len(nodes) == 4 else softmax):
+    if first is None or first.op != "dot" or only_reader(scores) is not reader:
         return None
     nodes.insert(0, first)
     q, k = first.inputs
@@ -118,8 +120,7 @@ def _chain(softmax: Node, form, only_reader) -> Attention | None:
     layout = None if q is k or tuple(form.dims) != tuple(scores.dims) else _layout(q, k, v, scores, out, axis)
     if layout is None:
         return None
-    # (the mask is added to the scores: a non-finite key in the padding would spoil its row)
-    if k.node is None or k.node.nonfinite_padding is None or axis in k.node.nonfinite_padding:
+    if not finite_in(k, (axis,)):   # (the mask is added to the scores: a non-finite key would spoil its row)
         return None
     if q.dtype != k.dtype or k.dtype != v.dtype or not q.dtype.is_floating_point:
         return None
