@@ -119,8 +119,12 @@ def test_a_beam_search_leaves_finished_entries_out_and_finds_the_same_n_best(cut
         want = search.reference(x, src=recipe.SRC, tgt=recipe.TGT, beam=4)
     labels, scores, lengths, valid = got
     (beam,) = [d for d in valid.dims if d is not B]
-    for g_, w_ in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g_.align(B, beam), w_.align(B, beam), rtol=0, atol=0)
+    # the scores to float64 rounding (the executor adds the LSTM's recurrent product into its gates in place,
+    # one addmm_, which on some CPUs rounds the last bit unlike the reference's product, then sum), the lengths
+    # and valid slots exactly
+    torch.testing.assert_close(scores.align(B, beam), want[1].align(B, beam), rtol=1e-12, atol=1e-12)
+    for g_, w_ in zip(got[2:], want[2:]):
+        assert torch.equal(g_.align(B, beam), w_.align(B, beam))
     (steps,) = [d for d in labels.dims if d is not B and d is not beam]
     n = lengths.align(B, beam)
     pick = torch.arange(labels.align(B, beam, steps).shape[-1]) < n[..., None]
