@@ -303,6 +303,28 @@ def test_where_keeps_the_sparse_dim_of_label_branches():
     assert torch.equal(out.align(B, T), torch.where(lab > 2, lab, 0))
 
 
+@pytest.mark.parametrize("cond", ["all_true", "all_false", "mixed"])
+@pytest.mark.parametrize("broadcast", [False, True], ids=["same_shape", "broadcast_branch"])
+def test_where_without_autograd_over_a_uniform_condition_equals_torch_where(cond, broadcast):
+    """Large enough and without autograd, a condition the same everywhere gives the branch itself: the values
+    of torch.where, whichever branch is broadcast, and a later in-place op on the result leaves the inputs."""
+    G = ll.Dim("m_wide", 1024)
+    a, b = randn(3, 5, 1024, seed=30), randn(3, 5, 1024, seed=31)
+    if broadcast:
+        b = b[0, 0]
+    c = {"all_true": torch.ones(3, 5, dtype=torch.bool), "all_false": torch.zeros(3, 5, dtype=torch.bool),
+         "mixed": randn(3, 5, seed=32) > 0}[cond]
+    before = (a.clone(), b.clone())
+    prog = ll.compile(lambda c, a, b: ll.where(c, a, b) * 2.0 + 1.0)
+    args = (ll.Named(c, (B, T), {T: LENS}), ll.Named(a, (B, T, G), {T: LENS}),
+            ll.Named(b, (G,) if broadcast else (B, T, G), {} if broadcast else {T: LENS}))
+    with torch.no_grad():
+        out = prog(*args)
+    want = torch.where(c[:, :, None], a, b) * 2.0 + 1.0
+    assert_valid_close(out, want, (B, T, G))
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
 def test_where_rejects_a_non_bool_condition():
     with pytest.raises(ll.errors.DTypeError):
         run(lambda x: ll.where(x, x, 0.0), named(randn(3, 5, 4)))

@@ -51,13 +51,19 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     sparse = x.sparse_dim
 
     keep_order = x_perm == tuple(range(len(x_perm)))
+    # x's own dims last where it is stored (a time-major encoder gathered per batch entry): its rows are picked
+    # in place, by their offsets, where permuting it first would copy all of it at every call
+    in_place = not keep_order and n_x > 0 and x.dims[len(x.dims) - n_x:] == x_only
+    lead_pos, axis_pos = tuple(x.dims.index(d) for d in shared), x.dims.index(axis)
 
     def kernel(env, v, i):
-        if not keep_order:
-            v = v.permute(x_perm)
         if not isinstance(i, torch.Tensor):
             i = torch.as_tensor(i, device=v.device)
         i = i_al(i)
+        if in_place and v.is_contiguous() and v.shape[axis_pos] > 0:
+            return _rows_in_place(v, i, lead_pos, axis_pos, n_x)
+        if not keep_order:
+            v = v.permute(x_perm)
         lead = tuple(broadcast_shapes(v.shape[:n_shared], i.shape[:n_shared]))   # (a size-1 raw: broadcast)
         if tuple(v.shape[:n_shared]) != lead:
             v = v.expand(*lead, *v.shape[n_shared:])
@@ -90,6 +96,24 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     finite = nonfinite_padding(x, dims=out_dims) if known else None
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name},
                 nonfinite_padding=finite)
+
+
+def _rows_in_place(v: torch.Tensor, i: torch.Tensor, lead_pos: tuple[int, ...], axis_pos: int, n_x: int):
+    """``gather``'s result from a contiguous `v` whose own dims are its last `n_x`: each pick is a row of `v`
+    flattened in its stored order, at the offset of its shared dims' entries (`lead_pos`) and of its index
+    (along `axis_pos`). `i` is laid out (shared..., picked...)."""
+    n_shared = len(lead_pos)
+    own = v.shape[v.dim() - n_x:]
+    row = math.prod(own)
+    lead = tuple(broadcast_shapes([v.shape[p] for p in lead_pos], i.shape[:n_shared]))
+    picked = tuple(i.shape[n_shared:])
+    offset = i.clamp(0, v.shape[axis_pos] - 1).long() * (v.stride(axis_pos) // row)
+    for k, p in enumerate(lead_pos):
+        if v.shape[p] != 1:   # (size 1: the same row for every entry of the dim)
+            entries = torch.arange(lead[k], device=i.device) * (v.stride(p) // row)
+            offset = offset + entries.view(*[1] * k, lead[k], *[1] * (n_shared - k - 1 + len(picked)))
+    offset = offset.expand(*lead, *picked)
+    return v.view(-1, *own).index_select(0, offset.reshape(-1)).view(*lead, *picked, *own)
 
 
 def embedding(table, index) -> Tensor:

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 
 from .. import rules as _rules
 from .. import trace as _trace
-from .._align import aligner
+from .._align import aligner, broadcast_shapes
 from ..errors import ConfigError, DTypeError
 from ..tensor import Tensor
 from ._core import as_tensor, broadcast_dims, emit, nonfinite_padding, require_float, result_dtype, to_dtype
 from .masking import meet_masked
+
+#: ``where`` over at least this many elements, on CPU without autograd, first checks whether its condition is the
+#: same everywhere (two reductions over the condition, cheap beside a pass over both branches)
+UNIFORM_CHECK = 4096
 
 __all__ = [
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "abs", "minimum", "maximum",
@@ -56,7 +60,7 @@ def _binary(name: str, fn: Callable, a, b, *, out_dtype: torch.dtype | None = No
         x, y = al(x), bl(y)
         mine, other = (x, y) if first else (y, x)
         if (isinstance(mine, torch.Tensor) and mine.dtype == dtype
-                and tuple(mine.shape) == tuple(torch.broadcast_shapes(mine.shape, getattr(other, "shape", ())))
+                and tuple(mine.shape) == broadcast_shapes(mine.shape, getattr(other, "shape", ()))
                 and not (torch.is_grad_enabled() and (mine.requires_grad or getattr(other, "requires_grad", False)))):
             return in_place(mine, other)
         return fn(x, y)
@@ -206,6 +210,15 @@ def where(cond, a, b) -> Tensor:
         # result's dtype (torch would give it its default float32).
         x, y = (v.to(dtype) if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device)
                 for v in (x, y))
+        if isinstance(c, torch.Tensor) and c.device.type == "cpu" and max(x.numel(), y.numel()) >= UNIFORM_CHECK \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # (a condition the same everywhere, as a search's "ended" almost always is: the branch itself, where
+            # it already has the result's shape, instead of a pass over both)
+            shape = broadcast_shapes(c.shape, x.shape, y.shape)
+            if tuple(y.shape) == shape and not c.any():
+                return y
+            if tuple(x.shape) == shape and c.all():
+                return x
         return torch.where(torch.as_tensor(c, device=env.device), x, y)
 
     return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b),

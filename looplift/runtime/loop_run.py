@@ -208,8 +208,11 @@ class LoopRun:
                 active = step_counts
             if masks_at is not None:
                 masks = masks_at[t]
+            elif active is None or (isinstance(active, torch.Tensor) and active.device.type == "cpu"
+                                    and bool(active.all())):
+                masks = None   # (every entry active: nothing to keep frozen)
             else:
-                masks = None if active is None else [al(active) for al in self.layout_align]
+                masks = [al(active) for al in self.layout_align]
             state = new_state if self.never_freeze else self._next_states(env, state, new_state, masks)
             if active is not None and spec.own_dim:
                 steps = rows.widen_counts(active.long())

@@ -114,6 +114,9 @@ class BeamSearch:
         beam, nxt, src = self.beam, self.next, self.src
         _trace.current().pruned.pop(nxt, None)   # (the values of this step over the pruned beam are done)
         ended_src = self.ended_src()
+        # (an ended hypothesis keeps its state; a slot that holds none, merged away or never filled, takes the
+        # new values, which nothing reads: so the condition is uniform, and its where a no-op, at most steps)
+        keeps = _math.logical_and(self.ended, self.valid)
         own = {id(self.valid), id(self.ended), id(self.length)}
         for slot in loop.slots.values():
             if slot.placeholders and id(slot.placeholders[0]) in own:
@@ -122,8 +125,8 @@ class BeamSearch:
                 v, p = as_tensor(slot.current[i]), slot.placeholders[i]
                 if beam in v.dims and nxt not in v.dims:
                     # computed from the previous hypotheses: an ended one keeps its state, then all follow their
-                    # sources (one gather: where(ended[src], p[src], v[src]) is where(ended, p, v)[src])
-                    v = gather(_math.where(self.ended, p, v), index=src, axis=beam)
+                    # sources (one gather: where(keeps[src], p[src], v[src]) is where(keeps, p, v)[src])
+                    v = gather(_math.where(keeps, p, v), index=src, axis=beam)
                 else:
                     v = self._onto_next(v, f"the new value of loop state {slot.name!r}")
                     if nxt in v.dims and id(v) not in self.recombined:   # an ended hypothesis keeps its state
