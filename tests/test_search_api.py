@@ -235,6 +235,41 @@ def test_best_carries_the_length_of_the_hypothesis_it_picks():
     assert len(set(lengths.tolist())) > 1, "the entries' best hypotheses differ in length"
 
 
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_a_hypothesis_that_ended_keeps_its_state_to_the_end(seed):
+    """After the loop, each valid hypothesis' state is the one of its last step: that of its labels, by hand
+    (hypotheses end at different steps, and later steps leave their states as they were)."""
+    dec, h0 = Dec(seed=seed), h0s(4, seed=seed + 1)
+
+    def final_states(h0):
+        loop = ll.Loop(max_seq_len=6)
+        loop.state.label, loop.state.h = ll.full(0, sparse_dim=dec.V), h0
+        with loop:
+            loop.state.h = ll.tanh(dec.emb(loop.state.label) + dec.rec(loop.state.h))
+            label = ll.choice(ll.log_softmax(dec.out(loop.state.h), axis=dec.V), beam_size=3)
+            loop.state.label = label
+            loop.end(label == dec.eos, include_eos=True)
+            labels = loop.stack(label)
+        return labels, loop.state.h, loop.search.valid, loop.search.lengths
+
+    labels, h, valid, lengths = ll.compile(final_states, mode="search")(ll.Named(h0, (B, dec.H)))
+    (beam,) = [d for d in valid.dims if d is not B]
+    (axis,) = [d for d in labels.dims if d not in (B, beam)]
+    lab, ok, n = labels.align(B, beam, axis), valid.align(B, beam), lengths.align(B, beam)
+    hs, ended_early = h.align(B, beam, dec.H), 0
+    for b in range(len(h0)):
+        for k in range(beam.size):
+            if not ok[b, k]:
+                continue
+            want, prev = h0[b], 0
+            for v in lab[b, k, :int(n[b, k])].tolist():
+                want, _, _ = dec.torch_step(prev, want)
+                prev = v
+            ended_early += int(n[b, k]) < int(n.max())
+            torch.testing.assert_close(hs[b, k], want, rtol=1e-9, atol=1e-9)
+    assert ended_early   # (some hypothesis ended before others went on)
+
+
 def test_whether_each_hypothesis_has_ended_is_readable_in_the_step():
     dec, h0 = Dec(seed=4, eos=1), h0s(2)
     out = search(dec, h0, beam=4, max_len=5)

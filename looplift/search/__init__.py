@@ -26,7 +26,9 @@ does the bookkeeping when the step ends:
   the previous hypotheses, e.g. an LSTM state) is gathered by ``src``; one over
   the next beam is taken as it is. Both become the loop's beam dim again;
 * a hypothesis that ended (``loop.end``) keeps its states and score and
-  extends only by one label (label 0, with score 0, beyond its length);
+  extends only by one label (label 0, with score 0, beyond its length); an
+  invalid slot (below) holds no hypothesis, and its states are whatever the
+  step computed there;
 * stacked values are backtracked after the loop, so they are consistent
   hypotheses, and the loop's dim has lengths per hypothesis;
 * the loop stops when every hypothesis of every entry ended, or at
