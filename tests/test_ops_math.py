@@ -325,6 +325,24 @@ def test_where_without_autograd_over_a_uniform_condition_equals_torch_where(cond
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
 
 
+def test_unary_ops_without_autograd_overwrite_only_their_own_temporaries():
+    """Without autograd a unary op may compute into a new operand only it reads (``sigmoid_`` into the sum
+    before it): the values are torch's, and neither a program input nor a value read twice changes."""
+    x, y = randn(3, 5, 4, seed=33), randn(3, 5, 4, seed=34)
+    before = (x.clone(), y.clone())
+
+    def f(x, y):
+        s = x + y                       # (read by sigmoid alone: its to overwrite)
+        twice = x * 2.0                 # (read by tanh and by the sum below: not)
+        return ll.sigmoid(s) + ll.tanh(twice) + twice + ll.relu(x)
+
+    prog = ll.compile(f)
+    with torch.no_grad():
+        out = prog(named(x), named(y))
+    assert_valid_close(out, torch.sigmoid(x + y) + torch.tanh(2 * x) + 2 * x + torch.relu(x), (B, T, F))
+    assert torch.equal(x, before[0]) and torch.equal(y, before[1])
+
+
 def test_where_rejects_a_non_bool_condition():
     with pytest.raises(ll.errors.DTypeError):
         run(lambda x: ll.where(x, x, 0.0), named(randn(3, 5, 4)))

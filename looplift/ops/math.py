@@ -246,9 +246,23 @@ def _unary(name: str, fn: Callable, *, float_only: bool = True, keep_sparse: boo
         if float_only:
             require_float(x, name)
         dtype = x.dtype   # (a Python number, as a state's initial value, is computed in the declared dtype)
-        return emit(name, (x,), lambda env, v: fn(v if isinstance(v, torch.Tensor) else
-                                                  torch.as_tensor(v, dtype=dtype, device=env.device)),
-                    x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None,
+
+        def kernel(env, v):
+            return fn(v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device))
+
+        kernel.fresh = True   # (a new tensor: see looplift.graph.Kernel)
+        in_place = getattr(torch.Tensor, f"{fn.__name__}_", None) if fn.__module__ in ("torch", None) else None
+        if in_place is not None:
+            def into(env, v):
+                # (without gradients, into its operand, a new tensor that is this kernel's to overwrite: the
+                # operand is still in cache, where a new result would be written to memory not yet touched)
+                if (isinstance(v, torch.Tensor) and v.is_contiguous()
+                        and not (torch.is_grad_enabled() and v.requires_grad)):
+                    return in_place(v)
+                return kernel(env, v)
+
+            kernel.for_owned = lambda owned: into if owned[0] else kernel
+        return emit(name, (x,), kernel, x.dims, x.dtype, sparse_dim=x.sparse_dim if keep_sparse else None,
                     nonfinite_padding=nonfinite_padding(x, dims=x.dims) if finite else None)
     unary.__name__ = name
     unary.__doc__ = f"Elementwise ``{name}``."
