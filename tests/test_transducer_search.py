@@ -349,3 +349,31 @@ def test_misuse_names_the_line(case, cls, names):
     with pytest.raises(cls) as info:
         prog(enc)
     check_error(__file__, info, cls, case, *names)
+
+
+@pytest.mark.parametrize("mode", ["logsumexp", None])
+def test_the_search_loop_is_optimized_and_equals_the_reference(mode):
+    """``labels_since_blank`` reads ``emitted + 1`` gathered onto the pruned beam by a gather made while it
+    was traced, after its first node: the optimizer places each call after the calls it reads (it used to
+    give up on the whole loop), computes the loop-invariant parts once before the loop, and the search finds
+    what the reference interpreter finds, on a padded batch."""
+    model = Transducer(seed=3, beam=3, limit=2, mode=mode)
+    enc, enc_time = encoder([4, 2, 3], seed=4)
+    prog = ll.compile(model, mode="search")
+    align = Dim("align")
+    got = prog(enc, enc_time=enc_time, align=align)
+    text = prog.explain()
+    assert "not optimized" not in text and "failed" not in text, text
+    assert "computed once before the loop" in text, text
+    expected = prog.reference(enc, enc_time=enc_time, align=align)
+    labels, scores, valid, lengths = got
+    ref_labels, ref_scores, ref_valid, ref_lengths = expected
+    beam = next(d for d in scores.dims if d is not B)
+    assert torch.equal(valid.align(B, beam), ref_valid.align(B, beam))
+    assert torch.equal(lengths.align(B, beam), ref_lengths.align(B, beam))
+    ok = valid.align(B, beam)
+    assert_close(scores.align(B, beam)[ok], ref_scores.align(B, beam)[ok], rtol=0, atol=1e-12)
+    axis = next(d for d in labels.dims if d not in (B, beam))
+    lab, ref_lab, n = labels.align(B, beam, axis), ref_labels.align(B, beam, axis), lengths.align(B, beam)
+    for b, k in ok.nonzero().tolist():
+        assert torch.equal(lab[b, k, :n[b, k]], ref_lab[b, k, :n[b, k]]), (b, k)

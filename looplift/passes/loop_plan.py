@@ -152,6 +152,27 @@ class LoopPlan:
         self.blocks: dict[int, MaskedBlock] = {}
         self._index()
         self._group_masked()
+        self._sort_units()
+
+    def _sort_units(self) -> None:
+        """The units in an order where each comes after those whose values it reads (the body's order where
+        that holds). A call's unit sits at its first node, and a call may read the value of another call made
+        while it was traced, after its first node: ``where(label == blank, 0, emitted + 1)`` in a search step,
+        whose ``emitted + 1`` is gathered onto the pruned beam by a gather call of its own."""
+        position = {id(u): i for i, u in enumerate(self.units)}
+        needs = {id(u): {id(self.producer[id(t)]) for t in u.inputs if id(t) in self.producer} - {id(u)}
+                 for u in self.units}
+        if all(position[p] < position[id(u)] for u in self.units for p in needs[id(u)]):
+            return
+        done: set[int] = set()
+        ordered: list[Unit] = []
+        pending = list(self.units)
+        while pending:   # (stable: at each round, the first unit in body order whose producers are placed)
+            at = next(i for i, u in enumerate(pending) if needs[id(u)] <= done)
+            unit = pending.pop(at)
+            done.add(id(unit))
+            ordered.append(unit)
+        self.units = ordered
 
     def _index(self) -> None:
         """The producer and the inputs of every unit, and the consumers of every tensor."""
