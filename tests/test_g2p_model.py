@@ -193,6 +193,48 @@ def test_decoding_leaves_the_garbage_collector_as_it_found_it(words):
     assert gc.isenabled()
 
 
+def test_no_collection_runs_while_evaluating(words, monkeypatch):
+    """evaluate pauses the cyclic garbage collector until its n-best lists are scored (each collection would
+    walk everything alive): a collection may run once it is on again, not before; it is on afterwards."""
+    entries, vocabs = words
+    model = G2P(Config(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, dec=10)).double()
+    scored, early = [], []
+    score = recipe.metrics.score
+
+    def score_and_note(*args, **kwargs):
+        result = score(*args, **kwargs)
+        scored.append(True)
+        return result
+
+    def watch(phase, info):
+        if phase == "start" and not scored:
+            early.append(info["generation"])
+
+    monkeypatch.setattr(recipe.metrics, "score", score_and_note)
+    gc.collect()
+    gc.callbacks.append(watch)
+    try:
+        scores = recipe.evaluate(model, entries, vocabs, beam=2, batch_size=4, workers=2)
+    finally:
+        gc.callbacks.remove(watch)
+    assert scored and early == [], early
+    assert gc.isenabled()
+    assert scores.words == len(entries)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_the_batches_searched_last_are_cut_finer(workers):
+    """With several workers, the batches of the shortest words (searched last) are cut in parts: every word
+    once, in the same order, the others unchanged."""
+    batches = [list(range(start, min(start + 5, 23))) for start in range(0, 23, 5)]
+    cut = recipe._finer_tail(batches, workers)
+    assert [i for idx in cut for i in idx] == list(range(23))
+    assert cut[-(len(batches) - workers):] == batches[workers:]
+    parts = cut[:len(cut) - (len(batches) - workers)]
+    assert len(parts) == workers * recipe.TAIL_PARTS
+    assert max(len(p) for p in parts) == -(-5 // recipe.TAIL_PARTS)
+
+
 def _assert_training_equals_the_reference(model, examples):
     """`model`'s train-mode loss and every parameter's gradient on all of `examples` equal the reference
     interpreter's (its loops step by step); returns (the train program, the inputs)."""

@@ -72,7 +72,7 @@ def gather(x, *, index, axis: Dim) -> Tensor:
         if v.shape[n_shared] == 0:  # an empty axis (all its entries of length 0): nothing to pick, only padding
             return v.new_zeros(out_shape)
         size = v.shape[n_shared]
-        i = i.clamp(0, size - 1).long()
+        i = i.clamp(0, size - 1).long()   # (a new tensor: the flat index below is added into it)
         if tuple(i.shape) != lead + picked:
             i = i.expand(lead + picked)
         if not n_x:
@@ -82,8 +82,8 @@ def gather(x, *, index, axis: Dim) -> Tensor:
             # rows of x flattened with the shared dims (one index_select: a row per pick, not an element; far
             # faster than torch.gather with the index expanded over x's own dims)
             if n_shared:
-                offsets = torch.arange(math.prod(lead), device=i.device).reshape(*lead, *[1] * len(picked))
-                i = i + offsets * size
+                offsets = _row_offsets(lead, len(picked), size, i.device)
+                i = i.add_(offsets) if i.shape == lead + picked and i.is_contiguous() else i + offsets
             rows = v.reshape(-1, *v.shape[n_shared + 1:]) if n_shared else v
             return rows.index_select(0, i.reshape(-1)).reshape(out_shape)
         k = math.prod(picked)
@@ -96,6 +96,24 @@ def gather(x, *, index, axis: Dim) -> Tensor:
     finite = nonfinite_padding(x, dims=out_dims) if known else None
     return emit("gather", (x, index), kernel, out_dims, x.dtype, sparse_dim=sparse, attrs={"axis": axis.name},
                 nonfinite_padding=finite)
+
+
+#: (lead shape, picked dims, axis size, device) -> the offset of each shared entry's first row (see _row_offsets)
+_OFFSETS: dict = {}
+
+
+def _row_offsets(lead: tuple[int, ...], n_picked: int, size: int, device) -> torch.Tensor:
+    """``arange(prod(lead)) * size`` shaped ``(*lead, 1, ...)`` (`n_picked` ones): where each entry of the
+    shared dims starts among the rows of a value flattened with them. Made once per shape (a search's states are
+    all gathered at each step by the same backpointers, over the same dims); never written to."""
+    key = (lead, n_picked, size, device)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        if len(_OFFSETS) >= 256:
+            _OFFSETS.clear()
+        offsets = torch.arange(math.prod(lead), device=device).mul_(size).reshape(*lead, *[1] * n_picked)
+        _OFFSETS[key] = offsets
+    return offsets
 
 
 def _rows_in_place(v: torch.Tensor, i: torch.Tensor, lead_pos: tuple[int, ...], axis_pos: int, n_x: int):

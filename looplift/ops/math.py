@@ -208,8 +208,8 @@ def where(cond, a, b) -> Tensor:
             return x if c else y   # Python values: a result without dims
         # A Python bool condition still broadcasts the branches to the result's dims; a Python number gets the
         # result's dtype (torch would give it its default float32).
-        x, y = (v.to(dtype) if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=dtype, device=env.device)
-                for v in (x, y))
+        x, y = ((v if v.dtype == dtype else v.to(dtype)) if isinstance(v, torch.Tensor)
+                else torch.as_tensor(v, dtype=dtype, device=env.device) for v in (x, y))
         if isinstance(c, torch.Tensor) and c.device.type == "cpu" and max(x.numel(), y.numel()) >= UNIFORM_CHECK \
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # (a condition the same everywhere, as a search's "ended" almost always is: the branch itself, where
@@ -219,7 +219,7 @@ def where(cond, a, b) -> Tensor:
                 return y
             if tuple(x.shape) == shape and c.all():
                 return x
-        return torch.where(torch.as_tensor(c, device=env.device), x, y)
+        return torch.where(c if isinstance(c, torch.Tensor) else torch.as_tensor(c, device=env.device), x, y)
 
     return emit("where", (cond, a, b), kernel, dims, dtype, sparse_dim=_sparse_of(a, b),
                 nonfinite_padding=nonfinite_padding(a, b, dims=dims))

@@ -137,8 +137,12 @@ def lstm_cell_gates(gates, state: tuple, weights: Sequence, *, hidden: Dim, bias
         size = g.shape[1] // 4
         g[:, 2 * size:3 * size].mul_(2.0)
         i, f, cand, o = (torch.sigmoid(g) if grads else g.sigmoid_()).chunk(4, 1)
-        c_new = torch.addcmul(f * cv, i, cand * 2.0 - 1.0)
-        h_new = o * (torch.sigmoid(c_new * 2.0) * 2.0 - 1.0)
+        if grads:
+            c_new = torch.addcmul(f * cv, i, cand * 2.0 - 1.0)
+            h_new = o * (torch.sigmoid(c_new * 2.0) * 2.0 - 1.0)
+        else:   # (the same arithmetic, in the gates' own memory where it can: two new tensors, not nine)
+            c_new = torch.addcmul(f.mul_(cv), i, cand.mul_(2.0).sub_(1.0))
+            h_new = torch.mul(c_new, 2.0).sigmoid_().mul_(2.0).sub_(1.0).mul_(o)
         return h_new.reshape(*shape, -1), c_new.reshape(*shape, -1)
 
     # (an executor whose gates are a new tensor that nothing else reads gives them to the kernel to overwrite)

@@ -3,7 +3,6 @@ tensors, the training loss, beam-search decoding, evaluation, and the model's ch
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from collections.abc import Sequence
@@ -27,6 +26,9 @@ ARCHS = {"lstm": (Config, G2P), "transformer": (TransformerConfig, TransformerG2
          "transducer": (TransducerConfig, TransducerG2P)}
 
 SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
+
+#: words searched at once by default (batched by length): a search step's Python work is shared by more words
+DECODE_BATCH = 512
 
 
 @dataclass
@@ -98,7 +100,7 @@ def loss_function(examples: Examples):
     return loss_fn
 
 
-def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = 256,
+def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = DECODE_BATCH,
            threshold: float | None = None, workers: int | None = None) -> list[list[tuple[list[int], float]]]:
     """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search (keeping only
     the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure).
@@ -126,40 +128,57 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if workers is None:
         workers = min(torch.get_num_threads(), 4) if on_cpu else 1
+    if workers > 1:
+        batches = _finer_tail(batches, workers)
     was_training = model.training
     model.eval()
     # The n-best lists are many small objects and no cycles: the garbage collector, woken by their number,
     # would only walk everything else alive (the dictionary, the program), up to a tenth of the decoding.
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        if workers <= 1 or len(batches) <= 1:
-            for idx in batches:
-                decode_batch(idx)
-        else:
-            decode_batch(batches[0][:1])   # (one word traces the program, before the threads share it)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(workers) as pool:   # (the longest words first: no long batch left alone)
-                    list(pool.map(decode_batch, batches[::-1]))
-            finally:
-                torch.set_num_threads(threads)
+        with data.paused_gc():
+            if workers <= 1 or len(batches) <= 1:
+                for idx in batches:
+                    decode_batch(idx)
+            else:
+                decode_batch(batches[0][:1])   # (one word traces the program, before the threads share it)
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    with ThreadPoolExecutor(workers) as pool:   # (the longest words first: none left alone)
+                        list(pool.map(decode_batch, batches[::-1]))
+                finally:
+                    torch.set_num_threads(threads)
     finally:
         model.train(was_training)
-        if collecting:
-            gc.enable()
     return out
 
 
+#: the last batches searched side by side are cut into this many parts each (see _finer_tail)
+TAIL_PARTS = 2
+
+
+def _finer_tail(batches: list[list[int]], workers: int) -> list[list[int]]:
+    """`batches` (by length, shortest first, searched longest first) with the first `workers` of them, searched
+    last, each cut into :data:`TAIL_PARTS`: a worker that finishes early waits for the others' last batch, and a
+    smaller one ends sooner."""
+    parts = []
+    for idx in batches[:workers]:
+        size = -(-len(idx) // TAIL_PARTS)
+        parts += [idx[start:start + size] for start in range(0, len(idx), size)]
+    return parts + batches[workers:]
+
+
 def evaluate(model: G2P, entries: Sequence[data.Entry], vocabs: Vocabs, *, beam: int = 5,
-             batch_size: int = 256, threshold: float | None = None, workers: int | None = None) -> metrics.Scores:
+             batch_size: int = DECODE_BATCH, threshold: float | None = None,
+             workers: int | None = None) -> metrics.Scores:
     """PER and WER of the best hypothesis of each word against all its pronunciations (decoded as
     :func:`decode` decodes)."""
-    nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size,
-                   threshold=threshold, workers=workers)
-    hyps = [vocabs.phonemes.decode(hs[0][0]) if hs else [] for hs in nbest]
-    return metrics.score(hyps, [e.prons for e in entries])
+    with data.paused_gc():   # (until the n-best lists are scored and freed: see decode)
+        nbest = decode(model, [vocabs.chars.encode(e.word) for e in entries], beam=beam, batch_size=batch_size,
+                       threshold=threshold, workers=workers)
+        hyps = [vocabs.phonemes.decode(hs[0][0]) if hs else [] for hs in nbest]
+        del nbest
+        return metrics.score(hyps, [e.prons for e in entries])
 
 
 def save_model(model: G2P, vocabs: Vocabs, path: str | os.PathLike) -> None:
