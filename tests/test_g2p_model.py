@@ -17,6 +17,7 @@ import torch
 
 import looplift as ll
 from looplift.recipes.g2p import data, recipe, transducer
+from looplift.recipes.g2p.ensemble import Ensemble, TransducerEnsemble
 from looplift.recipes.g2p.model import G2P, Config
 from looplift.recipes.g2p.transducer import TransducerConfig, TransducerG2P
 from looplift.recipes.g2p.transformer import TransformerConfig, TransformerG2P
@@ -220,6 +221,17 @@ def test_no_collection_runs_while_evaluating(words, monkeypatch):
     assert scored and early == [], early
     assert gc.isenabled()
     assert scores.words == len(entries)
+
+
+def test_the_default_batch_depends_on_the_search(words):
+    """Transducers (alone or together) search 512 words at once by default, the attention models 256."""
+    _, vocabs = words
+    lstm = G2P(Config(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, dec=10))
+    rnnt = TransducerG2P(TransducerConfig(len(vocabs.chars), len(vocabs.phonemes), emb=8, enc=12, pred=10, joint=8))
+    assert recipe.default_batch(lstm) == recipe.DECODE_BATCH == 256
+    assert recipe.default_batch(rnnt) == recipe.TRANSDUCER_DECODE_BATCH == 512
+    assert recipe.default_batch(TransducerEnsemble([rnnt, rnnt])) == 512
+    assert recipe.default_batch(Ensemble([lstm, lstm])) == 256
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -181,7 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=POSITIVE, default=5, help="beam size")
     _add_threshold(p)
     p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N words of the split")
-    p.add_argument("--batch", type=POSITIVE, default=recipe.DECODE_BATCH, help="words decoded at once")
+    p.add_argument("--batch", type=POSITIVE, default=None,
+                   help=f"words decoded at once (default: {recipe.TRANSDUCER_DECODE_BATCH} for transducers, "
+                        f"{recipe.DECODE_BATCH} for the others)")
     p.add_argument("--workers", type=POSITIVE, default=None,
                    help="batches searched side by side on CPU, each with one torch thread (default: torch's "
                         "threads, at most 4)")
@@ -403,8 +405,7 @@ def evaluate(args) -> None:
         entries = entries[:args.limit]
     start = time.perf_counter()
     threshold = _threshold(args)
-    # (`run` evaluates with eval's batch, not with its training --batch)
-    batch = args.batch if args.command == "eval" else recipe.DECODE_BATCH
+    batch = args.batch if args.command == "eval" else None   # (`run`'s --batch is its training batch)
     s = recipe.evaluate(model, entries, vocabs, beam=args.beam, batch_size=batch,
                         threshold=threshold, workers=getattr(args, "workers", None))
     seconds = time.perf_counter() - start

@@ -27,8 +27,10 @@ ARCHS = {"lstm": (Config, G2P), "transformer": (TransformerConfig, TransformerG2
 
 SRC, TGT = ll.Dim("src"), ll.Dim("tgt")
 
-#: words searched at once by default (batched by length): a search step's Python work is shared by more words
-DECODE_BATCH = 512
+#: words searched at once by default (batched by length): 512 for transducers, whose alignment steps (T + U of
+#: them) then share their Python work among more words; 256 for the attention models, whose steps read every frame
+#: (their working set outgrows the caches first)
+DECODE_BATCH, TRANSDUCER_DECODE_BATCH = 256, 512
 
 
 @dataclass
@@ -100,15 +102,16 @@ def loss_function(examples: Examples):
     return loss_fn
 
 
-def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int = DECODE_BATCH,
+def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_size: int | None = None,
            threshold: float | None = None, workers: int | None = None) -> list[list[tuple[list[int], float]]]:
     """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search (keeping only
     the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure).
 
-    Words are batched by length. On CPU, `workers` batches are searched at once, each in a thread of its own
+    Words are batched by length, `batch_size` to a batch (default: :func:`default_batch`). On CPU, `workers` batches are searched at once, each in a thread of its own
     running one torch thread (default: as many as torch's threads, at most 4): a search is many small steps,
     which use several cores better side by side than one at a time with the threads inside each op."""
     search = ll.compile(model, mode="search")
+    batch_size = batch_size or default_batch(model)
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out: list = [None] * len(words)
@@ -153,6 +156,12 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
     return out
 
 
+def default_batch(model) -> int:
+    """The words :func:`decode` searches at once by default for `model` (a model or an ensemble)."""
+    members = getattr(model, "members", [model])
+    return TRANSDUCER_DECODE_BATCH if all(isinstance(m, TransducerG2P) for m in members) else DECODE_BATCH
+
+
 #: the last batches searched side by side are cut into this many parts each (see _finer_tail)
 TAIL_PARTS = 2
 
@@ -169,7 +178,7 @@ def _finer_tail(batches: list[list[int]], workers: int) -> list[list[int]]:
 
 
 def evaluate(model: G2P, entries: Sequence[data.Entry], vocabs: Vocabs, *, beam: int = 5,
-             batch_size: int = DECODE_BATCH, threshold: float | None = None,
+             batch_size: int | None = None, threshold: float | None = None,
              workers: int | None = None) -> metrics.Scores:
     """PER and WER of the best hypothesis of each word against all its pronunciations (decoded as
     :func:`decode` decodes)."""
