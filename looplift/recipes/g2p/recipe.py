@@ -107,9 +107,10 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
     """The n-best (phoneme ids, log-probability) per word, best first, by batched beam search (keeping only
     the hypotheses within `threshold` of the best, if given: the beam then shrinks where the model is sure).
 
-    Words are batched by length, `batch_size` to a batch (default: :func:`default_batch`). On CPU, `workers` batches are searched at once, each in a thread of its own
-    running one torch thread (default: as many as torch's threads, at most 4): a search is many small steps,
-    which use several cores better side by side than one at a time with the threads inside each op."""
+    Words are batched by length, `batch_size` to a batch (default: :func:`default_batch`). On CPU, `workers`
+    batches are searched at once, each in a thread of its own running one torch thread (default: as many as
+    torch's threads, at most 4): a search is many small steps, which use several cores better side by side than
+    one at a time with the threads inside each op."""
     search = ll.compile(model, mode="search")
     batch_size = batch_size or default_batch(model)
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
