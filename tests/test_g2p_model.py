@@ -232,6 +232,8 @@ def test_the_default_batch_depends_on_the_search(words):
     assert recipe.default_batch(rnnt) == recipe.TRANSDUCER_DECODE_BATCH == 512
     assert recipe.default_batch(TransducerEnsemble([rnnt, rnnt])) == 512
     assert recipe.default_batch(Ensemble([lstm, lstm])) == 256
+    with pytest.raises(ValueError, match="batch_size must be a positive number of words, got 0"):
+        recipe.decode(lstm, [[1, 2]], batch_size=0)
 
 
 @pytest.mark.parametrize("workers", [2, 3])

@@ -112,7 +112,9 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
     torch's threads, at most 4): a search is many small steps, which use several cores better side by side than
     one at a time with the threads inside each op."""
     search = ll.compile(model, mode="search")
-    batch_size = batch_size or default_batch(model)
+    batch_size = default_batch(model) if batch_size is None else batch_size
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"decode: batch_size must be a positive number of words, got {batch_size!r}")
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out: list = [None] * len(words)
