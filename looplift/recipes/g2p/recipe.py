@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 import looplift as ll
-from looplift.errors import CheckpointError
+from looplift.errors import CheckpointError, ConfigError
 from looplift.train.checkpoint import load as load_params
 from looplift.train.trainer_state import AVERAGE_FILE, BEST_FILE, MODEL_FILE
 
@@ -114,7 +114,7 @@ def decode(model: G2P, words: Sequence[Sequence[int]], *, beam: int = 5, batch_s
     search = ll.compile(model, mode="search")
     batch_size = default_batch(model) if batch_size is None else batch_size
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"decode: batch_size must be a positive number of words, got {batch_size!r}")
+        raise ConfigError(f"decode: batch_size must be a positive number of words, got {batch_size!r}")
     order = sorted(range(len(words)), key=lambda i: len(words[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     out: list = [None] * len(words)
